@@ -1,0 +1,16 @@
+"""Fused building blocks around linear attention: losses, norms and the short convolution.
+
+Each runs Triton kernels on CUDA tensors and plain PyTorch on CPU tensors (the Triton kernels under
+Triton's interpreter when ``TRITON_INTERPRET=1``); see :mod:`linattn_dsl.modules._triton_utils`.
+"""
+
+from .conv import ShortConvolution
+from .norm import FusedRMSNormGated, L2Norm, RMSNorm, l2_norm
+
+__all__ = [
+    "FusedRMSNormGated",
+    "L2Norm",
+    "RMSNorm",
+    "ShortConvolution",
+    "l2_norm",
+]
