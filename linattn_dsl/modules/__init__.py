@@ -5,9 +5,13 @@ Triton's interpreter when ``TRITON_INTERPRET=1``); see :mod:`linattn_dsl.modules
 """
 
 from .conv import ShortConvolution
+from .cross_entropy import FusedCrossEntropyLoss
+from .linear_cross_entropy import FusedLinearCrossEntropyLoss
 from .norm import FusedRMSNormGated, L2Norm, RMSNorm, l2_norm
 
 __all__ = [
+    "FusedCrossEntropyLoss",
+    "FusedLinearCrossEntropyLoss",
     "FusedRMSNormGated",
     "L2Norm",
     "RMSNorm",
