@@ -208,3 +208,10 @@ def test_gpu_bf16_conv_matches_fp32_torch():
     for i in range(4):
         a, b = cu[i].item(), cu[i + 1].item()
         torch.testing.assert_close(yp[:, a:b], conv(xp[:, a:b])[0], atol=1e-2, rtol=1e-2)
+
+
+def test_zz_triton_kernels_ran_when_interpreting():
+    """Last in the file: under TRITON_INTERPRET=1 the tests above went through the Triton kernels."""
+    import sys
+
+    assert ("linattn_dsl.modules._conv_kernels" in sys.modules) == INTERPRET

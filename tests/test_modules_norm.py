@@ -222,3 +222,10 @@ def test_gpu_bf16_norms_match_fp32_torch():
     torch.testing.assert_close(new_res.float(), x.float() + res.float(), atol=2e-2, rtol=1e-2)
     z = l2_norm(x)
     torch.testing.assert_close(z.float(), F.normalize(x.float(), dim=-1, eps=0), atol=1e-2, rtol=1e-2)
+
+
+def test_zz_triton_kernels_ran_when_interpreting():
+    """Last in the file: under TRITON_INTERPRET=1 the tests above went through the Triton kernels."""
+    import sys
+
+    assert ("linattn_dsl.modules._norm_kernels" in sys.modules) == INTERPRET

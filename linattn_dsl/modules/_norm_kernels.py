@@ -1,0 +1,190 @@
+"""Triton kernels for :mod:`linattn_dsl.modules.norm` (imported lazily).
+
+``x`` is viewed as ``[M, G, S]``: ``M`` rows of ``G`` groups of ``S`` channels (``G = 1`` unless
+grouped). One forward program normalises one (row, group); one backward program walks a range of rows
+for one group, accumulating ``d_weight`` in registers and writing one fp32 partial per program.
+
+With ``xhat = x * rstd`` (``rstd = 1 / sqrt(mean(x^2) + eps)``, or ``sum`` for the L2 norm) and
+``dxhat = dy * act(g) * weight``::
+
+    dx = rstd * (dxhat - xhat * mean(dxhat * xhat))          (sum for L2)
+    dweight = sum_rows dy * act(g) * xhat                    dg = dy * xhat * weight * act'(g)
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._triton_utils import next_power_of_2, num_programs_hint
+
+_GATES = {None: 0, "swish": 1, "silu": 1, "sigmoid": 2}
+MAX_GROUP = 65536
+
+
+@triton.jit
+def _norm_fwd_kernel(
+    x_ptr, residual_ptr, gate_ptr, weight_ptr, y_ptr, residual_out_ptr,
+    n_groups, group_size, eps,
+    BLOCK: tl.constexpr, MEAN: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+    GATE: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    group = tl.program_id(1)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < group_size
+    offs = row * n_groups * group_size + group * group_size + cols
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        x += tl.load(residual_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(residual_out_ptr + offs, x.to(residual_out_ptr.dtype.element_ty), mask=mask)
+    stat = tl.sum(x * x, 0)
+    if MEAN:
+        stat = stat / group_size
+    y = x * tl.rsqrt(stat + eps)
+    if HAS_WEIGHT:
+        y *= tl.load(weight_ptr + group * group_size + cols, mask=mask, other=0.0).to(tl.float32)
+    if GATE != 0:
+        g = tl.load(gate_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        if GATE == 1:
+            y *= g * tl.sigmoid(g)
+        else:
+            y *= tl.sigmoid(g)
+    tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _norm_bwd_kernel(
+    x_ptr, gate_ptr, weight_ptr, dy_ptr, dresidual_out_ptr, dx_ptr, dgate_ptr, dweight_partial_ptr,
+    n_rows, rows_per_program, n_groups, group_size, eps,
+    BLOCK: tl.constexpr, MEAN: tl.constexpr, HAS_DRESIDUAL: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+    GATE: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    group = tl.program_id(1)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < group_size
+    if HAS_WEIGHT:
+        weight = tl.load(weight_ptr + group * group_size + cols, mask=mask, other=0.0).to(tl.float32)
+        dweight = tl.zeros([BLOCK], dtype=tl.float32)
+    row_start = pid.to(tl.int64) * rows_per_program  # int64 loop bounds: int64 row offsets
+    row_end = tl.minimum(row_start + rows_per_program, n_rows)
+    for row in range(row_start, row_end):
+        offs = row * n_groups * group_size + group * group_size + cols
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        stat = tl.sum(x * x, 0)
+        if MEAN:
+            stat = stat / group_size
+        rstd = tl.rsqrt(stat + eps)
+        xhat = x * rstd
+        dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        if GATE != 0:
+            g = tl.load(gate_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            sig = tl.sigmoid(g)
+            if GATE == 1:
+                act = g * sig
+                dact = sig * (1.0 + g * (1.0 - sig))
+            else:
+                act = sig
+                dact = sig * (1.0 - sig)
+            dgate = dy * xhat * dact
+            if HAS_WEIGHT:
+                dgate *= weight
+            tl.store(dgate_ptr + offs, dgate.to(dgate_ptr.dtype.element_ty), mask=mask)
+            dy = dy * act
+        if HAS_WEIGHT:
+            dweight += dy * xhat
+            dxhat = dy * weight
+        else:
+            dxhat = dy
+        proj = tl.sum(dxhat * xhat, 0)
+        if MEAN:
+            proj = proj / group_size
+        dx = rstd * (dxhat - xhat * proj)
+        if HAS_DRESIDUAL:
+            dx += tl.load(dresidual_out_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+    if HAS_WEIGHT:
+        tl.store(dweight_partial_ptr + pid * n_groups * group_size + group * group_size + cols, dweight,
+                 mask=mask)
+
+
+def _launch_config(group_size: int) -> tuple[int, int]:
+    block = next_power_of_2(group_size)
+    return block, 4 if block <= 1024 else (8 if block <= 4096 else 16)
+
+
+class _NormFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, residual, gate, eps, mean, activation, group_size):
+        shape = x.shape
+        dim = shape[-1]
+        group_size = group_size or dim
+        n_groups = dim // group_size
+        x2 = x.reshape(-1, dim).contiguous()
+        rows = x2.shape[0]
+        residual2 = None if residual is None else residual.reshape(-1, dim).contiguous()
+        gate2 = None if gate is None else gate.reshape(-1, dim).contiguous()
+        y = torch.empty_like(x2)
+        residual_out = None if residual is None else torch.empty_like(residual2)
+        block, num_warps = _launch_config(group_size)
+        if rows:
+            _norm_fwd_kernel[(rows, n_groups)](
+                x2, residual2, gate2, weight, y, residual_out, n_groups, group_size, eps,
+                BLOCK=block, MEAN=mean, HAS_RESIDUAL=residual is not None, HAS_WEIGHT=weight is not None,
+                GATE=_GATES[activation if gate is not None else None], num_warps=num_warps,
+            )
+        # backward re-reads the normalised input: x, or x + residual (which is an output anyway)
+        ctx.save_for_backward(x2 if residual is None else residual_out, weight, gate2)
+        ctx.config = (eps, mean, activation if gate is not None else None, group_size, n_groups, block,
+                      num_warps, shape, x.dtype, None if residual is None else residual.dtype)
+        if residual is None:
+            return y.reshape(shape)
+        return y.reshape(shape), residual_out.reshape(shape)
+
+    @staticmethod
+    def backward(ctx, dy, dresidual_out=None):
+        normed_input, weight, gate = ctx.saved_tensors
+        eps, mean, activation, group_size, n_groups, block, num_warps, shape, x_dtype, residual_dtype = ctx.config
+        dim = shape[-1]
+        rows = normed_input.shape[0]
+        dy = dy.reshape(-1, dim).contiguous()
+        if dresidual_out is not None:
+            dresidual_out = dresidual_out.reshape(-1, dim).contiguous()
+        dx = torch.empty(rows, dim, dtype=x_dtype, device=dy.device)
+        dgate = None if gate is None else torch.empty_like(gate)
+        n_programs = max(1, min(rows, num_programs_hint(dy)))
+        rows_per_program = triton.cdiv(rows, n_programs) if rows else 1
+        dweight_partial = None
+        if weight is not None:
+            dweight_partial = torch.zeros(n_programs, dim, dtype=torch.float32, device=dy.device)
+        if rows:
+            _norm_bwd_kernel[(n_programs, n_groups)](
+                normed_input, gate, weight, dy, dresidual_out, dx, dgate, dweight_partial,
+                rows, rows_per_program, n_groups, group_size, eps,
+                BLOCK=block, MEAN=mean, HAS_DRESIDUAL=dresidual_out is not None, HAS_WEIGHT=weight is not None,
+                GATE=_GATES[activation], num_warps=num_warps,
+            )
+        dweight = None if weight is None else dweight_partial.sum(0).to(weight.dtype)
+        dresidual = None if residual_dtype is None else dx.to(residual_dtype).reshape(shape)
+        dgate = None if dgate is None else dgate.reshape(shape)
+        return dx.reshape(shape), dweight, dresidual, dgate, None, None, None, None
+
+
+def norm_triton(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    eps: float,
+    *,
+    mean: bool = True,
+    residual: torch.Tensor | None = None,
+    gate: torch.Tensor | None = None,
+    activation: str = "swish",
+    group_size: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if (group_size or x.shape[-1]) > MAX_GROUP:
+        raise ValueError(f"x: expected at most {MAX_GROUP} channels per normalised group on the Triton path, "
+                         f"got {group_size or x.shape[-1]}")
+    out = _NormFunction.apply(x, weight, residual, gate, float(eps), mean, activation, group_size)
+    return (out, None) if residual is None else out
