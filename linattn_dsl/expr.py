@@ -171,6 +171,8 @@ def to_code(expr: sp.Expr, names: dict[str, str], funcs: dict[str, str]) -> str:
                 return "(1.0 / (" + " * ".join([b] * -int(e.exp)) + "))"
             if e.base == sp.E:
                 return funcs["exp"].format(p(e.exp))
+            if e.base.is_Number and e.base > 0:
+                return funcs["exp"].format(f"{p(e.exp)} * {float(sp.log(e.base))!r}")
             return funcs["exp"].format(f"{p(e.exp)} * " + funcs["log"].format(p(e.base)))
         if isinstance(e, sp.exp):
             return funcs["exp"].format(p(e.args[0]))

@@ -29,7 +29,7 @@ def spec_source(spec: Recurrence) -> str:
 
 
 def spec_path(spec: Recurrence) -> str:
-    return getattr(spec, "_source_path")
+    return spec._source_path
 
 
 def _from_module(mod, where: str) -> Recurrence:

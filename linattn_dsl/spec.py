@@ -205,7 +205,14 @@ class Recurrence:
     def resolve(self, switches: dict | None = None, present: frozenset | set | None = None) -> Roles:
         """The spec's roles for given switch values and present optional inputs (default: all)."""
         sw = self.switch_values(**(switches or {}))
-        present = set(self.optional) if present is None else set(present)
+        present = frozenset(self.optional) if present is None else frozenset(present)
+        key = (tuple(sorted(sw.items())), present)
+        cache = self.__dict__.setdefault("_roles_cache", {})
+        if key not in cache:
+            cache[key] = self._resolve(sw, present)
+        return cache[key]
+
+    def _resolve(self, sw: dict, present: frozenset) -> Roles:
         zero = {self.symbols[n]: sp.S.Zero for n in self.optional if n not in present}
         env = dict(self.symbols)
         for n, text in self.let.items():
@@ -245,9 +252,14 @@ class Recurrence:
         for vals in itertools.product([False, True], repeat=len(names)):
             yield dict(zip(names, vals))
 
-    @property
-    def default_scale(self) -> float | None:
-        return self.scale
+    @cached_property
+    def value_input(self) -> str:
+        """The input whose dtype ``o`` takes: the first ``[B, T, H, V]`` input of the value role."""
+        want = ("B", "T", self.head_dims["H"], self.head_dims["V"])
+        for n in self.args:
+            if self.symbols[n] in self.resolve().value.free_symbols and self.dims(n) == want:
+                return n
+        raise SpecError(self.name, "value", "no input has the value's shape [B, T, H, V]")
 
     def describe(self) -> str:
         """A readable summary for ``linattn show``."""
@@ -475,8 +487,11 @@ def _check_nonpositive(spec: Recurrence, e: sp.Expr) -> None:
     if ok is None and e.free_symbols <= {spec.symbols[ex.HEAD_INDEX]}:
         # A constant decay of the head index alone: sympy's assumptions cannot bound e.g.
         # log(1 - 2**(-5 - h)); check it numerically for every head a model could have.
-        h = spec.symbols[ex.HEAD_INDEX]
-        vals = [float(e.subs(h, i)) for i in range(1024)]
+        f = sp.lambdify(spec.symbols[ex.HEAD_INDEX], e, "math")
+        try:
+            vals = [float(f(i)) for i in range(1024)]
+        except (ValueError, OverflowError, ZeroDivisionError):
+            vals = [float("nan")]
         if all(math.isfinite(v) and v <= 0 for v in vals):
             return
         ok = False

@@ -1,0 +1,160 @@
+"""The `linattn` command: list, show, regen, verify, demo."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from . import codegen, registry
+from .spec import SpecError
+
+
+class CliError(Exception):
+    pass
+
+
+def _load(name: str):
+    try:
+        return registry.load(name)
+    except (registry.SpecNotFound, SpecError) as e:
+        raise CliError(str(e)) from None
+
+
+def _is_builtin(name: str) -> bool:
+    return name.isidentifier() and name in registry.builtin_names()
+
+
+def cmd_list(args) -> int:
+    print(f"{'spec':<18} {'decay':<9} {'transition':<11} ops")
+    for name in registry.builtin_names():
+        s = _load(name)
+        print(f"{s.name:<18} {s.decay.kind:<9} {s.transition.kind:<11} chunk_{s.name}, fused_recurrent_{s.name}")
+    return 0
+
+
+def cmd_show(args) -> int:
+    print(_load(args.spec).describe())
+    return 0
+
+
+def cmd_regen(args) -> int:
+    names = args.specs or registry.builtin_names()
+    builtin = all(_is_builtin(n) for n in names)
+    if not builtin and any(_is_builtin(n) for n in names):
+        raise CliError("give either shipped spec names or spec files, not both")
+    specs = [_load(n) for n in (registry.builtin_names() if builtin else names)]
+    if builtin and args.out is None:
+        out = codegen.default_out_dir()
+    else:
+        out = Path(args.out or "linattn_generated")
+    if builtin and args.specs and args.out is None:
+        # regenerate only the named specs, but keep the index of all of them
+        specs_to_write = [s for s in specs if s.name in names]
+        stale = codegen.regen(specs_to_write, out, check=args.check, index=False)
+        stale += codegen.regen(specs, out, check=True, index=True) if args.check else \
+            [r for r in [codegen.render_index(sorted(s.name for s in specs))] if _write(out, r)]
+    else:
+        stale = codegen.regen(specs, out, check=args.check, builtin=builtin)
+    if args.check:
+        stale = sorted(set(stale))
+        if stale:
+            print(f"generated code in {out} is stale; run `linattn regen`:")
+            for f in stale:
+                print(f"  {f}")
+            return 1
+        print(f"{out}: up to date ({len(specs)} specs)")
+        return 0
+    print(f"{out}: wrote {len(stale)} file(s)" + (f": {', '.join(stale)}" if stale else " (all up to date)"))
+    return 0
+
+
+def _write(out: Path, r) -> bool:
+    p = out / r.filename
+    if p.exists() and p.read_text() == r.text:
+        return False
+    p.write_text(r.text)
+    return True
+
+
+def cmd_verify(args) -> int:
+    import importlib
+    import tempfile
+
+    import torch
+
+    from . import verify
+
+    spec = _load(args.spec)
+    if _is_builtin(args.spec):
+        module = importlib.import_module(f"linattn_dsl.generated.{spec.name}")
+    else:   # a user's spec: generate it into a temporary folder and import the result
+        tmp = Path(tempfile.mkdtemp(prefix="linattn_verify_"))
+        codegen.regen([spec], tmp, builtin=False, index=False)
+        module = _import_file(tmp / f"{spec.name}.py")
+    dtype = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
+             "bfloat16": torch.bfloat16}[args.dtype]
+    results = verify.verify(spec, module, examples=args.examples, dtype=dtype, max_T=args.max_t)
+    print(f"verify {spec.name}: {args.examples} hypothesis examples per backend, {args.dtype} vs float64 oracle")
+    print(verify.table(results, verify.TOLERANCE[dtype]))
+    return 0 if all(r.ok for r in results) else 1
+
+
+def _import_file(path: Path):
+    import importlib.util
+
+    name = f"linattn_generated_{path.stem}_{abs(hash(str(path)))}"
+    ls = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(ls)
+    sys.modules[name] = mod
+    ls.loader.exec_module(mod)
+    return mod
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    return run_demo(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="linattn", description="linattn-dsl: a compiler for linear attention")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("list", help="list the shipped specs").set_defaults(fn=cmd_list)
+    s = sub.add_parser("show", help="show a spec: inputs, roles, shapes")
+    s.add_argument("spec", help="a spec name or a path to a spec file")
+    s.set_defaults(fn=cmd_show)
+    s = sub.add_parser("regen", help="regenerate generated/ from the specs and templates")
+    s.add_argument("specs", nargs="*", help="spec names or spec files (default: every shipped spec)")
+    s.add_argument("--out", default=None, help="output folder (default: the package's generated/)")
+    s.add_argument("--check", action="store_true", help="write nothing; exit 1 listing stale files")
+    s.set_defaults(fn=cmd_regen)
+    s = sub.add_parser("verify", help="property-based equivalence of a spec's ops against the oracle")
+    s.add_argument("spec")
+    s.add_argument("--examples", type=int, default=20)
+    s.add_argument("--dtype", default="float32", choices=["float32", "float64", "float16", "bfloat16"])
+    s.add_argument("--max-t", type=int, default=80, dest="max_t")
+    s.set_defaults(fn=cmd_verify)
+    s = sub.add_parser("demo", help="the main job: regenerate, verify, run a tiny model on CPU")
+    s.add_argument("--out", default="linattn_demo", help="folder for the demo's artefacts")
+    s.add_argument("--quick", action="store_true", help="a shorter run (used by the tests)")
+    s.set_defaults(fn=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except CliError as e:
+        print(f"linattn: error: {e}", file=sys.stderr)
+        return 2
+    except (OSError, ValueError) as e:
+        print(f"linattn: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,85 @@
+"""The oracle: any spec, run one token at a time. The ground truth of every equivalence test.
+
+    S_t = D_t S_{t-1} + b_t (a_t^T S_{t-1}) + k_t v_t^T        o_t = S_t^T (scale * q_t)
+
+with ``D_t = diag(exp(g_t))``; the delta rule is ``S_t = (I - beta_t k_t k_t^T) D_t S_{t-1} +
+beta_t k_t v_t^T``. States are ``[N, H, K, V]``; autograd works through it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import gates
+from .args import bind
+from .spec import Recurrence
+
+
+def step(S, q, k, v, g, beta, a, b, kind: str):
+    """One token for every head: ``S [.., K, V]``, ``q, k, a, b, g [.., K]``, ``v [.., V]``, ``beta [..]``."""
+    decayed = torch.exp(g)[..., None] * S if g is not None else S
+    if kind == "none":
+        S = decayed + k[..., :, None] * v[..., None, :]
+    elif kind == "delta":   # S = (I - beta k k^T) D S + beta k v^T = D S + beta k (v - k^T D S)^T
+        correction = v - torch.einsum("...k,...kv->...v", k, decayed)
+        S = decayed + (beta[..., None, None] * k[..., :, None]) * correction[..., None, :]
+    else:                   # general: S = D S + b (a^T S) + k v^T, with a acting on the undecayed S
+        S = decayed + b[..., :, None] * torch.einsum("...k,...kv->...v", a, S)[..., None, :] \
+            + k[..., :, None] * v[..., None, :]
+    return S, torch.einsum("...k,...kv->...v", q, S)
+
+
+def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    return x / torch.sqrt((x * x).sum(-1, keepdim=True) + eps)
+
+
+def run(spec: Recurrence, *inputs, scale=None, initial_state=None, output_final_state=False,
+        cu_seqlens=None, dtype=torch.float32, **keywords):
+    """Run ``spec`` step by step in ``dtype``; same arguments and results as the spec's ops:
+    ``(o [B, T, H, V] in the value's dtype, final_state [N, H, K, V] in dtype or None)``."""
+    if len(inputs) > len(spec.inputs):
+        raise ValueError(f"{spec.name} takes {len(spec.inputs)} positional inputs, got {len(inputs)}")
+    tensors = dict(zip(spec.inputs, inputs))
+    switches = {k: keywords.pop(k) for k in list(keywords) if k in spec.switches}
+    for k in list(keywords):
+        if k not in spec.args:
+            raise ValueError(f"{k}: not an argument of {spec.name}")
+        tensors[k] = keywords.pop(k)
+    bound = bind(spec, tensors, switches, scale, initial_state, output_final_state, cu_seqlens)
+    return run_bound(bound, dtype)
+
+
+def run_bound(bound, dtype=torch.float32):
+    spec = bound.spec
+    roles = gates.evaluate(bound, dtype)
+    H, HQ = bound.size("H"), bound.size("HQ")
+    B, T, K, V = bound.sizes["B"], bound.sizes["T"], bound.size("K"), bound.size("V")
+    q, k = roles["query"], roles["key"]
+    if spec.resolve(bound.switches).qk_l2norm:
+        q, k = l2_normalize(q), l2_normalize(k)
+    q, k = q.repeat_interleave(H // HQ, dim=2), k.repeat_interleave(H // HQ, dim=2)  # head h uses group h // (H/HQ)
+    q = q * bound.scale
+    v = roles["value"]
+    g = roles.get("log_decay")
+    if g is not None:   # constant [H] and scalar [B, T, H] decays act on every key channel alike
+        g = g.reshape(*g.shape, 1) if spec.decay.kind == "scalar" else g
+        g = g.reshape(1, 1, H, 1) if spec.decay.kind == "constant" else g
+        g = g.expand(B, T, H, K)
+    beta, a, b = roles.get("beta"), roles.get("a"), roles.get("b")
+
+    spans = [(i, 0, T) for i in range(B)] if bound.cu_seqlens is None else \
+        [(0, s, e) for s, e in zip(bound.cu_seqlens.tolist(), bound.cu_seqlens.tolist()[1:])]
+    outs, finals = [], []
+    for n, (i, start, end) in enumerate(spans):
+        S = bound.initial_state[n].to(dtype) if bound.initial_state is not None else \
+            torch.zeros(H, K, V, dtype=dtype, device=bound.device)
+        for t in range(start, end):
+            at = (lambda x: None if x is None else x[i, t])  # noqa: E731
+            S, o_t = step(S, q[i, t], k[i, t], v[i, t], at(g), at(beta), at(a), at(b), spec.transition.kind)
+            outs.append(o_t)
+        finals.append(S)
+    o = torch.stack(outs).reshape(B, T, H, V)
+    if "skip" in roles:
+        o = o + roles["skip"]
+    final = torch.stack(finals) if bound.output_final_state else None
+    return o.to(bound.out_dtype), final

@@ -1,0 +1,165 @@
+"""The oracle against closed forms, in float64 (agreement to ~1e-10 relative)."""
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from linattn_dsl import reference, registry, testing
+from linattn_dsl.spec import Decay, Recurrence, Transition
+
+TOL = 1e-10
+shapes = st.fixed_dictionaries(dict(B=st.integers(1, 2), T=st.integers(1, 24), H=st.integers(1, 3),
+                                     K=st.integers(1, 6), V=st.integers(1, 6), seed=st.integers(0, 999)))
+ADDITIVE = Recurrence(name="additive", inputs=dict(q="B T H K", k="B T H K", v="B T H V"),
+                      query="q", key="k", value="v")
+
+
+def _qkv(p):
+    g = torch.Generator().manual_seed(p["seed"])
+    return [torch.randn(p["B"], p["T"], p["H"], d, generator=g, dtype=torch.float64)
+            for d in (p["K"], p["K"], p["V"])]
+
+
+def _masked(q, k, v, log_decay_bth, scale):
+    """o = ((q k^T) * exp(G_i - G_j) * causal) v, the decay-masked matrix form."""
+    G = log_decay_bth.cumsum(1)                                   # [B, T, H]
+    diff = G[:, :, None, :] - G[:, None, :, :]                    # [B, Ti, Tj, H]
+    T = q.shape[1]
+    causal = torch.tril(torch.ones(T, T, dtype=torch.bool))[None, :, :, None]
+    mask = torch.where(causal, torch.exp(torch.where(causal, diff, 0.0)), 0.0)
+    scores = torch.einsum("bihk,bjhk->bijh", q * scale, k) * mask
+    return torch.einsum("bijh,bjhv->bihv", scores, v)
+
+
+def close(a, b):
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12)) < TOL
+
+
+@settings(max_examples=30, deadline=None)
+@given(shapes)
+def test_additive_no_decay_is_causal_linear_attention(p):
+    q, k, v = _qkv(p)
+    o, _ = reference.run(ADDITIVE, q, k, v, dtype=torch.float64)
+    ref = _masked(q, k, v, torch.zeros(q.shape[:3], dtype=torch.float64), p["K"] ** -0.5)
+    assert close(o, ref)
+
+
+@settings(max_examples=30, deadline=None)
+@given(shapes)
+def test_constant_decay_retention_is_decay_masked(p):
+    q, k, v = _qkv(p)
+    o, _ = reference.run(registry.load("retention"), q, k, v, dtype=torch.float64)
+    gamma = torch.log(1 - 2.0 ** (-5 - torch.arange(p["H"], dtype=torch.float64)))
+    ref = _masked(q, k, v, gamma.expand(p["B"], p["T"], p["H"]), p["K"] ** -0.5)
+    assert close(o, ref)
+
+
+@settings(max_examples=30, deadline=None)
+@given(shapes, st.sampled_from([-0.1, -3.0, -20.0]))
+def test_scalar_decay_is_decay_masked(p, gmin):
+    q, k, v = _qkv(p)
+    g = torch.rand(q.shape[:3], dtype=torch.float64, generator=torch.Generator().manual_seed(p["seed"])) * gmin
+    o, _ = reference.run(registry.load("gated_delta_rule"), q, k, v, g, torch.zeros_like(g), dtype=torch.float64)
+    assert torch.isfinite(o).all()
+    spec = Recurrence(name="ssd", inputs=dict(q="B T H K", k="B T H K", v="B T H V", g="B T H"),
+                      query="q", key="k", value="v", decay=Decay.scalar(log="-softplus(g)"))
+    graw = torch.log(torch.expm1(-g).clamp_min(1e-300))   # softplus(graw) = -g
+    o2, _ = reference.run(spec, q, k, v, graw, dtype=torch.float64)
+    ref = _masked(q, k, v, g, p["K"] ** -0.5)
+    assert close(o2, ref)
+    # gated delta rule with beta = 0 is this additive... minus its writes: with beta = 0 nothing is written
+    assert o.abs().max() == 0
+
+
+@settings(max_examples=20, deadline=None)
+@given(shapes)
+def test_delta_rule_with_beta_zero_keeps_the_state(p):
+    q, k, v = _qkv(p)
+    beta = torch.zeros(q.shape[:3], dtype=torch.float64)
+    h0 = torch.randn(p["B"], p["H"], p["K"], p["V"], dtype=torch.float64)
+    o, s = reference.run(registry.load("delta_rule"), q, k, v, beta, initial_state=h0, output_final_state=True,
+                         dtype=torch.float64)
+    assert torch.equal(s, h0)
+    assert close(o, torch.einsum("bthk,bhkv->bthv", q * p["K"] ** -0.5, h0))
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.sampled_from(sorted(registry.builtin_names())), st.lists(st.integers(1, 9), min_size=1, max_size=4),
+       st.integers(0, 999))
+def test_varlen_packing_equals_separate_runs(name, lens, seed):
+    spec = registry.load(name)
+    case = testing.draw_case(spec, seqlens=lens, heads=2, K=4, V=3, dtype=torch.float64, seed=seed)
+    o, s = case.call(lambda *a, **kw: reference.run(spec, *a, dtype=torch.float64, **kw))
+    bounds = case.cu_seqlens.tolist()
+    for n, (a, b) in enumerate(zip(bounds, bounds[1:])):
+        part = {k: (x[:, a:b] if x is not None and spec.dims(k)[:2] == ("B", "T") else x)
+                for k, x in case.tensors.items()}
+        sub = testing.Case(spec, part, case.switches, case.initial_state[n:n + 1], None)
+        o_n, s_n = sub.call(lambda *a_, **kw: reference.run(spec, *a_, dtype=torch.float64, **kw))
+        assert torch.allclose(o[:, a:b], o_n, rtol=1e-12, atol=1e-12)
+        assert torch.allclose(s[n:n + 1], s_n, rtol=1e-12, atol=1e-12)
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.sampled_from(sorted(registry.builtin_names())), st.integers(2, 20), st.data())
+def test_initial_state_continuation_equals_one_long_run(name, T, data):
+    spec = registry.load(name)
+    split = data.draw(st.integers(1, T - 1))
+    case = testing.draw_case(spec, B=2, T=T, heads=2, K=4, V=3, dtype=torch.float64, seed=T)
+
+    def run(c):
+        return c.call(lambda *a, **kw: reference.run(spec, *a, dtype=torch.float64, **kw))
+
+    o, s = run(case)
+    halves = []
+    h = case.initial_state
+    for a, b in ((0, split), (split, T)):
+        part = {k: (x[:, a:b] if x is not None and spec.dims(k)[:2] == ("B", "T") else x)
+                for k, x in case.tensors.items()}
+        o_p, h = run(testing.Case(spec, part, case.switches, h, None))
+        halves.append(o_p)
+    assert torch.allclose(torch.cat(halves, 1), o, rtol=1e-10, atol=1e-12)
+    assert torch.allclose(h, s, rtol=1e-10, atol=1e-12)
+
+
+def test_grouped_heads_share_groups():
+    # head h uses q/k group h // (H / G): running grouped equals repeating q/k explicitly
+    spec = registry.load("delta_rule")
+    case = testing.draw_case(spec, B=1, T=7, heads=4, groups=2, K=4, V=3, dtype=torch.float64)
+    o, _ = case.call(lambda *a, **kw: reference.run(spec, *a, dtype=torch.float64, **kw))
+    t = dict(case.tensors)
+    t["q"], t["k"] = t["q"].repeat_interleave(2, 2), t["k"].repeat_interleave(2, 2)
+    o2, _ = testing.Case(spec, t, case.switches, case.initial_state, None).call(
+        lambda *a, **kw: reference.run(spec, *a, dtype=torch.float64, **kw))
+    assert torch.allclose(o, o2, rtol=1e-12, atol=1e-12)
+
+
+def test_general_transition_reduces_to_delta_rule():
+    # a = exp(g) * k, b = -beta k, v -> beta v (CHUNK_MATH.md) turns the general form into the delta rule
+    kda, rwkv = registry.load("kda"), registry.load("rwkv7")
+    case = testing.draw_case(kda, B=1, T=9, heads=2, K=4, V=3, dtype=torch.float64)
+    q, k, v, g, beta = (case.tensors[n] for n in ("q", "k", "v", "g", "beta"))
+    o1, s1 = reference.run(kda, q, k, v, g, beta, scale=0.5, output_final_state=True, dtype=torch.float64)
+    o2, s2 = reference.run(rwkv, q, g, k, v * beta[..., None], torch.exp(g) * k, -beta[..., None] * k,
+                           scale=0.5, output_final_state=True, dtype=torch.float64)
+    assert torch.allclose(o1, o2, rtol=1e-12, atol=1e-12) and torch.allclose(s1, s2, rtol=1e-12, atol=1e-12)
+
+
+def test_autograd_through_the_oracle():
+    spec = registry.load("mamba2")
+    case = testing.draw_case(spec, B=1, T=5, heads=2, K=3, V=2, dtype=torch.float64)
+    leaves = {k: x.requires_grad_() for k, x in case.tensors.items()}
+    o, s = case.call(lambda *a, **kw: reference.run(spec, *a, dtype=torch.float64, **kw), leaves)
+    (o.sum() + s.sum()).backward()
+    assert all(x.grad is not None and torch.isfinite(x.grad).all() for x in leaves.values())
+
+    def f(A):
+        t = dict(case.tensors, A=A)
+        return testing.Case(spec, t, case.switches, case.initial_state, None).call(
+            lambda *a, **kw: reference.run(spec, *a, dtype=torch.float64, **kw))[0].sum()
+    assert torch.autograd.gradcheck(f, (case.tensors["A"].detach().clone().requires_grad_(),))
+
+
+def test_transition_kinds_of_family():
+    assert {Transition.none().kind, Transition.delta("b").kind, Transition.general("a", "b").kind} == \
+        {"none", "delta", "general"}
