@@ -1,0 +1,143 @@
+"""Pieces every layer shares: op choice (chunk vs fused_recurrent), padding masks, RoPE, low-rank maps.
+
+Layer state: each layer's ``forward(hidden_states, attention_mask=None, cache=None, use_cache=False, ...)``
+takes and returns its own state as a plain ``dict`` of tensors (``recurrent_state [N, H, K, V]`` fp32,
+``conv_state`` (a dict of ``[N, D, W]`` conv states), ``shift_state [N, D]``, ``attn_state (k, v)``).
+The model-level cache (:class:`linattn_dsl.models.cache.LinAttnCache`) keeps one such dict per layer.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from linattn_dsl import ops
+
+# Below this many tokens (and outside training) the step form is cheaper than the chunk plan.
+FUSED_RECURRENT_MAX_LEN = 64
+MODES = ("chunk", "fused_recurrent")
+
+
+def check_mode(mode: str | None) -> str | None:
+    if mode is not None and mode not in MODES:
+        raise ValueError(f"mode: expected None (automatic) or one of {MODES}, got {mode!r}")
+    return mode
+
+
+def pick_op(name: str, seq_len: int, training: bool, mode: str | None = None):
+    """``linattn_dsl.ops.<mode>_<name>``: ``chunk`` to train or for long inputs, else ``fused_recurrent``."""
+    if mode is None:
+        mode = "fused_recurrent" if (not training and seq_len <= FUSED_RECURRENT_MAX_LEN) else "chunk"
+    return getattr(ops, f"{mode}_{name}")
+
+
+def apply_padding_mask(x: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """Zero the left-padding positions of ``x [B, T, ...]``.
+
+    ``attention_mask [B, S]`` (1 = token, 0 = pad) covers past and current tokens, so its last ``T``
+    columns belong to ``x``. Zero inputs leave conv and recurrent state at zero across the pads.
+    """
+    if attention_mask is None:
+        return x
+    seq_len = x.shape[1]
+    mask = attention_mask[:, -seq_len:].to(x.dtype)
+    return x * mask.reshape(*mask.shape, *([1] * (x.ndim - 2)))
+
+
+def state_of(cache: dict | None, key: str):
+    return None if cache is None else cache.get(key)
+
+
+# ------------------------------------------------------------------ rotary position embedding
+
+
+def rotary_inv_freq(dim: int, theta: float, device=None) -> torch.Tensor:
+    """``theta ** (-2i / dim)`` for ``i < dim / 2`` (fp32), computed per call: nothing to restore on load."""
+    return 1.0 / (theta ** (torch.arange(0, dim, 2, device=device, dtype=torch.float32) / dim))
+
+
+def apply_rotary(x: torch.Tensor, position_ids: torch.Tensor, theta: float) -> torch.Tensor:
+    """RoPE (rotate-half convention) on ``x [B, T, H, D]`` at ``position_ids [B, T]`` (or ``[T]``)."""
+    dim = x.shape[-1]
+    if dim % 2:
+        raise ValueError(f"x: rotary embedding needs an even head dim, got {dim}")
+    inv_freq = rotary_inv_freq(dim, theta, x.device)
+    if position_ids.ndim == 1:
+        position_ids = position_ids[None]
+    angles = position_ids.to(torch.float32)[..., None] * inv_freq  # [B, T, D/2]
+    angles = torch.cat([angles, angles], dim=-1)[:, :, None, :]  # [B, T, 1, D]
+    cos, sin = angles.cos(), angles.sin()
+    xf = x.float()
+    x1, x2 = xf.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (xf * cos + rotated * sin).to(x.dtype)
+
+
+def default_position_ids(
+    batch: int, seq_len: int, past_len: int, attention_mask: torch.Tensor | None, device
+) -> torch.Tensor:
+    """``[B, T]`` positions: counted over real tokens when a (left-padding) mask is given."""
+    if attention_mask is None:
+        return torch.arange(past_len, past_len + seq_len, device=device)[None].expand(batch, -1)
+    positions = attention_mask.long().cumsum(-1) - 1
+    return positions.clamp_min(0)[:, -seq_len:]
+
+
+# ------------------------------------------------------------------ small building blocks
+
+
+class LowRank(nn.Module):
+    """``up(act(down(x)))``: a rank-``rank`` map ``in -> out`` (FLA's / RWKV7's LoRA)."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int, activation: str | None = None,
+                 bias: bool = True) -> None:
+        super().__init__()
+        if activation not in (None, "tanh", "sigmoid"):
+            raise ValueError(f"activation: expected None, 'tanh' or 'sigmoid', got {activation!r}")
+        self.activation = activation
+        self.down = nn.Linear(in_features, rank, bias=False)
+        self.up = nn.Linear(rank, out_features, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.down(x)
+        if self.activation == "tanh":
+            h = torch.tanh(h)
+        elif self.activation == "sigmoid":
+            h = torch.sigmoid(h)
+        return self.up(h)
+
+
+class GatedMLP(nn.Module):
+    """SwiGLU feed-forward: ``down(silu(gate(x)) * up(x))``."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor, **_) -> tuple[torch.Tensor, None]:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x)), None
+
+
+def split_heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """``[B, T, H * D] -> [B, T, H, D]``."""
+    return x.reshape(*x.shape[:-1], -1, head_dim)
+
+
+def run_conv(conv, x: torch.Tensor, cache: dict | None, key: str, use_cache: bool, new_state: dict):
+    """Short conv over ``x [B, T, D]`` continuing ``cache['conv_state'][key]``; stores its new state."""
+    conv_state = state_of(cache, "conv_state")
+    prev = None if conv_state is None else conv_state.get(key)
+    y, final = conv(x, cache=prev, output_final_state=use_cache)
+    if use_cache:
+        new_state.setdefault("conv_state", {})[key] = final
+    return y
+
+
+def init_values(module: nn.Module) -> None:
+    """Copy a layer's ``special_init()`` values (decays, biases...) into its parameters."""
+    with torch.no_grad():
+        for name, value in module.special_init().items():
+            getattr(module, name).copy_(value)

@@ -1,0 +1,105 @@
+"""Softmax attention for hybrid models: RoPE, grouped KV heads, optional sliding window.
+
+    q, k, v = W_q x, W_k x, W_v x        (num_heads query heads, num_kv_heads key/value heads)
+    q, k = rope(q), rope(k)
+    o_i = softmax_j<=i(q_i k_j^T / sqrt(d) + mask_ij) v_j,   mask: causal, left padding, window
+    out = W_o o
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ._utils import apply_rotary, default_position_ids, split_heads, state_of
+
+
+class Attention(nn.Module):
+    """``[B, T, hidden] -> [B, T, hidden]`` through ``F.scaled_dot_product_attention``.
+
+    State: ``attn_state = (k, v)``, each ``[B, S, num_kv_heads, head_dim]`` (RoPE applied), trimmed to
+    the last ``window_size`` tokens when a window is set.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int = 1024,
+        num_heads: int = 8,
+        num_kv_heads: int | None = None,
+        window_size: int | None = None,
+        rope_theta: float = 10000.0,
+        qkv_bias: bool = False,
+    ) -> None:
+        super().__init__()
+        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        if hidden_size % num_heads:
+            raise ValueError(f"num_heads: expected a divisor of hidden_size={hidden_size}, got {num_heads}")
+        if num_heads % num_kv_heads:
+            raise ValueError(f"num_kv_heads: expected a divisor of num_heads={num_heads}, got {num_kv_heads}")
+        if window_size is not None and window_size < 1:
+            raise ValueError(f"window_size: expected None or a positive int, got {window_size}")
+        self.hidden_size = hidden_size
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = hidden_size // num_heads
+        self.window_size = window_size
+        self.rope_theta = rope_theta
+        kv_dim = num_kv_heads * self.head_dim
+        self.q_proj = nn.Linear(hidden_size, hidden_size, bias=qkv_bias)
+        self.k_proj = nn.Linear(hidden_size, kv_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(hidden_size, kv_dim, bias=qkv_bias)
+        self.o_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        cache: dict | None = None,
+        use_cache: bool = False,
+        position_ids: torch.Tensor | None = None,
+        **_,
+    ) -> tuple[torch.Tensor, dict | None]:
+        """``attention_mask [B, S]`` (1 = token, 0 = pad) covers cached and new tokens."""
+        batch, seq_len, _ = hidden_states.shape
+        past = state_of(cache, "attn_state")
+        past_len = 0 if past is None else past[0].shape[1]
+        if position_ids is None:
+            position_ids = default_position_ids(batch, seq_len, past_len, attention_mask, hidden_states.device)
+        q = apply_rotary(split_heads(self.q_proj(hidden_states), self.head_dim), position_ids, self.rope_theta)
+        k = apply_rotary(split_heads(self.k_proj(hidden_states), self.head_dim), position_ids, self.rope_theta)
+        v = split_heads(self.v_proj(hidden_states), self.head_dim)
+        if past is not None:
+            k = torch.cat([past[0], k], dim=1)
+            v = torch.cat([past[1], v], dim=1)
+
+        mask = self._mask(batch, seq_len, k.shape[1], attention_mask, hidden_states.device)
+        o = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+            enable_gqa=self.num_kv_heads != self.num_heads,
+        )
+        out = self.o_proj(o.transpose(1, 2).reshape(batch, seq_len, self.hidden_size))
+        if not use_cache:
+            return out, None
+        if self.window_size is not None:
+            # Keep window_size - 1 past keys: with the next query itself that is a full window.
+            start = max(0, k.shape[1] - (self.window_size - 1))
+            k, v = k[:, start:], v[:, start:]
+        return out, {"attn_state": (k, v)}
+
+    def _mask(self, batch: int, seq_len: int, kv_len: int, attention_mask, device) -> torch.Tensor:
+        """Boolean ``[B, 1, T, S]``: True where query ``i`` may attend key ``j``.
+
+        Queries are the last ``T`` of the ``kv_len`` keys. A query always sees itself, so padded
+        queries (which attend no real key) give finite values instead of NaN.
+        """
+        q_pos = torch.arange(kv_len - seq_len, kv_len, device=device)[:, None]
+        k_pos = torch.arange(kv_len, device=device)[None, :]
+        allowed = k_pos <= q_pos
+        if self.window_size is not None:
+            allowed = allowed & (q_pos - k_pos < self.window_size)
+        allowed = allowed[None, None].expand(batch, 1, seq_len, kv_len)
+        if attention_mask is not None:
+            key_mask = attention_mask[:, -kv_len:].bool()[:, None, None, :]
+            allowed = (allowed & key_mask) | (q_pos == k_pos)[None, None]
+        return allowed

@@ -1,0 +1,334 @@
+"""What every family shares: the config base (with the hybrid ``attn`` field), the pre-norm block, the
+backbone and the causal LM head. A family file only adds its config fields and its mixer.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+from transformers import GenerationMixin, PreTrainedConfig, PreTrainedModel
+from transformers import initialization as init
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.utils.deprecation import deprecate_kwarg
+
+from linattn_dsl.layers import Attention
+from linattn_dsl.layers._utils import GatedMLP, default_position_ids
+from linattn_dsl.modules import FusedLinearCrossEntropyLoss, RMSNorm, ShortConvolution
+
+from .cache import LinAttnCache
+
+ATTN_KEYS = ("layers", "num_heads", "num_kv_heads", "window_size", "rope_theta")
+
+
+def validate_attn(attn: dict | None, num_hidden_layers: int, hidden_size: int, num_heads: int) -> dict | None:
+    """Fill the defaults of a hybrid ``attn`` config and check it; ``None`` means no attention layers."""
+    if attn is None:
+        return None
+    if not isinstance(attn, dict):
+        raise ValueError(f"attn: expected None or a dict with keys {ATTN_KEYS}, got {attn!r}")
+    unknown = set(attn) - set(ATTN_KEYS)
+    if unknown:
+        raise ValueError(f"attn: unknown keys {sorted(unknown)}; expected a subset of {ATTN_KEYS}")
+    layers = attn.get("layers")
+    if not isinstance(layers, (list, tuple)) or not all(isinstance(i, int) and not isinstance(i, bool)
+                                                        for i in layers):
+        raise ValueError(f"attn.layers: expected a list of layer indices, got {layers!r}")
+    bad = [i for i in layers if not 0 <= i < num_hidden_layers]
+    if bad:
+        raise ValueError(
+            f"attn.layers: indices {bad} out of range; expected 0 <= index < num_hidden_layers={num_hidden_layers}"
+        )
+    repeated = sorted({i for i in layers if list(layers).count(i) > 1})
+    if repeated:
+        raise ValueError(f"attn.layers: layers {repeated} listed more than once (overlapping entries)")
+    heads = attn.get("num_heads", num_heads)
+    kv_heads = attn.get("num_kv_heads") or heads
+    if not isinstance(heads, int) or heads < 1 or hidden_size % heads:
+        raise ValueError(f"attn.num_heads: expected a positive divisor of hidden_size={hidden_size}, got {heads!r}")
+    if not isinstance(kv_heads, int) or kv_heads < 1 or heads % kv_heads:
+        raise ValueError(f"attn.num_kv_heads: expected a positive divisor of attn.num_heads={heads}, got {kv_heads!r}")
+    window = attn.get("window_size")
+    if window is not None and (not isinstance(window, int) or window < 1):
+        raise ValueError(f"attn.window_size: expected None or a positive int, got {window!r}")
+    theta = attn.get("rope_theta", 10000.0)
+    if not isinstance(theta, (int, float)) or theta <= 0:
+        raise ValueError(f"attn.rope_theta: expected a positive number, got {theta!r}")
+    return {"layers": sorted(layers), "num_heads": heads, "num_kv_heads": kv_heads, "window_size": window,
+            "rope_theta": float(theta)}
+
+
+class LinAttnConfig(PreTrainedConfig):
+    """Fields every family shares (names as in HF and FLA configs)."""
+
+    model_type: ClassVar[str] = ""
+    vocab_size: int = 32000
+    hidden_size: int = 1024
+    num_hidden_layers: int = 24
+    num_heads: int = 4
+    intermediate_size: int | None = None
+    hidden_ratio: int = 4
+    norm_eps: float = 1e-6
+    initializer_range: float = 0.02
+    tie_word_embeddings: bool = False
+    use_cache: bool = True
+    fuse_linear_cross_entropy: bool = True
+    attn: dict | None = None
+    pad_token_id: int | None = None
+    bos_token_id: int | None = 1
+    eos_token_id: int | list[int] | None = 2
+
+    def __post_init__(self, **kwargs):
+        if self.intermediate_size is None:
+            # SwiGLU's 2/3 of hidden_ratio * hidden, rounded up to a multiple of 256
+            self.intermediate_size = 256 * math.ceil(int(self.hidden_size * self.hidden_ratio * 2 / 3) / 256)
+        self.attn = validate_attn(self.attn, self.num_hidden_layers, self.hidden_size, self.num_heads)
+        super().__post_init__(**kwargs)
+
+    def is_attention_layer(self, layer_idx: int) -> bool:
+        return self.attn is not None and layer_idx in self.attn["layers"]
+
+
+class LinAttnBlock(GradientCheckpointingLayer):
+    """Pre-norm block: ``h = x + mixer(norm(x))``, ``out = h + mlp(norm(h))``.
+
+    ``mixer`` and ``mlp`` both return ``(out, state dict or None)``; the block's state is their union
+    (keys do not collide). ``v_first`` carries RWKV7's first-layer value to later layers.
+    """
+
+    def __init__(self, config: LinAttnConfig, mixer: nn.Module, mlp: nn.Module) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(config.hidden_size, eps=config.norm_eps)
+        self.mixer = mixer
+        self.mlp_norm = RMSNorm(config.hidden_size, eps=config.norm_eps)
+        self.mlp = mlp
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        v_first: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        cache: dict | None = None,
+        use_cache: bool = False,
+        position_ids: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, dict | None, torch.Tensor | None]:
+        mixed = self.mixer(
+            self.attn_norm(hidden_states), attention_mask=attention_mask, cache=cache, use_cache=use_cache,
+            position_ids=position_ids, v_first=v_first,
+        )
+        if getattr(self.mixer, "returns_v_first", False):
+            out, mixer_state, v_first = mixed
+        else:
+            out, mixer_state = mixed
+        normed, residual = self.mlp_norm(out, hidden_states, prenorm=True)
+        out, mlp_state = self.mlp(normed, attention_mask=attention_mask, cache=cache, use_cache=use_cache)
+        if not use_cache:
+            return residual + out, None, v_first
+        return residual + out, {**(mixer_state or {}), **(mlp_state or {})}, v_first
+
+
+class LinAttnPreTrainedModel(PreTrainedModel):
+    config_class = LinAttnConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules: ClassVar[list[str]] = ["LinAttnBlock"]
+    _skip_keys_device_placement: ClassVar[list[str]] = ["cache"]
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, ShortConvolution):
+            init.kaiming_uniform_(module.weight, a=math.sqrt(5))
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, (nn.GroupNorm, nn.LayerNorm)) or "RMSNorm" in type(module).__name__:
+            if getattr(module, "weight", None) is not None:
+                init.ones_(module.weight)
+            if getattr(module, "bias", None) is not None:
+                init.zeros_(module.bias)
+        # Parameters with a family-specific initialisation (decays, dt biases, token-shift mixes...).
+        # Children are initialised first, so these override the generic Linear init above.
+        if hasattr(module, "special_init"):
+            for name, value in module.special_init().items():
+                init.copy_(getattr(module, name), value)
+
+
+class LinAttnModel(LinAttnPreTrainedModel):
+    """Embeddings, ``num_hidden_layers`` blocks, final RMSNorm. A family sets ``build_mixer`` (and may
+    set ``build_mlp``): ``(config, layer_idx) -> nn.Module``."""
+
+    build_mixer: ClassVar[Any] = None
+    build_mlp: ClassVar[Any] = None
+
+    def __init__(self, config: LinAttnConfig) -> None:
+        super().__init__(config)
+        self.embeddings = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        self.layers = nn.ModuleList(
+            LinAttnBlock(config, self._mixer(config, i), self._mlp(config, i))
+            for i in range(config.num_hidden_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, eps=config.norm_eps)
+        self.post_init()
+
+    def _mixer(self, config: LinAttnConfig, layer_idx: int) -> nn.Module:
+        if config.is_attention_layer(layer_idx):
+            attn = config.attn
+            return Attention(config.hidden_size, attn["num_heads"], attn["num_kv_heads"], attn["window_size"],
+                             attn["rope_theta"])
+        return type(self).build_mixer(config, layer_idx)
+
+    def _mlp(self, config: LinAttnConfig, layer_idx: int) -> nn.Module:
+        if type(self).build_mlp is not None:
+            return type(self).build_mlp(config, layer_idx)
+        return GatedMLP(config.hidden_size, config.intermediate_size)
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embeddings
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embeddings = value
+
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        cache: LinAttnCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        position_ids: torch.LongTensor | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast | tuple:
+        """``input_ids [B, T]`` (or ``inputs_embeds [B, T, hidden]``); ``attention_mask [B, S]`` over the
+        cached and new tokens (0 = left pad); ``cache`` from an earlier call continues the sequences."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("input_ids / inputs_embeds: expected exactly one of them")
+        if cache is not None and not isinstance(cache, LinAttnCache):
+            raise ValueError(f"cache: expected a LinAttnCache (or None), got {type(cache).__name__}")
+        output_hidden_states = (output_hidden_states if output_hidden_states is not None
+                                else self.config.output_hidden_states)
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        if use_cache is None:
+            use_cache = self.config.use_cache and not self.training
+        hidden_states = self.embeddings(input_ids) if inputs_embeds is None else inputs_embeds
+        batch, seq_len = hidden_states.shape[:2]
+        if use_cache and cache is None:
+            cache = LinAttnCache(len(self.layers))
+        past_len = cache.get_seq_length() if cache is not None else 0
+        if attention_mask is not None and bool(attention_mask.all()):
+            attention_mask = None  # no padding: skip the masking work
+        if position_ids is None:
+            position_ids = default_position_ids(batch, seq_len, past_len, attention_mask, hidden_states.device)
+
+        all_hidden_states = () if output_hidden_states else None
+        v_first = None
+        for layer_idx, block in enumerate(self.layers):
+            if output_hidden_states:
+                all_hidden_states += (hidden_states,)
+            hidden_states, state, v_first = block(
+                hidden_states, v_first, attention_mask=attention_mask,
+                cache=cache[layer_idx] if cache is not None else None, use_cache=use_cache,
+                position_ids=position_ids,
+            )
+            if use_cache:
+                cache[layer_idx] = state
+        if use_cache:
+            cache.seen_tokens += seq_len
+        hidden_states = self.norm(hidden_states)
+        if output_hidden_states:
+            all_hidden_states += (hidden_states,)
+        cache = cache if use_cache else None
+        if not return_dict:
+            return tuple(x for x in (hidden_states, cache, all_hidden_states) if x is not None)
+        return BaseModelOutputWithPast(last_hidden_state=hidden_states, cache=cache,
+                                       hidden_states=all_hidden_states)
+
+
+class LinAttnForCausalLM(LinAttnPreTrainedModel, GenerationMixin):
+    """``model`` + ``lm_head``. With ``labels`` while training (and ``fuse_linear_cross_entropy``),
+    the loss comes from FusedLinearCrossEntropyLoss and no logits are built; otherwise logits and the
+    plain cross entropy."""
+
+    model_class: ClassVar[type] = LinAttnModel
+    _tied_weights_keys: ClassVar[dict[str, str]] = {"lm_head.weight": "model.embeddings.weight"}
+
+    def __init__(self, config: LinAttnConfig) -> None:
+        super().__init__(config)
+        self.model = type(self).model_class(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        return False  # the model makes its own LinAttnCache
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embeddings
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.model.embeddings = value
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        self.lm_head = value
+
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        cache: LinAttnCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        position_ids: torch.LongTensor | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        logits_to_keep: int = 0,
+        num_items_in_batch: int | torch.Tensor | None = None,
+        **kwargs,
+    ) -> CausalLMOutputWithPast | tuple:
+        """``labels [B, T]`` are the input ids (shifted inside; -100 ignored). ``logits_to_keep=n`` keeps
+        the logits of the last ``n`` positions only (0: all). ``num_items_in_batch`` (HF Trainer, gradient
+        accumulation): the loss is summed and divided by it."""
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        outputs = self.model(
+            input_ids=input_ids, attention_mask=attention_mask, cache=cache, inputs_embeds=inputs_embeds,
+            use_cache=use_cache, position_ids=position_ids, output_hidden_states=output_hidden_states,
+            return_dict=True,
+        )
+        hidden_states = outputs.last_hidden_state
+        loss, logits = None, None
+        fused = labels is not None and self.training and self.config.fuse_linear_cross_entropy
+        if fused:
+            loss_fn = FusedLinearCrossEntropyLoss(reduction="mean" if num_items_in_batch is None else "sum")
+            loss = loss_fn(hidden_states[:, :-1], labels[:, 1:].to(hidden_states.device), self.lm_head.weight)
+        else:
+            logits = self.lm_head(hidden_states[:, -logits_to_keep:] if logits_to_keep else hidden_states)
+            if labels is not None:
+                loss = nn.functional.cross_entropy(
+                    logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().to(logits.device),
+                    ignore_index=-100, reduction="mean" if num_items_in_batch is None else "sum",
+                )
+        if loss is not None and num_items_in_batch is not None:
+            loss = loss / num_items_in_batch
+        if not return_dict:
+            out = (logits, outputs.cache, outputs.hidden_states)
+            out = tuple(x for x in out if x is not None)
+            return ((loss,) + out) if loss is not None else out
+        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=outputs.cache,
+                                      hidden_states=outputs.hidden_states)

@@ -1,0 +1,36 @@
+"""GLA: Gated Linear Attention blocks (:class:`linattn_dsl.layers.GatedLinearAttention`)."""
+
+from __future__ import annotations
+
+from linattn_dsl.layers import GatedLinearAttention
+
+from ._base import LinAttnConfig, LinAttnForCausalLM, LinAttnModel
+
+
+class GLAConfig(LinAttnConfig):
+    model_type = "linattn_gla"
+    expand_k: float = 0.5
+    expand_v: float = 1.0
+    use_short_conv: bool = False
+    conv_size: int = 4
+    use_output_gate: bool = True
+    gate_low_rank_dim: int = 16
+    gate_logit_normalizer: float = 16.0
+
+
+def gla_mixer(config: GLAConfig, layer_idx: int) -> GatedLinearAttention:
+    return GatedLinearAttention(
+        config.hidden_size, config.num_heads, config.expand_k, config.expand_v, config.use_short_conv,
+        config.conv_size, config.use_output_gate, config.gate_low_rank_dim, config.gate_logit_normalizer,
+        config.norm_eps,
+    )
+
+
+class GLAModel(LinAttnModel):
+    config_class = GLAConfig
+    build_mixer = staticmethod(gla_mixer)
+
+
+class GLAForCausalLM(LinAttnForCausalLM):
+    config_class = GLAConfig
+    model_class = GLAModel

@@ -1,0 +1,126 @@
+"""Layers on their own: shapes, gradients of every parameter, chunk == step form, state continuation,
+left padding.
+
+fp32 throughout. Tolerance 1e-4 absolute on outputs of size ~1: different op forms (chunk vs
+fused_recurrent) or a split sequence reorder fp32 sums of a few dozen products per output.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from linattn_dsl import layers as L
+
+HIDDEN = 32
+ATOL = 1e-4
+
+LAYERS = {
+    "retention": lambda: L.MultiScaleRetention(HIDDEN, num_heads=2),
+    "gla": lambda: L.GatedLinearAttention(HIDDEN, num_heads=2),
+    "gla_conv": lambda: L.GatedLinearAttention(HIDDEN, num_heads=2, use_short_conv=True, use_output_gate=False),
+    "mamba2": lambda: L.Mamba2(HIDDEN, num_heads=4, head_dim=16, state_size=8, n_groups=2),
+    "rwkv7": lambda: L.RWKV7Attention(HIDDEN, head_dim=8, decay_low_rank_dim=8, gate_low_rank_dim=8,
+                                      a_low_rank_dim=8, v_low_rank_dim=4, first_layer=True),
+    "rwkv7_later": lambda: L.RWKV7Attention(HIDDEN, head_dim=8, decay_low_rank_dim=8, gate_low_rank_dim=8,
+                                            a_low_rank_dim=8, v_low_rank_dim=4, first_layer=False),
+    "rwkv7_ffn": lambda: L.RWKV7FeedForward(HIDDEN, 64),
+    "kda": lambda: L.KimiDeltaAttention(HIDDEN, num_heads=2, head_dim=16),
+    "delta_net": lambda: L.DeltaNet(HIDDEN, num_heads=2),
+    "delta_net_gated": lambda: L.DeltaNet(HIDDEN, num_heads=2, use_gate=True),
+    "attention": lambda: L.Attention(HIDDEN, num_heads=4, num_kv_heads=2),
+    "attention_window": lambda: L.Attention(HIDDEN, num_heads=4, num_kv_heads=1, window_size=3),
+}
+NAMES = ["gla", "gla_conv", "attention", "attention_window"]
+RECURRENT = [n for n in NAMES if not n.startswith(("attention", "rwkv7_ffn"))]
+
+
+def make(name: str, seed: int = 0):
+    torch.manual_seed(seed)
+    layer = LAYERS[name]()
+    with torch.no_grad():  # larger weights than the defaults, so state and padding bugs show
+        for param in layer.parameters():
+            if param.ndim >= 2:
+                param.normal_(0, 0.3)
+    return layer
+
+
+def call(layer, x, **kwargs):
+    """Run a layer; RWKV7 later layers get a first-layer value; returns ``(out, state)``."""
+    if getattr(layer, "first_layer", True) is False:
+        kwargs.setdefault("v_first", _v_first(layer, x))
+    result = layer(x, **kwargs)
+    return result[0], result[1]
+
+
+def _v_first(layer, x):
+    generator = torch.Generator().manual_seed(9)
+    return torch.randn(*x.shape[:2], layer.value_dim, generator=generator)
+
+
+def inputs(batch: int, length: int, seed: int = 1) -> torch.Tensor:
+    return torch.randn(batch, length, HIDDEN, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_shape_and_gradients_of_all_parameters(name):
+    layer = make(name).train()
+    x = inputs(2, 9).requires_grad_()
+    out, state = call(layer, x)
+    assert out.shape == x.shape and state is None
+    (out * torch.randn_like(out)).sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    for pname, param in layer.named_parameters():
+        assert param.grad is not None, f"{pname} gets no gradient"
+        assert torch.isfinite(param.grad).all() and param.grad.abs().sum() > 0, pname
+
+
+@pytest.mark.parametrize("name", RECURRENT)
+def test_chunk_equals_fused_recurrent(name):
+    layer = make(name)
+    x = inputs(2, 11)
+    with torch.no_grad():
+        layer.mode = "chunk"
+        chunk, _ = call(layer, x)
+        layer.mode = "fused_recurrent"
+        step, _ = call(layer, x)
+    torch.testing.assert_close(chunk, step, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_state_continues_a_split_sequence(name):
+    layer = make(name).eval()
+    x = inputs(2, 12)
+    kwargs = {}
+    if getattr(layer, "first_layer", True) is False:
+        kwargs["v_first"] = _v_first(layer, x)
+    with torch.no_grad():
+        full, _ = call(layer, x, **kwargs)
+        parts, state = [], None
+        for start, stop in ((0, 5), (5, 6), (6, 12)):
+            part_kwargs = {k: v[:, start:stop] for k, v in kwargs.items()}
+            out, state = call(layer, x[:, start:stop], cache=state, use_cache=True,
+                              position_ids=torch.arange(start, stop)[None].expand(2, -1), **part_kwargs)
+            parts.append(out)
+    torch.testing.assert_close(torch.cat(parts, 1), full, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_left_padding_leaves_state_untouched(name):
+    layer = make(name).eval()
+    x = inputs(1, 7)
+    pad = 4
+    padded = torch.cat([inputs(1, pad, seed=2) * 5, x], 1)  # pads carry garbage that must not leak
+    mask = torch.cat([torch.zeros(1, pad), torch.ones(1, 7)], 1).long()
+    kwargs, padded_kwargs = {}, {}
+    if getattr(layer, "first_layer", True) is False:
+        kwargs["v_first"] = _v_first(layer, x)
+        padded_kwargs["v_first"] = torch.cat([torch.zeros(1, pad, layer.value_dim), kwargs["v_first"]], 1)
+    with torch.no_grad():
+        alone, alone_state = call(layer, x, use_cache=True, **kwargs)
+        out, state = call(layer, padded, attention_mask=mask, use_cache=True, **padded_kwargs)
+    torch.testing.assert_close(out[:, pad:], alone, atol=ATOL, rtol=0)
+    for key, value in alone_state.items():
+        if key == "attn_state":
+            continue  # the KV cache keeps the pad positions (they are masked, not dropped)
+        torch.testing.assert_close(state[key], value, atol=ATOL, rtol=0, msg=key)
