@@ -215,3 +215,26 @@ def test_zz_triton_kernels_ran_when_interpreting():
     import sys
 
     assert ("linattn_dsl.modules._conv_kernels" in sys.modules) == INTERPRET
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("width", [1, 2, 3, 4, 5])
+@pytest.mark.parametrize("dim", [1, 67, 300])
+def test_gpu_compiled_kernels_match_cpu_path_at_odd_sizes(width, dim):
+    conv = make_conv(dim, width, True, "silu", seed=width)
+    lengths = [0, 1, 70, 3, 200]
+    cu = torch.tensor([0] + lengths).cumsum(0)
+    x0 = torch.randn(1, sum(lengths), dim)
+    cache0 = torch.randn(len(lengths), dim, width)
+    dy = torch.randn(1, sum(lengths), dim)
+    results = []
+    for device in ("cpu", "cuda"):
+        m = conv.to(device)
+        m.zero_grad()
+        x, cache = x0.clone().to(device).requires_grad_(), cache0.clone().to(device).requires_grad_()
+        y, state = m(x, cache=cache, output_final_state=True, cu_seqlens=cu.to(device))
+        (y * dy.to(device)).sum().backward()
+        results.append([t.detach().cpu().clone() for t in (y, state, x.grad, cache.grad, m.weight.grad, m.bias.grad)])
+    for a, b in zip(*results):
+        torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)

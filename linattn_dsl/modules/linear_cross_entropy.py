@@ -30,6 +30,21 @@ def default_chunk_size(n_tokens: int, hidden: int, vocab: int) -> int:
     return max(1, min(n_tokens, next_power_of_2(math.ceil(n_tokens / math.ceil(vocab / hidden)))))
 
 
+def _addmm_fp32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``acc += a @ b`` into an fp32 ``acc``; bf16/fp16 operands accumulate in fp32 without a temporary
+    where PyTorch's ``addmm(out_dtype=)`` exists (CUDA, torch >= 2.8)."""
+    if a.dtype == torch.float32:
+        acc.addmm_(a, b)
+        return
+    if a.is_cuda:
+        try:
+            torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+            return
+        except (RuntimeError, TypeError):
+            pass
+    acc += a @ b
+
+
 class _LinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, labels, weight, bias, ignore_index, label_smoothing, logit_scale, reduction,
@@ -59,9 +74,9 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
             if need_dh:
                 torch.mm(dlogits, weight, out=d_hidden[rows])
             if need_dw:
-                d_weight += (dlogits.T @ h).float()
+                _addmm_fp32_(d_weight, dlogits.T, h)
             if need_db:
-                d_bias += dlogits.float().sum(0)
+                d_bias += dlogits.sum(0, dtype=torch.float32)
         if reduction == "mean":
             n_valid = (labels != ignore_index).sum()
             loss = loss / n_valid
