@@ -11,6 +11,7 @@ per op, accumulated over 2 layers).
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -24,18 +25,37 @@ VOCAB = 64
 LOGIT_ATOL = 1e-4
 
 # family name -> (config class, tiny family-specific kwargs)
+RWKV7_TINY = dict(head_dim=8, decay_low_rank_dim=8, gate_low_rank_dim=8, a_low_rank_dim=8, v_low_rank_dim=4)
 TINY = {
+    "retnet": (M.RetNetConfig, dict(num_heads=2)),
     "gla": (M.GLAConfig, dict(num_heads=2)),
+    "mamba2": (M.Mamba2Config, dict(head_dim=16, state_size=8, n_groups=2)),
+    "rwkv7": (M.RWKV7Config, RWKV7_TINY),
+    "kda": (M.KDAConfig, dict(num_heads=2, head_dim=16)),
+    "delta_net": (M.DeltaNetConfig, dict(num_heads=2)),
+    # hybrids: softmax attention with grouped KV heads; a sliding window before RWKV7's first layer
     "gla_hybrid": (M.GLAConfig, dict(num_heads=2, use_short_conv=True,
                                      attn={"layers": [1], "num_heads": 4, "num_kv_heads": 2})),
+    "rwkv7_hybrid": (M.RWKV7Config, dict(RWKV7_TINY, num_hidden_layers=3,
+                                         attn={"layers": [0], "num_heads": 4, "num_kv_heads": 1, "window_size": 4})),
 }
 FAMILIES = list(TINY)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: intra-op threads only add synchronisation (50x slower on a loaded 2-core box)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def make_config(family: str, **overrides):
     config_class, extra = TINY[family]
     kwargs = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, intermediate_size=64,
-                  initializer_range=0.3, pad_token_id=0, bos_token_id=None, eos_token_id=None, **extra)
+                  initializer_range=0.3, pad_token_id=0, bos_token_id=None, eos_token_id=None)
+    kwargs.update(extra)
     kwargs.update(overrides)
     return config_class(**kwargs)
 
@@ -229,7 +249,8 @@ for family in {FAMILIES!r}:
         torch.save(model(ids).logits, {str(tmp_path)!r} + '/' + family + '.pt')
 print(json.dumps("ok"))
 """
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout.strip().splitlines()[-1]) == "ok"
     for family in FAMILIES:
@@ -304,11 +325,11 @@ def test_trainer_trains_and_resumes(family, tmp_path):
             gradient_accumulation_steps=2, learning_rate=1e-2, save_steps=2, logging_steps=1,
             report_to=[], use_cpu=True, seed=0, data_seed=0, disable_tqdm=True,
         )
-        trainer = Trainer(model=model, args=args, train_dataset=_TokenData(16, 12))
+        trainer = Trainer(model=model, args=args, train_dataset=_TokenData(4, 12))
         trainer.train(resume_from_checkpoint=resume)
         return trainer
 
-    full = run(tmp_path / "full", 4)
+    full = run(tmp_path / "full", 4)  # every step sees the same 4 sequences: the loss must fall
     losses = [e["loss"] for e in full.state.log_history if "loss" in e]
     assert len(losses) == 4 and losses[-1] < losses[0]
     resumed = run(tmp_path / "full", 4, resume=str(tmp_path / "full" / "checkpoint-2"))

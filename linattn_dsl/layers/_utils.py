@@ -137,7 +137,7 @@ def run_conv(conv, x: torch.Tensor, cache: dict | None, key: str, use_cache: boo
 
 
 def init_values(module: nn.Module) -> None:
-    """Copy a layer's ``special_init()`` values (decays, biases...) into its parameters."""
+    """Copy a layer's ``special_init()`` values (``{dotted parameter name: tensor}``) into its parameters."""
     with torch.no_grad():
         for name, value in module.special_init().items():
-            getattr(module, name).copy_(value)
+            module.get_parameter(name).copy_(value)

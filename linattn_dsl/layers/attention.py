@@ -19,7 +19,8 @@ class Attention(nn.Module):
     """``[B, T, hidden] -> [B, T, hidden]`` through ``F.scaled_dot_product_attention``.
 
     State: ``attn_state = (k, v)``, each ``[B, S, num_kv_heads, head_dim]`` (RoPE applied), trimmed to
-    the last ``window_size`` tokens when a window is set.
+    the last ``window_size - 1`` tokens when a window is set; ``seen_tokens`` places RoPE when no
+    ``position_ids`` are given.
     """
 
     def __init__(
@@ -63,9 +64,9 @@ class Attention(nn.Module):
         """``attention_mask [B, S]`` (1 = token, 0 = pad) covers cached and new tokens."""
         batch, seq_len, _ = hidden_states.shape
         past = state_of(cache, "attn_state")
-        past_len = 0 if past is None else past[0].shape[1]
+        seen = 0 if cache is None else cache.get("seen_tokens", 0)
         if position_ids is None:
-            position_ids = default_position_ids(batch, seq_len, past_len, attention_mask, hidden_states.device)
+            position_ids = default_position_ids(batch, seq_len, seen, attention_mask, hidden_states.device)
         q = apply_rotary(split_heads(self.q_proj(hidden_states), self.head_dim), position_ids, self.rope_theta)
         k = apply_rotary(split_heads(self.k_proj(hidden_states), self.head_dim), position_ids, self.rope_theta)
         v = split_heads(self.v_proj(hidden_states), self.head_dim)
@@ -85,7 +86,7 @@ class Attention(nn.Module):
             # Keep window_size - 1 past keys: with the next query itself that is a full window.
             start = max(0, k.shape[1] - (self.window_size - 1))
             k, v = k[:, start:], v[:, start:]
-        return out, {"attn_state": (k, v)}
+        return out, {"attn_state": (k, v), "seen_tokens": seen + seq_len}
 
     def _mask(self, batch: int, seq_len: int, kv_len: int, attention_mask, device) -> torch.Tensor:
         """Boolean ``[B, 1, T, S]``: True where query ``i`` may attend key ``j``.

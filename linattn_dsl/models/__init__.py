@@ -8,10 +8,20 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from ._base import LinAttnConfig, LinAttnForCausalLM, LinAttnModel
 from .cache import LinAttnCache
+from .delta_net import DeltaNetConfig, DeltaNetForCausalLM, DeltaNetModel
 from .gla import GLAConfig, GLAForCausalLM, GLAModel
+from .kda import KDAConfig, KDAForCausalLM, KDAModel
+from .mamba2 import Mamba2Config, Mamba2ForCausalLM, Mamba2Model
+from .retnet import RetNetConfig, RetNetForCausalLM, RetNetModel
+from .rwkv7 import RWKV7Config, RWKV7ForCausalLM, RWKV7Model
 
 FAMILIES = {
+    "retnet": (RetNetConfig, RetNetModel, RetNetForCausalLM),
     "gla": (GLAConfig, GLAModel, GLAForCausalLM),
+    "mamba2": (Mamba2Config, Mamba2Model, Mamba2ForCausalLM),
+    "rwkv7": (RWKV7Config, RWKV7Model, RWKV7ForCausalLM),
+    "kda": (KDAConfig, KDAModel, KDAForCausalLM),
+    "delta_net": (DeltaNetConfig, DeltaNetModel, DeltaNetForCausalLM),
 }
 
 for _config, _model, _lm in FAMILIES.values():
@@ -21,11 +31,26 @@ for _config, _model, _lm in FAMILIES.values():
 
 __all__ = [
     "FAMILIES",
+    "DeltaNetConfig",
+    "DeltaNetForCausalLM",
+    "DeltaNetModel",
     "GLAConfig",
     "GLAForCausalLM",
     "GLAModel",
+    "KDAConfig",
+    "KDAForCausalLM",
+    "KDAModel",
     "LinAttnCache",
     "LinAttnConfig",
     "LinAttnForCausalLM",
     "LinAttnModel",
+    "Mamba2Config",
+    "Mamba2ForCausalLM",
+    "Mamba2Model",
+    "RWKV7Config",
+    "RWKV7ForCausalLM",
+    "RWKV7Model",
+    "RetNetConfig",
+    "RetNetForCausalLM",
+    "RetNetModel",
 ]

@@ -159,7 +159,7 @@ class LinAttnPreTrainedModel(PreTrainedModel):
         # Children are initialised first, so these override the generic Linear init above.
         if hasattr(module, "special_init"):
             for name, value in module.special_init().items():
-                init.copy_(getattr(module, name), value)
+                init.copy_(module.get_parameter(name), value)
 
 
 class LinAttnModel(LinAttnPreTrainedModel):

@@ -1,0 +1,111 @@
+"""Mamba2 (Dao and Gu, ICML 2024), the SSD layer.
+
+    z, xBC, dt = W_in x                                   (d_inner, d_inner + 2 G N, H)
+    x, B, C    = split(silu(conv1d(xBC)))                 (depthwise causal conv, width 4)
+    delta      = softplus(dt + dt_bias),  A = -exp(A_log)
+    S_t = exp(A delta_t) S_{t-1} + B_t (x_t delta_t)^T,   y_t = S_t^T C_t + D x_t   (the mamba2 op)
+    out = W_out rms_norm_G(y * silu(z))                   (norm per group of d_inner / G channels)
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from linattn_dsl.modules import FusedRMSNormGated, ShortConvolution
+
+from ._utils import apply_padding_mask, check_mode, init_values, pick_op, run_conv, split_heads, state_of
+
+
+class Mamba2(nn.Module):
+    """``[B, T, hidden] -> [B, T, hidden]``; ``num_heads * head_dim = expand * hidden`` (``d_inner``)."""
+
+    def __init__(
+        self,
+        hidden_size: int = 1024,
+        num_heads: int | None = None,
+        head_dim: int = 64,
+        state_size: int = 128,
+        expand: int = 2,
+        n_groups: int = 1,
+        conv_kernel: int = 4,
+        use_conv_bias: bool = True,
+        use_bias: bool = False,
+        time_step_min: float = 0.001,
+        time_step_max: float = 0.1,
+        time_step_floor: float = 1e-4,
+        norm_eps: float = 1e-5,
+        mode: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.d_inner = expand * hidden_size
+        num_heads = self.d_inner // head_dim if num_heads is None else num_heads
+        if num_heads * head_dim != self.d_inner:
+            raise ValueError(
+                f"num_heads: expected num_heads * head_dim = expand * hidden_size = {self.d_inner}, "
+                f"got {num_heads} * {head_dim}"
+            )
+        if num_heads % n_groups:
+            raise ValueError(f"n_groups: expected a divisor of num_heads={num_heads}, got {n_groups}")
+        self.hidden_size = hidden_size
+        self.num_heads = num_heads
+        self.head_dim = head_dim
+        self.state_size = state_size
+        self.n_groups = n_groups
+        self.time_step_range = (time_step_min, time_step_max, time_step_floor)
+        self.mode = check_mode(mode)
+        self.conv_dim = self.d_inner + 2 * n_groups * state_size
+
+        self.in_proj = nn.Linear(hidden_size, self.d_inner + self.conv_dim + num_heads, bias=use_bias)
+        self.conv1d = ShortConvolution(self.conv_dim, conv_kernel, bias=use_conv_bias, activation="silu")
+        self.A_log = nn.Parameter(torch.empty(num_heads))
+        self.D = nn.Parameter(torch.empty(num_heads))
+        self.dt_bias = nn.Parameter(torch.empty(num_heads))
+        self.norm = FusedRMSNormGated(self.d_inner, eps=norm_eps, activation="swish",
+                                      group_size=self.d_inner // n_groups)
+        self.out_proj = nn.Linear(self.d_inner, hidden_size, bias=use_bias)
+        init_values(self)
+
+    def special_init(self) -> dict[str, torch.Tensor]:
+        """Mamba2's init: ``A`` uniform in [1, 16], ``D = 1``, ``dt_bias = softplus^-1(dt)`` with ``dt``
+        log-uniform in [time_step_min, time_step_max] (floored)."""
+        dt_min, dt_max, dt_floor = self.time_step_range
+        device = self.A_log.device
+        dt = torch.exp(torch.rand(self.num_heads, device=device) * (math.log(dt_max) - math.log(dt_min))
+                       + math.log(dt_min)).clamp_min(dt_floor)
+        return {
+            "A_log": torch.log(torch.empty(self.num_heads, device=device).uniform_(1, 16)),
+            "D": torch.ones(self.num_heads, device=device),
+            "dt_bias": dt + torch.log(-torch.expm1(-dt)),
+        }
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        cache: dict | None = None,
+        use_cache: bool = False,
+        **_,
+    ) -> tuple[torch.Tensor, dict | None]:
+        x = apply_padding_mask(hidden_states, attention_mask)
+        new_state: dict = {}
+        z, xBC, dt = self.in_proj(x).split([self.d_inner, self.conv_dim, self.num_heads], dim=-1)
+        # the conv bias makes pads nonzero again: mask after the conv too
+        xBC = apply_padding_mask(run_conv(self.conv1d, xBC, cache, "xBC", use_cache, new_state), attention_mask)
+        x_ssm, B, C = xBC.split([self.d_inner, self.n_groups * self.state_size,
+                                 self.n_groups * self.state_size], dim=-1)
+
+        mamba2 = pick_op("mamba2", x.shape[1], self.training, self.mode)
+        y, recurrent_state = mamba2(
+            split_heads(x_ssm, self.head_dim), dt, -torch.exp(self.A_log),
+            split_heads(B, self.state_size), split_heads(C, self.state_size),
+            initial_state=state_of(cache, "recurrent_state"), output_final_state=use_cache,
+            D=self.D, dt_bias=self.dt_bias, dt_softplus=True,
+        )
+        out = self.out_proj(self.norm(y.reshape(*y.shape[:-2], self.d_inner), z))
+        if not use_cache:
+            return out, None
+        new_state["recurrent_state"] = recurrent_state
+        return out, new_state

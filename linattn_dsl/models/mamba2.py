@@ -1,0 +1,50 @@
+"""Mamba2: SSD blocks (:class:`linattn_dsl.layers.Mamba2`). ``num_heads * head_dim = expand * hidden_size``."""
+
+from __future__ import annotations
+
+from linattn_dsl.layers import Mamba2
+
+from ._base import LinAttnConfig, LinAttnForCausalLM, LinAttnModel
+
+
+class Mamba2Config(LinAttnConfig):
+    model_type = "linattn_mamba2"
+    num_heads: int | None = None  # None: expand * hidden_size // head_dim
+    head_dim: int = 64
+    state_size: int = 128
+    expand: int = 2
+    n_groups: int = 1
+    conv_kernel: int = 4
+    use_conv_bias: bool = True
+    use_bias: bool = False
+    time_step_min: float = 0.001
+    time_step_max: float = 0.1
+    time_step_floor: float = 1e-4
+
+    def __post_init__(self, **kwargs):
+        if self.num_heads is None:
+            self.num_heads = self.expand * self.hidden_size // self.head_dim
+        if self.num_heads * self.head_dim != self.expand * self.hidden_size:
+            raise ValueError(
+                f"num_heads: expected num_heads * head_dim = expand * hidden_size = "
+                f"{self.expand * self.hidden_size}, got {self.num_heads} * {self.head_dim}"
+            )
+        super().__post_init__(**kwargs)
+
+
+def mamba2_mixer(config: Mamba2Config, layer_idx: int) -> Mamba2:
+    return Mamba2(
+        config.hidden_size, config.num_heads, config.head_dim, config.state_size, config.expand,
+        config.n_groups, config.conv_kernel, config.use_conv_bias, config.use_bias, config.time_step_min,
+        config.time_step_max, config.time_step_floor, config.norm_eps,
+    )
+
+
+class Mamba2Model(LinAttnModel):
+    config_class = Mamba2Config
+    build_mixer = staticmethod(mamba2_mixer)
+
+
+class Mamba2ForCausalLM(LinAttnForCausalLM):
+    config_class = Mamba2Config
+    model_class = Mamba2Model
