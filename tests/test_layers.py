@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from linattn_dsl import layers as L
+from linattn_dsl.layers._utils import apply_rotary, split_heads
 
 HIDDEN = 32
 ATOL = 1e-4
@@ -96,9 +97,12 @@ def test_chunk_equals_fused_recurrent(name):
     torch.testing.assert_close(chunk, step, atol=ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_state_continues_a_split_sequence(name):
+@pytest.mark.parametrize("name, mode", [(n, m) for n in NAMES
+                                        for m in (("chunk", "fused_recurrent") if n in RECURRENT else (None,))])
+def test_state_continues_a_split_sequence(name, mode):
     layer = make(name).eval()
+    if mode is not None:
+        layer.mode = mode
     x = inputs(2, 12)
     kwargs = {}
     if getattr(layer, "first_layer", True) is False:
@@ -133,3 +137,37 @@ def test_left_padding_leaves_state_untouched(name):
         if key in ("attn_state", "seen_tokens"):
             continue  # the KV cache keeps the pad positions (masked, not dropped); the counter counts them
         torch.testing.assert_close(state[key], value, atol=ATOL, rtol=0, msg=key)
+
+
+@pytest.mark.parametrize("window", [None, 3])
+def test_attention_matches_explicit_softmax(window):
+    layer = make("attention_window" if window else "attention")
+    x = inputs(2, 9)
+    with torch.no_grad():
+        out, _ = layer(x)
+        pos = torch.arange(9)
+        q = apply_rotary(split_heads(layer.q_proj(x), layer.head_dim), pos, layer.rope_theta)
+        k = apply_rotary(split_heads(layer.k_proj(x), layer.head_dim), pos, layer.rope_theta)
+        v = split_heads(layer.v_proj(x), layer.head_dim)
+        groups = layer.num_heads // layer.num_kv_heads
+        k, v = k.repeat_interleave(groups, dim=2), v.repeat_interleave(groups, dim=2)
+        scores = torch.einsum("bihd,bjhd->bhij", q, k) / layer.head_dim**0.5
+        allowed = pos[None, :] <= pos[:, None]
+        if window:
+            allowed &= pos[:, None] - pos[None, :] < window
+        weights = scores.masked_fill(~allowed, float("-inf")).softmax(-1)
+        expected = layer.o_proj(torch.einsum("bhij,bjhd->bihd", weights, v).flatten(-2))
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_bad_arguments_raise():
+    with pytest.raises(ValueError, match="num_heads"):
+        L.GatedLinearAttention(HIDDEN, num_heads=3)
+    with pytest.raises(ValueError, match="mode"):
+        L.DeltaNet(HIDDEN, num_heads=2, mode="parallel")
+    with pytest.raises(ValueError, match="num_kv_heads"):
+        L.Attention(HIDDEN, num_heads=4, num_kv_heads=3)
+    with pytest.raises(ValueError, match="num_heads"):
+        L.Mamba2(HIDDEN, num_heads=3, head_dim=16)
+    with pytest.raises(ValueError, match="v_first"):
+        make("rwkv7_later")(inputs(1, 3))

@@ -206,6 +206,24 @@ def test_continue_from_returned_cache(family):
     assert torch.equal(resumed, greedy(model, ids, new_tokens=6))
 
 
+@pytest.mark.parametrize("family", ["gla_hybrid"])
+def test_old_cache_name_inputs_embeds_and_hidden_states(family):
+    model = make_model(family)
+    ids = prompt(2, 6)
+    with torch.no_grad():
+        first = model(ids[:, :4], use_cache=True)
+        # the pre-5.24 spelling past_key_values still reaches the cache argument
+        with pytest.warns(FutureWarning, match="past_key_values"):
+            old = model(ids[:, 4:], past_key_values=first.cache, use_cache=True)
+        assert old.cache.get_seq_length() == 6
+        embeds = model.get_input_embeddings()(ids)
+        by_embeds = model(inputs_embeds=embeds, output_hidden_states=True)
+        torch.testing.assert_close(by_embeds.logits, model(ids).logits, atol=0, rtol=0)
+        assert len(by_embeds.hidden_states) == model.config.num_hidden_layers + 1
+    generated = model.generate(inputs_embeds=embeds, max_new_tokens=4, do_sample=False)
+    assert torch.equal(generated, greedy(model, ids, new_tokens=4)[:, ids.shape[1]:])
+
+
 def test_cache_batch_editing():
     model = make_model("gla_hybrid")
     ids = prompt(3, 5)
@@ -233,7 +251,7 @@ def test_save_pretrained_from_pretrained_in_fresh_process(tmp_path):
     ids = prompt(2, 6)
     expected = {}
     for family in FAMILIES:
-        model = make_model(family, seed=7)
+        model = make_model(family, seed=7, tie_word_embeddings=family == "gla")
         model.save_pretrained(tmp_path / family)
         with torch.no_grad():
             expected[family] = model(ids).logits
