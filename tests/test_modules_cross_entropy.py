@@ -57,8 +57,8 @@ def test_cross_entropy_matches_reference(n, vocab, ignore_frac, label_smoothing,
     logits = (torch.randn(n, vocab, generator=gen, dtype=torch.float64) * 4).float().requires_grad_()
     labels = make_labels(n, vocab, ignore_frac, gen)
     labels[0] = 0  # at least one valid row, so "mean" is finite
-    opts = {"label_smoothing": label_smoothing, "logit_scale": logit_scale, "lse_square_scale": lse_square_scale,
-                "reduction": reduction}
+    opts = {"label_smoothing": label_smoothing, "logit_scale": logit_scale,
+            "lse_square_scale": lse_square_scale, "reduction": reduction}
     loss = FusedCrossEntropyLoss(**opts)(logits, labels)
     logits_ref = logits.detach().double().requires_grad_()
     loss_ref = ref_ce(logits_ref, labels, **opts)

