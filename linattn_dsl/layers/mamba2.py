@@ -4,7 +4,7 @@
     x, B, C    = split(silu(conv1d(xBC)))                 (depthwise causal conv, width 4)
     delta      = softplus(dt + dt_bias),  A = -exp(A_log)
     S_t = exp(A delta_t) S_{t-1} + B_t (x_t delta_t)^T,   y_t = S_t^T C_t + D x_t   (the mamba2 op)
-    out = W_out rms_norm_G(y * silu(z))                   (norm per group of d_inner / G channels)
+    out = W_out (rms_norm_G(y * silu(z)) * w)             (gate, then a norm per group of d_inner / G channels)
 """
 
 from __future__ import annotations
@@ -12,9 +12,10 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from linattn_dsl.modules import FusedRMSNormGated, ShortConvolution
+from linattn_dsl.modules import RMSNorm, ShortConvolution
 
 from ._utils import apply_padding_mask, check_mode, init_values, pick_op, run_conv, split_heads, state_of
 
@@ -63,8 +64,9 @@ class Mamba2(nn.Module):
         self.A_log = nn.Parameter(torch.empty(num_heads))
         self.D = nn.Parameter(torch.empty(num_heads))
         self.dt_bias = nn.Parameter(torch.empty(num_heads))
-        self.norm = FusedRMSNormGated(self.d_inner, eps=norm_eps, activation="swish",
-                                      group_size=self.d_inner // n_groups)
+        # Mamba2 gates before normalising (norm_before_gate=False): a plain per-group RMSNorm of y * silu(z)
+        self.norm = RMSNorm(self.d_inner // n_groups, eps=norm_eps, elementwise_affine=False)
+        self.norm_weight = nn.Parameter(torch.empty(self.d_inner))
         self.out_proj = nn.Linear(self.d_inner, hidden_size, bias=use_bias)
         init_values(self)
 
@@ -78,6 +80,7 @@ class Mamba2(nn.Module):
         return {
             "A_log": torch.log(torch.empty(self.num_heads, device=device).uniform_(1, 16)),
             "D": torch.ones(self.num_heads, device=device),
+            "norm_weight": torch.ones(self.d_inner, device=device),
             "dt_bias": dt + torch.log(-torch.expm1(-dt)),
         }
 
@@ -104,7 +107,9 @@ class Mamba2(nn.Module):
             initial_state=state_of(cache, "recurrent_state"), output_final_state=use_cache,
             D=self.D, dt_bias=self.dt_bias, dt_softplus=True,
         )
-        out = self.out_proj(self.norm(y.reshape(*y.shape[:-2], self.d_inner), z))
+        gated = y.reshape(*y.shape[:-2], self.d_inner) * F.silu(z)
+        normed = self.norm(gated.unflatten(-1, (self.n_groups, -1))).flatten(-2) * self.norm_weight
+        out = self.out_proj(normed)
         if not use_cache:
             return out, None
         new_state["recurrent_state"] = recurrent_state

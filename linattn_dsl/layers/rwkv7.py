@@ -65,7 +65,7 @@ class RWKV7Attention(nn.Module):
         self.num_heads = hidden_size // head_dim
         self.key_dim = self.value_dim = hidden_size
         self.first_layer = first_layer
-        self.depth_ratio = layer_idx / max(1, num_hidden_layers - 1) if num_hidden_layers > 1 else 0.0
+        self.depth_ratio = layer_idx / (num_hidden_layers - 1) if num_hidden_layers > 1 else 0.0
         self.mode = check_mode(mode)
 
         for name in ("x_r", "x_w", "x_k", "x_v", "x_a", "x_g"):

@@ -318,7 +318,8 @@ class LinAttnForCausalLM(LinAttnPreTrainedModel, GenerationMixin):
             loss_fn = FusedLinearCrossEntropyLoss(reduction="mean" if num_items_in_batch is None else "sum")
             loss = loss_fn(hidden_states[:, :-1], labels[:, 1:].to(hidden_states.device), self.lm_head.weight)
         else:
-            logits = self.lm_head(hidden_states[:, -logits_to_keep:] if logits_to_keep else hidden_states)
+            keep = logits_to_keep if labels is None else 0  # the loss needs every position
+            logits = self.lm_head(hidden_states[:, -keep:] if keep else hidden_states)
             if labels is not None:
                 loss = nn.functional.cross_entropy(
                     logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().to(logits.device),
