@@ -74,9 +74,14 @@ class Attention(nn.Module):
             k = torch.cat([past[0], k], dim=1)
             v = torch.cat([past[1], v], dim=1)
 
-        mask = self._mask(batch, seq_len, k.shape[1], attention_mask, hidden_states.device)
+        # Without padding or window, SDPA's own causal mask (a fresh prompt) or none (one new token sees
+        # every key) keeps its fused kernels.
+        unmasked = attention_mask is None and self.window_size is None
+        is_causal = unmasked and k.shape[1] == seq_len
+        needs_mask = not unmasked or (k.shape[1] != seq_len and seq_len > 1)
+        mask = self._mask(batch, seq_len, k.shape[1], attention_mask, hidden_states.device) if needs_mask else None
         o = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, is_causal=is_causal,
             enable_gqa=self.num_kv_heads != self.num_heads,
         )
         out = self.o_proj(o.transpose(1, 2).reshape(batch, seq_len, self.hidden_size))
