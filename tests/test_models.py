@@ -19,6 +19,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, Trainer, TrainingArguments
 
+import linattn_dsl.layers._utils as layer_utils
 import linattn_dsl.models as M
 
 VOCAB = 64
@@ -122,6 +123,16 @@ def test_greedy_generate_matches_full_forward(family):
     assert torch.equal(out[:, ids.shape[1]:], expected)
     # the weights are large enough that the tokens vary (a constant stream would hide lost state)
     assert len(set(out[:, ids.shape[1]:].flatten().tolist())) > 2
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_generate_with_chunk_ops_only(family, monkeypatch):
+    """Prefill and one-token steps through the chunk form (with initial and final states)."""
+    model = make_model(family)
+    ids = prompt(2, 7)
+    expected = greedy(model, ids)
+    monkeypatch.setattr(layer_utils, "FUSED_RECURRENT_MAX_LEN", 0)
+    assert torch.equal(greedy(model, ids), expected)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

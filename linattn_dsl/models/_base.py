@@ -228,6 +228,10 @@ class LinAttnModel(LinAttnPreTrainedModel):
         past_len = cache.get_seq_length() if cache is not None else 0
         if attention_mask is not None and bool(attention_mask.all()):
             attention_mask = None  # no padding: skip the masking work
+        elif attention_mask is not None and attention_mask.shape[1] < past_len + seq_len:
+            # a mask of the new tokens only: the cached ones were real tokens as far as it says
+            missing = past_len + seq_len - attention_mask.shape[1]
+            attention_mask = torch.cat([attention_mask.new_ones(batch, missing), attention_mask], dim=1)
         if position_ids is None:
             position_ids = default_position_ids(batch, seq_len, past_len, attention_mask, hidden_states.device)
 
