@@ -87,14 +87,18 @@ def test_shape_and_gradients_of_all_parameters(name):
 
 @pytest.mark.parametrize("name", RECURRENT)
 def test_chunk_equals_fused_recurrent(name):
+    """70 tokens: more than one chunk of 64, with a final state carried on by a second call."""
     layer = make(name)
-    x = inputs(2, 11)
+    x = inputs(2, 70)
     with torch.no_grad():
-        layer.mode = "chunk"
-        chunk, _ = call(layer, x)
-        layer.mode = "fused_recurrent"
-        step, _ = call(layer, x)
-    torch.testing.assert_close(chunk, step, atol=ATOL, rtol=0)
+        outs = {}
+        for mode in ("chunk", "fused_recurrent"):
+            layer.mode = mode
+            first, state = call(layer, x, use_cache=True)
+            second, _ = call(layer, x[:, :3], cache=state, use_cache=True,
+                             position_ids=torch.arange(70, 73)[None].expand(2, -1))
+            outs[mode] = torch.cat([first, second], 1)
+    torch.testing.assert_close(outs["chunk"], outs["fused_recurrent"], atol=ATOL, rtol=0)
 
 
 @pytest.mark.parametrize("name, mode", [(n, m) for n in NAMES
