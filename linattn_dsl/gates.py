@@ -37,13 +37,15 @@ def role_shape(spec: Recurrence, role: str, sizes: dict) -> tuple[int, ...]:
     return tuple(sizes[hd.get(s, s)] for s in syms)
 
 
-def evaluate(bound: Bound, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """Every role of the bound call as a tensor of its full shape (see ROLE_SHAPES), in ``dtype``
-    (default: each role's natural promotion of its inputs)."""
+def evaluate(bound: Bound, dtype: torch.dtype | None = None, exclude: tuple = ()) -> dict[str, torch.Tensor]:
+    """Every role of the bound call (but those in ``exclude``) as a tensor of its full shape (see
+    ROLE_SHAPES), in ``dtype`` (default: each role's natural promotion of its inputs)."""
     spec = bound.spec
     roles = spec.resolve(bound.switches, bound.present)
     out = {}
     for role, e in roles.items():
+        if role in exclude:
+            continue
         layout = spec.layout(e)
         names, fn = _compile(e)
         vals = []

@@ -2,23 +2,48 @@
 
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass
+
 from . import reference
-from .args import Bound, bind
+from .args import MAX_HEAD_DIM, Bound
+from .args import bind as _bind
 from .registry import load as load_spec
 
-__all__ = ["bind", "dispatch", "load_spec"]
+__all__ = ["Gate", "Variant", "bind", "dispatch", "load_spec"]
 
 
-def dispatch(mode: str, bound: Bound):
-    """Run a bound op call on the best backend for its device and mode.
+@dataclass(frozen=True)
+class Gate:
+    """The log-decay stage of a plan variant, as the generated module records it."""
 
-    Backends are registered per spec by the generated kernels. Until a spec's lowering exists, the
-    step-by-step recurrence (the oracle, in fp32) computes the op, with autograd through it.
-    """
-    backend = _BACKENDS.get((bound.spec.name, mode))
-    if backend is not None:
-        return backend(bound)
+    tag: str
+    kind: str                 # scalar | vector
+    inputs: list
+    input_layouts: dict       # input -> token_feature | token | head | head_feature
+    grads: list               # inputs with a generated derivative
+
+
+@dataclass(frozen=True)
+class Variant:
+    switches: dict
+    gate: Gate
+
+
+def bind(spec, tensors, switches, scale, initial_state, output_final_state, cu_seqlens) -> Bound:
+    return _bind(spec, tensors, switches, scale, initial_state, output_final_state, cu_seqlens,
+                 max_head_dim=MAX_HEAD_DIM)
+
+
+def dispatch(mode: str, bound: Bound, mod):
+    """Run a bound op call on the backend for its device: the generated Triton kernels on CUDA (or on
+    CPU under TRITON_INTERPRET=1), the generated PyTorch twin on CPU. Forms that the lowering does not
+    cover yet run the step-by-step oracle (fp32)."""
+    if getattr(mod, "FORM", None) == "additive":
+        from . import additive
+
+        variant = mod.VARIANTS[tuple(sorted(bound.switches.items()))]
+        if bound.device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+            return additive.run_triton(mod, variant, bound, mode)
+        return additive.run_torch(mod, variant, bound, mode)
     return reference.run_bound(bound)
-
-
-_BACKENDS: dict = {}

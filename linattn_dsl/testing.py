@@ -113,11 +113,11 @@ def draw_case(spec: Recurrence, *, B: int = 2, T: int = 33, heads: int = 2, grou
 
 
 def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
-    """max |x - ref| / max |ref| (with a floor so all-zero references compare absolutely)."""
+    """max |x - ref| / max(max |ref|, 1e-2): relative, but absolute for gradients that are (nearly) zero."""
     x, ref = x.detach().double(), ref.detach().double()
     if not torch.isfinite(x).all():
         return float("inf")
-    return float((x - ref).abs().max() / ref.abs().max().clamp_min(1e-6)) if ref.numel() else 0.0
+    return float((x - ref).abs().max() / ref.abs().max().clamp_min(1e-2)) if ref.numel() else 0.0
 
 
 def compare(case: Case, op, *, grads: bool = True, op_dtype: torch.dtype | None = None) -> dict[str, float]:

@@ -1,0 +1,300 @@
+"""Host side of the additive chunk form: launching a spec's generated stages, and their autograd.
+
+The kernels come from ``generated/<spec>.py``; this module only allocates buffers, computes grids and
+wires forward and backward stages together (CHUNK_MATH.md section 1):
+
+    gate_fwd (G = chunk cumsum of g) -> state_fwd (h[c]) -> [scores_fwd (vector A)] -> output_fwd
+    backward: state_bwd (dS) -> dv_bwd -> dqk_bwd [-> dqk_intra_bwd] -> gate_bwd (dg -> d inputs)
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+
+from . import gates as gates_mod
+from .args import Bound
+
+BT, BC = 64, 16
+
+
+def _pow2(n: int, lo: int = 16, hi: int = 64) -> int:
+    return max(lo, min(hi, triton.next_power_of_2(n)))
+
+
+def _half(dtype: torch.dtype) -> int:
+    return {torch.bfloat16: 1, torch.float16: 2}.get(dtype, 0)
+
+
+class _Layout:
+    """Sequence bookkeeping shared by every stage: flattened rows, chunk offsets and indices."""
+
+    def __init__(self, B: int, T: int, cu_seqlens: torch.Tensor | None, device):
+        if cu_seqlens is None:
+            self.cu = torch.arange(0, (B + 1) * T, T, dtype=torch.int64, device=device)
+            n_per = -(-T // BT)
+            self.N = B
+            self.NT = B * n_per
+            self.chunk_offsets = torch.arange(0, (B + 1) * n_per, n_per, dtype=torch.int64, device=device)[: B + 1]
+            seq = torch.arange(B, device=device).repeat_interleave(n_per)
+            within = torch.arange(n_per, device=device).repeat(B)
+        else:
+            self.cu = cu_seqlens.to(torch.int64)
+            lens = self.cu[1:] - self.cu[:-1]
+            n_chunks = (lens + BT - 1) // BT
+            self.N = lens.numel()
+            self.chunk_offsets = torch.cat([n_chunks.new_zeros(1), n_chunks.cumsum(0)])
+            self.NT = int(self.chunk_offsets[-1].item())
+            seq = torch.arange(self.N, device=device).repeat_interleave(n_chunks)
+            within = torch.arange(self.NT, device=device) - self.chunk_offsets[seq]
+        self.chunk_indices = torch.stack([seq, within], 1).to(torch.int64).contiguous()
+
+
+def _gate_inputs(bound: Bound, gate) -> list[torch.Tensor]:
+    """Raw inputs of the log-decay expression, contiguous; absent optionals as zeros."""
+    out = []
+    for n in gate.inputs:
+        t = bound.tensors[n]
+        if t is None:
+            t = torch.zeros([bound.sizes[d] for d in bound.spec.dims(n)], device=bound.device, dtype=torch.float32)
+        out.append(t.contiguous())
+    return out
+
+
+def _run_gate(mod, gate, inputs, L: _Layout, H: int, K: int, rows: int, cumsum: bool) -> torch.Tensor:
+    vector = gate.kind == "vector"
+    shape = (rows, H, K) if vector else (rows, H)
+    G = torch.empty(shape, dtype=torch.float32, device=L.cu.device)
+    BK = _pow2(K) if vector else 16
+    grid = (triton.cdiv(K, BK) if vector else 1, L.NT, H)
+    getattr(mod, f"gate_fwd_{gate.tag}")[grid](*inputs, G, L.cu, L.chunk_indices, H, K=K, BT=BT, BK=BK,
+                                               VECTOR=vector, CUMSUM=cumsum)
+    return G
+
+
+def _forward_states(mod, gate, q, k, v, gate_inputs, h0, L, scale, store_final):
+    """gate_fwd, state_fwd and (vector) scores_fwd: what both the output and the backward need."""
+    rows, HQ, K = q.shape
+    H, V = v.shape[1], v.shape[2]
+    vector = gate.kind == "vector"
+    half = _half(q.dtype)
+    G = _run_gate(mod, gate, gate_inputs, L, H, K, rows, cumsum=True)
+    h = torch.empty(L.NT, H, K, V, dtype=torch.float32 if half == 0 else q.dtype, device=q.device)
+    ht = torch.empty(L.N, H, K, V, dtype=torch.float32, device=q.device) if store_final else None
+    BK, BV = _pow2(K), _pow2(V)
+    mod.state_fwd[(triton.cdiv(K, BK), triton.cdiv(V, BV), L.N * H)](
+        k, v, G, h, h0, ht, L.cu, L.chunk_offsets, H, HQ, K=K, V=V, BT=BT, BK=BK, BV=BV, VECTOR=vector,
+        USE_H0=h0 is not None, STORE_FINAL=store_final, HALF=half)
+    A = None
+    if vector:
+        A = torch.empty(rows, H, BT, dtype=torch.float32, device=q.device)
+        mod.scores_fwd[(BT // BC, L.NT, H)](q, k, G, A, L.cu, L.chunk_indices, scale, H, HQ, K=K, BT=BT, BC=BC,
+                                            BK=_pow2(K, hi=64), HALF=half)
+    return G, h, ht, A
+
+
+def _output(mod, gate, q, k, v, G, h, A, L, scale, out_dtype):
+    rows, HQ, K = q.shape
+    H, V = v.shape[1], v.shape[2]
+    o = torch.empty(rows, H, V, dtype=out_dtype, device=q.device)
+    BK, BV = _pow2(K), _pow2(V)
+    mod.output_fwd[(triton.cdiv(V, BV), L.NT, H)](q, k, v, G, h, A if A is not None else G, o, L.cu,
+                                                  L.chunk_indices, scale, H, HQ, K=K, V=V, BT=BT, BK=BK, BV=BV,
+                                                  VECTOR=gate.kind == "vector", HALF=_half(q.dtype))
+    return o
+
+
+def _backward(mod, gate, saved, do, dht, L, scale, need_gate_grads):
+    q, k, v, gate_inputs, h0, G, h, ht, A = saved
+    rows, HQ, K = q.shape
+    H, V = v.shape[1], v.shape[2]
+    vector = gate.kind == "vector"
+    half = _half(q.dtype)
+    BK, BV = _pow2(K), _pow2(V)
+    NK = triton.cdiv(K, BK)
+    do = do.contiguous()
+    dhn = torch.empty_like(h)
+    dh0 = torch.empty(L.N, H, K, V, dtype=torch.float32, device=q.device) if h0 is not None else None
+    mod.state_bwd[(NK, triton.cdiv(V, BV), L.N * H)](
+        q, G, do, dht, dhn, dh0, L.cu, L.chunk_offsets, scale, H, HQ, K=K, V=V, BT=BT, BK=BK, BV=BV,
+        VECTOR=vector, USE_DHT=dht is not None, STORE_DH0=h0 is not None, HALF=half)
+    dv = torch.empty_like(v)
+    mod.dv_bwd[(triton.cdiv(V, BV), L.NT, H)](q, k, G, A if A is not None else G, do, dhn, dv, L.cu,
+                                              L.chunk_indices, scale, H, HQ, K=K, V=V, BT=BT, BK=BK, BV=BV,
+                                              VECTOR=vector, HALF=half)
+    dq = torch.empty(rows, H, K, dtype=torch.float32, device=q.device)
+    dk = torch.empty_like(dq)
+    if vector:
+        dA = torch.empty(rows, H, BT, dtype=torch.float32, device=q.device)
+        dGpos = torch.empty(rows, H, K, dtype=torch.float32, device=q.device)
+    else:
+        dA = dq
+        dGpos = torch.empty(rows, H, NK, dtype=torch.float32, device=q.device)
+    mod.dqk_bwd[(NK, L.NT, H)](q, k, v, G, h, do, dhn, dq, dk, dA, dGpos, L.cu, L.chunk_indices, scale, H, HQ,
+                               K=K, V=V, BT=BT, BK=BK, BV=BV, VECTOR=vector, HALF=half)
+    if vector:
+        BKi = _pow2(K, hi=64)
+        mod.dqk_intra_bwd[(triton.cdiv(K, BKi), L.NT * (BT // BC), H)](
+            q, k, G, dA, dq, dk, dGpos, L.cu, L.chunk_indices, H, HQ, K=K, BT=BT, BC=BC, BK=BKi, HALF=half)
+    else:
+        dGpos = dGpos.sum(-1)
+    grads_in = [None] * len(gate_inputs)
+    if need_gate_grads and gate.grads:
+        if dht is not None and ht is not None:
+            dfinal = (ht * dht).sum(-1)
+            dfinal = dfinal if vector else dfinal.sum(-1)
+        else:
+            dfinal = torch.zeros((L.N, H, K) if vector else (L.N, H), dtype=torch.float32, device=q.device)
+        bufs = [torch.empty_like(dGpos) for _ in gate.grads]
+        BKg = _pow2(K) if vector else 16
+        getattr(mod, f"gate_bwd_{gate.tag}")[(triton.cdiv(K, BKg) if vector else 1, L.N, H)](
+            *gate_inputs, *bufs, dGpos.contiguous(), dfinal.contiguous(), L.cu, L.chunk_offsets, H, K=K, BT=BT,
+            BK=BKg, VECTOR=vector)
+        for i, n in enumerate(gate.inputs):
+            grads_in[i] = _reduce_to(bufs[i], gate.input_layouts[n], vector).reshape(gate_inputs[i].shape).to(
+                gate_inputs[i].dtype)
+    G_ = H // HQ
+    dq = dq.view(rows, HQ, G_, K).sum(2).to(q.dtype)
+    dk = dk.view(rows, HQ, G_, K).sum(2).to(k.dtype)
+    return dq, dk, dv, dh0, grads_in
+
+
+def _reduce_to(buf: torch.Tensor, layout: str, vector: bool) -> torch.Tensor:
+    """Sum a gradient written at the decay's layout ([rows, H(, K)]) down to an input's layout."""
+    if layout == "token_feature":
+        return buf
+    if layout == "token":
+        return buf.sum(-1) if vector else buf
+    if layout == "head":
+        return buf.sum(0).sum(-1) if vector else buf.sum(0)
+    return buf.sum(0)   # head_feature
+
+
+class ChunkAdditive(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, mod, gate, L, scale, store_final, recurrent, q, k, v, h0, *gate_inputs):
+        if recurrent:
+            o, ht = _recurrent(mod, gate, q, k, v, gate_inputs, h0, L, scale, store_final, v.dtype)
+            saved = None
+        else:
+            G, h, ht, A = _forward_states(mod, gate, q, k, v, gate_inputs, h0, L, scale, store_final)
+            o = _output(mod, gate, q, k, v, G, h, A, L, scale, v.dtype)
+            saved = (G, h, ht, A)
+        ctx.mod, ctx.gate, ctx.L, ctx.scale, ctx.recurrent = mod, gate, L, scale, recurrent
+        ctx.save_for_backward(q, k, v, h0, *gate_inputs, *(saved if saved else ()), ht)
+        ctx.n_gate = len(gate_inputs)
+        return o, ht
+
+    @staticmethod
+    def backward(ctx, do, dht):
+        t = ctx.saved_tensors
+        q, k, v, h0 = t[:4]
+        gate_inputs = list(t[4:4 + ctx.n_gate])
+        rest = t[4 + ctx.n_gate:]
+        if ctx.recurrent:   # recompute the chunk states; the backward is the chunk backward
+            G, h, ht_, A = _forward_states(ctx.mod, ctx.gate, q, k, v, gate_inputs, h0, ctx.L, ctx.scale, True)
+            ht = rest[-1] if rest[-1] is not None else ht_
+        else:
+            G, h, _, A = rest[:4]
+            ht = rest[4]
+        if dht is not None and ht is None:
+            dht = None
+        dq, dk, dv, dh0, dgate = _backward(ctx.mod, ctx.gate, (q, k, v, gate_inputs, h0, G, h, ht, A), do, dht,
+                                           ctx.L, ctx.scale, any(ctx.needs_input_grad[10:]))
+        return (None, None, None, None, None, None, dq, dk, dv, dh0, *dgate)
+
+
+def _recurrent(mod, gate, q, k, v, gate_inputs, h0, L, scale, store_final, out_dtype):
+    rows, HQ, K = q.shape
+    H, V = v.shape[1], v.shape[2]
+    g = _run_gate(mod, gate, gate_inputs, L, H, K, rows, cumsum=False)
+    o = torch.empty(rows, H, V, dtype=out_dtype, device=q.device)
+    ht = torch.empty(L.N, H, K, V, dtype=torch.float32, device=q.device) if store_final else None
+    BK = max(16, triton.next_power_of_2(K))
+    BV = min(_pow2(V), 32)
+    mod.recurrent_fwd[(triton.cdiv(V, BV), L.N * H)](q, k, v, g, o, h0, ht, L.cu, scale, H, HQ, K=K, V=V, BK=BK,
+                                                     BV=BV, VECTOR=gate.kind == "vector", USE_H0=h0 is not None,
+                                                     STORE_FINAL=store_final)
+    return o, ht
+
+
+def run_triton(mod, variant, bound: Bound, mode: str):
+    """An op call on the generated Triton kernels (CUDA, or the interpreter on CPU)."""
+    spec = bound.spec
+    roles = gates_mod.evaluate(bound, exclude=("log_decay",))
+    B, T = bound.sizes["B"], bound.sizes["T"]
+    H, HQ, K, V = bound.size("H"), bound.size("HQ"), bound.size("K"), bound.size("V")
+    q, k = roles["query"], roles["key"]
+    if spec.resolve(bound.switches).qk_l2norm:
+        from .reference import l2_normalize
+        q, k = l2_normalize(q), l2_normalize(k)
+    dtype = bound.out_dtype
+    q = q.to(dtype).reshape(B * T, HQ, K).contiguous()
+    k = k.to(dtype).reshape(B * T, HQ, K).contiguous()
+    v = roles["value"].to(dtype).reshape(B * T, H, V).contiguous()
+    gate = variant.gate
+    L = _Layout(B, T, bound.cu_seqlens, q.device)
+    h0 = bound.initial_state.float().contiguous() if bound.initial_state is not None else None
+    if gate is None:
+        raise AssertionError("additive plans always carry a gate (none decays use g = 0)")
+    o, ht = ChunkAdditive.apply(mod, gate, L, bound.scale, bound.output_final_state, mode == "fused_recurrent",
+                                q, k, v, h0, *_gate_inputs(bound, gate))
+    o = o.reshape(B, T, H, V)
+    if "skip" in roles:
+        o = o + roles["skip"].to(o.dtype)
+    return o, (ht if bound.output_final_state else None)
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _align(t: torch.Tensor, layout: str, vector: bool) -> torch.Tensor:
+    """View a raw gate input so it broadcasts against the decay's [B, T, H(, K)] layout."""
+    if layout == "token":
+        return t[..., None] if vector else t
+    if layout == "head":
+        return t.reshape(1, 1, -1, 1) if vector else t.reshape(1, 1, -1)
+    if layout == "head_feature":
+        return t[None, None]
+    return t
+
+
+def run_torch(mod, variant, bound: Bound, mode: str):
+    """An op call on the generated PyTorch twin (CPU): the same plan, differentiated by autograd."""
+    from .reference import l2_normalize, run_bound
+
+    if mode == "fused_recurrent":
+        return run_bound(bound)
+    spec = bound.spec
+    roles = gates_mod.evaluate(bound, exclude=("log_decay",))
+    B, T = bound.sizes["B"], bound.sizes["T"]
+    H, HQ, K = bound.size("H"), bound.size("HQ"), bound.size("K")
+    gate = variant.gate
+    vector = gate.kind == "vector"
+    xs = []
+    for n, t in zip(gate.inputs, _gate_inputs(bound, gate)):
+        xs.append(_align(t.float(), gate.input_layouts[n], vector))
+    head = torch.arange(H, device=bound.device, dtype=torch.float32).reshape(1, 1, H, *([1] if vector else []))
+    g = getattr(mod, f"log_decay_torch_{gate.tag}")(*xs, head)
+    g = torch.as_tensor(g, dtype=torch.float32, device=bound.device)
+    g = g.expand(B, T, H, K) if vector else g.expand(B, T, H)[..., None]
+    q, k = roles["query"], roles["key"]
+    if spec.resolve(bound.switches).qk_l2norm:
+        q, k = l2_normalize(q), l2_normalize(k)
+    q, k = q.repeat_interleave(H // HQ, dim=2), k.repeat_interleave(H // HQ, dim=2)
+    v, h0 = roles["value"], bound.initial_state
+    if bound.cu_seqlens is None:
+        o, ht = mod.chunk_additive_torch(q, k, v, g, bound.scale, h0)
+    else:
+        cu = bound.cu_seqlens.tolist()
+        parts = [mod.chunk_additive_torch(q[:, a:b], k[:, a:b], v[:, a:b], g[:, a:b], bound.scale,
+                                          None if h0 is None else h0[n:n + 1])
+                 for n, (a, b) in enumerate(zip(cu, cu[1:]))]
+        o = torch.cat([p[0] for p in parts], 1)
+        ht = torch.cat([p[1] for p in parts], 0)
+    if "skip" in roles:
+        o = o + roles["skip"]
+    return o.to(bound.out_dtype), (ht if bound.output_final_state else None)

@@ -1,0 +1,118 @@
+"""The lowering: from a spec to the plan of chunk stages and the hooks the stage templates inline.
+
+For each switch variant of a spec the plan fixes
+* which chunk form applies (CHUNK_MATH.md: additive for transition 'none'),
+* the gate stage: the log-decay expression printed as Triton and as torch code, with its symbolic
+  derivative with respect to every raw input (sympy), and how each input is loaded at the decay's layout,
+* which roles are plain inputs and which are expressions evaluated before the core stages.
+Absent optional inputs are passed as zeros, so variants differ only by switch values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import sympy as sp
+
+from . import expr as ex
+from .spec import Recurrence
+
+FORMS = {"none": "additive", "delta": "delta", "general": "general"}
+
+
+@dataclass
+class GatePlan:
+    """The log-decay stage of one variant: ``G = cumsum(g)`` forward, ``d inputs`` backward."""
+
+    tag: str
+    kind: str                       # constant | scalar | vector
+    expr: sp.Expr
+    inputs: list[str]               # raw inputs of the expression (spec order)
+    input_layouts: dict[str, str]   # name -> 'token_feature' | 'token' | 'head' | 'head_feature'
+    loads_vector: list[str] = field(default_factory=list)
+    loads_scalar: list[str] = field(default_factory=list)
+    expr_code: str = ""
+    torch_code: str = ""
+    grads: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def expr_text(self) -> str:
+        return str(self.expr)
+
+    @property
+    def grad_inputs(self) -> list[str]:
+        return [n for n, _ in self.grads]
+
+
+@dataclass
+class Variant:
+    switches: dict
+    gate: GatePlan
+    plain_roles: dict               # role -> input name, for roles that are a bare input
+
+
+@dataclass
+class Plan:
+    spec: Recurrence
+    form: str
+    variants: list[Variant]
+    gates: list[GatePlan]
+
+    def variant(self, switches: dict) -> Variant:
+        for v in self.variants:
+            if v.switches == switches:
+                return v
+        raise KeyError(switches)
+
+
+def _layout_kind(spec: Recurrence, name: str) -> str:
+    roles = [spec.dim_roles[d] for d in spec.dims(name)]
+    return {("batch", "time", "head", "feature"): "token_feature", ("batch", "time", "head"): "token",
+            ("head",): "head", ("head", "feature"): "head_feature"}[tuple(roles)]
+
+
+_LOADS_VECTOR = {
+    "token_feature": "x_{n} = tl.load({n}_ptr + (rows[:, None] * H + i_h) * K + cols[None, :], mask=mask, "
+                     "other=0.0).to(tl.float32)",
+    "token": "x_{n} = tl.load({n}_ptr + rows * H + i_h, mask=m_t, other=0.0).to(tl.float32)[:, None]",
+    "head": "x_{n} = tl.load({n}_ptr + i_h).to(tl.float32)",
+    "head_feature": "x_{n} = tl.load({n}_ptr + i_h * K + cols, mask=cols < K, other=0.0).to(tl.float32)[None, :]",
+}
+_LOADS_SCALAR = {
+    "token": "x_{n} = tl.load({n}_ptr + rows * H + i_h, mask=m_t, other=0.0).to(tl.float32)",
+    "head": "x_{n} = tl.load({n}_ptr + i_h).to(tl.float32)",
+}
+
+
+def _gate_plan(spec: Recurrence, e: sp.Expr, tag: str) -> GatePlan:
+    kind = "vector" if spec.decay.kind == "vector" else "scalar"   # constant and none: per-head scalars
+    inputs = [n for n in spec.args if spec.symbols[n] in e.free_symbols]
+    layouts = {n: _layout_kind(spec, n) for n in inputs}
+    names = {n: f"x_{n}" for n in inputs}
+    names[ex.HEAD_INDEX] = "h"
+    g = GatePlan(tag=tag, kind=kind, expr=e, inputs=inputs, input_layouts=layouts)
+    g.expr_code = ex.to_code(e, names, ex.TRITON_FUNCS)
+    g.torch_code = ex.to_code(e, {**{n: f"x_{n}" for n in inputs}, ex.HEAD_INDEX: "h"}, ex.TORCH_FUNCS)
+    g.loads_vector = [_LOADS_VECTOR[layouts[n]].format(n=n) for n in inputs] if kind == "vector" else []
+    g.loads_scalar = [_LOADS_SCALAR[layouts[n]].format(n=n) for n in inputs] if kind != "vector" else []
+    for n in inputs:
+        d = sp.diff(e, spec.symbols[n])
+        g.grads.append((n, ex.to_code(d, names, ex.TRITON_FUNCS)))
+    return g
+
+
+def lower(spec: Recurrence) -> Plan:
+    """The chunk plan of every switch variant of ``spec``."""
+    form = FORMS[spec.transition.kind]
+    gates: dict[str, GatePlan] = {}
+    variants = []
+    for sw in (spec.variants() if spec.switches else [{}]):
+        roles = spec.resolve(sw)
+        log_decay = roles.log_decay if roles.log_decay is not None else sp.S.Zero   # no decay: g = 0
+        key = sp.srepr(log_decay)
+        if key not in gates:
+            gates[key] = _gate_plan(spec, log_decay, f"v{len(gates)}")
+        gate = gates[key]
+        plain = {r: e.name for r, e in roles.items() if e.is_Symbol and r != "log_decay"}
+        variants.append(Variant(switches=dict(sw), gate=gate, plain_roles=plain))
+    return Plan(spec=spec, form=form, variants=variants, gates=list(gates.values()))

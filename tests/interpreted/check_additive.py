@@ -1,0 +1,53 @@
+"""Generated Triton kernels of the additive form under the Triton interpreter (run with TRITON_INTERPRET=1).
+
+Targeted cases rather than random ones: the interpreter runs a kernel in Python, about a second per
+case at these sizes. Exits non-zero listing every case whose relative error exceeds 1e-4 (fp32) or
+2e-2 (fp16 inputs).
+"""
+
+import os
+import sys
+
+assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
+
+import torch  # noqa: E402
+
+from linattn_dsl import ops, registry, testing  # noqa: E402
+
+CASES = [  # (spec, draw_case keywords)
+    ("retention", dict(B=1, T=1, heads=1, K=8, V=8)),
+    ("retention", dict(B=2, T=70, heads=2, K=16, V=8)),
+    ("gla", dict(B=1, T=1, heads=2, K=8, V=4)),
+    ("gla", dict(B=2, T=67, heads=2, K=16, V=16)),
+    ("gla", dict(seqlens=[5, 64, 11], heads=2, K=8, V=8)),
+    ("gla", dict(B=1, T=130, heads=1, K=20, V=8, log_decay_min=-20.0)),
+    ("gla", dict(B=1, T=40, heads=1, K=80, V=72, with_initial_state=True)),
+    ("mamba2", dict(B=2, T=70, heads=4, groups=2, K=16, V=8)),
+    ("mamba2", dict(seqlens=[30, 1, 50], heads=2, groups=1, K=8, V=8, optional_present=False)),
+    ("mamba2", dict(B=1, T=65, heads=2, K=8, V=8, switches=dict(dt_softplus=False), log_decay_min=-20.0)),
+]
+
+
+def main() -> int:
+    failures, n = [], 0
+    for name, kw in CASES:
+        spec = registry.load(name)
+        for dtype, tol in ((torch.float32, 1e-4), (torch.float16, 2e-2)):
+            if dtype == torch.float16 and kw.get("T", 0) > 70:
+                continue
+            case = testing.draw_case(spec, seed=n, **kw)
+            case.tensors = {k: (v.to(dtype) if v is not None and v.dim() >= 3 else v) for k, v in case.tensors.items()}
+            for mode in ("chunk", "fused_recurrent"):
+                n += 1
+                errs = testing.compare(case, getattr(ops, f"{mode}_{name}"))
+                bad = {k: f"{e:.2e}" for k, e in errs.items() if not e <= tol}
+                worst = max(errs.values())
+                print(f"{mode}_{name:<10} {str(dtype):<14} {kw}  worst {worst:.2e}" + (f"  FAIL {bad}" if bad else ""))
+                if bad:
+                    failures.append((name, mode, kw, bad))
+    print(f"{n - len(failures)} of {n} cases passed")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
