@@ -1,0 +1,59 @@
+"""``linattn train``: argument parsing only; the work is in :mod:`.config` and :mod:`.trainer`.
+
+Overrides use flame/torchtitan's dotted names, ``--training.steps=100`` or ``--training.steps 100``; any
+argument of that shape is collected (argparse does not know the keys) and checked by
+:func:`~linattn_dsl.train.config.load_config`, which names an unknown or mistyped key.
+"""
+
+from __future__ import annotations
+
+import argparse
+import types
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    s = sub.add_parser(
+        "train", help="train a model from a TOML config (flame-style --section.key=value overrides)",
+        allow_abbrev=False,
+        epilog="overrides: --job.dump_folder --training.steps --training.seq_len --training.batch_size "
+               "--training.gradient_accumulation_steps --optimizer.lr --lr_scheduler.warmup_steps "
+               "--checkpoint.interval --checkpoint.keep_latest_k --model.<any config field> --data.files ...",
+    )
+    s.add_argument("--config", default=None, help="TOML file (configs/tiny_cpu.toml is an example)")
+    s.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in job.dump_folder")
+    s.add_argument("--no-progress", action="store_true", help="no progress bar")
+    s.set_defaults(fn=run, overrides=[])
+    plain = s.parse_known_args
+
+    def parse_known_args(self, args=None, namespace=None):
+        ns, extras = plain(args, namespace)
+        # argparse leaves unknown options in order: keep the --section.key ones (and their values) as overrides
+        overrides, rest, wants_value = [], [], False
+        for a in extras:
+            if a.startswith("--") and "." in a.split("=", 1)[0]:
+                overrides.append(a)
+                wants_value = "=" not in a
+            elif wants_value and not a.startswith("--"):
+                overrides.append(a)
+                wants_value = False
+            else:
+                rest.append(a)
+                wants_value = False
+        ns.overrides = list(overrides)
+        return ns, rest
+
+    s.parse_known_args = types.MethodType(parse_known_args, s)
+
+
+def run(args: argparse.Namespace) -> int:
+    from .config import load_config, parse_overrides
+    from .trainer import train
+
+    cfg = load_config(args.config, parse_overrides(args.overrides))
+    result = train(cfg, resume=args.resume, progress=not args.no_progress)
+    val = f", held-out loss {result.val_loss:.4f}" if result.val_loss is not None else ""
+    last = max(result.losses) if result.losses else 0
+    print(f"trained to step {last}: loss {result.losses.get(last, float('nan')):.4f}{val}")
+    print(f"model + tokenizer: {result.final_dir}")
+    print(f"log: {result.log_path}" + (f"; loss curve: {result.plot_path}" if result.plot_path else ""))
+    return 0

@@ -1,0 +1,94 @@
+"""Training data from local files: read documents, tokenise, concatenate with EOS, pack into ``seq_len``
+blocks, split off a held-out set, and serve batches in a deterministic order that can be resumed.
+
+A ``.jsonl`` file holds one document per line (``{"text": ...}``, field set by ``data.text_field``); any
+other file is one document of plain text.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+
+def read_documents(files: list[str], text_field: str = "text") -> Iterator[str]:
+    for f in files:
+        path = Path(f)
+        if path.suffix == ".jsonl":
+            with path.open(encoding="utf-8") as fh:
+                for n, line in enumerate(fh, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        doc = json.loads(line)[text_field]
+                    except (json.JSONDecodeError, KeyError, TypeError):
+                        raise ValueError(f"data.files: {f}:{n}: expected a JSON object with a "
+                                         f"{text_field!r} string (data.text_field)") from None
+                    yield doc
+        else:
+            yield path.read_text(encoding="utf-8", errors="replace")
+
+
+def pack(files: list[str], tokenizer: PreTrainedTokenizerBase, seq_len: int, text_field: str = "text") -> torch.Tensor:
+    """All documents tokenised, each followed by EOS, concatenated and cut into blocks: ``[N, seq_len]`` int64
+    (the tail shorter than a block is dropped)."""
+    ids: list[int] = []
+    eos = tokenizer.eos_token_id
+    for doc in read_documents(files, text_field):
+        ids.extend(tokenizer(doc, add_special_tokens=False)["input_ids"])
+        ids.append(eos)
+    n = len(ids) // seq_len
+    if n == 0:
+        raise ValueError(f"data.files: {len(ids)} tokens in all, fewer than one block of training.seq_len={seq_len}")
+    return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
+
+
+def split(blocks: torch.Tensor, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Shuffle blocks with ``seed`` and hold out ``val_fraction`` of them (at least one when > 0): (train, val)."""
+    perm = torch.randperm(len(blocks), generator=torch.Generator().manual_seed(seed))
+    n_val = max(1, round(val_fraction * len(blocks))) if val_fraction > 0 else 0
+    if n_val >= len(blocks):
+        raise ValueError(f"data.val_fraction: {val_fraction} leaves no training block out of {len(blocks)}")
+    return blocks[perm[n_val:]], blocks[perm[:n_val]]
+
+
+class BlockSampler:
+    """Micro-batches of ``batch_size`` blocks for one process of ``num_processes``.
+
+    Epoch ``e`` visits the blocks in ``randperm(generator seeded seed + e)``; each micro-batch takes
+    ``batch_size * num_processes`` consecutive indices, this process the slice ``rank``. The position
+    (``epoch``, ``index``) is all a checkpoint needs to resume the same sequence of batches.
+    """
+
+    def __init__(self, blocks: torch.Tensor, batch_size: int, seed: int, rank: int = 0, num_processes: int = 1):
+        self.blocks, self.batch_size, self.seed = blocks, batch_size, seed
+        self.rank, self.num_processes = rank, num_processes
+        self.per_epoch = len(blocks) // (batch_size * num_processes)
+        if self.per_epoch == 0:
+            raise ValueError(f"training.batch_size: {len(blocks)} training blocks are fewer than one batch of "
+                             f"{batch_size} x {num_processes} process(es)")
+        self.epoch, self.index = 0, 0
+        self._perm = self._permutation()
+
+    def _permutation(self) -> torch.Tensor:
+        return torch.randperm(len(self.blocks), generator=torch.Generator().manual_seed(self.seed + self.epoch))
+
+    def next_batch(self) -> torch.Tensor:
+        """``[batch_size, seq_len]`` int64."""
+        if self.index == self.per_epoch:
+            self.epoch, self.index = self.epoch + 1, 0
+            self._perm = self._permutation()
+        start = (self.index * self.num_processes + self.rank) * self.batch_size
+        self.index += 1
+        return self.blocks[self._perm[start:start + self.batch_size]]
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "index": self.index}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.index = state["epoch"], state["index"]
+        self._perm = self._permutation()

@@ -1,0 +1,229 @@
+"""The training loop. One process or many: run it under ``torchrun`` / ``accelerate launch`` and
+:class:`accelerate.Accelerator` gives DDP (or FSDP, from an accelerate config file); every process reads
+its own slice of each global batch (:class:`~linattn_dsl.train.data.BlockSampler`).
+
+Per optimiser step: ``gradient_accumulation_steps`` micro-batches (gradients synchronised on the last
+only), bf16 autocast on CUDA, gradient clipping to ``training.max_norm``, a step skipped when the loss or
+gradient norm is not finite, AdamW, warmup + cosine schedule. Checkpoints (atomic, :mod:`.checkpoint`)
+hold everything a resumed run needs to reproduce the losses of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+
+from linattn_dsl.models import FAMILIES
+
+from . import checkpoint, data, report
+from .config import ConfigError
+from .tokenizer import byte_tokenizer, load_pretrained, train_bpe
+
+
+@dataclass
+class TrainResult:
+    dump_folder: Path
+    final_dir: Path
+    log_path: Path
+    plot_path: Path | None
+    checkpoint_dir: Path
+    losses: dict[int, float] = field(default_factory=dict)  # step -> training loss
+    val_loss: float | None = None
+    tokens_per_s: float = 0.0
+    num_params: int = 0
+
+
+def lr_lambda(cfg: dict[str, Any]) -> Callable[[int], float]:
+    """Multiplier of ``optimizer.lr`` after ``step`` scheduler steps: linear warmup to 1, then cosine (or
+    linear) decay to ``lr_scheduler.lr_min`` at ``training.steps``."""
+    warmup, total = cfg["lr_scheduler"]["warmup_steps"], cfg["training"]["steps"]
+    kind, floor = cfg["lr_scheduler"]["decay_type"], cfg["lr_scheduler"]["lr_min"]
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if kind == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        decay = 0.5 * (1 + math.cos(math.pi * progress)) if kind == "cosine" else 1 - progress
+        return floor + (1 - floor) * decay
+
+    return f
+
+
+def build_tokenizer(cfg: dict[str, Any], saved: Path, reuse: bool):
+    tok = cfg["tokenizer"]
+    if tok["kind"] == "pretrained":
+        return load_pretrained(tok["path"])
+    if reuse and saved.is_dir():  # a resumed run keeps the tokenizer it started with
+        return load_pretrained(str(saved))
+    if tok["kind"] == "byte":
+        tokenizer = byte_tokenizer()
+    else:
+        tokenizer = train_bpe(data.read_documents(cfg["data"]["files"], cfg["data"]["text_field"]), tok["vocab_size"])
+    tokenizer.save_pretrained(saved)
+    return tokenizer
+
+
+def build_model(cfg: dict[str, Any], tokenizer) -> torch.nn.Module:
+    kwargs = {k: v for k, v in cfg["model"].items() if k != "family"}
+    config_class, _, lm_class = FAMILIES[cfg["model"]["family"]]
+    vocab = kwargs.setdefault("vocab_size", len(tokenizer))
+    if vocab < len(tokenizer):
+        raise ConfigError(f"model.vocab_size: {vocab} is smaller than the tokenizer's {len(tokenizer)} tokens")
+    kwargs.setdefault("eos_token_id", tokenizer.eos_token_id)
+    kwargs.setdefault("bos_token_id", tokenizer.bos_token_id if tokenizer.bos_token_id is not None
+                      else tokenizer.eos_token_id)
+    return lm_class(config_class(**kwargs))
+
+
+def build_optimizer(cfg: dict[str, Any], model: torch.nn.Module) -> torch.optim.Optimizer:
+    o = cfg["optimizer"]
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]  # norms, biases, decays
+    groups = [{"params": decay, "weight_decay": o["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=o["lr"], betas=(o["beta1"], o["beta2"]), eps=o["eps"])
+
+
+@torch.no_grad()
+def evaluate_loss(model, val: torch.Tensor, batch_size: int, max_batches: int, accelerator: Accelerator) -> float:
+    """Mean held-out cross-entropy over up to ``max_batches`` batches (split across processes)."""
+    model.eval()
+    total = torch.zeros(2, device=accelerator.device)  # sum of losses * blocks, blocks
+    batches = [val[i:i + batch_size] for i in range(0, len(val), batch_size)][:max_batches]
+    for batch in batches[accelerator.process_index::accelerator.num_processes]:
+        batch = batch.to(accelerator.device)
+        with accelerator.autocast():
+            loss = model(input_ids=batch, labels=batch, use_cache=False).loss
+        total += torch.stack([loss.float() * len(batch), torch.tensor(float(len(batch)), device=total.device)])
+    total = accelerator.reduce(total, "sum")
+    model.train()
+    return (total[0] / total[1]).item() if total[1] > 0 else float("nan")
+
+
+def train(cfg: dict[str, Any], resume: bool = False, on_step: Callable[[int, dict], None] | None = None,
+          progress: bool = True) -> TrainResult:
+    """Run the training that the validated ``cfg`` (:func:`~linattn_dsl.train.config.load_config`) describes.
+
+    ``resume``: continue from the latest checkpoint in ``job.dump_folder/checkpoint`` (from scratch if there
+    is none). ``on_step(step, record)`` is called after every optimiser step (tests use it to interrupt a run).
+    """
+    t_cfg, dump = cfg["training"], Path(cfg["job"]["dump_folder"])
+    ckpt_dir = dump / "checkpoint"
+    if not resume and checkpoint.latest(ckpt_dir) is not None:
+        raise ConfigError(f"job.dump_folder: {dump} already holds checkpoints; pass --resume to continue that run "
+                          "or choose another job.dump_folder")
+    cuda_bf16 = t_cfg["mixed_precision"] == "bf16" and torch.cuda.is_available()
+    accelerator = Accelerator(mixed_precision="bf16" if cuda_bf16 else "no")
+    set_seed(cfg["job"]["seed"])
+    main = accelerator.is_main_process
+    if main:
+        dump.mkdir(parents=True, exist_ok=True)
+        checkpoint.remove_partial(ckpt_dir)
+        (dump / "run_config.json").write_text(json.dumps(cfg, indent=1))
+    with accelerator.main_process_first():
+        tokenizer = build_tokenizer(cfg, dump / "tokenizer", reuse=resume)
+    blocks = data.pack(cfg["data"]["files"], tokenizer, t_cfg["seq_len"], cfg["data"]["text_field"])
+    train_blocks, val_blocks = data.split(blocks, cfg["data"]["val_fraction"], cfg["job"]["seed"])
+    sampler = data.BlockSampler(train_blocks, t_cfg["batch_size"], cfg["job"]["seed"],
+                                accelerator.process_index, accelerator.num_processes)
+
+    model = build_model(cfg, tokenizer)
+    num_params = sum(p.numel() for p in model.parameters())
+    if t_cfg["activation_checkpointing"]:
+        model.activation_checkpointing_enable()
+    if t_cfg["compile"]:
+        for block in model.model.layers:
+            block.compile()  # in place: state-dict keys stay the same
+    model.train()
+    optimizer = build_optimizer(cfg, model)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    model, optimizer = accelerator.prepare(model, optimizer)
+    # not prepared: accelerate would step a prepared scheduler once per process
+    accelerator.register_for_checkpointing(scheduler)
+
+    start = 0
+    last = checkpoint.latest(ckpt_dir) if resume else None
+    if last is not None:
+        state = checkpoint.load(accelerator, last)
+        start = state["step"]
+        sampler.load_state_dict(state["data"])
+        if main:
+            print(f"resumed from {last} at step {start}")
+    log = report.JsonlLog(dump / "train_log.jsonl", resume_step=start if last is not None else None) if main else None
+
+    accum = t_cfg["gradient_accumulation_steps"]
+    tokens_per_step = t_cfg["batch_size"] * accum * t_cfg["seq_len"] * accelerator.num_processes
+    result = TrainResult(dump, dump / "final", dump / "train_log.jsonl", None, ckpt_dir, num_params=num_params)
+    bar = tqdm(total=t_cfg["steps"], initial=start, disable=not (main and progress), dynamic_ncols=True)
+    t_run, tokens_run = time.perf_counter(), 0
+    for step in range(start + 1, t_cfg["steps"] + 1):
+        t0 = time.perf_counter()
+        loss_sum = torch.zeros((), device=accelerator.device)
+        for micro in range(accum):
+            batch = sampler.next_batch().to(accelerator.device)
+            sync = micro == accum - 1
+            with (contextlib.nullcontext() if sync else accelerator.no_sync(model)), accelerator.autocast():
+                loss = model(input_ids=batch, labels=batch, use_cache=False).loss
+            accelerator.backward(loss / accum)
+            loss_sum += loss.detach().float()
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), t_cfg["max_norm"] or float("inf"))
+        loss_val = accelerator.reduce(loss_sum / accum, "mean").item()
+        grad_norm = float(grad_norm)
+        skipped = t_cfg["skip_nonfinite"] and not (math.isfinite(loss_val) and math.isfinite(grad_norm))
+        lr = scheduler.get_last_lr()[0]
+        if not skipped:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        dt = time.perf_counter() - t0
+        tokens_run += tokens_per_step
+        record = {"step": step, "loss": loss_val, "lr": lr, "grad_norm": grad_norm,
+                  "tokens": step * tokens_per_step, "tokens_per_s": tokens_per_step / dt}
+        if skipped:
+            record["skipped"] = True
+        result.losses[step] = loss_val
+        interval = t_cfg["eval_interval"]
+        if len(val_blocks) and (step == t_cfg["steps"] or (interval and step % interval == 0)):
+            record["val_loss"] = evaluate_loss(model, val_blocks, t_cfg["batch_size"], t_cfg["eval_batches"],
+                                               accelerator)
+            result.val_loss = record["val_loss"]
+        if main and (step % cfg["metrics"]["log_freq"] == 0 or "val_loss" in record or step == t_cfg["steps"]):
+            log.write(record)
+        bar.set_postfix(loss=f"{loss_val:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_step / dt:,.0f}")
+        bar.update(1)
+        every = cfg["checkpoint"]["interval"]
+        if every and step % every == 0 and step < t_cfg["steps"]:
+            checkpoint.save(accelerator, ckpt_dir, step, {"data": sampler.state_dict()},
+                            cfg["checkpoint"]["keep_latest_k"])
+        if on_step is not None:
+            on_step(step, record)
+    bar.close()
+    result.tokens_per_s = tokens_run / max(time.perf_counter() - t_run, 1e-9)
+    export(accelerator, model, tokenizer, result.final_dir)
+    if main and cfg["metrics"]["plot"]:
+        result.plot_path = report.plot_loss(result.log_path, dump / "loss_curve.png")
+    accelerator.end_training()
+    return result
+
+
+def export(accelerator: Accelerator, model, tokenizer, final_dir: Path) -> None:
+    """``save_pretrained`` of the unwrapped model (full state dict, gathered under FSDP) and the tokenizer."""
+    accelerator.wait_for_everyone()
+    state_dict = accelerator.get_state_dict(model)
+    if accelerator.is_main_process:
+        unwrapped = accelerator.unwrap_model(model)
+        unwrapped.save_pretrained(final_dir, state_dict=state_dict)
+        tokenizer.save_pretrained(final_dir)
+    accelerator.wait_for_everyone()
