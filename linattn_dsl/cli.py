@@ -1,4 +1,4 @@
-"""The `linattn` command: list, show, regen, verify, demo."""
+"""The `linattn` command: list, show, regen, verify, demo, train, generate, eval."""
 
 from __future__ import annotations
 
@@ -6,8 +6,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from . import codegen, registry
+from . import codegen, evaluate, generate, registry
 from .spec import SpecError
+from .train import cli as train_cli
 
 
 class CliError(Exception):
@@ -139,6 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="linattn_demo", help="folder for the demo's artefacts")
     s.add_argument("--quick", action="store_true", help="a shorter run (used by the tests)")
     s.set_defaults(fn=cmd_demo)
+    train_cli.register(sub)  # train, generate, eval: each module registers and runs its own subcommand
+    generate.register(sub)
+    evaluate.register(sub)
     return p
 
 

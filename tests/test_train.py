@@ -7,6 +7,9 @@ with one error naming the key or path before any work; the export loads with Aut
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -297,3 +300,25 @@ def test_bad_config_names_the_key(text_file, tmp_path, key, value, message):
         tiny(text_file, tmp_path / "run", **{key: value})
     assert not (tmp_path / "run").exists()  # nothing was started
 
+def test_cli_train_and_bad_config_errors(text_file, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    common = ["--tokenizer.kind=byte", f"--data.files=[\"{text_file}\"]", "--model.hidden_size", "32",
+              "--model.num_hidden_layers=1", "--training.seq_len=32", "--training.batch_size=2",
+              "--lr_scheduler.warmup_steps=1", "--metrics.plot=false"]
+
+    def train(*args):
+        return subprocess.run([sys.executable, "-m", "linattn_dsl.cli", "train", *common, *args],
+                              capture_output=True, text=True, env=env, timeout=300)
+
+    dump = tmp_path / "cli"
+    ok = train(f"--job.dump_folder={dump}", "--training.steps=3", "--no-progress")
+    assert ok.returncode == 0, ok.stderr
+    assert "trained to step 3" in ok.stdout and (dump / "final" / "config.json").is_file()
+    for args, message in [(["--training.stepz=3"], "training.stepz: unknown key"),
+                          (["--training.steps=ten"], "training.steps: expected int, got 'ten'"),
+                          (["--data.files=[\"missing.txt\"]"], "data.files: missing.txt: no such file"),
+                          (["--config", str(tmp_path / "nope.toml")], "nope.toml: not found")]:
+        bad = train(f"--job.dump_folder={tmp_path / 'bad'}", *args)
+        assert bad.returncode == 2, bad.stderr
+        assert message in bad.stderr and "Traceback" not in bad.stderr
+        assert not (tmp_path / "bad").exists()
