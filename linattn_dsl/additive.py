@@ -124,20 +124,25 @@ def _backward(mod, gate, saved, do, dht, L, scale, need_gate_grads):
     mod.dv_bwd[(triton.cdiv(V, BV), L.NT, H)](q, k, G, A if A is not None else G, do, dhn, dv, L.cu,
                                               L.chunk_indices, scale, H, HQ, K=K, V=V, BT=BT, BK=BK, BV=BV,
                                               VECTOR=vector, HALF=half)
-    dq = torch.empty(rows, H, K, dtype=torch.float32, device=q.device)
-    dk = torch.empty_like(dq)
     if vector:
+        dq = torch.empty(rows, H, K, dtype=torch.float32, device=q.device)
+        dk = torch.empty_like(dq)
         dA = torch.empty(rows, H, BT, dtype=torch.float32, device=q.device)
         dGpos = torch.empty(rows, H, K, dtype=torch.float32, device=q.device)
-    else:
+    else:   # groups are summed in the kernel, in the inputs' dtype
+        dq, dk = torch.empty_like(q), torch.empty_like(k)
         dA = dq
         dGpos = torch.empty(rows, H, NK, dtype=torch.float32, device=q.device)
-    mod.dqk_bwd[(NK, L.NT, H)](q, k, v, G, h, do, dhn, dq, dk, dA, dGpos, L.cu, L.chunk_indices, scale, H, HQ,
-                               K=K, V=V, BT=BT, BK=BK, BV=BV, VECTOR=vector, HALF=half)
+    mod.dqk_bwd[(NK, L.NT, H if vector else HQ)](q, k, v, G, h, do, dhn, dq, dk, dA, dGpos, L.cu, L.chunk_indices,
+                                                 scale, H, HQ, K=K, V=V, BT=BT, BK=BK, BV=BV, VECTOR=vector,
+                                                 HALF=half)
     if vector:
         BKi = _pow2(K, hi=64)
         mod.dqk_intra_bwd[(triton.cdiv(K, BKi), L.NT * (BT // BC), H)](
             q, k, G, dA, dq, dk, dGpos, L.cu, L.chunk_indices, H, HQ, K=K, BT=BT, BC=BC, BK=BKi, HALF=half)
+        G_ = H // HQ   # value heads per q/k head: sum their contributions
+        dq = (dq if G_ == 1 else dq.view(rows, HQ, G_, K).sum(2)).to(q.dtype)
+        dk = (dk if G_ == 1 else dk.view(rows, HQ, G_, K).sum(2)).to(k.dtype)
     else:
         dGpos = dGpos.sum(-1)
     grads_in = [None] * len(gate_inputs)
@@ -155,9 +160,6 @@ def _backward(mod, gate, saved, do, dht, L, scale, need_gate_grads):
         for i, n in enumerate(gate.inputs):
             grads_in[i] = _reduce_to(bufs[i], gate.input_layouts[n], vector).reshape(gate_inputs[i].shape).to(
                 gate_inputs[i].dtype)
-    G_ = H // HQ
-    dq = dq.view(rows, HQ, G_, K).sum(2).to(q.dtype)
-    dk = dk.view(rows, HQ, G_, K).sum(2).to(k.dtype)
     return dq, dk, dv, dh0, grads_in
 
 
@@ -201,6 +203,8 @@ class ChunkAdditive(torch.autograd.Function):
             ht = rest[4]
         if dht is not None and ht is None:
             dht = None
+        if dht is not None:   # autograd may hand over an expanded (stride-0) tensor
+            dht = dht.contiguous()
         dq, dk, dv, dh0, dgate = _backward(ctx.mod, ctx.gate, (q, k, v, gate_inputs, h0, G, h, ht, A), do, dht,
                                            ctx.L, ctx.scale, any(ctx.needs_input_grad[10:]))
         return (None, None, None, None, None, None, dq, dk, dv, dh0, *dgate)

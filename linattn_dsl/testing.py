@@ -141,8 +141,8 @@ def compare(case: Case, op, *, grads: bool = True, op_dtype: torch.dtype | None 
     errs = {"o": rel_err(o, o_ref), "final_state": rel_err(s, s_ref)}
     if grads:
         gen = torch.Generator().manual_seed(1234)
-        do = torch.randn(o_ref.shape, generator=gen, dtype=torch.float64)
-        ds = torch.randn(s_ref.shape, generator=gen, dtype=torch.float64)
+        do = torch.randn(o_ref.shape, generator=gen, dtype=torch.float64).to(o_ref.device)
+        ds = torch.randn(s_ref.shape, generator=gen, dtype=torch.float64).to(s_ref.device)
         ((o_ref.double() * do).sum() + (s_ref * ds).sum()).backward()
         ((o.double() * do.to(o.device)).sum() + (s.double() * ds.to(s.device)).sum()).backward()
         for n in ref_t:

@@ -45,6 +45,20 @@ def main() -> int:
                 print(f"{mode}_{name:<10} {str(dtype):<14} {kw}  worst {worst:.2e}" + (f"  FAIL {bad}" if bad else ""))
                 if bad:
                     failures.append((name, mode, kw, bad))
+    # autograd hands the kernels an expanded (stride-0) gradient of the final state for `s.sum()`
+    spec = registry.load("gla")
+    case = testing.draw_case(spec, B=1, T=40, heads=2, K=16, V=16, seed=7)
+    grads = []
+    for op in (lambda *a, **kw: __import__("linattn_dsl.reference").reference.run(spec, *a, **kw), ops.chunk_gla):
+        leaves = {k_: v_.detach().clone().requires_grad_() for k_, v_ in case.tensors.items()}
+        o, s_ = case.call(op, leaves)
+        (o.sum() + s_.sum()).backward()
+        grads.append([leaves[k_].grad for k_ in sorted(leaves)])
+    n += 1
+    err = max(testing.rel_err(a, b) for a, b in zip(grads[1], grads[0]))
+    print(f"chunk_gla with expanded d(final_state): worst {err:.2e}")
+    if not err <= 1e-4:
+        failures.append(("gla", "chunk", "expanded dht", err))
     print(f"{n - len(failures)} of {n} cases passed")
     return 1 if failures else 0
 
