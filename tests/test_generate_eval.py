@@ -151,3 +151,22 @@ def test_cli_eval_writes_results(model_dir, tmp_path):
     assert "linattn_shakespeare_ppl" in run.stdout and "bits_per_byte" in run.stdout
     bpb = json.loads(out.read_text())["results"]["linattn_shakespeare_ppl"]["bits_per_byte,none"]
     assert math.isfinite(bpb) and bpb > 0
+
+
+def test_demo_trains_generates_evaluates(tmp_path, capsys):
+    """`linattn demo --quick`: the loss falls, a sample and lm-eval scores are written, every artefact listed."""
+    import argparse
+
+    from linattn_dsl.demo import run_demo
+
+    out = tmp_path / "demo"
+    assert run_demo(argparse.Namespace(out=str(out), quick=True)) == 0
+    printed = capsys.readouterr().out
+    log = [json.loads(line) for line in (out / "train" / "train_log.jsonl").read_text().splitlines()]
+    assert log[-1]["loss"] < log[0]["loss"] - 1.0
+    assert (out / "train" / "final" / "model.safetensors").is_file() and (out / "train" / "loss_curve.png").is_file()
+    assert (out / "sample.txt").read_text().startswith("ROMEO.")
+    scores = json.loads((out / "eval_results.json").read_text())
+    assert set(scores) == {"linattn_shakespeare_mc", "linattn_shakespeare_ppl"}
+    for path in ("train_log.jsonl", "loss_curve.png", "sample.txt", "eval_results.json", str(out / "generated")):
+        assert path in printed
