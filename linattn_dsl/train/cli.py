@@ -51,6 +51,8 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, parse_overrides(args.overrides))
     result = train(cfg, resume=args.resume, progress=not args.no_progress)
+    if not result.is_main:
+        return 0
     val = f", held-out loss {result.val_loss:.4f}" if result.val_loss is not None else ""
     last = max(result.losses) if result.losses else 0
     print(f"trained to step {last}: loss {result.losses.get(last, float('nan')):.4f}{val}")

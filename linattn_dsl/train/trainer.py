@@ -42,6 +42,7 @@ class TrainResult:
     val_loss: float | None = None
     tokens_per_s: float = 0.0
     num_params: int = 0
+    is_main: bool = True  # the process that writes logs and exports (rank 0)
 
 
 def lr_lambda(cfg: dict[str, Any]) -> Callable[[int], float]:
@@ -125,7 +126,8 @@ def train(cfg: dict[str, Any], resume: bool = False, on_step: Callable[[int, dic
         raise ConfigError(f"job.dump_folder: {dump} already holds checkpoints; pass --resume to continue that run "
                           "or choose another job.dump_folder")
     cuda_bf16 = t_cfg["mixed_precision"] == "bf16" and torch.cuda.is_available()
-    accelerator = Accelerator(mixed_precision="bf16" if cuda_bf16 else "no")
+    # cpu=True without CUDA: under torchrun, CPU processes then form a gloo group (accelerate's MULTI_CPU)
+    accelerator = Accelerator(mixed_precision="bf16" if cuda_bf16 else "no", cpu=not torch.cuda.is_available())
     set_seed(cfg["job"]["seed"])
     main = accelerator.is_main_process
     if main:
@@ -165,7 +167,8 @@ def train(cfg: dict[str, Any], resume: bool = False, on_step: Callable[[int, dic
 
     accum = t_cfg["gradient_accumulation_steps"]
     tokens_per_step = t_cfg["batch_size"] * accum * t_cfg["seq_len"] * accelerator.num_processes
-    result = TrainResult(dump, dump / "final", dump / "train_log.jsonl", None, ckpt_dir, num_params=num_params)
+    result = TrainResult(dump, dump / "final", dump / "train_log.jsonl", None, ckpt_dir, num_params=num_params,
+                         is_main=main)
     bar = tqdm(total=t_cfg["steps"], initial=start, disable=not (main and progress), dynamic_ncols=True)
     t_run, tokens_run = time.perf_counter(), 0
     for step in range(start + 1, t_cfg["steps"] + 1):
