@@ -74,7 +74,7 @@ def _run_gate(mod, gate, inputs, L: _Layout, H: int, K: int, rows: int, cumsum: 
     return G
 
 
-def _forward_states(mod, gate, q, k, v, gate_inputs, h0, L, scale, store_final):
+def _forward_states(mod, gate, q, k, v, vs, gate_inputs, h0, L, scale, store_final):
     """gate_fwd, state_fwd and (vector) scores_fwd: what both the output and the backward need."""
     rows, HQ, K = q.shape
     H, V = v.shape[1], v.shape[2]
@@ -85,8 +85,8 @@ def _forward_states(mod, gate, q, k, v, gate_inputs, h0, L, scale, store_final):
     ht = torch.empty(L.N, H, K, V, dtype=torch.float32, device=q.device) if store_final else None
     BK, BV = _pow2(K), _pow2(V)
     mod.state_fwd[(triton.cdiv(K, BK), triton.cdiv(V, BV), L.N * H)](
-        k, v, G, h, h0, ht, L.cu, L.chunk_offsets, H, HQ, K=K, V=V, BT=BT, BK=BK, BV=BV, VECTOR=vector,
-        USE_H0=h0 is not None, STORE_FINAL=store_final, HALF=half)
+        k, v, _or(vs, G), G, h, h0, ht, L.cu, L.chunk_offsets, H, HQ, K=K, V=V, BT=BT, BK=BK, BV=BV, VECTOR=vector,
+        USE_H0=h0 is not None, STORE_FINAL=store_final, HALF=half, VSCALE=vs is not None)
     A = None
     if vector:
         A = torch.empty(rows, H, BT, dtype=torch.float32, device=q.device)
@@ -95,19 +95,25 @@ def _forward_states(mod, gate, q, k, v, gate_inputs, h0, L, scale, store_final):
     return G, h, ht, A
 
 
-def _output(mod, gate, q, k, v, G, h, A, L, scale, out_dtype):
+def _or(x, dummy):
+    """A pointer argument that a disabled feature never reads."""
+    return dummy if x is None else x
+
+
+def _output(mod, gate, q, k, v, vs, sk, G, h, A, L, scale, out_dtype):
     rows, HQ, K = q.shape
     H, V = v.shape[1], v.shape[2]
     o = torch.empty(rows, H, V, dtype=out_dtype, device=q.device)
     BK, BV = _pow2(K), _pow2(V)
-    mod.output_fwd[(triton.cdiv(V, BV), L.NT, H)](q, k, v, G, h, A if A is not None else G, o, L.cu,
+    mod.output_fwd[(triton.cdiv(V, BV), L.NT, H)](q, k, v, _or(vs, G), _or(sk, G), G, h, _or(A, G), o, L.cu,
                                                   L.chunk_indices, scale, H, HQ, K=K, V=V, BT=BT, BK=BK, BV=BV,
-                                                  VECTOR=gate.kind == "vector", HALF=_half(q.dtype))
+                                                  VECTOR=gate.kind == "vector", HALF=_half(q.dtype),
+                                                  VSCALE=vs is not None, SKIP=sk is not None)
     return o
 
 
 def _backward(mod, gate, saved, do, dht, L, scale, need_gate_grads):
-    q, k, v, gate_inputs, h0, G, h, ht, A = saved
+    q, k, v, vs, sk, gate_inputs, h0, G, h, ht, A = saved
     rows, HQ, K = q.shape
     H, V = v.shape[1], v.shape[2]
     vector = gate.kind == "vector"
@@ -121,9 +127,12 @@ def _backward(mod, gate, saved, do, dht, L, scale, need_gate_grads):
         q, G, do, dht, dhn, dh0, L.cu, L.chunk_offsets, scale, H, HQ, K=K, V=V, BT=BT, BK=BK, BV=BV,
         VECTOR=vector, USE_DHT=dht is not None, STORE_DH0=h0 is not None, HALF=half)
     dv = torch.empty_like(v)
-    mod.dv_bwd[(triton.cdiv(V, BV), L.NT, H)](q, k, G, A if A is not None else G, do, dhn, dv, L.cu,
-                                              L.chunk_indices, scale, H, HQ, K=K, V=V, BT=BT, BK=BK, BV=BV,
-                                              VECTOR=vector, HALF=half)
+    NV = triton.cdiv(V, BV)
+    dvs = torch.empty(rows, H, NV, dtype=torch.float32, device=q.device) if vs is not None else None
+    dsk = torch.empty(rows, H, NV, dtype=torch.float32, device=q.device) if sk is not None else None
+    mod.dv_bwd[(NV, L.NT, H)](q, k, v, _or(vs, G), _or(dvs, G), _or(sk, G), _or(dsk, G), G, _or(A, G), do, dhn, dv,
+                              L.cu, L.chunk_indices, scale, H, HQ, K=K, V=V, BT=BT, BK=BK, BV=BV, VECTOR=vector,
+                              HALF=half, VSCALE=vs is not None, SKIP=sk is not None)
     if vector:
         dq = torch.empty(rows, H, K, dtype=torch.float32, device=q.device)
         dk = torch.empty_like(dq)
@@ -133,9 +142,9 @@ def _backward(mod, gate, saved, do, dht, L, scale, need_gate_grads):
         dq, dk = torch.empty_like(q), torch.empty_like(k)
         dA = dq
         dGpos = torch.empty(rows, H, NK, dtype=torch.float32, device=q.device)
-    mod.dqk_bwd[(NK, L.NT, H if vector else HQ)](q, k, v, G, h, do, dhn, dq, dk, dA, dGpos, L.cu, L.chunk_indices,
-                                                 scale, H, HQ, K=K, V=V, BT=BT, BK=BK, BV=BV, VECTOR=vector,
-                                                 HALF=half)
+    mod.dqk_bwd[(NK, L.NT, H if vector else HQ)](q, k, v, _or(vs, G), G, h, do, dhn, dq, dk, dA, dGpos, L.cu,
+                                                 L.chunk_indices, scale, H, HQ, K=K, V=V, BT=BT, BK=BK, BV=BV,
+                                                 VECTOR=vector, HALF=half, VSCALE=vs is not None)
     if vector:
         BKi = _pow2(K, hi=64)
         mod.dqk_intra_bwd[(triton.cdiv(K, BKi), L.NT * (BT // BC), H)](
@@ -160,7 +169,8 @@ def _backward(mod, gate, saved, do, dht, L, scale, need_gate_grads):
         for i, n in enumerate(gate.inputs):
             grads_in[i] = _reduce_to(bufs[i], gate.input_layouts[n], vector).reshape(gate_inputs[i].shape).to(
                 gate_inputs[i].dtype)
-    return dq, dk, dv, dh0, grads_in
+    return dq, dk, dv, (dvs.sum(-1) if dvs is not None else None), (dsk.sum(-1) if dsk is not None else None), \
+        dh0, grads_in
 
 
 def _reduce_to(buf: torch.Tensor, layout: str, vector: bool) -> torch.Tensor:
@@ -175,42 +185,43 @@ def _reduce_to(buf: torch.Tensor, layout: str, vector: bool) -> torch.Tensor:
 
 
 class ChunkAdditive(torch.autograd.Function):
+    """(q, k, v, vs, sk, h0, *gate inputs) -> (o, final state); ``vs`` (or None) scales v per token and
+    head; ``sk`` (or None) adds the skip term ``sk * v`` to the output."""
+
     @staticmethod
-    def forward(ctx, mod, gate, L, scale, store_final, recurrent, q, k, v, h0, *gate_inputs):
+    def forward(ctx, mod, gate, L, scale, store_final, recurrent, q, k, v, vs, sk, h0, *gate_inputs):
         if recurrent:
-            o, ht = _recurrent(mod, gate, q, k, v, gate_inputs, h0, L, scale, store_final, v.dtype)
+            o, ht = _recurrent(mod, gate, q, k, v, vs, sk, gate_inputs, h0, L, scale, store_final, v.dtype)
             saved = None
         else:
-            G, h, ht, A = _forward_states(mod, gate, q, k, v, gate_inputs, h0, L, scale, store_final)
-            o = _output(mod, gate, q, k, v, G, h, A, L, scale, v.dtype)
-            saved = (G, h, ht, A)
+            G, h, ht, A = _forward_states(mod, gate, q, k, v, vs, gate_inputs, h0, L, scale, store_final)
+            o = _output(mod, gate, q, k, v, vs, sk, G, h, A, L, scale, v.dtype)
+            saved = (G, h, A)
         ctx.mod, ctx.gate, ctx.L, ctx.scale, ctx.recurrent = mod, gate, L, scale, recurrent
-        ctx.save_for_backward(q, k, v, h0, *gate_inputs, *(saved if saved else ()), ht)
+        ctx.save_for_backward(q, k, v, vs, sk, h0, ht, *gate_inputs, *(saved if saved else ()))
         ctx.n_gate = len(gate_inputs)
         return o, ht
 
     @staticmethod
     def backward(ctx, do, dht):
         t = ctx.saved_tensors
-        q, k, v, h0 = t[:4]
-        gate_inputs = list(t[4:4 + ctx.n_gate])
-        rest = t[4 + ctx.n_gate:]
+        q, k, v, vs, sk, h0, ht = t[:7]
+        gate_inputs = list(t[7:7 + ctx.n_gate])
         if ctx.recurrent:   # recompute the chunk states; the backward is the chunk backward
-            G, h, ht_, A = _forward_states(ctx.mod, ctx.gate, q, k, v, gate_inputs, h0, ctx.L, ctx.scale, True)
-            ht = rest[-1] if rest[-1] is not None else ht_
+            G, h, ht_, A = _forward_states(ctx.mod, ctx.gate, q, k, v, vs, gate_inputs, h0, ctx.L, ctx.scale, True)
+            ht = ht if ht is not None else ht_
         else:
-            G, h, _, A = rest[:4]
-            ht = rest[4]
+            G, h, A = t[7 + ctx.n_gate:]
         if dht is not None and ht is None:
             dht = None
         if dht is not None:   # autograd may hand over an expanded (stride-0) tensor
             dht = dht.contiguous()
-        dq, dk, dv, dh0, dgate = _backward(ctx.mod, ctx.gate, (q, k, v, gate_inputs, h0, G, h, ht, A), do, dht,
-                                           ctx.L, ctx.scale, any(ctx.needs_input_grad[10:]))
-        return (None, None, None, None, None, None, dq, dk, dv, dh0, *dgate)
+        dq, dk, dv, dvs, dsk, dh0, dgate = _backward(ctx.mod, ctx.gate, (q, k, v, vs, sk, gate_inputs, h0, G, h, ht, A),
+                                                     do, dht, ctx.L, ctx.scale, any(ctx.needs_input_grad[12:]))
+        return (None, None, None, None, None, None, dq, dk, dv, dvs, dsk, dh0, *dgate)
 
 
-def _recurrent(mod, gate, q, k, v, gate_inputs, h0, L, scale, store_final, out_dtype):
+def _recurrent(mod, gate, q, k, v, vs, sk, gate_inputs, h0, L, scale, store_final, out_dtype):
     rows, HQ, K = q.shape
     H, V = v.shape[1], v.shape[2]
     g = _run_gate(mod, gate, gate_inputs, L, H, K, rows, cumsum=False)
@@ -218,18 +229,31 @@ def _recurrent(mod, gate, q, k, v, gate_inputs, h0, L, scale, store_final, out_d
     ht = torch.empty(L.N, H, K, V, dtype=torch.float32, device=q.device) if store_final else None
     BK = max(16, triton.next_power_of_2(K))
     BV = min(_pow2(V), 32)
-    mod.recurrent_fwd[(triton.cdiv(V, BV), L.N * H)](q, k, v, g, o, h0, ht, L.cu, scale, H, HQ, K=K, V=V, BK=BK,
-                                                     BV=BV, VECTOR=gate.kind == "vector", USE_H0=h0 is not None,
-                                                     STORE_FINAL=store_final)
+    mod.recurrent_fwd[(triton.cdiv(V, BV), L.N * H)](q, k, v, _or(vs, g), _or(sk, g), g, o, h0, ht, L.cu, scale, H,
+                                                     HQ, K=K, V=V, BK=BK, BV=BV, VECTOR=gate.kind == "vector",
+                                                     USE_H0=h0 is not None, STORE_FINAL=store_final,
+                                                     VSCALE=vs is not None, SKIP=sk is not None)
     return o, ht
 
 
 def run_triton(mod, variant, bound: Bound, mode: str):
     """An op call on the generated Triton kernels (CUDA, or the interpreter on CPU)."""
     spec = bound.spec
-    roles = gates_mod.evaluate(bound, exclude=("log_decay",))
+    key = (tuple(sorted(bound.switches.items())), bound.present)
+    scale_expr = _fused(spec, key, "value") if variant.value_scale else None
+    skip_expr = _fused(spec, key, "skip") if variant.skip_scale else None
+    exclude = ("log_decay",) + (("value",) if scale_expr is not None else ()) + (("skip",) if skip_expr is not None else ())
+    roles = gates_mod.evaluate(bound, exclude=exclude)
     B, T = bound.sizes["B"], bound.sizes["T"]
     H, HQ, K, V = bound.size("H"), bound.size("HQ"), bound.size("K"), bound.size("V")
+    vs = None
+    if scale_expr is not None:   # value = x * vs: the kernels scale x as they load it
+        roles["value"] = bound.tensors[spec.value_input]
+        vs = gates_mod.evaluate_expr(bound, scale_expr, ("B", "T", "H"), torch.float32).reshape(B * T, H)
+        vs = vs.contiguous()
+    sk = None
+    if skip_expr is not None:    # o += x * sk: added by the output stage
+        sk = gates_mod.evaluate_expr(bound, skip_expr, ("B", "T", "H"), torch.float32).reshape(B * T, H).contiguous()
     q, k = roles["query"], roles["key"]
     if spec.resolve(bound.switches).qk_l2norm:
         from .reference import l2_normalize
@@ -244,11 +268,23 @@ def run_triton(mod, variant, bound: Bound, mode: str):
     if gate is None:
         raise AssertionError("additive plans always carry a gate (none decays use g = 0)")
     o, ht = ChunkAdditive.apply(mod, gate, L, bound.scale, bound.output_final_state, mode == "fused_recurrent",
-                                q, k, v, h0, *_gate_inputs(bound, gate))
+                                q, k, v, vs, sk, h0, *_gate_inputs(bound, gate))
     o = o.reshape(B, T, H, V)
     if "skip" in roles:
         o = o + roles["skip"].to(o.dtype)
     return o, (ht if bound.output_final_state else None)
+
+
+def _fused(spec, key: tuple, what: str):
+    """The fused value or skip scale of a call (sympy, simplified once per switches/optional inputs)."""
+    from . import lowering
+
+    cache = spec.__dict__.setdefault("_fused_cache", {})
+    if (key, what) not in cache:
+        roles = spec.resolve(dict(key[0]), key[1])
+        cache[(key, what)] = lowering.value_scale(spec, roles.value) if what == "value" else \
+            lowering.skip_scale(spec, roles)
+    return cache[(key, what)]
 
 
 def interpreting() -> bool:

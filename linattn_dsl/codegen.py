@@ -82,7 +82,8 @@ def render(spec: Recurrence, builtin: bool = True) -> list[Rendered]:
     for n, v in spec.switches.items():
         arg_doc.append(f"{n}: switch, default {v}")
     scale_doc = f"{spec.scale}" if spec.scale is not None else f"{hd['K']} ** -0.5"
-    variants = [dict(key=repr(tuple(sorted(v.switches.items()))), switches_repr=repr(v.switches), gate=v.gate)
+    variants = [dict(key=repr(tuple(sorted(v.switches.items()))), switches_repr=repr(v.switches), gate=v.gate,
+                     value_scale=v.value_scale is not None, skip_scale=v.skip_scale is not None)
                 for v in plan.variants]
     ctx = dict(header=header, spec=spec, spec_ref=ref, modes=MODES, signature=signature, arg_doc=arg_doc,
                hd=hd, scale_doc=scale_doc, value_input=spec.value_input, form=plan.form,

@@ -44,26 +44,33 @@ def evaluate(bound: Bound, dtype: torch.dtype | None = None, exclude: tuple = ()
     roles = spec.resolve(bound.switches, bound.present)
     out = {}
     for role, e in roles.items():
-        if role in exclude:
-            continue
-        layout = spec.layout(e)
-        names, fn = _compile(e)
-        vals = []
-        for n in names:
-            if n == ex.HEAD_INDEX:
-                t = torch.arange(bound.size("H"), device=bound.device, dtype=torch.float64)
-                dims = (spec.head_dims["H"],)
-            else:
-                t, dims = bound.tensors[n], spec.dims(n)
-            if dtype is not None:
-                t = t.to(dtype)
-            vals.append(t.reshape([bound.sizes[d] if d in dims else 1 for d in layout]))
-        full = role_shape(spec, role, bound.sizes)
-        val = fn(*vals)
-        if not isinstance(val, torch.Tensor):
-            val = torch.tensor(float(val), device=bound.device, dtype=dtype or torch.float32)
-        # the layout is a sub-sequence of the role's dims: insert size-1 dims, then broadcast
-        syms = DECAY_SHAPES[spec.decay.kind] if role == "log_decay" else ROLE_SHAPES[role]
-        target = [spec.head_dims.get(s, s) for s in syms]
-        out[role] = val.reshape([bound.sizes[d] if d in layout else 1 for d in target]).expand(full)
+        if role not in exclude:
+            syms = DECAY_SHAPES[spec.decay.kind] if role == "log_decay" else ROLE_SHAPES[role]
+            out[role] = evaluate_expr(bound, e, syms, dtype)
     return out
+
+
+def evaluate_expr(bound: Bound, e: sp.Expr, syms: tuple, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``e`` on the bound call's tensors, broadcast to the shape of ``syms`` (e.g. ("B", "T", "H"))."""
+    spec = bound.spec
+    layout = spec.layout(e)
+    names, fn = _compile(e)
+    vals = []
+    for n in names:
+        if n == ex.HEAD_INDEX:
+            t = torch.arange(bound.size("H"), device=bound.device, dtype=torch.float64)
+            dims = (spec.head_dims["H"],)
+        else:
+            t, dims = bound.tensors[n], spec.dims(n)
+            if t is None:   # an absent optional input is zero
+                t = torch.zeros([bound.sizes[d] for d in dims], device=bound.device, dtype=torch.float32)
+        if dtype is not None:
+            t = t.to(dtype)
+        vals.append(t.reshape([bound.sizes[d] if d in dims else 1 for d in layout]))
+    target = [spec.head_dims.get(s, s) for s in syms]
+    full = tuple(bound.sizes[d] for d in target)
+    val = fn(*vals)
+    if not isinstance(val, torch.Tensor):
+        val = torch.tensor(float(val), device=bound.device, dtype=dtype or torch.float32)
+    # the layout is a sub-sequence of the target dims: insert size-1 dims, then broadcast
+    return val.reshape([bound.sizes[d] if d in layout else 1 for d in target]).expand(full)

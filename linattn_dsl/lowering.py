@@ -49,6 +49,30 @@ class Variant:
     switches: dict
     gate: GatePlan
     plain_roles: dict               # role -> input name, for roles that are a bare input
+    value_scale: sp.Expr | None = None   # value = X * value_scale, value_scale per (token, head): fused
+    skip_scale: sp.Expr | None = None    # skip = X * skip_scale (Mamba2's D x): fused into the output stage
+
+
+def skip_scale(spec: Recurrence, roles) -> sp.Expr | None:
+    """``d`` when the skip term is the value input times a per-(token, head) factor and the kernels
+    see that input (value = X or value = X * s)."""
+    if roles.skip is None or (roles.value != spec.symbols[spec.value_input] and value_scale(spec, roles.value) is None):
+        return None
+    return value_scale(spec, roles.skip)
+
+
+def value_scale(spec: Recurrence, value: sp.Expr) -> sp.Expr | None:
+    """``s`` when the value is the value input times a per-(token, head) factor ``s`` (Mamba2's
+    ``x * softplus(dt + dt_bias)``): the stage kernels then scale v as they load it, and nothing of
+    the value's size is materialised."""
+    x = spec.symbols[spec.value_input]
+    if value == x:
+        return None
+    rest = sp.simplify(value / x)
+    if x in rest.free_symbols or not rest.free_symbols:
+        return None
+    feature = {d for d in spec.layout(rest) if spec.dim_roles[d] == "feature"}
+    return None if feature else rest
 
 
 @dataclass
@@ -114,5 +138,6 @@ def lower(spec: Recurrence) -> Plan:
             gates[key] = _gate_plan(spec, log_decay, f"v{len(gates)}")
         gate = gates[key]
         plain = {r: e.name for r, e in roles.items() if e.is_Symbol and r != "log_decay"}
-        variants.append(Variant(switches=dict(sw), gate=gate, plain_roles=plain))
+        variants.append(Variant(switches=dict(sw), gate=gate, plain_roles=plain,
+                                value_scale=value_scale(spec, roles.value), skip_scale=skip_scale(spec, roles)))
     return Plan(spec=spec, form=form, variants=variants, gates=list(gates.values()))

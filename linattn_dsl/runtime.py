@@ -28,6 +28,8 @@ class Gate:
 class Variant:
     switches: dict
     gate: Gate
+    value_scale: bool = False   # value = x * s(token, head): fused into the stage kernels
+    skip_scale: bool = False    # skip = x * d(token, head): fused into the output stage
 
 
 def bind(spec, tensors, switches, scale, initial_state, output_final_state, cu_seqlens) -> Bound:
