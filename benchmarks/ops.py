@@ -58,7 +58,8 @@ def get_fn(impl: str, op: str):
         from linattn_dsl import ops
 
         if op == "mamba2":
-            return lambda t: ops.chunk_mamba2(t["x"], t["dt"], t["A"], t["B"], t["C"], D=t["D"], dt_bias=t["dt_bias"])[0]
+            return lambda t: ops.chunk_mamba2(t["x"], t["dt"], t["A"], t["B"], t["C"], D=t["D"],
+                                              dt_bias=t["dt_bias"])[0]
         if op == "simple_gla":   # scalar-decay additive: mamba2's plan with unit value scaling is not the same op
             raise ValueError("no shipped spec is FLA's simple_gla")
         f = getattr(ops, f"chunk_{op}")

@@ -242,7 +242,8 @@ def run_triton(mod, variant, bound: Bound, mode: str):
     key = (tuple(sorted(bound.switches.items())), bound.present)
     scale_expr = _fused(spec, key, "value") if variant.value_scale else None
     skip_expr = _fused(spec, key, "skip") if variant.skip_scale else None
-    exclude = ("log_decay",) + (("value",) if scale_expr is not None else ()) + (("skip",) if skip_expr is not None else ())
+    exclude = ("log_decay",) + (("value",) if scale_expr is not None else ()) \
+        + (("skip",) if skip_expr is not None else ())
     roles = gates_mod.evaluate(bound, exclude=exclude)
     B, T = bound.sizes["B"], bound.sizes["T"]
     H, HQ, K, V = bound.size("H"), bound.size("HQ"), bound.size("K"), bound.size("V")

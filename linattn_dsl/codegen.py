@@ -87,7 +87,8 @@ def render(spec: Recurrence, builtin: bool = True) -> list[Rendered]:
                 for v in plan.variants]
     ctx = dict(header=header, spec=spec, spec_ref=ref, modes=MODES, signature=signature, arg_doc=arg_doc,
                hd=hd, scale_doc=scale_doc, value_input=spec.value_input, form=plan.form,
-               gates=plan.gates if plan.form == "additive" else [], variants=variants if plan.form == "additive" else [],
+               gates=plan.gates if plan.form == "additive" else [],
+               variants=variants if plan.form == "additive" else [],
                vector=spec.decay.kind == "vector", stages=[t.split(".")[0] for t in templates])
     parts = []
     for t in templates:
