@@ -304,7 +304,8 @@ def _align(t: torch.Tensor, layout: str, vector: bool) -> torch.Tensor:
 
 
 def run_torch(mod, variant, bound: Bound, mode: str):
-    """An op call on the generated PyTorch twin (CPU): the same plan, differentiated by autograd."""
+    """An op call on the generated PyTorch twin (CPU) of the additive or delta form: the same plan,
+    differentiated by autograd."""
     from .reference import l2_normalize, run_bound
 
     if mode == "fused_recurrent":
@@ -327,12 +328,17 @@ def run_torch(mod, variant, bound: Bound, mode: str):
         q, k = l2_normalize(q), l2_normalize(k)
     q, k = q.repeat_interleave(H // HQ, dim=2), k.repeat_interleave(H // HQ, dim=2)
     v, h0 = roles["value"], bound.initial_state
+    if mod.FORM == "delta":
+        beta = roles["beta"]
+        chunk = lambda q_, k_, v_, g_, b_, h_: mod.chunk_delta_torch(q_, k_, v_, g_, b_, bound.scale, h_)
+    else:
+        beta = g[..., 0]   # unused by the additive form
+        chunk = lambda q_, k_, v_, g_, b_, h_: mod.chunk_additive_torch(q_, k_, v_, g_, bound.scale, h_)
     if bound.cu_seqlens is None:
-        o, ht = mod.chunk_additive_torch(q, k, v, g, bound.scale, h0)
+        o, ht = chunk(q, k, v, g, beta, h0)
     else:
         cu = bound.cu_seqlens.tolist()
-        parts = [mod.chunk_additive_torch(q[:, a:b], k[:, a:b], v[:, a:b], g[:, a:b], bound.scale,
-                                          None if h0 is None else h0[n:n + 1])
+        parts = [chunk(q[:, a:b], k[:, a:b], v[:, a:b], g[:, a:b], beta[:, a:b], None if h0 is None else h0[n:n + 1])
                  for n, (a, b) in enumerate(zip(cu, cu[1:]))]
         o = torch.cat([p[0] for p in parts], 1)
         ht = torch.cat([p[1] for p in parts], 0)

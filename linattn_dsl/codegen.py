@@ -46,8 +46,11 @@ def _spec_ref(spec: Recurrence, builtin: bool) -> tuple[str, str]:
     return repr(path), Path(path).name
 
 
+DELTA_TEMPLATES = ("torch_delta.py.j2",)   # the Triton stages of the delta form are not written yet
+
+
 def templates_for(form: str) -> list[str]:
-    stages = list(ADDITIVE_TEMPLATES) if form == "additive" else []
+    stages = {"additive": ADDITIVE_TEMPLATES, "delta": DELTA_TEMPLATES}.get(form, ())
     return ["prelude.py.j2", *stages, "op.py.j2"]
 
 
@@ -87,8 +90,8 @@ def render(spec: Recurrence, builtin: bool = True) -> list[Rendered]:
                 for v in plan.variants]
     ctx = dict(header=header, spec=spec, spec_ref=ref, modes=MODES, signature=signature, arg_doc=arg_doc,
                hd=hd, scale_doc=scale_doc, value_input=spec.value_input, form=plan.form,
-               gates=plan.gates if plan.form == "additive" else [],
-               variants=variants if plan.form == "additive" else [],
+               gates=plan.gates if plan.form in ("additive", "delta") else [],
+               variants=variants if plan.form in ("additive", "delta") else [],
                vector=spec.decay.kind == "vector", stages=[t.split(".")[0] for t in templates])
     parts = []
     for t in templates:

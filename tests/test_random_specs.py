@@ -1,6 +1,7 @@
-"""The compiler on specs nobody wrote by hand: hypothesis draws specs of the additive form from the spec
-language (every decay kind, gate expressions built from exp/log/softplus/sigmoid/logsigmoid, products and
-constants, value gates, grouped heads, scale, skip terms), writes each as a spec file, regenerates it
+"""The compiler on specs nobody wrote by hand: hypothesis draws specs of the additive and delta-rule forms
+from the spec language (every decay kind, gate expressions built from exp/log/softplus/sigmoid/logsigmoid,
+products and constants, value gates, beta from logits, q/k L2 norm, grouped heads, scale, skip terms),
+writes each as a spec file, regenerates it
 into a temporary folder through the public API, imports the result and checks outputs and every gradient
 against the oracle (generated PyTorch twin here; the generated Triton kernels under the interpreter in
 a subprocess for a few of them).
@@ -60,15 +61,21 @@ def spec_sources(draw):
     else:
         skip = "None"
     scale = draw(st.sampled_from(["None", "1.0", "0.3"]))
+    transition, l2 = "Transition.none()", False
+    if draw(st.booleans()):   # the delta rule, beta from raw logits (up to 2: negative eigenvalues)
+        inputs["bb"] = "B T H"
+        transition = f"Transition.delta(beta={draw(st.sampled_from(['sigmoid(bb)', '2 * sigmoid(bb)']))!r})"
+        l2 = draw(st.booleans())
     inputs.update(params)
 
     def fmt(d):
         return "dict(" + ", ".join(f"{k}={v if v.startswith('Arg') else repr(v)}" for k, v in d.items()) + ")"
 
     return textwrap.dedent(f"""
-        from linattn_dsl import Arg, Decay, Recurrence
+        from linattn_dsl import Arg, Decay, Recurrence, Transition
         spec = Recurrence(name="drawn", inputs={fmt(inputs)}, optional={fmt(optional)},
-                          query="q", key="k", value={value!r}, decay={decay}, skip={skip}, scale={scale})
+                          query="q", key="k", value={value!r}, decay={decay}, skip={skip}, scale={scale},
+                          transition={transition}, qk_l2norm={l2})
     """)
 
 
@@ -83,7 +90,7 @@ def test_drawn_specs_lower_and_verify(tmp_path_factory, source, salt):
     spec = registry.load(str(path))
     codegen.regen([spec], d / "gen", builtin=False, index=False)
     mod = _import_file(d / "gen" / "drawn.py")
-    assert mod.FORM == "additive"
+    assert mod.FORM == ("delta" if spec.transition.kind == "delta" else "additive")
     res = verify.verify(spec, mod, examples=3, max_T=70)
     assert all(r.ok for r in res), source + "\n" + verify.table(res, 1e-4)
 
