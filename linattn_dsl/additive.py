@@ -304,8 +304,8 @@ def _align(t: torch.Tensor, layout: str, vector: bool) -> torch.Tensor:
 
 
 def run_torch(mod, variant, bound: Bound, mode: str):
-    """An op call on the generated PyTorch twin (CPU) of the additive or delta form: the same plan,
-    differentiated by autograd."""
+    """An op call on the generated PyTorch twin (CPU) of the spec's form (additive, delta or general):
+    the same plan, differentiated by autograd."""
     from .reference import l2_normalize, run_bound
 
     if mode == "fused_recurrent":
@@ -331,6 +331,10 @@ def run_torch(mod, variant, bound: Bound, mode: str):
     if mod.FORM == "delta":
         beta = roles["beta"]
         chunk = lambda q_, k_, v_, g_, b_, h_: mod.chunk_delta_torch(q_, k_, v_, g_, b_, bound.scale, h_)
+    elif mod.FORM == "general":   # a and b travel together in the beta slot
+        beta = torch.cat([roles["a"], roles["b"]], -1)
+        chunk = lambda q_, k_, v_, g_, ab, h_: mod.chunk_general_torch(q_, k_, v_, g_, ab[..., :K], ab[..., K:],
+                                                                       bound.scale, h_)
     else:
         beta = g[..., 0]   # unused by the additive form
         chunk = lambda q_, k_, v_, g_, b_, h_: mod.chunk_additive_torch(q_, k_, v_, g_, bound.scale, h_)

@@ -46,11 +46,13 @@ def _spec_ref(spec: Recurrence, builtin: bool) -> tuple[str, str]:
     return repr(path), Path(path).name
 
 
-DELTA_TEMPLATES = ("torch_delta.py.j2",)   # the Triton stages of the delta form are not written yet
+# the Triton stages of the delta and general forms are not written yet: only their PyTorch twins
+DELTA_TEMPLATES = ("torch_delta.py.j2",)
+GENERAL_TEMPLATES = ("torch_general.py.j2",)
 
 
 def templates_for(form: str) -> list[str]:
-    stages = {"additive": ADDITIVE_TEMPLATES, "delta": DELTA_TEMPLATES}.get(form, ())
+    stages = {"additive": ADDITIVE_TEMPLATES, "delta": DELTA_TEMPLATES, "general": GENERAL_TEMPLATES}[form]
     return ["prelude.py.j2", *stages, "op.py.j2"]
 
 
@@ -90,8 +92,7 @@ def render(spec: Recurrence, builtin: bool = True) -> list[Rendered]:
                 for v in plan.variants]
     ctx = dict(header=header, spec=spec, spec_ref=ref, modes=MODES, signature=signature, arg_doc=arg_doc,
                hd=hd, scale_doc=scale_doc, value_input=spec.value_input, form=plan.form,
-               gates=plan.gates if plan.form in ("additive", "delta") else [],
-               variants=variants if plan.form in ("additive", "delta") else [],
+               gates=plan.gates, variants=variants,
                vector=spec.decay.kind == "vector", stages=[t.split(".")[0] for t in templates])
     parts = []
     for t in templates:

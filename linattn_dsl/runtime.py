@@ -40,7 +40,7 @@ def bind(spec, tensors, switches, scale, initial_state, output_final_state, cu_s
 def dispatch(mode: str, bound: Bound, mod):
     """Run a bound op call on the backend for its device: the generated Triton kernels on CUDA (or on
     CPU under TRITON_INTERPRET=1), the generated PyTorch twin on CPU. What the lowering does not cover
-    yet (Triton stages of the delta form; the general form) runs the step-by-step oracle (fp32)."""
+    yet (Triton stages of the delta and general forms) runs the step-by-step oracle (fp32)."""
     form = getattr(mod, "FORM", None)
     on_triton = bound.device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
     if form == "additive":
@@ -50,7 +50,7 @@ def dispatch(mode: str, bound: Bound, mod):
         if on_triton:
             return additive.run_triton(mod, variant, bound, mode)
         return additive.run_torch(mod, variant, bound, mode)
-    if form == "delta" and not on_triton:   # the delta form has its PyTorch twin; Triton stages: not yet
+    if form in ("delta", "general") and not on_triton:   # PyTorch twins exist; Triton stages: not yet
         from . import additive
 
         return additive.run_torch(mod, mod.VARIANTS[tuple(sorted(bound.switches.items()))], bound, mode)

@@ -1,7 +1,7 @@
-"""The compiler on specs nobody wrote by hand: hypothesis draws specs of the additive and delta-rule forms
-from the spec language (every decay kind, gate expressions built from exp/log/softplus/sigmoid/logsigmoid,
-products and constants, value gates, beta from logits, q/k L2 norm, grouped heads, scale, skip terms),
-writes each as a spec file, regenerates it
+"""The compiler on specs nobody wrote by hand: hypothesis draws specs of all three forms from the spec
+language (every decay kind x none / delta / general transitions; gate expressions built from
+exp/log/softplus/sigmoid/logsigmoid, products and constants; value gates, beta from logits, free a/b,
+q/k L2 norm, grouped heads, scale, skip terms), writes each as a spec file, regenerates it
 into a temporary folder through the public API, imports the result and checks outputs and every gradient
 against the oracle (generated PyTorch twin here; the generated Triton kernels under the interpreter in
 a subprocess for a few of them).
@@ -62,10 +62,17 @@ def spec_sources(draw):
         skip = "None"
     scale = draw(st.sampled_from(["None", "1.0", "0.3"]))
     transition, l2 = "Transition.none()", False
-    if draw(st.booleans()):   # the delta rule, beta from raw logits (up to 2: negative eigenvalues)
+    kind_t = draw(st.sampled_from(["none", "delta", "general"]))
+    if kind_t == "delta":   # beta from raw logits (up to 2: negative eigenvalues)
         inputs["bb"] = "B T H"
         transition = f"Transition.delta(beta={draw(st.sampled_from(['sigmoid(bb)', '2 * sigmoid(bb)']))!r})"
         l2 = draw(st.booleans())
+    elif kind_t == "general":   # RWKV7-like: a = -kk, b = kk * U(0, 1) as drawn by the test harness
+        inputs["aa"] = "B T H K"
+        inputs["bq"] = "B T H K"
+        transition = "Transition.general(a='aa', b='bq')"
+        if grouped:   # a and b live on the value heads: keep q/k on them too
+            inputs["q"], inputs["k"] = "B T H K", "B T H K"
     inputs.update(params)
 
     def fmt(d):
@@ -90,7 +97,7 @@ def test_drawn_specs_lower_and_verify(tmp_path_factory, source, salt):
     spec = registry.load(str(path))
     codegen.regen([spec], d / "gen", builtin=False, index=False)
     mod = _import_file(d / "gen" / "drawn.py")
-    assert mod.FORM == ("delta" if spec.transition.kind == "delta" else "additive")
+    assert mod.FORM == {"none": "additive", "delta": "delta", "general": "general"}[spec.transition.kind]
     res = verify.verify(spec, mod, examples=3, max_T=70)
     assert all(r.ok for r in res), source + "\n" + verify.table(res, 1e-4)
 
