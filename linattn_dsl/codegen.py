@@ -14,7 +14,7 @@ from .spec import Recurrence
 
 MODES = ("chunk", "fused_recurrent")
 ADDITIVE_TEMPLATES = ("gate_fwd.py.j2", "gate_bwd.py.j2", "additive_fwd.py.j2", "additive_bwd.py.j2",
-                      "torch_additive.py.j2")
+                      "torch_common.py.j2", "torch_additive.py.j2")
 
 
 def template_dir() -> Path:
@@ -47,8 +47,8 @@ def _spec_ref(spec: Recurrence, builtin: bool) -> tuple[str, str]:
 
 
 # the Triton stages of the delta and general forms are not written yet: only their PyTorch twins
-DELTA_TEMPLATES = ("torch_delta.py.j2",)
-GENERAL_TEMPLATES = ("torch_general.py.j2",)
+DELTA_TEMPLATES = ("torch_common.py.j2", "torch_delta.py.j2")
+GENERAL_TEMPLATES = ("torch_common.py.j2", "torch_general.py.j2")
 
 
 def templates_for(form: str) -> list[str]:
