@@ -328,21 +328,15 @@ def run_torch(mod, variant, bound: Bound, mode: str):
         q, k = l2_normalize(q), l2_normalize(k)
     q, k = q.repeat_interleave(H // HQ, dim=2), k.repeat_interleave(H // HQ, dim=2)
     v, h0 = roles["value"], bound.initial_state
-    if mod.FORM == "delta":
-        beta = roles["beta"]
-        chunk = lambda q_, k_, v_, g_, b_, h_: mod.chunk_delta_torch(q_, k_, v_, g_, b_, bound.scale, h_)
-    elif mod.FORM == "general":   # a and b travel together in the beta slot
-        beta = torch.cat([roles["a"], roles["b"]], -1)
-        chunk = lambda q_, k_, v_, g_, ab, h_: mod.chunk_general_torch(q_, k_, v_, g_, ab[..., :K], ab[..., K:],
-                                                                       bound.scale, h_)
-    else:
-        beta = g[..., 0]   # unused by the additive form
-        chunk = lambda q_, k_, v_, g_, b_, h_: mod.chunk_additive_torch(q_, k_, v_, g_, bound.scale, h_)
+    # per-token roles beyond q, k, v, g that the form's twin takes, in its argument order
+    extras = {"additive": [], "delta": ["beta"], "general": ["a", "b"]}[mod.FORM]
+    twin = getattr(mod, f"chunk_{mod.FORM}_torch")
     if bound.cu_seqlens is None:
-        o, ht = chunk(q, k, v, g, beta, h0)
+        o, ht = twin(q, k, v, g, *(roles[r] for r in extras), bound.scale, h0)
     else:
         cu = bound.cu_seqlens.tolist()
-        parts = [chunk(q[:, a:b], k[:, a:b], v[:, a:b], g[:, a:b], beta[:, a:b], None if h0 is None else h0[n:n + 1])
+        parts = [twin(q[:, a:b], k[:, a:b], v[:, a:b], g[:, a:b], *(roles[r][:, a:b] for r in extras), bound.scale,
+                      None if h0 is None else h0[n:n + 1])
                  for n, (a, b) in enumerate(zip(cu, cu[1:]))]
         o = torch.cat([p[0] for p in parts], 1)
         ht = torch.cat([p[1] for p in parts], 0)

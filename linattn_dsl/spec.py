@@ -362,24 +362,11 @@ def _raw_head_dims(spec: Recurrence) -> dict[str, str]:
         e = spec._parse(text, role, env, sw)
         if ex.HEAD_INDEX in {s.name for s in e.free_symbols}:
             raise SpecError(spec.name, role, "the head index h may only appear in a constant decay")
-        lay = _layout_no_h(spec, e, role)
+        lay = _layout(spec, e, role)   # no head index here, so no head dims are needed yet
         if len(lay) != 4 or lay[:2] != (BATCH, TIME):
             raise SpecError(spec.name, role, f"{role} {e} has dims {list(lay)}; expected [B, T, heads, dim]")
         out[role] = lay
     return {"H": out["value"][2], "HQ": out["query"][2], "K": out["query"][3], "V": out["value"][3]}
-
-
-def _layout_no_h(spec, e, where):
-    roles = spec.dim_roles
-    slot: dict[str, str] = {}
-    for s in sorted(e.free_symbols, key=lambda s: s.name):
-        for d in spec.dims(s.name):
-            r = roles[d]
-            if slot.get(r, d) != d:
-                raise SpecError(spec.name, where, f"{e} mixes shape symbols {slot[r]!r} and {d!r} as its "
-                                f"{r} dim: shape symbols disagree")
-            slot[r] = d
-    return tuple(slot[r] for r in ("batch", "time", "head", "feature") if r in slot)
 
 
 def _check(spec: Recurrence) -> None:

@@ -70,3 +70,9 @@ def test_output_dtype_follows_v():
     assert o.dtype == torch.float64 and s is not None
     o, s = ops.chunk_retention(q, k, v)
     assert o.dtype == torch.float32 and s is None
+
+
+def test_head_dim_the_kernels_cannot_tile():
+    q, k, v = qkv(K=320)
+    with pytest.raises(ValueError, match=r"^q: head dim K = 320 exceeds 256"):
+        ops.chunk_retention(q, k, v)
