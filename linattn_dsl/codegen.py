@@ -46,9 +46,12 @@ def _spec_ref(spec: Recurrence, builtin: bool) -> tuple[str, str]:
     return repr(path), Path(path).name
 
 
-# the Triton stages of the delta and general forms are not written yet: only their PyTorch twins
-DELTA_TEMPLATES = ("torch_common.py.j2", "torch_delta.py.j2")
-GENERAL_TEMPLATES = ("torch_common.py.j2", "torch_general.py.j2")
+# the delta and general forms reuse the additive stages (gate, state, scores, output, their backwards)
+# with the corrected values in place of v, plus their own transform stages
+DELTA_TEMPLATES = ("gate_fwd.py.j2", "gate_bwd.py.j2", "additive_fwd.py.j2", "additive_bwd.py.j2",
+                   "delta_fwd.py.j2", "delta_bwd.py.j2", "torch_common.py.j2", "torch_delta.py.j2")
+GENERAL_TEMPLATES = ("gate_fwd.py.j2", "gate_bwd.py.j2", "additive_fwd.py.j2", "additive_bwd.py.j2",
+                     "general_fwd.py.j2", "general_bwd.py.j2", "torch_common.py.j2", "torch_general.py.j2")
 
 
 def templates_for(form: str) -> list[str]:

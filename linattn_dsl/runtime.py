@@ -39,19 +39,21 @@ def bind(spec, tensors, switches, scale, initial_state, output_final_state, cu_s
 
 def dispatch(mode: str, bound: Bound, mod):
     """Run a bound op call on the backend for its device: the generated Triton kernels on CUDA (or on
-    CPU under TRITON_INTERPRET=1), the generated PyTorch twin on CPU. What the lowering does not cover
-    yet (Triton stages of the delta and general forms) runs the step-by-step oracle (fp32)."""
+    CPU under TRITON_INTERPRET=1), the generated PyTorch twin on CPU. Each form's host module
+    (additive.py, delta.py, general.py) launches its stages."""
     form = getattr(mod, "FORM", None)
     on_triton = bound.device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+    variant = mod.VARIANTS[tuple(sorted(bound.switches.items()))]
     if form == "additive":
-        from . import additive
+        from . import additive as host
+    elif form == "delta":
+        from . import delta as host
+    elif form == "general":
+        from . import general as host
+    else:
+        return reference.run_bound(bound)
+    if on_triton:
+        return host.run_triton(mod, variant, bound, mode)
+    from . import additive
 
-        variant = mod.VARIANTS[tuple(sorted(bound.switches.items()))]
-        if on_triton:
-            return additive.run_triton(mod, variant, bound, mode)
-        return additive.run_torch(mod, variant, bound, mode)
-    if form in ("delta", "general") and not on_triton:   # PyTorch twins exist; Triton stages: not yet
-        from . import additive
-
-        return additive.run_torch(mod, mod.VARIANTS[tuple(sorted(bound.switches.items()))], bound, mode)
-    return reference.run_bound(bound)
+    return additive.run_torch(mod, variant, bound, mode)
