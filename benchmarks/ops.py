@@ -49,6 +49,21 @@ def make_inputs(op: str, T: int, device="cuda"):
     if op == "simple_gla":
         g = F.logsigmoid(torch.randn(B, T, H, device=device)) / 16
         return dict(q=q, k=k, v=v, g=g)
+    q, k = F.normalize(q.float(), dim=-1).to(q.dtype), F.normalize(k.float(), dim=-1).to(k.dtype)
+    beta = torch.sigmoid(torch.randn(B, T, H, device=device)).to(torch.bfloat16)
+    if op == "delta_rule":
+        return dict(q=q, k=k, v=v, beta=beta)
+    if op == "gated_delta_rule":
+        g = F.logsigmoid(torch.randn(B, T, H, device=device))
+        return dict(q=q, k=k, v=v, g=g, beta=beta)
+    if op == "kda":
+        g = F.logsigmoid(torch.randn(B, T, H, D, device=device)) / 4
+        return dict(q=q, k=k, v=v, g=g, beta=beta)
+    if op == "rwkv7":
+        w = -torch.exp(0.5 * torch.randn(B, T, H, D, device=device) - 2.5)
+        kk = F.normalize(torch.randn(B, T, H, D, device=device), dim=-1)
+        a, b = -kk, kk * torch.rand(B, T, H, 1, device=device)
+        return dict(r=q, w=w.to(torch.bfloat16), k=k, v=v, a=a.to(torch.bfloat16), b=b.to(torch.bfloat16))
     raise ValueError(op)
 
 
@@ -71,6 +86,16 @@ def get_fn(impl: str, op: str):
             from fla.ops.gla import chunk_gla as f
         elif op == "simple_gla":
             from fla.ops.simple_gla import chunk_simple_gla as f
+        elif op == "delta_rule":
+            from fla.ops.delta_rule import chunk_delta_rule as f
+        elif op == "gated_delta_rule":
+            from fla.ops.gated_delta_rule import chunk_gated_delta_rule as f
+        elif op == "kda":
+            from fla.ops.kda import chunk_kda as f
+        elif op == "rwkv7":
+            from fla.ops.rwkv7 import chunk_rwkv7 as f
+
+            return lambda t: f(*t.values(), scale=1.0)[0]
         else:
             raise ValueError(f"FLA has no {op} op in this benchmark")
         return lambda t: f(*t.values())[0]
@@ -159,7 +184,9 @@ def collect(proc, timeout, impl, op, Ts):
     return rows, out
 
 
-PLAN = {"retention": ["ours", "fla"], "gla": ["ours", "fla"], "simple_gla": ["fla"], "mamba2": ["ours", "mamba"]}
+PLAN = {"retention": ["ours", "fla"], "gla": ["ours", "fla"], "simple_gla": ["fla"], "mamba2": ["ours", "mamba"],
+        "delta_rule": ["ours", "fla"], "gated_delta_rule": ["ours", "fla"], "kda": ["ours", "fla"],
+        "rwkv7": ["ours", "fla"]}
 
 
 def main(argv=None) -> int:
