@@ -85,8 +85,8 @@ def _forward_states(mod, gate, q, k, v, vs, gate_inputs, h0, L, scale, store_fin
     ht = torch.empty(L.N, H, K, V, dtype=torch.float32, device=q.device) if store_final else None
     BK, BV = _pow2(K), _pow2(V)
     mod.state_fwd[(triton.cdiv(K, BK), triton.cdiv(V, BV), L.N * H)](
-        k, v, _or(vs, G), G, h, h0, ht, L.cu, L.chunk_offsets, H, HQ, K=K, V=V, BT=BT, BK=BK, BV=BV, VECTOR=vector,
-        USE_H0=h0 is not None, STORE_FINAL=store_final, HALF=half, VSCALE=vs is not None)
+        k, v, _or(vs, G), G, h, h0, ht, G, G, L.cu, L.chunk_offsets, H, HQ, K=K, V=V, BT=BT, BK=BK, BV=BV,
+        VECTOR=vector, USE_H0=h0 is not None, STORE_FINAL=store_final, HALF=half, VSCALE=vs is not None, DELTA=False)
     A = None
     if vector:
         A = torch.empty(rows, H, BT, dtype=torch.float32, device=q.device)
@@ -124,15 +124,31 @@ def _backward(mod, gate, saved, do, dht, L, scale, need_gate_grads):
     dhn = torch.empty_like(h)
     dh0 = torch.empty(L.N, H, K, V, dtype=torch.float32, device=q.device) if h0 is not None else None
     mod.state_bwd[(NK, triton.cdiv(V, BV), L.N * H)](
-        q, G, do, dht, dhn, dh0, L.cu, L.chunk_offsets, scale, H, HQ, K=K, V=V, BT=BT, BK=BK, BV=BV,
-        VECTOR=vector, USE_DHT=dht is not None, STORE_DH0=h0 is not None, HALF=half)
+        q, q, q, G, do, do, do, dht, dhn, dh0, L.cu, L.chunk_offsets, scale, H, HQ, K=K, V=V, BT=BT, BK=BK, BV=BV,
+        VECTOR=vector, USE_DHT=dht is not None, STORE_DH0=h0 is not None, HALF=half, DELTA=False)
     dv = torch.empty_like(v)
     NV = triton.cdiv(V, BV)
     dvs = torch.empty(rows, H, NV, dtype=torch.float32, device=q.device) if vs is not None else None
     dsk = torch.empty(rows, H, NV, dtype=torch.float32, device=q.device) if sk is not None else None
     mod.dv_bwd[(NV, L.NT, H)](q, k, v, _or(vs, G), _or(dvs, G), _or(sk, G), _or(dsk, G), G, _or(A, G), do, dhn, dv,
                               L.cu, L.chunk_indices, scale, H, HQ, K=K, V=V, BT=BT, BK=BK, BV=BV, VECTOR=vector,
-                              HALF=half, VSCALE=vs is not None, SKIP=sk is not None)
+                              HALF=half, VSCALE=vs is not None, SKIP=sk is not None, LOCAL=False)
+    dq, dk, dGpos = dqk(mod, gate, q, k, v, vs, G, h, do, dhn, A, L, scale)
+    grads_in = gate_grads(mod, gate, gate_inputs, dGpos, ht, dht, L, K) if need_gate_grads \
+        else [None] * len(gate_inputs)
+    return dq, dk, dv, (dvs.sum(-1) if dvs is not None else None), (dsk.sum(-1) if dsk is not None else None), \
+        dh0, grads_in
+
+
+def dqk(mod, gate, q, k, v, vs, G, h, do, dhn, A, L, scale):
+    """dq, dk (inputs' dtype, groups summed) and dGpos = q dq - k dk (fp32, per value head, [rows, H(, K)])
+    of the additive form with values ``v`` (times ``vs``), states ``h`` and state gradients ``dhn``."""
+    rows, HQ, K = q.shape
+    H, V = v.shape[1], v.shape[2]
+    vector = gate.kind == "vector"
+    half = _half(q.dtype)
+    BK, BV = _pow2(K), _pow2(V)
+    NK = triton.cdiv(K, BK)
     if vector:
         dq = torch.empty(rows, H, K, dtype=torch.float32, device=q.device)
         dk = torch.empty_like(dq)
@@ -149,28 +165,40 @@ def _backward(mod, gate, saved, do, dht, L, scale, need_gate_grads):
         BKi = _pow2(K, hi=64)
         mod.dqk_intra_bwd[(triton.cdiv(K, BKi), L.NT * (BT // BC), H)](
             q, k, G, dA, dq, dk, dGpos, L.cu, L.chunk_indices, H, HQ, K=K, BT=BT, BC=BC, BK=BKi, HALF=half)
-        G_ = H // HQ   # value heads per q/k head: sum their contributions
-        dq = (dq if G_ == 1 else dq.view(rows, HQ, G_, K).sum(2)).to(q.dtype)
-        dk = (dk if G_ == 1 else dk.view(rows, HQ, G_, K).sum(2)).to(k.dtype)
+        dq, dk = group_sum(dq, HQ).to(q.dtype), group_sum(dk, HQ).to(k.dtype)
     else:
         dGpos = dGpos.sum(-1)
+    return dq, dk, dGpos
+
+
+def group_sum(x: torch.Tensor, HQ: int) -> torch.Tensor:
+    """[rows, H, K] per value head -> [rows, HQ, K]: the value heads of a q/k head summed."""
+    rows, H, K = x.shape
+    return x if H == HQ else x.view(rows, HQ, H // HQ, K).sum(2)
+
+
+def gate_grads(mod, gate, gate_inputs, dGpos, ht, dht, L, K) -> list:
+    """Gradients of the log-decay's raw inputs from dGpos (the cumulative log-decay's gradient per
+    position) and the final-state term sum_v S_T dS_T: gate_bwd (reverse cumsum, sympy chain rule)."""
     grads_in = [None] * len(gate_inputs)
-    if need_gate_grads and gate.grads:
-        if dht is not None and ht is not None:
-            dfinal = (ht * dht).sum(-1)
-            dfinal = dfinal if vector else dfinal.sum(-1)
-        else:
-            dfinal = torch.zeros((L.N, H, K) if vector else (L.N, H), dtype=torch.float32, device=q.device)
-        bufs = [torch.empty_like(dGpos) for _ in gate.grads]
-        BKg = _pow2(K) if vector else 16
-        getattr(mod, f"gate_bwd_{gate.tag}")[(triton.cdiv(K, BKg) if vector else 1, L.N, H)](
-            *gate_inputs, *bufs, dGpos.contiguous(), dfinal.contiguous(), L.cu, L.chunk_offsets, H, K=K, BT=BT,
-            BK=BKg, VECTOR=vector)
-        for i, n in enumerate(gate.inputs):
-            grads_in[i] = _reduce_to(bufs[i], gate.input_layouts[n], vector).reshape(gate_inputs[i].shape).to(
-                gate_inputs[i].dtype)
-    return dq, dk, dv, (dvs.sum(-1) if dvs is not None else None), (dsk.sum(-1) if dsk is not None else None), \
-        dh0, grads_in
+    if not gate.grads:
+        return grads_in
+    vector = gate.kind == "vector"
+    H = dGpos.shape[1]
+    if dht is not None and ht is not None:
+        dfinal = (ht * dht).sum(-1)
+        dfinal = dfinal if vector else dfinal.sum(-1)
+    else:
+        dfinal = torch.zeros((L.N, H, K) if vector else (L.N, H), dtype=torch.float32, device=dGpos.device)
+    bufs = [torch.empty_like(dGpos) for _ in gate.grads]
+    BKg = _pow2(K) if vector else 16
+    getattr(mod, f"gate_bwd_{gate.tag}")[(triton.cdiv(K, BKg) if vector else 1, L.N, H)](
+        *gate_inputs, *bufs, dGpos.contiguous(), dfinal.contiguous(), L.cu, L.chunk_offsets, H, K=K, BT=BT,
+        BK=BKg, VECTOR=vector)
+    for i, n in enumerate(gate.inputs):
+        grads_in[i] = _reduce_to(bufs[i], gate.input_layouts[n], vector).reshape(gate_inputs[i].shape).to(
+            gate_inputs[i].dtype)
+    return grads_in
 
 
 def _reduce_to(buf: torch.Tensor, layout: str, vector: bool) -> torch.Tensor:
@@ -236,44 +264,54 @@ def _recurrent(mod, gate, q, k, v, vs, sk, gate_inputs, h0, L, scale, store_fina
     return o, ht
 
 
+class Prepared:
+    """An op call's tensors as the stages take them: rows flattened, roles evaluated, dtypes set."""
+
+    def __init__(self, bound: Bound, variant, fuse: bool = True):
+        spec = bound.spec
+        key = (tuple(sorted(bound.switches.items())), bound.present)
+        scale_expr = _fused(spec, key, "value") if fuse and variant.value_scale else None
+        skip_expr = _fused(spec, key, "skip") if fuse and variant.skip_scale else None
+        exclude = ("log_decay",) + (("value",) if scale_expr is not None else ()) \
+            + (("skip",) if skip_expr is not None else ())
+        roles = gates_mod.evaluate(bound, exclude=exclude)
+        B, T = bound.sizes["B"], bound.sizes["T"]
+        H, HQ, K, V = bound.size("H"), bound.size("HQ"), bound.size("K"), bound.size("V")
+        self.vs = None
+        if scale_expr is not None:   # value = x * vs: the kernels scale x as they load it
+            roles["value"] = bound.tensors[spec.value_input]
+            self.vs = gates_mod.evaluate_expr(bound, scale_expr, ("B", "T", "H"), torch.float32).reshape(B * T, H)
+            self.vs = self.vs.contiguous()
+        self.sk = None
+        if skip_expr is not None:    # o += x * sk: added by the output stage
+            self.sk = gates_mod.evaluate_expr(bound, skip_expr, ("B", "T", "H"), torch.float32).reshape(
+                B * T, H).contiguous()
+        q, k = roles["query"], roles["key"]
+        if spec.resolve(bound.switches).qk_l2norm:
+            from .reference import l2_normalize
+            q, k = l2_normalize(q), l2_normalize(k)
+        dtype = bound.out_dtype
+        self.q = q.to(dtype).reshape(B * T, HQ, K).contiguous()
+        self.k = k.to(dtype).reshape(B * T, HQ, K).contiguous()
+        self.v = roles["value"].to(dtype).reshape(B * T, H, V).contiguous()
+        self.roles, self.shape = roles, (B, T, H, V)
+        self.L = _Layout(B, T, bound.cu_seqlens, self.q.device)
+        self.h0 = bound.initial_state.float().contiguous() if bound.initial_state is not None else None
+        self.gate_inputs = _gate_inputs(bound, variant.gate)
+
+    def finish(self, bound: Bound, o: torch.Tensor, ht):
+        o = o.reshape(self.shape)
+        if "skip" in self.roles:
+            o = o + self.roles["skip"].to(o.dtype)
+        return o, (ht if bound.output_final_state else None)
+
+
 def run_triton(mod, variant, bound: Bound, mode: str):
     """An op call on the generated Triton kernels (CUDA, or the interpreter on CPU)."""
-    spec = bound.spec
-    key = (tuple(sorted(bound.switches.items())), bound.present)
-    scale_expr = _fused(spec, key, "value") if variant.value_scale else None
-    skip_expr = _fused(spec, key, "skip") if variant.skip_scale else None
-    exclude = ("log_decay",) + (("value",) if scale_expr is not None else ()) \
-        + (("skip",) if skip_expr is not None else ())
-    roles = gates_mod.evaluate(bound, exclude=exclude)
-    B, T = bound.sizes["B"], bound.sizes["T"]
-    H, HQ, K, V = bound.size("H"), bound.size("HQ"), bound.size("K"), bound.size("V")
-    vs = None
-    if scale_expr is not None:   # value = x * vs: the kernels scale x as they load it
-        roles["value"] = bound.tensors[spec.value_input]
-        vs = gates_mod.evaluate_expr(bound, scale_expr, ("B", "T", "H"), torch.float32).reshape(B * T, H)
-        vs = vs.contiguous()
-    sk = None
-    if skip_expr is not None:    # o += x * sk: added by the output stage
-        sk = gates_mod.evaluate_expr(bound, skip_expr, ("B", "T", "H"), torch.float32).reshape(B * T, H).contiguous()
-    q, k = roles["query"], roles["key"]
-    if spec.resolve(bound.switches).qk_l2norm:
-        from .reference import l2_normalize
-        q, k = l2_normalize(q), l2_normalize(k)
-    dtype = bound.out_dtype
-    q = q.to(dtype).reshape(B * T, HQ, K).contiguous()
-    k = k.to(dtype).reshape(B * T, HQ, K).contiguous()
-    v = roles["value"].to(dtype).reshape(B * T, H, V).contiguous()
-    gate = variant.gate
-    L = _Layout(B, T, bound.cu_seqlens, q.device)
-    h0 = bound.initial_state.float().contiguous() if bound.initial_state is not None else None
-    if gate is None:
-        raise AssertionError("additive plans always carry a gate (none decays use g = 0)")
-    o, ht = ChunkAdditive.apply(mod, gate, L, bound.scale, bound.output_final_state, mode == "fused_recurrent",
-                                q, k, v, vs, sk, h0, *_gate_inputs(bound, gate))
-    o = o.reshape(B, T, H, V)
-    if "skip" in roles:
-        o = o + roles["skip"].to(o.dtype)
-    return o, (ht if bound.output_final_state else None)
+    x = Prepared(bound, variant)
+    o, ht = ChunkAdditive.apply(mod, variant.gate, x.L, bound.scale, bound.output_final_state,
+                                mode == "fused_recurrent", x.q, x.k, x.v, x.vs, x.sk, x.h0, *x.gate_inputs)
+    return x.finish(bound, o, ht)
 
 
 def _fused(spec, key: tuple, what: str):

@@ -1,11 +1,173 @@
-"""Host side of the delta chunk form (being written): until its Triton stages land, CUDA and the
-interpreter run the step-by-step oracle."""
+"""Host side of the delta-rule chunk form: launching a spec's generated stages, and their autograd.
+
+CHUNK_MATH.md section 2. Per chunk the UT transform turns the delta rule into the additive form with
+corrected values U = U' - W h[c]; the additive stages then run with U in V's place:
+
+    gate_fwd (G) -> [scores_fwd(k, k) -> P] -> ut_fwd (Tm, W, U') -> state_fwd DELTA (h[c], U)
+        -> [scores_fwd(q, k) -> A] -> output_fwd (v := U)
+    backward: dv_bwd LOCAL (A^T dO) -> state_bwd DELTA (dS, dU) -> dqk_bwd [+ dqk_intra_bwd] (v := U)
+        -> ut_bwd (dv, dbeta, dk of W and P) [-> dqk_intra_bwd(k, k, dP)] -> gate_bwd
+
+The gate gradient uses dGpos: with the global rewrite S~ = E[-G] S the key appears as k E[+G] where it
+reads the state (W, the rows of P) and as k E[-G] where it writes it (A, the state update, the columns
+of P); dGpos = q dq + k dk_read - k dk_write, which ut_bwd and dqk_bwd write part by part.
+"""
 
 from __future__ import annotations
 
+import torch
+import triton
+
+from .additive import BC, BT, Prepared, _half, _Layout, _or, _output, _pow2, _run_gate, dqk, gate_grads, group_sum
 from .args import Bound
-from .reference import run_bound
+
+MAX_K = 256
+
+
+def _full(K: int) -> int:
+    return max(16, triton.next_power_of_2(K))
+
+
+def _forward(mod, gate, q, k, v, beta, gate_inputs, h0, L: _Layout, scale, store_final):
+    rows, HQ, K = q.shape
+    H, V = v.shape[1], v.shape[2]
+    vector = gate.kind == "vector"
+    half = _half(q.dtype)
+    dev = q.device
+    G = _run_gate(mod, gate, gate_inputs, L, H, K, rows, cumsum=True)
+    P = None
+    if vector:   # P[j, m] = sum_c k_jc k_mc E[G_jc - G_mc]
+        P = torch.empty(rows, H, BT, dtype=torch.float32, device=dev)
+        mod.scores_fwd[(BT // BC, L.NT, H)](k, k, G, P, L.cu, L.chunk_indices, 1.0, H, HQ, K=K, BT=BT, BC=BC,
+                                            BK=_pow2(K, hi=64), HALF=half)
+    BK = _full(K)
+    store = q.dtype if half else torch.float32
+    Tm = torch.empty(rows, H, BT, dtype=torch.float32, device=dev)
+    w = torch.empty(rows, H, K, dtype=store, device=dev)
+    u1 = torch.empty(rows, H, V, dtype=store, device=dev)
+    mod.ut_fwd[(L.NT, H)](k, v, beta, G, _or(P, G), Tm, w, u1, L.cu, L.chunk_indices, H, HQ, K=K, V=V, BT=BT,
+                          BC=BC, BK=BK, BV=min(_pow2(V), 32), VECTOR=vector, HALF=half)
+    h = torch.empty(L.NT, H, K, V, dtype=store, device=dev)
+    ht = torch.empty(L.N, H, K, V, dtype=torch.float32, device=dev) if store_final else None
+    vnew = torch.empty_like(u1)
+    BV = 64 if BK <= 64 else 32
+    mod.state_fwd[(1, triton.cdiv(V, BV), L.N * H)](
+        k, u1, G, G, h, h0, ht, w, vnew, L.cu, L.chunk_offsets, H, HQ, K=K, V=V, BT=BT, BK=BK, BV=BV,
+        VECTOR=vector, USE_H0=h0 is not None, STORE_FINAL=store_final, HALF=half, VSCALE=False, DELTA=True)
+    A = None
+    if vector:
+        A = torch.empty(rows, H, BT, dtype=torch.float32, device=dev)
+        mod.scores_fwd[(BT // BC, L.NT, H)](q, k, G, A, L.cu, L.chunk_indices, scale, H, HQ, K=K, BT=BT, BC=BC,
+                                            BK=_pow2(K, hi=64), HALF=half)
+    return G, P, Tm, w, h, vnew, ht, A
+
+
+def _backward(mod, gate, saved, do, dht, L: _Layout, scale, need_gate_grads):
+    q, k, v, beta, gate_inputs, h0, G, P, Tm, w, h, vnew, ht, A = saved
+    rows, HQ, K = q.shape
+    H, V = v.shape[1], v.shape[2]
+    vector = gate.kind == "vector"
+    half = _half(q.dtype)
+    dev = q.device
+    do = do.contiguous()
+    BK = _full(K)
+    # dvl = A^T dO: the intra-chunk part of dU
+    dvl = torch.empty(rows, H, V, dtype=torch.float32, device=dev)
+    BVl = _pow2(V)
+    mod.dv_bwd[(triton.cdiv(V, BVl), L.NT, H)](q, k, vnew, G, G, G, G, G, _or(A, G), do, G, dvl, L.cu,
+                                               L.chunk_indices, scale, H, HQ, K=K, V=V, BT=BT, BK=_pow2(K), BV=BVl,
+                                               VECTOR=vector, HALF=half, VSCALE=False, SKIP=False, LOCAL=True)
+    dhn = torch.empty_like(h)
+    du = torch.empty(rows, H, V, dtype=torch.float32, device=dev)
+    dh0 = torch.empty(L.N, H, K, V, dtype=torch.float32, device=dev) if h0 is not None else None
+    BV = 64 if BK <= 64 else 32
+    mod.state_bwd[(1, triton.cdiv(V, BV), L.N * H)](
+        q, k, w, G, do, dvl, du, dht, dhn, dh0, L.cu, L.chunk_offsets, scale, H, HQ, K=K, V=V, BT=BT, BK=BK, BV=BV,
+        VECTOR=vector, USE_DHT=dht is not None, STORE_DH0=h0 is not None, HALF=half, DELTA=True)
+    dq, dk_add, dGpos = dqk(mod, gate, q, k, vnew, None, G, h, do, dhn, A, L, scale)
+    dk_ut = torch.empty(rows, H, K, dtype=torch.float32, device=dev)
+    dv = torch.empty_like(v)
+    dbeta = torch.empty(rows, H, dtype=torch.float32, device=dev)
+    dP = torch.empty(rows, H, BT, dtype=torch.float32, device=dev) if vector else None
+    gpos = torch.empty_like(dGpos)
+    mod.ut_bwd[(L.NT, H)](k, v, beta, G, _or(P, G), Tm, h, vnew, du, dk_ut, dv, dbeta, _or(dP, G), gpos, L.cu,
+                          L.chunk_indices, H, HQ, K=K, V=V, BT=BT, BC=BC, BK=BK, BV=min(_pow2(V), 32),
+                          VECTOR=vector, HALF=half)
+    if vector:   # P's rows read the state (k E[+G]), its columns write it (k E[-G])
+        d_row, d_col = torch.zeros_like(dk_ut), torch.zeros_like(dk_ut)
+        gpos_p = torch.empty_like(gpos)
+        BKi = _pow2(K, hi=64)
+        mod.dqk_intra_bwd[(triton.cdiv(K, BKi), L.NT * (BT // BC), H)](
+            k, k, G, dP, d_row, d_col, gpos_p, L.cu, L.chunk_indices, H, HQ, K=K, BT=BT, BC=BC, BK=BKi, HALF=half)
+        dk_ut += d_row + d_col
+        gpos += gpos_p
+    dk = (dk_add.float() + group_sum(dk_ut, HQ)).to(k.dtype)
+    dGpos = dGpos + gpos
+    grads_in = gate_grads(mod, gate, gate_inputs, dGpos, ht, dht, L, K) if need_gate_grads \
+        else [None] * len(gate_inputs)
+    return dq, dk, dv, dbeta.to(beta.dtype), dh0, grads_in
+
+
+class ChunkDelta(torch.autograd.Function):
+    """(q, k, v, beta, h0, *gate inputs) -> (o, final state) of the delta rule."""
+
+    @staticmethod
+    def forward(ctx, mod, gate, L, scale, store_final, recurrent, q, k, v, beta, h0, *gate_inputs):
+        if recurrent:
+            o, ht = _recurrent(mod, gate, q, k, v, beta, gate_inputs, h0, L, scale, store_final)
+            saved = ()
+        else:
+            G, P, Tm, w, h, vnew, ht, A = _forward(mod, gate, q, k, v, beta, gate_inputs, h0, L, scale, store_final)
+            o = _output(mod, gate, q, k, vnew, None, None, G, h, A, L, scale, v.dtype)
+            saved = (G, P, Tm, w, h, vnew, A)
+        ctx.mod, ctx.gate, ctx.L, ctx.scale, ctx.recurrent = mod, gate, L, scale, recurrent
+        ctx.save_for_backward(q, k, v, beta, h0, ht, *gate_inputs, *saved)
+        ctx.n_gate = len(gate_inputs)
+        return o, ht
+
+    @staticmethod
+    def backward(ctx, do, dht):
+        t = ctx.saved_tensors
+        q, k, v, beta, h0, ht = t[:6]
+        gate_inputs = list(t[6:6 + ctx.n_gate])
+        if ctx.recurrent:   # recompute the chunk forward; the backward is the chunk backward
+            G, P, Tm, w, h, vnew, ht_, A = _forward(ctx.mod, ctx.gate, q, k, v, beta, gate_inputs, h0, ctx.L,
+                                                    ctx.scale, True)
+            ht = ht if ht is not None else ht_
+        else:
+            G, P, Tm, w, h, vnew, A = t[6 + ctx.n_gate:]
+        if dht is not None and ht is None:
+            dht = None
+        if dht is not None:
+            dht = dht.contiguous()
+        saved = (q, k, v, beta, gate_inputs, h0, G, P, Tm, w, h, vnew, ht, A)
+        dq, dk, dv, dbeta, dh0, dgate = _backward(ctx.mod, ctx.gate, saved, do, dht, ctx.L, ctx.scale,
+                                                  any(ctx.needs_input_grad[11:]))
+        return (None, None, None, None, None, None, dq, dk, dv, dbeta, dh0, *dgate)
+
+
+def _recurrent(mod, gate, q, k, v, beta, gate_inputs, h0, L, scale, store_final):
+    rows, HQ, K = q.shape
+    H, V = v.shape[1], v.shape[2]
+    g = _run_gate(mod, gate, gate_inputs, L, H, K, rows, cumsum=False)
+    o = torch.empty(rows, H, V, dtype=v.dtype, device=q.device)
+    ht = torch.empty(L.N, H, K, V, dtype=torch.float32, device=q.device) if store_final else None
+    BV = min(_pow2(V), 32)
+    mod.recurrent_delta_fwd[(triton.cdiv(V, BV), L.N * H)](q, k, v, beta, g, o, h0, ht, L.cu, scale, H, HQ, K=K,
+                                                           V=V, BK=_full(K), BV=BV, VECTOR=gate.kind == "vector",
+                                                           USE_H0=h0 is not None, STORE_FINAL=store_final)
+    return o, ht
 
 
 def run_triton(mod, variant, bound: Bound, mode: str):
-    return run_bound(bound)
+    """An op call of a delta-rule spec on the generated Triton kernels (CUDA, or the interpreter)."""
+    K = bound.size("K")
+    if K > MAX_K:
+        raise ValueError(f"key head dim: got {K}, the delta-rule kernels hold a whole key row in registers "
+                         f"and support at most {MAX_K}")
+    x = Prepared(bound, variant, fuse=False)
+    B, T, H, V = x.shape
+    beta = torch.broadcast_to(x.roles["beta"].float(), (B, T, H)).reshape(B * T, H).contiguous()
+    o, ht = ChunkDelta.apply(mod, variant.gate, x.L, bound.scale, bound.output_final_state,
+                             mode == "fused_recurrent", x.q, x.k, x.v, beta, x.h0, *x.gate_inputs)
+    return x.finish(bound, o, ht)

@@ -1,0 +1,82 @@
+"""Generated Triton kernels of the delta-rule form under the Triton interpreter (TRITON_INTERPRET=1).
+
+Targeted cases (the interpreter runs a kernel in Python: seconds per case at these sizes): one token,
+partial sub-blocks and chunks, several chunks, packed sequences, grouped heads, initial state, key/value
+dims that are not powers of two, log-decays down to -20, beta up to 2, the in-kernel KDA gate and q/k
+L2 norm. Outputs, final state and every gradient against the float64 oracle; exits non-zero listing
+every case whose relative error exceeds 1e-4 (fp32) or 2e-2 (fp16 inputs).
+"""
+
+import os
+import sys
+
+assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
+
+import torch  # noqa: E402
+
+from linattn_dsl import ops, reference, registry, testing  # noqa: E402
+
+KDA_GATE = dict(use_gate_in_kernel=True, use_qk_l2norm_in_kernel=True)
+CASES = [  # (spec, draw_case keywords, modes)
+    ("delta_rule", dict(B=1, T=1, heads=1, K=8, V=8), ("chunk", "fused_recurrent")),
+    ("delta_rule", dict(B=2, T=70, heads=2, K=16, V=8), ("chunk", "fused_recurrent")),
+    ("delta_rule", dict(B=1, T=40, heads=1, K=20, V=12, with_initial_state=True), ("chunk",)),
+    ("gated_delta_rule", dict(B=1, T=40, heads=4, groups=2, K=16, V=8), ("chunk", "fused_recurrent")),
+    ("gated_delta_rule", dict(B=1, T=130, heads=1, K=16, V=16, log_decay_min=-20.0), ("chunk",)),
+    ("gated_delta_rule", dict(seqlens=[30, 1, 50], heads=2, K=8, V=8, with_initial_state=True),
+     ("chunk", "fused_recurrent")),
+    ("kda", dict(B=1, T=1, heads=1, K=8, V=8), ("chunk", "fused_recurrent")),
+    ("kda", dict(B=1, T=70, heads=2, K=16, V=8, log_decay_min=-20.0), ("chunk", "fused_recurrent")),
+    ("kda", dict(seqlens=[5, 64, 11], heads=2, K=8, V=8, with_initial_state=True), ("chunk",)),
+    ("kda", dict(B=1, T=40, heads=4, groups=2, K=24, V=8, switches=KDA_GATE), ("chunk", "fused_recurrent")),
+    ("kda", dict(B=1, T=33, heads=1, K=80, V=72), ("chunk",)),
+]
+
+
+def main() -> int:
+    failures, n = [], 0
+    for name, kw, modes in CASES:
+        spec = registry.load(name)
+        for dtype, tol in ((torch.float32, 1e-4), (torch.float16, 2e-2)):
+            if dtype == torch.float16 and kw.get("T", 0) > 40:
+                continue
+            case = testing.draw_case(spec, seed=n, **kw)
+            case.tensors = {k: (v.to(dtype) if v is not None and v.dim() >= 3 else v) for k, v in case.tensors.items()}
+            for mode in modes:
+                n += 1
+                errs = testing.compare(case, getattr(ops, f"{mode}_{name}"))
+                bad = {k: f"{e:.2e}" for k, e in errs.items() if not e <= tol}
+                worst = max(errs.values())
+                print(f"{mode}_{name:<16} {str(dtype):<14} {kw}  worst {worst:.2e}" + (f"  FAIL {bad}" if bad else ""))
+                if bad:
+                    failures.append((name, mode, kw, bad))
+    # beta up to 2 (negative eigenvalues) and keys of norm 1: the triangular solve stays accurate
+    spec = registry.load("delta_rule")
+    case = testing.draw_case(spec, B=1, T=64, heads=1, K=16, V=8, seed=3)
+    case.tensors["k"] = torch.nn.functional.normalize(case.tensors["k"], dim=-1)
+    case.tensors["beta"] = 2 * torch.rand_like(case.tensors["beta"]) ** 0.25
+    n += 1
+    errs = testing.compare(case, ops.chunk_delta_rule)
+    print(f"chunk_delta_rule beta in (0, 2), unit keys: worst {max(errs.values()):.2e}")
+    if not max(errs.values()) <= 1e-4:
+        failures.append(("delta_rule", "chunk", "beta 2", errs))
+    # autograd may hand the kernels an expanded (stride-0) gradient of the final state for `s.sum()`
+    spec = registry.load("kda")
+    case = testing.draw_case(spec, B=1, T=40, heads=2, K=16, V=16, seed=7)
+    grads = []
+    for op in (lambda *a, **kw: reference.run(spec, *a, **kw), ops.chunk_kda):
+        leaves = {k_: v_.detach().clone().requires_grad_() for k_, v_ in case.tensors.items() if v_ is not None}
+        o, s_ = case.call(op, leaves)
+        (o.sum() + s_.sum()).backward()
+        grads.append([leaves[k_].grad for k_ in sorted(leaves)])
+    n += 1
+    err = max(testing.rel_err(a, b) for a, b in zip(grads[1], grads[0]) if b is not None)
+    print(f"chunk_kda with expanded d(final_state): worst {err:.2e}")
+    if not err <= 1e-4:
+        failures.append(("kda", "chunk", "expanded dht", err))
+    print(f"{n - len(failures)} of {n} cases passed")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
