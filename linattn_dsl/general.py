@@ -1,11 +1,225 @@
-"""Host side of the general chunk form (being written): until its Triton stages land, CUDA and the
-interpreter run the step-by-step oracle."""
+"""Host side of the general (diagonal-plus-low-rank) chunk form: launching a spec's generated stages and
+their autograd (CHUNK_MATH.md section 3; the kernels are general_fwd.py.j2 / general_bwd.py.j2).
+
+    gate_fwd (G) -> general_scores_fwd (Aqk, Aqb, Lab, Lak) -> general_solve_fwd (Tm, Mak, Wa)
+        -> general_state_fwd (h[c], R) -> general_output_fwd (o)
+    backward: general_state_bwd (dS', dR) -> general_dv_bwd -> general_dqk_bwd [-> general_intra_bwd]
+        -> general_dgate_bwd + gate_bwd (d log-decay inputs)
+    fused_recurrent: general_recurrent_fwd; its backward recomputes the chunk states.
+
+Roles other than the log-decay (q, k, v, a, b, skip) are evaluated in torch, so autograd carries their
+gate expressions; the log-decay expression runs inside gate_fwd / gate_bwd.
+"""
 
 from __future__ import annotations
 
+import torch
+import triton
+
+from . import gates as gates_mod
+from .additive import BC, BT, _gate_inputs, _half, _Layout, _pow2, _reduce_to, _run_gate
 from .args import Bound
-from .reference import run_bound
+
+
+def _state_blocks(K: int, V: int) -> tuple[int, int]:
+    """(BK, BV) of the sequential state passes: the whole key dim in one block."""
+    BK = max(16, triton.next_power_of_2(K))
+    BV = max(16, min(triton.next_power_of_2(V), 8192 // BK, 64))
+    return BK, BV
+
+
+def _forward(mod, gate, q, k, v, a, b, gate_inputs, h0, L, scale, store_final):
+    """Every forward stage but the output: what the output and the backward need."""
+    rows, HQ, K = q.shape
+    H, V = v.shape[1], v.shape[2]
+    vector = gate.kind == "vector"
+    half = _half(q.dtype)
+    dev = q.device
+    G = _run_gate(mod, gate, gate_inputs, L, H, K, rows, cumsum=True)
+    Aqk, Aqb, Lab, Lak = (torch.empty(rows, H, BT, dtype=torch.float32, device=dev) for _ in range(4))
+    BK = _pow2(K, hi=64)
+    mod.general_scores_fwd[(BT // BC, L.NT, H)](q, k, a, b, G, Aqk, Aqb, Lab, Lak, L.cu, L.chunk_indices, scale,
+                                                H, HQ, K=K, BT=BT, BC=BC, BK=BK, VECTOR=vector, HALF=half)
+    Tm, Mak = torch.empty_like(Lab), torch.empty_like(Lak)
+    Wa = torch.empty(rows, H, K, dtype=torch.float32, device=dev)
+    mod.general_solve_fwd[(L.NT, H)](a, G, Lab, Lak, Tm, Mak, Wa, L.cu, L.chunk_indices, H, K=K, BT=BT, BC=BC,
+                                     BK=BK, VECTOR=vector)
+    del Lab, Lak
+    state_dtype = torch.float32 if half == 0 else q.dtype
+    h = torch.empty(L.NT, H, K, V, dtype=state_dtype, device=dev)
+    R = torch.empty(rows, H, V, dtype=state_dtype, device=dev)
+    ht = torch.empty(L.N, H, K, V, dtype=torch.float32, device=dev) if store_final else None
+    BKs, BVs = _state_blocks(K, V)
+    mod.general_state_fwd[(triton.cdiv(V, BVs), L.N * H)](
+        k, v, b, G, Wa, Mak, h, R, h0, ht, L.cu, L.chunk_offsets, H, HQ, K=K, V=V, BT=BT, BK=BKs, BV=BVs,
+        VECTOR=vector, USE_H0=h0 is not None, STORE_FINAL=store_final, HALF=half)
+    return dict(G=G, Aqk=Aqk, Aqb=Aqb, Tm=Tm, Mak=Mak, Wa=Wa, h=h, R=R), ht
+
+
+def _output(mod, gate, q, v, st, L, scale):
+    rows, HQ, K = q.shape
+    H, V = v.shape[1], v.shape[2]
+    o = torch.empty(rows, H, V, dtype=v.dtype, device=q.device)
+    BV = _pow2(V)
+    mod.general_output_fwd[(triton.cdiv(V, BV), L.NT, H)](
+        q, v, st["G"], st["h"], st["R"], st["Aqk"], st["Aqb"], o, L.cu, L.chunk_indices, scale, H, HQ, K=K, V=V,
+        BT=BT, BK=_pow2(K), BV=BV, VECTOR=gate.kind == "vector", HALF=_half(q.dtype))
+    return o
+
+
+def _recurrent(mod, gate, q, k, v, a, b, gate_inputs, h0, L, scale, store_final):
+    rows, HQ, K = q.shape
+    H, V = v.shape[1], v.shape[2]
+    g = _run_gate(mod, gate, gate_inputs, L, H, K, rows, cumsum=False)
+    o = torch.empty(rows, H, V, dtype=v.dtype, device=q.device)
+    ht = torch.empty(L.N, H, K, V, dtype=torch.float32, device=q.device) if store_final else None
+    BK = max(16, triton.next_power_of_2(K))
+    BV = min(_pow2(V), 32)
+    mod.general_recurrent_fwd[(triton.cdiv(V, BV), L.N * H)](
+        q, k, v, a, b, g, o, h0, ht, L.cu, scale, H, HQ, K=K, V=V, BK=BK, BV=BV, VECTOR=gate.kind == "vector",
+        USE_H0=h0 is not None, STORE_FINAL=store_final)
+    return o, ht
+
+
+def _group_sum(x: torch.Tensor, HQ: int) -> torch.Tensor:
+    """[rows, H, K] per value head -> [rows, HQ, K]: the value heads of one q/k head summed."""
+    rows, H, K = x.shape
+    return x if H == HQ else x.view(rows, HQ, H // HQ, K).sum(2)
+
+
+def _backward(mod, gate, q, k, v, a, b, gate_inputs, h0, st, ht, do, dht, L, scale, need_gate_grads):
+    rows, HQ, K = q.shape
+    H, V = v.shape[1], v.shape[2]
+    vector = gate.kind == "vector"
+    half = _half(q.dtype)
+    dev = q.device
+    G, h = st["G"], st["h"]
+    do = do.contiguous()
+    dhn = torch.empty_like(h)
+    dR = torch.empty(rows, H, V, dtype=torch.float32, device=dev)
+    dh0 = torch.empty(L.N, H, K, V, dtype=torch.float32, device=dev) if h0 is not None else None
+    BKs, BVs = _state_blocks(K, V)
+    mod.general_state_bwd[(triton.cdiv(V, BVs), L.N * H)](
+        q, b, G, st["Wa"], st["Aqb"], do, dht, dhn, dR, dh0, L.cu, L.chunk_offsets, scale, H, HQ, K=K, V=V, BT=BT,
+        BK=BKs, BV=BVs, VECTOR=vector, USE_DHT=dht is not None, STORE_DH0=h0 is not None, HALF=half)
+    dv = torch.empty_like(v)
+    BK, BV = _pow2(K), _pow2(V)
+    mod.general_dv_bwd[(triton.cdiv(V, BV), L.NT, H)](
+        k, G, st["Aqk"], st["Mak"], do, dhn, dR, dv, L.cu, L.chunk_indices, H, HQ, K=K, V=V, BT=BT, BK=BK, BV=BV,
+        VECTOR=vector, HALF=half)
+    dq, dk, da, db = (torch.empty(rows, H, K, dtype=torch.float32, device=dev) for _ in range(4))
+    NK = triton.cdiv(K, BK)
+    W = K if vector else NK
+    X, Q = (torch.empty(rows, H, W, dtype=torch.float32, device=dev) for _ in range(2))
+    if vector:
+        dmats = [torch.empty(rows, H, BT, dtype=torch.float32, device=dev) for _ in range(4)]
+    else:
+        dmats = [dq] * 4   # not used by the scalar path
+    mod.general_dqk_bwd[(NK, L.NT, H)](
+        q, k, a, b, v, G, st["Tm"], h, dhn, st["R"], dR, do, dq, dk, da, db, *dmats, X, Q, L.cu, L.chunk_indices,
+        scale, H, HQ, K=K, V=V, BT=BT, BK=BK, BV=BV, VECTOR=vector, HALF=half)
+    if vector:
+        BKi = _pow2(K, hi=64)
+        mod.general_intra_bwd[(triton.cdiv(K, BKi), L.NT * (BT // BC), H)](
+            q, k, a, b, G, *dmats, dq, dk, da, db, X, Q, L.cu, L.chunk_indices, H, HQ, K=K, BT=BT, BC=BC, BK=BKi,
+            HALF=half)
+    grads_in = [None] * len(gate_inputs)
+    if need_gate_grads and gate.grads:
+        if not vector:
+            X, Q, W = X.sum(-1, keepdim=True), Q.sum(-1, keepdim=True), 1
+        dGpos = torch.empty_like(X)
+        BW = _pow2(W, hi=128)
+        mod.general_dgate_bwd[(triton.cdiv(W, BW), L.NT, H)](X, Q, dGpos, L.cu, L.chunk_indices, H, W=W, BT=BT,
+                                                              BW=BW)
+        grads_in = _gate_grads(mod, gate, gate_inputs, dGpos if vector else dGpos[..., 0], ht, dht, L, K)
+    dq, dk = _group_sum(dq, HQ).to(q.dtype), _group_sum(dk, HQ).to(k.dtype)
+    return dq, dk, dv, da.to(a.dtype), db.to(b.dtype), dh0, grads_in
+
+
+def _gate_grads(mod, gate, gate_inputs, dGpos, ht, dht, L, K) -> list:
+    """gate_bwd: reverse cumulative sum of dGpos plus the final-state term sum_v S_T dS_T, then the
+    chain rule of the log-decay expression into each raw input (summed down to its shape)."""
+    vector = gate.kind == "vector"
+    H = dGpos.shape[1]
+    if dht is not None and ht is not None:
+        dfinal = (ht * dht).sum(-1)
+        dfinal = dfinal if vector else dfinal.sum(-1)
+    else:
+        dfinal = torch.zeros((L.N, H, K) if vector else (L.N, H), dtype=torch.float32, device=dGpos.device)
+    bufs = [torch.empty_like(dGpos) for _ in gate.grads]
+    BKg = _pow2(K) if vector else 16
+    getattr(mod, f"gate_bwd_{gate.tag}")[(triton.cdiv(K, BKg) if vector else 1, L.N, H)](
+        *gate_inputs, *bufs, dGpos.contiguous(), dfinal.contiguous(), L.cu, L.chunk_offsets, H, K=K, BT=BT,
+        BK=BKg, VECTOR=vector)
+    grads_in = [None] * len(gate_inputs)
+    for i, n in enumerate(gate.inputs):
+        grads_in[i] = _reduce_to(bufs[i], gate.input_layouts[n], vector).reshape(gate_inputs[i].shape).to(
+            gate_inputs[i].dtype)
+    return grads_in
+
+
+class ChunkGeneral(torch.autograd.Function):
+    """(q, k, v, a, b, h0, *gate inputs) -> (o, final state), rows flattened: q, k [rows, HQ, K],
+    v [rows, H, V], a, b [rows, H, K], h0 [N, H, K, V] fp32 or None."""
+
+    @staticmethod
+    def forward(ctx, mod, gate, L, scale, store_final, recurrent, q, k, v, a, b, h0, *gate_inputs):
+        if recurrent:
+            o, ht = _recurrent(mod, gate, q, k, v, a, b, gate_inputs, h0, L, scale, store_final)
+            saved = ()
+        else:
+            st, ht = _forward(mod, gate, q, k, v, a, b, gate_inputs, h0, L, scale, store_final)
+            o = _output(mod, gate, q, v, st, L, scale)
+            saved = tuple(st[n] for n in _SAVED)
+        ctx.mod, ctx.gate, ctx.L, ctx.scale, ctx.recurrent = mod, gate, L, scale, recurrent
+        ctx.n_gate = len(gate_inputs)
+        ctx.save_for_backward(q, k, v, a, b, h0, ht, *gate_inputs, *saved)
+        return o, ht
+
+    @staticmethod
+    def backward(ctx, do, dht):
+        t = ctx.saved_tensors
+        q, k, v, a, b, h0, ht = t[:7]
+        gate_inputs = list(t[7:7 + ctx.n_gate])
+        if ctx.recurrent:   # recompute the chunk states; the backward is the chunk backward (with the
+            # chunk form's own final state in the gate's final-state term, as in the chunk op)
+            st, ht = _forward(ctx.mod, ctx.gate, q, k, v, a, b, gate_inputs, h0, ctx.L, ctx.scale, ht is not None)
+        else:
+            st = dict(zip(_SAVED, t[7 + ctx.n_gate:]))
+        if dht is not None and ht is None:
+            dht = None
+        if dht is not None:   # autograd may hand over an expanded (stride-0) tensor
+            dht = dht.contiguous()
+        dq, dk, dv, da, db, dh0, dgate = _backward(ctx.mod, ctx.gate, q, k, v, a, b, gate_inputs, h0, st, ht, do,
+                                                   dht, ctx.L, ctx.scale, any(ctx.needs_input_grad[12:]))
+        return (None,) * 6 + (dq, dk, dv, da, db, dh0, *dgate)
+
+
+_SAVED = ("G", "Aqk", "Aqb", "Tm", "Mak", "Wa", "h", "R")
 
 
 def run_triton(mod, variant, bound: Bound, mode: str):
-    return run_bound(bound)
+    """An op call on the generated Triton kernels (CUDA, or the interpreter on CPU)."""
+    spec = bound.spec
+    roles = gates_mod.evaluate(bound, exclude=("log_decay",))
+    B, T = bound.sizes["B"], bound.sizes["T"]
+    H, HQ, K, V = bound.size("H"), bound.size("HQ"), bound.size("K"), bound.size("V")
+    q, k = roles["query"], roles["key"]
+    if spec.resolve(bound.switches).qk_l2norm:
+        from .reference import l2_normalize
+        q, k = l2_normalize(q), l2_normalize(k)
+    dtype = bound.out_dtype
+    q = q.to(dtype).reshape(B * T, HQ, K).contiguous()
+    k = k.to(dtype).reshape(B * T, HQ, K).contiguous()
+    v = roles["value"].to(dtype).reshape(B * T, H, V).contiguous()
+    a = roles["a"].to(dtype).reshape(B * T, H, K).contiguous()
+    b = roles["b"].to(dtype).reshape(B * T, H, K).contiguous()
+    gate = variant.gate
+    L = _Layout(B, T, bound.cu_seqlens, q.device)
+    h0 = bound.initial_state.float().contiguous() if bound.initial_state is not None else None
+    o, ht = ChunkGeneral.apply(mod, gate, L, bound.scale, bound.output_final_state, mode == "fused_recurrent",
+                               q, k, v, a, b, h0, *_gate_inputs(bound, gate))
+    o = o.reshape(B, T, H, V)
+    if "skip" in roles:
+        o = o + roles["skip"].to(o.dtype)
+    return o, (ht if bound.output_final_state else None)

@@ -1,0 +1,119 @@
+"""Generated Triton kernels of the general (diagonal-plus-low-rank) form under the Triton interpreter
+(run with TRITON_INTERPRET=1).
+
+RWKV7 (vector decay) and one spec per other decay kind (none, constant, scalar; written to a temporary
+folder and regenerated), on targeted small cases: T = 1, partial chunks, several chunks, varlen,
+grouped q/k heads, initial state, log-decays down to -20, head dims that are not powers of two.
+Chunk and fused_recurrent, forward and every gradient against the float64 oracle. Exits non-zero
+listing every case whose relative error exceeds 1e-4 (fp32) or 2e-2 (fp16 inputs).
+"""
+
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
+
+import torch  # noqa: E402
+
+from linattn_dsl import codegen, ops, reference, registry, testing  # noqa: E402
+from linattn_dsl.cli import _import_file  # noqa: E402
+
+# one spec per decay kind besides RWKV7's vector decay, with the features the host must handle:
+# gate expressions, value gates, grouped q/k heads, skip terms, scale, q/k L2 norm
+SPECS = {
+    "g_none": 'from linattn_dsl import Recurrence, Transition\n'
+              'spec = Recurrence(name="g_none", inputs=dict(q="B T H K", k="B T H K", v="B T H V", aa="B T H K", '
+              'bq="B T H K"), query="q", key="k", value="v", transition=Transition.general(a="aa", b="bq"))\n',
+    "g_const": 'from linattn_dsl import Decay, Recurrence, Transition\n'
+               'spec = Recurrence(name="g_const", inputs=dict(q="B T HK K", k="B T HK K", v="B T H V", aa="B T H K", '
+               'bq="B T H K", c="H"), optional=dict(D="H"), skip="D * v", query="q", key="k", value="v", '
+               'decay=Decay.constant(log="-softplus(c) - 0.01"), scale=0.3, '
+               'transition=Transition.general(a="aa", b="bq"))\n',
+    "g_scalar": 'from linattn_dsl import Arg, Decay, Recurrence, Transition\n'
+                'spec = Recurrence(name="g_scalar", inputs=dict(q="B T HK K", k="B T HK K", v="B T H V", x="B T H", '
+                'y="B T H", A=Arg("H", sign="nonpositive"), aa="B T H K", bq="B T H K"), query="q", key="k", '
+                'value="v * softplus(x)", decay=Decay.scalar(log="A * softplus(x * y)"), '
+                'transition=Transition.general(a="aa", b="bq"))\n',
+    "g_vector": 'from linattn_dsl import Decay, Recurrence, Transition\n'
+                'spec = Recurrence(name="g_vector", inputs=dict(q="B T H K", k="B T H K", v="B T H V", x="B T H K", '
+                'y="B T H K", aa="B T H K", bq="B T H K"), query="q", key="k", value="v", '
+                'decay=Decay.vector(log="-softplus(x - y) * sigmoid(y)"), scale=1.0, '
+                'transition=Transition.general(a="aa", b="bq"), qk_l2norm=True)\n',
+}
+
+CASES = [  # (spec, draw_case keywords, dtypes, fused_recurrent gradients too)
+    ("rwkv7", dict(B=1, T=1, heads=1, K=16, V=16), ("fp32",), True),
+    ("rwkv7", dict(B=2, T=70, heads=2, K=16, V=8), ("fp32", "fp16"), False),
+    ("rwkv7", dict(seqlens=[5, 64, 11], heads=1, K=8, V=8, log_decay_min=-20.0), ("fp32",), True),
+    ("rwkv7", dict(B=1, T=130, heads=1, K=20, V=8, log_decay_min=-20.0, with_initial_state=False), ("fp32",), False),
+    ("rwkv7", dict(B=1, T=40, heads=1, K=80, V=72), ("fp32",), False),
+    ("g_none", dict(B=1, T=67, heads=2, K=16, V=8), ("fp32",), False),
+    ("g_const", dict(B=1, T=67, heads=4, groups=2, K=16, V=8, log_decay_min=-20.0), ("fp32", "fp16"), True),
+    ("g_scalar", dict(seqlens=[30, 1, 50], heads=2, groups=1, K=80, V=8), ("fp32",), True),
+    ("g_vector", dict(B=1, T=66, heads=2, K=16, V=16, optional_present=False), ("fp32",), False),
+]
+DTYPES = {"fp32": (torch.float32, 1e-4), "fp16": (torch.float16, 2e-2)}
+
+
+def _ops(tmp: Path) -> dict:
+    """name -> (spec, chunk op, fused_recurrent op)."""
+    out = {"rwkv7": (registry.load("rwkv7"), ops.chunk_rwkv7, ops.fused_recurrent_rwkv7)}
+    for name, src in SPECS.items():
+        path = tmp / f"{name}.py"
+        path.write_text(src)
+        spec = registry.load(str(path))
+        codegen.regen([spec], tmp / "gen", builtin=False, index=False)
+        mod = _import_file(tmp / "gen" / f"{name}.py")
+        assert mod.FORM == "general", (name, mod.FORM)
+        out[name] = (spec, getattr(mod, f"chunk_{name}"), getattr(mod, f"fused_recurrent_{name}"))
+    return out
+
+
+def main() -> int:
+    failures, n = [], 0
+    t0 = time.time()
+    with tempfile.TemporaryDirectory() as d:
+        table = _ops(Path(d))
+        for name, kw, dtypes, recurrent_grads in CASES:
+            spec, chunk, recurrent = table[name]
+            for dt in dtypes:
+                dtype, tol = DTYPES[dt]
+                case = testing.draw_case(spec, seed=n, **kw)
+                case.tensors = {k: (v.to(dtype) if v is not None and v.dim() >= 3 else v)
+                                for k, v in case.tensors.items()}
+                for mode, op in (("chunk", chunk), ("fused_recurrent", recurrent)):
+                    n += 1
+                    errs = testing.compare(case, op, grads=mode == "chunk" or recurrent_grads)
+                    if dtype != torch.float32:
+                        # per-head parameters sum terms of both signs over every token: half-precision
+                        # operands do not bound their relative error; they are checked in fp32
+                        errs = {k: e for k, e in errs.items() if k[1:] not in spec.args or spec.dims(k[1:])[:2] == ("B", "T")}
+                    bad = {k: f"{e:.2e}" for k, e in errs.items() if not e <= tol}
+                    worst = max(errs, key=errs.get)
+                    print(f"{mode:<16} {name:<9} {dt:<5} {kw}  worst {worst} {errs[worst]:.2e}"
+                          + (f"  FAIL {bad}" if bad else ""), flush=True)
+                    if bad:
+                        failures.append((name, mode, kw, bad))
+    # autograd hands the kernels an expanded (stride-0) gradient of the final state for `s.sum()`
+    spec = registry.load("rwkv7")
+    case = testing.draw_case(spec, B=1, T=20, heads=1, K=16, V=16, seed=7)
+    grads = []
+    for op in (lambda *a, **kw: reference.run(spec, *a, **kw), ops.chunk_rwkv7):
+        leaves = {k_: v_.detach().clone().requires_grad_() for k_, v_ in case.tensors.items()}
+        o, s_ = case.call(op, leaves)
+        (o.sum() + s_.sum()).backward()
+        grads.append([leaves[k_].grad for k_ in sorted(leaves)])
+    n += 1
+    err = max(testing.rel_err(a, b) for a, b in zip(grads[1], grads[0]))
+    print(f"chunk_rwkv7 with expanded d(final_state): worst {err:.2e}")
+    if not err <= 1e-4:
+        failures.append(("rwkv7", "chunk", "expanded dht", err))
+    print(f"{n - len(failures)} of {n} cases passed ({time.time() - t0:.0f} s)")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
