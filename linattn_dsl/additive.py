@@ -140,9 +140,10 @@ def _backward(mod, gate, saved, do, dht, L, scale, need_gate_grads):
         dh0, grads_in
 
 
-def dqk(mod, gate, q, k, v, vs, G, h, do, dhn, A, L, scale):
+def dqk(mod, gate, q, k, v, vs, G, h, do, dhn, A, L, scale, du=None, dw=None):
     """dq, dk (inputs' dtype, groups summed) and dGpos = q dq - k dk (fp32, per value head, [rows, H(, K)])
-    of the additive form with values ``v`` (times ``vs``), states ``h`` and state gradients ``dhn``."""
+    of the additive form with values ``v`` (times ``vs``), states ``h`` and state gradients ``dhn``;
+    with ``du``, also fills ``dw`` = du h^T (the delta form)."""
     rows, HQ, K = q.shape
     H, V = v.shape[1], v.shape[2]
     vector = gate.kind == "vector"
@@ -158,9 +159,10 @@ def dqk(mod, gate, q, k, v, vs, G, h, do, dhn, A, L, scale):
         dq, dk = torch.empty_like(q), torch.empty_like(k)
         dA = dq
         dGpos = torch.empty(rows, H, NK, dtype=torch.float32, device=q.device)
-    mod.dqk_bwd[(NK, L.NT, H if vector else HQ)](q, k, v, _or(vs, G), G, h, do, dhn, dq, dk, dA, dGpos, L.cu,
-                                                 L.chunk_indices, scale, H, HQ, K=K, V=V, BT=BT, BK=BK, BV=BV,
-                                                 VECTOR=vector, HALF=half, VSCALE=vs is not None)
+    mod.dqk_bwd[(NK, L.NT, H if vector else HQ)](q, k, v, _or(vs, G), G, h, do, dhn, dq, dk, dA, dGpos, _or(du, G),
+                                                 _or(dw, G), L.cu, L.chunk_indices, scale, H, HQ, K=K, V=V, BT=BT,
+                                                 BK=BK, BV=BV, VECTOR=vector, HALF=half, VSCALE=vs is not None,
+                                                 DELTA=du is not None)
     if vector:
         BKi = _pow2(K, hi=64)
         mod.dqk_intra_bwd[(triton.cdiv(K, BKi), L.NT * (BT // BC), H)](

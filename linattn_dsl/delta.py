@@ -46,7 +46,7 @@ def _forward(mod, gate, q, k, v, beta, gate_inputs, h0, L: _Layout, scale, store
     w = torch.empty(rows, H, K, dtype=store, device=dev)
     u1 = torch.empty(rows, H, V, dtype=store, device=dev)
     mod.ut_fwd[(L.NT, H)](k, v, beta, G, _or(P, G), Tm, w, u1, L.cu, L.chunk_indices, H, HQ, K=K, V=V, BT=BT,
-                          BC=BC, BK=BK, BV=min(_pow2(V), 32), VECTOR=vector, HALF=half)
+                          BC=BC, BK=BK, BKW=_pow2(K), BV=_pow2(V), VECTOR=vector, HALF=half)
     h = torch.empty(L.NT, H, K, V, dtype=store, device=dev)
     ht = torch.empty(L.N, H, K, V, dtype=torch.float32, device=dev) if store_final else None
     vnew = torch.empty_like(u1)
@@ -84,15 +84,15 @@ def _backward(mod, gate, saved, do, dht, L: _Layout, scale, need_gate_grads):
     mod.state_bwd[(1, triton.cdiv(V, BV), L.N * H)](
         q, k, w, G, do, dvl, du, dht, dhn, dh0, L.cu, L.chunk_offsets, scale, H, HQ, K=K, V=V, BT=BT, BK=BK, BV=BV,
         VECTOR=vector, USE_DHT=dht is not None, STORE_DH0=h0 is not None, HALF=half, DELTA=True)
-    dq, dk_add, dGpos = dqk(mod, gate, q, k, vnew, None, G, h, do, dhn, A, L, scale)
+    dw = torch.empty(rows, H, K, dtype=torch.float32, device=dev)
+    dq, dk_add, dGpos = dqk(mod, gate, q, k, vnew, None, G, h, do, dhn, A, L, scale, du=du, dw=dw)
     dk_ut = torch.empty(rows, H, K, dtype=torch.float32, device=dev)
     dv = torch.empty_like(v)
     dbeta = torch.empty(rows, H, dtype=torch.float32, device=dev)
     dP = torch.empty(rows, H, BT, dtype=torch.float32, device=dev) if vector else None
     gpos = torch.empty_like(dGpos)
-    mod.ut_bwd[(L.NT, H)](k, v, beta, G, _or(P, G), Tm, h, vnew, du, dk_ut, dv, dbeta, _or(dP, G), gpos, L.cu,
-                          L.chunk_indices, H, HQ, K=K, V=V, BT=BT, BC=BC, BK=BK, BV=min(_pow2(V), 32),
-                          VECTOR=vector, HALF=half)
+    mod.ut_bwd[(L.NT, H)](k, v, beta, G, _or(P, G), Tm, vnew, du, dw, dk_ut, dv, dbeta, _or(dP, G), gpos, L.cu,
+                          L.chunk_indices, H, HQ, K=K, V=V, BT=BT, BK=_pow2(K), BV=_pow2(V), VECTOR=vector, HALF=half)
     if vector:   # P's rows read the state (k E[+G]), its columns write it (k E[-G])
         d_row, d_col = torch.zeros_like(dk_ut), torch.zeros_like(dk_ut)
         gpos_p = torch.empty_like(gpos)

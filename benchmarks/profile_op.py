@@ -1,0 +1,42 @@
+"""Per-kernel CUDA times of one op's forward+backward (torch.profiler), for finding the slow stage.
+
+    python -m benchmarks.profile_op delta_rule --T 4096
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from benchmarks.ops import TOKENS, get_fn, make_inputs
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("op")
+    p.add_argument("--T", type=int, default=4096)
+    p.add_argument("--impl", default="ours")
+    args = p.parse_args(argv)
+    t = make_inputs(args.op, args.T)
+    leaves = [x.requires_grad_() for x in t.values() if x.is_floating_point()]
+    fn = get_fn(args.impl, args.op)
+    out = fn(t)
+    do = torch.randn_like(out)
+    for _ in range(3):
+        for x in leaves:
+            x.grad = None
+        fn(t).backward(do)
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for x in leaves:
+            x.grad = None
+        fn(t).backward(do)
+        torch.cuda.synchronize()
+    print(f"{args.impl} {args.op} T={args.T} B={TOKENS // args.T}")
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=40))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
