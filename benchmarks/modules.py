@@ -4,7 +4,8 @@
 
 * FusedLinearCrossEntropyLoss at 32768 tokens, hidden 2048, vocab 128256 (bf16) vs
   ``F.cross_entropy(F.linear(h, w), y)`` eager and compiled.
-* RMSNorm, FusedRMSNormGated and ShortConvolution at [8, 4096, 2048] bf16 vs eager and compiled twins.
+* RMSNorm, FusedRMSNormGated and ShortConvolution at [8, 4096, 2048] bf16 vs eager and compiled twins
+  (the conv also timed forward alone, and its backward with a random ``dy``).
 
 Each case is timed forward + backward (``triton.testing.do_bench``, median ms) and its peak memory above
 the inputs is measured (``torch.cuda.max_memory_allocated``). Prints a table and writes
@@ -142,18 +143,27 @@ def bench_norms(args: argparse.Namespace) -> list[dict]:
 
 
 def bench_conv(args: argparse.Namespace) -> list[dict]:
+    """ShortConvolution (W=4, SiLU, no bias): forward alone and forward + backward with a random ``dy``.
+
+    Unlike the other cases the backward gets a fixed random ``dy`` through ``torch.autograd.grad`` (not
+    ``out.float().sum()``), so the rows time the conv alone, without a cast and a reduction around it.
+    """
     from linattn_dsl.modules import ShortConvolution
 
     torch.manual_seed(0)
     b, t, d = args.shape
     x = torch.randn(b, t, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    dy = torch.randn(b, t, d, device="cuda", dtype=torch.bfloat16)
     conv = ShortConvolution(d, 4).cuda().bfloat16()
     impls = {"linattn_dsl": lambda: conv(x)[0],
              **{k: (lambda f=f: f(x, conv.weight)) for k, f in variants(short_conv_eager, args.no_compile).items()}}
     rows = []
     for name, impl in impls.items():
-        rows.append({"case": f"short_conv W=4 [{b}, {t}, {d}]", "impl": name,
-                     **measure(fwd_bwd(impl, [x, conv.weight]), args.quick)})
+        case = f"short_conv W=4 silu [{b}, {t}, {d}]"
+        rows.append({"case": f"{case} fwd", "impl": name, **measure(impl, args.quick)})
+        print_row(rows[-1])
+        step = lambda impl=impl: torch.autograd.grad(impl(), [x, conv.weight], dy)  # noqa: E731
+        rows.append({"case": f"{case} fwd+bwd", "impl": name, **measure(step, args.quick)})
         print_row(rows[-1])
     return rows
 

@@ -173,25 +173,32 @@ class ShortConvolution(nn.Module):
             if tuple(mask.shape) != (batch, seqlen):
                 raise ValueError(f"mask: expected shape [B, T] = {[batch, seqlen]}, got {list(mask.shape)}")
         check_same_device(x=x, weight=self.weight, cache=cache, cu_seqlens=cu_seqlens, mask=mask)
-        if cu_seqlens is None:
-            cu_seqlens = torch.arange(batch + 1, device=x.device) * seqlen
-        elif cu_seqlens[0].item() != 0 or cu_seqlens[-1].item() != seqlen or (cu_seqlens.diff() < 0).any():
+        varlen = cu_seqlens is not None
+        if varlen and (
+            cu_seqlens[0].item() != 0 or cu_seqlens[-1].item() != seqlen or (cu_seqlens.diff() < 0).any()
+        ):
             raise ValueError(
                 f"cu_seqlens: expected non-decreasing offsets from 0 to T={seqlen}, got {cu_seqlens.tolist()}"
             )
-        n = len(cu_seqlens) - 1
+        n = len(cu_seqlens) - 1 if varlen else batch
         if cache is not None:
             self._check_cache(cache, n, x)
 
         if mask is not None:
             x = x * mask[..., None].to(x.dtype)
         packed = x.reshape(batch * seqlen, dim)
-        cu = cu_seqlens.to(torch.int64)
+        triton_path = use_triton(x)
+        if varlen:
+            cu = cu_seqlens.to(torch.int64)
+        elif output_final_state or not triton_path:
+            cu = torch.arange(batch + 1, device=x.device) * seqlen
+        else:
+            cu = None  # equal lengths: the kernels derive each token's sequence from T, no index tensors
         weight = self.weight[:, 0, :]
-        if use_triton(x):
+        if triton_path:
             from ._conv_kernels import conv_triton
 
-            y = conv_triton(packed, weight, self.bias, cache, cu, self.activation)
+            y = conv_triton(packed, weight, self.bias, cache, cu if varlen else None, self.activation, seqlen)
         else:
             y = _conv_torch(packed, weight, self.bias, cache, cu, self.activation)
         final_state = _final_state(packed, cache, cu, self.kernel_size) if output_final_state else None
