@@ -58,4 +58,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"trained to step {last}: loss {result.losses.get(last, float('nan')):.4f}{val}")
     print(f"model + tokenizer: {result.final_dir}")
     print(f"log: {result.log_path}" + (f"; loss curve: {result.plot_path}" if result.plot_path else ""))
+    memory = f", peak memory {result.peak_memory_gib:.2f} GiB" if result.peak_memory_gib is not None else ""
+    print(f"throughput: {result.steady_tokens_per_s:,.0f} tokens/s over {result.world_size} process(es) "
+          f"(first steps left out){memory}; {result.summary_path}")
     return 0

@@ -6,6 +6,11 @@ Per optimiser step: ``gradient_accumulation_steps`` micro-batches (gradients syn
 only), bf16 autocast on CUDA, gradient clipping to ``training.max_norm``, a step skipped when the loss or
 gradient norm is not finite, AdamW, warmup + cosine schedule. Checkpoints (atomic, :mod:`.checkpoint`)
 hold everything a resumed run needs to reproduce the losses of an uninterrupted one.
+
+Throughput and memory: every step's wall time is kept (the loss's ``.item()`` synchronises each step);
+``train_summary.json`` in the dump folder (and :class:`TrainResult`) gives the steady tokens/s (all
+processes together, the first steps of the run left out: compilation and autotuning) and the peak
+CUDA memory of the main process.
 """
 
 from __future__ import annotations
@@ -43,6 +48,34 @@ class TrainResult:
     tokens_per_s: float = 0.0
     num_params: int = 0
     is_main: bool = True  # the process that writes logs and exports (rank 0)
+    world_size: int = 1
+    tokens_per_step: int = 0  # all processes, all micro-batches
+    step_seconds: dict[int, float] = field(default_factory=dict)  # step -> wall time of that step
+    steady_tokens_per_s: float = 0.0  # over the steps after the first timing_skip(...) of this run
+    peak_memory_gib: float | None = None  # torch.cuda.max_memory_allocated of this process (None on CPU)
+    summary_path: Path | None = None
+
+    def summary(self) -> dict[str, Any]:
+        """What ``train_summary.json`` holds."""
+        last = max(self.losses) if self.losses else 0
+        return {"steps": last, "world_size": self.world_size, "tokens_per_step": self.tokens_per_step,
+                "num_params": self.num_params, "steady_tokens_per_s": self.steady_tokens_per_s,
+                "timed_steps": len(self.step_seconds) - timing_skip(len(self.step_seconds)),
+                "tokens_per_s_overall": self.tokens_per_s, "peak_memory_gib": self.peak_memory_gib,
+                "first_step_s": self.step_seconds[min(self.step_seconds)] if self.step_seconds else None,
+                "final_loss": self.losses.get(last), "val_loss": self.val_loss}
+
+
+def timing_skip(n_steps: int) -> int:
+    """Steps left out at the start of a run of ``n_steps`` when measuring throughput: 10%, 1 to 10."""
+    return min(10, max(1, n_steps // 10)) if n_steps > 1 else 0
+
+
+def steady_tokens_per_s(step_seconds: dict[int, float], tokens_per_step: int) -> float:
+    """Tokens per second over the steps of a run after its first :func:`timing_skip` steps."""
+    times = [step_seconds[s] for s in sorted(step_seconds)]
+    times = times[timing_skip(len(times)):]
+    return tokens_per_step * len(times) / sum(times) if times and sum(times) > 0 else 0.0
 
 
 def lr_lambda(cfg: dict[str, Any]) -> Callable[[int], float]:
@@ -99,26 +132,40 @@ def build_optimizer(cfg: dict[str, Any], model: torch.nn.Module) -> torch.optim.
 
 @torch.no_grad()
 def evaluate_loss(model, val: torch.Tensor, batch_size: int, max_batches: int, accelerator: Accelerator) -> float:
-    """Mean held-out cross-entropy over up to ``max_batches`` batches (split across processes)."""
+    """Mean held-out cross-entropy over up to ``max_batches`` batches (split across processes).
+
+    Every process runs the same number of forwards (one with no batch of its own repeats the first,
+    weighted 0): a wrapped model's forward may be collective (DDP's buffer broadcast, FSDP's all-gather),
+    and processes that disagree on how many they run hang or mix up their collectives.
+    """
     model.eval()
     total = torch.zeros(2, device=accelerator.device)  # sum of losses * blocks, blocks
     batches = [val[i:i + batch_size] for i in range(0, len(val), batch_size)][:max_batches]
-    for batch in batches[accelerator.process_index::accelerator.num_processes]:
-        batch = batch.to(accelerator.device)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    per_process = -(-len(batches) // world)  # ceil
+    for i in range(per_process):
+        index = i * world + rank
+        weight = 1.0 if index < len(batches) else 0.0
+        batch = batches[index if index < len(batches) else 0].to(accelerator.device)
         with accelerator.autocast():
             loss = model(input_ids=batch, labels=batch, use_cache=False).loss
-        total += torch.stack([loss.float() * len(batch), torch.tensor(float(len(batch)), device=total.device)])
+        blocks = weight * len(batch)
+        total += torch.stack([loss.float() * blocks, torch.tensor(blocks, device=total.device)])
     total = accelerator.reduce(total, "sum")
     model.train()
     return (total[0] / total[1]).item() if total[1] > 0 else float("nan")
 
 
 def train(cfg: dict[str, Any], resume: bool = False, on_step: Callable[[int, dict], None] | None = None,
-          progress: bool = True) -> TrainResult:
+          progress: bool = True, model_factory: Callable[[dict, Any], torch.nn.Module] | None = None,
+          export_final: bool = True) -> TrainResult:
     """Run the training that the validated ``cfg`` (:func:`~linattn_dsl.train.config.load_config`) describes.
 
     ``resume``: continue from the latest checkpoint in ``job.dump_folder/checkpoint`` (from scratch if there
     is none). ``on_step(step, record)`` is called after every optimiser step (tests use it to interrupt a run).
+    ``model_factory(cfg, tokenizer)``: build another causal LM than ``cfg["model"]`` describes (any module whose
+    ``forward(input_ids=, labels=, use_cache=)`` returns an object with ``.loss``, e.g. an external Hugging Face
+    model) and train it through the same loop. ``export_final=False``: no ``save_pretrained`` at the end.
     """
     t_cfg, dump = cfg["training"], Path(cfg["job"]["dump_folder"])
     ckpt_dir = dump / "checkpoint"
@@ -141,7 +188,7 @@ def train(cfg: dict[str, Any], resume: bool = False, on_step: Callable[[int, dic
     sampler = data.BlockSampler(train_blocks, t_cfg["batch_size"], cfg["job"]["seed"],
                                 accelerator.process_index, accelerator.num_processes)
 
-    model = build_model(cfg, tokenizer)
+    model = build_model(cfg, tokenizer) if model_factory is None else model_factory(cfg, tokenizer)
     num_params = sum(p.numel() for p in model.parameters())
     if t_cfg["activation_checkpointing"]:
         model.activation_checkpointing_enable()
@@ -168,7 +215,10 @@ def train(cfg: dict[str, Any], resume: bool = False, on_step: Callable[[int, dic
     accum = t_cfg["gradient_accumulation_steps"]
     tokens_per_step = t_cfg["batch_size"] * accum * t_cfg["seq_len"] * accelerator.num_processes
     result = TrainResult(dump, dump / "final", dump / "train_log.jsonl", None, ckpt_dir, num_params=num_params,
-                         is_main=main)
+                         is_main=main, world_size=accelerator.num_processes, tokens_per_step=tokens_per_step)
+    on_cuda = accelerator.device.type == "cuda"
+    if on_cuda:
+        torch.cuda.reset_peak_memory_stats(accelerator.device)
     bar = tqdm(total=t_cfg["steps"], initial=start, disable=not (main and progress), dynamic_ncols=True)
     t_run, tokens_run = time.perf_counter(), 0
     for step in range(start + 1, t_cfg["steps"] + 1):
@@ -192,8 +242,11 @@ def train(cfg: dict[str, Any], resume: bool = False, on_step: Callable[[int, dic
         scheduler.step()
         dt = time.perf_counter() - t0
         tokens_run += tokens_per_step
+        result.step_seconds[step] = dt
         record = {"step": step, "loss": loss_val, "lr": lr, "grad_norm": grad_norm,
                   "tokens": step * tokens_per_step, "tokens_per_s": tokens_per_step / dt}
+        if on_cuda:
+            record["max_memory_gib"] = torch.cuda.max_memory_allocated(accelerator.device) / 2**30
         if skipped:
             record["skipped"] = True
         result.losses[step] = loss_val
@@ -214,7 +267,14 @@ def train(cfg: dict[str, Any], resume: bool = False, on_step: Callable[[int, dic
             on_step(step, record)
     bar.close()
     result.tokens_per_s = tokens_run / max(time.perf_counter() - t_run, 1e-9)
-    export(accelerator, model, tokenizer, result.final_dir)
+    result.steady_tokens_per_s = steady_tokens_per_s(result.step_seconds, tokens_per_step)
+    if on_cuda:
+        result.peak_memory_gib = torch.cuda.max_memory_allocated(accelerator.device) / 2**30
+    if main:  # before the export: a model that cannot be exported still leaves its numbers
+        result.summary_path = dump / "train_summary.json"
+        result.summary_path.write_text(json.dumps(result.summary(), indent=1))
+    if export_final:
+        export(accelerator, model, tokenizer, result.final_dir)
     if main and cfg["metrics"]["plot"]:
         result.plot_path = report.plot_loss(result.log_path, dump / "loss_curve.png")
     accelerator.end_training()
