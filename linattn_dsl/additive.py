@@ -10,6 +10,7 @@ wires forward and backward stages together (CHUNK_MATH.md section 1):
 from __future__ import annotations
 
 import os
+import re
 
 import torch
 import triton
@@ -18,6 +19,18 @@ from . import gates as gates_mod
 from .args import Bound
 
 BT, BC = 64, 16
+
+
+def launch_opts(kernel: str, defaults: dict | None = None) -> dict:
+    """num_warps / num_stages of a stage launch: the defaults given here, or an override for tuning runs
+    from LINATTN_LAUNCH, e.g. ``dqk_bwd:w8s2,ut_bwd:w8`` (w = warps, s = stages)."""
+    opts = dict(defaults or {})
+    for item in os.environ.get("LINATTN_LAUNCH", "").split(","):
+        name, _, spec = item.partition(":")
+        if name == kernel:
+            for key, val in re.findall(r"([ws])(\d+)", spec):
+                opts["num_warps" if key == "w" else "num_stages"] = int(val)
+    return opts
 
 
 def _pow2(n: int, lo: int = 16, hi: int = 64) -> int:
@@ -162,7 +175,8 @@ def dqk(mod, gate, q, k, v, vs, G, h, do, dhn, A, L, scale, du=None, dw=None):
     mod.dqk_bwd[(NK, L.NT, H if vector else HQ)](q, k, v, _or(vs, G), G, h, do, dhn, dq, dk, dA, dGpos, _or(du, G),
                                                  _or(dw, G), L.cu, L.chunk_indices, scale, H, HQ, K=K, V=V, BT=BT,
                                                  BK=BK, BV=BV, VECTOR=vector, HALF=half, VSCALE=vs is not None,
-                                                 DELTA=du is not None)
+                                                 DELTA=du is not None,
+                                                 **launch_opts("dqk_bwd", dict(num_warps=8) if du is not None else {}))
     if vector:
         BKi = _pow2(K, hi=64)
         mod.dqk_intra_bwd[(triton.cdiv(K, BKi), L.NT * (BT // BC), H)](

@@ -18,7 +18,8 @@ from __future__ import annotations
 import torch
 import triton
 
-from .additive import BC, BT, Prepared, _half, _Layout, _or, _output, _pow2, _run_gate, dqk, gate_grads, group_sum
+from .additive import (BC, BT, Prepared, _half, _Layout, _or, _output, _pow2, _run_gate, dqk, gate_grads, group_sum,
+                       launch_opts)
 from .args import Bound
 
 MAX_K = 256
@@ -26,6 +27,16 @@ MAX_K = 256
 
 def _full(K: int) -> int:
     return max(16, triton.next_power_of_2(K))
+
+
+def _state_bv(BK: int) -> int:
+    """Value block of the sequential state kernels, which hold the whole key dim: smaller for big K."""
+    return 32 if BK <= 128 else 16
+
+
+def _state_opts(half: int) -> dict:
+    """fp32 operands double the shared memory of the state kernels' tiles: no software pipelining."""
+    return {} if half else dict(num_stages=1)
 
 
 def _forward(mod, gate, q, k, v, beta, gate_inputs, h0, L: _Layout, scale, store_final):
@@ -46,14 +57,15 @@ def _forward(mod, gate, q, k, v, beta, gate_inputs, h0, L: _Layout, scale, store
     w = torch.empty(rows, H, K, dtype=store, device=dev)
     u1 = torch.empty(rows, H, V, dtype=store, device=dev)
     mod.ut_fwd[(L.NT, H)](k, v, beta, G, _or(P, G), Tm, w, u1, L.cu, L.chunk_indices, H, HQ, K=K, V=V, BT=BT,
-                          BC=BC, BK=BK, BKW=_pow2(K), BV=_pow2(V), VECTOR=vector, HALF=half)
+                          BC=BC, BK=BK, BKW=_pow2(K), BV=_pow2(V), VECTOR=vector, HALF=half, **launch_opts("ut_fwd"))
     h = torch.empty(L.NT, H, K, V, dtype=store, device=dev)
     ht = torch.empty(L.N, H, K, V, dtype=torch.float32, device=dev) if store_final else None
     vnew = torch.empty_like(u1)
-    BV = 64 if BK <= 64 else 32
+    BV = _state_bv(BK)
     mod.state_fwd[(1, triton.cdiv(V, BV), L.N * H)](
         k, u1, G, G, h, h0, ht, w, vnew, L.cu, L.chunk_offsets, H, HQ, K=K, V=V, BT=BT, BK=BK, BV=BV,
-        VECTOR=vector, USE_H0=h0 is not None, STORE_FINAL=store_final, HALF=half, VSCALE=False, DELTA=True)
+        VECTOR=vector, USE_H0=h0 is not None, STORE_FINAL=store_final, HALF=half, VSCALE=False, DELTA=True,
+        **launch_opts("state_fwd", _state_opts(half)))
     A = None
     if vector:
         A = torch.empty(rows, H, BT, dtype=torch.float32, device=dev)
@@ -71,20 +83,23 @@ def _backward(mod, gate, saved, do, dht, L: _Layout, scale, need_gate_grads):
     dev = q.device
     do = do.contiguous()
     BK = _full(K)
+    store = q.dtype if half else torch.float32
     # dvl = A^T dO: the intra-chunk part of dU
-    dvl = torch.empty(rows, H, V, dtype=torch.float32, device=dev)
+    dvl = torch.empty(rows, H, V, dtype=store, device=dev)
     BVl = _pow2(V)
     mod.dv_bwd[(triton.cdiv(V, BVl), L.NT, H)](q, k, vnew, G, G, G, G, G, _or(A, G), do, G, dvl, L.cu,
                                                L.chunk_indices, scale, H, HQ, K=K, V=V, BT=BT, BK=_pow2(K), BV=BVl,
                                                VECTOR=vector, HALF=half, VSCALE=False, SKIP=False, LOCAL=True)
     dhn = torch.empty_like(h)
-    du = torch.empty(rows, H, V, dtype=torch.float32, device=dev)
+    du = torch.empty(rows, H, V, dtype=store, device=dev)
     dh0 = torch.empty(L.N, H, K, V, dtype=torch.float32, device=dev) if h0 is not None else None
-    BV = 64 if BK <= 64 else 32
+    BV = _state_bv(BK)
     mod.state_bwd[(1, triton.cdiv(V, BV), L.N * H)](
         q, k, w, G, do, dvl, du, dht, dhn, dh0, L.cu, L.chunk_offsets, scale, H, HQ, K=K, V=V, BT=BT, BK=BK, BV=BV,
-        VECTOR=vector, USE_DHT=dht is not None, STORE_DH0=h0 is not None, HALF=half, DELTA=True)
-    dw = torch.empty(rows, H, K, dtype=torch.float32, device=dev)
+        VECTOR=vector, USE_DHT=dht is not None, STORE_DH0=h0 is not None, HALF=half, DELTA=True,
+        **launch_opts("state_bwd", _state_opts(half)))
+    del dvl
+    dw = torch.empty(rows, H, K, dtype=store, device=dev)
     dq, dk_add, dGpos = dqk(mod, gate, q, k, vnew, None, G, h, do, dhn, A, L, scale, du=du, dw=dw)
     dk_ut = torch.empty(rows, H, K, dtype=torch.float32, device=dev)
     dv = torch.empty_like(v)
@@ -92,7 +107,8 @@ def _backward(mod, gate, saved, do, dht, L: _Layout, scale, need_gate_grads):
     dP = torch.empty(rows, H, BT, dtype=torch.float32, device=dev) if vector else None
     gpos = torch.empty_like(dGpos)
     mod.ut_bwd[(L.NT, H)](k, v, beta, G, _or(P, G), Tm, vnew, du, dw, dk_ut, dv, dbeta, _or(dP, G), gpos, L.cu,
-                          L.chunk_indices, H, HQ, K=K, V=V, BT=BT, BK=_pow2(K), BV=_pow2(V), VECTOR=vector, HALF=half)
+                          L.chunk_indices, H, HQ, K=K, V=V, BT=BT, BK=_pow2(K), BV=_pow2(V), VECTOR=vector, HALF=half,
+                          **launch_opts("ut_bwd", dict(num_warps=8)))
     if vector:   # P's rows read the state (k E[+G]), its columns write it (k E[-G])
         d_row, d_col = torch.zeros_like(dk_ut), torch.zeros_like(dk_ut)
         gpos_p = torch.empty_like(gpos)

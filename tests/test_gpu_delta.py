@@ -1,6 +1,6 @@
 """The delta-rule ops on a GPU at real shapes (skipped without CUDA; run on the GPU machine).
 
-The same three checks as tests/test_gpu_additive.py: fp32 kernels vs the float64 oracle (T <= 300),
+The same three checks as tests/test_gpu_additive.py: fp32 kernels vs the float64 oracle (T <= 160),
 bf16 vs our fp32 kernels at T up to 16384 with head dims 64/128/256 (3e-2 relative, every gradient),
 fused_recurrent vs chunk with log-decays down to -20 at 16k tokens (finite, 3e-2).
 """
@@ -19,8 +19,9 @@ DELTA = ["delta_rule", "gated_delta_rule", "kda"]
 @pytest.mark.parametrize("mode", ["chunk", "fused_recurrent"])
 def test_fp32_vs_oracle(name, mode):
     spec = registry.load(name)
-    for kw in (dict(B=2, T=300, heads=2, K=64, V=64), dict(seqlens=[100, 1, 170], heads=2, K=128, V=64),
-               dict(B=1, T=200, heads=4, groups=2, K=32, V=32, log_decay_min=-20.0)):
+    # the oracle is a Python loop over tokens (slow on a GPU): three chunks are enough to cover every stage
+    for kw in (dict(B=2, T=150, heads=2, K=64, V=64), dict(seqlens=[70, 1, 90], heads=2, K=128, V=64),
+               dict(B=1, T=140, heads=4, groups=2, K=32, V=32, log_decay_min=-20.0)):
         case = _to(testing.draw_case(spec, **kw), torch.float32)
         errs = testing.compare(case, getattr(ops, f"{mode}_{name}"))
         assert all(e < 1e-4 for e in errs.values()), (kw, errs)

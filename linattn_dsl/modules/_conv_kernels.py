@@ -18,7 +18,8 @@ Backward, two passes (no saved activations; ``pre`` is recomputed from ``x``)::
     dx[t]      = sum_s weight[W-1-s] * dpre[t+s]           pass 2, over the t + s in t's sequence
 
 Storing ``dpre`` costs one extra write and read of an ``x``-sized tensor, but each pass is a streaming
-kernel with ``W`` shifted (L1/L2-hitting) loads. The single-kernel alternatives measured slower on an H100 (1.35 and 1.71 ms fwd+bwd against 1.05 ms
+kernel with ``W`` shifted (L1/L2-hitting) loads. The single-kernel alternatives measured slower on an H100
+(1.35 and 1.71 ms fwd+bwd against 1.05 ms
 for these two passes, before their tiles were tuned):
 recomputing ``pre`` at the ``W`` tokens ``t + s`` (``W^2`` loads, which spilled registers at ``64 x 128``
 tiles) and shifting ``dpre`` inside a tile with ``tl.gather``. Offsets inside a tile are int32, relative to an
