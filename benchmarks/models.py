@@ -21,6 +21,11 @@ are measured again alone when the budget allows (``concurrent`` says which numbe
 processes on the card). Families whose ops have no Triton kernels yet (delta and general forms run the
 step-by-step oracle on CUDA) are skipped unless ``--include-oracle``; agreement runs for them anyway.
 
+``--loop-config configs/gla_340m.toml`` adds issue 8's one-card comparison: that config trained for
+``--loop-steps`` steps through ``linattn train``'s loop (AdamW, bf16 autocast), ours and FLA's model of the
+same family (``benchmarks.train_scaling``), FLA warmed up beside the rest. ``--budget`` bounds everything:
+FLA items are timed when their warm-ups are done, highest priority first (the first family, the loop, the
+other families), and given up when they can no longer fit.
 ``--tiny`` (with ``--device cpu``) runs the same code on tiny configs: a check of the script itself.
 Results: a table on stdout (last), ``results.json`` and per-job logs under ``--out``.
 """
@@ -374,7 +379,7 @@ def child(args) -> int:
     if torch.device(args.device).type == "cuda":
         base["card"] = torch.cuda.get_device_name()
     base.update(params_m=sum(p.numel() for p in model.parameters()) / 1e6,
-                layers=model.config.num_hidden_layers, notes=notes, build_s=time.time() - start)
+                layers=model.config.num_hidden_layers, notes=notes, build_s=time.time() - start, kwargs=kwargs)
     emit("info", base)
     parts = {"warm-train": ["train"], "warm-decode": ["decode"], "time": ["train", "decode"]}[args.child]
     if args.no_decode and "decode" in parts:
