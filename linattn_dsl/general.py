@@ -24,36 +24,46 @@ from .args import Bound
 def _state_blocks(K: int, V: int) -> tuple[int, int]:
     """(BK, BV) of the sequential state passes: the whole key dim in one block."""
     BK = max(16, triton.next_power_of_2(K))
-    BV = max(16, min(triton.next_power_of_2(V), 8192 // BK, 64))
+    BV = max(16, min(triton.next_power_of_2(V), 4096 // BK, 64))
     return BK, BV
 
 
+def _state_stages(BK: int) -> int:
+    """Software-pipelining depth of the state passes: prefetching the next chunks' [BT, K] tiles hides
+    the sequential loop's load latency, within the 227 KiB of shared memory of an H100 / H200."""
+    return 3 if BK <= 128 else 1
+
+
 def _forward(mod, gate, q, k, v, a, b, gate_inputs, h0, L, scale, store_final):
-    """Every forward stage but the output: what the output and the backward need."""
+    """Every forward stage but the output: what the output and the backward need. Intermediates that
+    the later stages only use as matrix-product operands are kept in the inputs' half type (if any)."""
     rows, HQ, K = q.shape
     H, V = v.shape[1], v.shape[2]
     vector = gate.kind == "vector"
     half = _half(q.dtype)
     dev = q.device
+    sd = torch.float32 if half == 0 else q.dtype
     G = _run_gate(mod, gate, gate_inputs, L, H, K, rows, cumsum=True)
-    Aqk, Aqb, Lab, Lak = (torch.empty(rows, H, BT, dtype=torch.float32, device=dev) for _ in range(4))
-    BK = _pow2(K, hi=64)
+    Aqk, Aqb = (torch.empty(rows, H, BT, dtype=sd, device=dev) for _ in range(2))
+    Lab, Lak = (torch.empty(rows, H, BT, dtype=torch.float32, device=dev) for _ in range(2))
     mod.general_scores_fwd[(BT // BC, L.NT, H)](q, k, a, b, G, Aqk, Aqb, Lab, Lak, L.cu, L.chunk_indices, scale,
-                                                H, HQ, K=K, BT=BT, BC=BC, BK=BK, VECTOR=vector, HALF=half)
-    Tm, Mak = torch.empty_like(Lab), torch.empty_like(Lak)
-    Wa = torch.empty(rows, H, K, dtype=torch.float32, device=dev)
-    mod.general_solve_fwd[(L.NT, H)](a, G, Lab, Lak, Tm, Mak, Wa, L.cu, L.chunk_indices, H, K=K, BT=BT, BC=BC,
-                                     BK=BK, VECTOR=vector)
+                                                H, HQ, K=K, BT=BT, BC=BC, BK=_pow2(K, hi=32), VECTOR=vector,
+                                                HALF=half, num_warps=8)
+    Tm = torch.empty(rows, H, BT, dtype=torch.float32, device=dev)
+    Mak = torch.empty(rows, H, BT, dtype=sd, device=dev)
+    Wa, qg, kg, bg = (torch.empty(rows, H, K, dtype=sd, device=dev) for _ in range(4))
+    mod.general_solve_fwd[(L.NT, H)](q, k, a, b, G, Lab, Lak, Tm, Mak, Wa, qg, kg, bg, L.cu, L.chunk_indices, H,
+                                     HQ, K=K, BT=BT, BC=BC, BK=_pow2(K, hi=32), VECTOR=vector, HALF=half)
     del Lab, Lak
-    state_dtype = torch.float32 if half == 0 else q.dtype
-    h = torch.empty(L.NT, H, K, V, dtype=state_dtype, device=dev)
-    R = torch.empty(rows, H, V, dtype=state_dtype, device=dev)
+    h = torch.empty(L.NT, H, K, V, dtype=sd, device=dev)
+    R = torch.empty(rows, H, V, dtype=sd, device=dev)
     ht = torch.empty(L.N, H, K, V, dtype=torch.float32, device=dev) if store_final else None
     BKs, BVs = _state_blocks(K, V)
     mod.general_state_fwd[(triton.cdiv(V, BVs), L.N * H)](
-        k, v, b, G, Wa, Mak, h, R, h0, ht, L.cu, L.chunk_offsets, H, HQ, K=K, V=V, BT=BT, BK=BKs, BV=BVs,
-        VECTOR=vector, USE_H0=h0 is not None, STORE_FINAL=store_final, HALF=half)
-    return dict(G=G, Aqk=Aqk, Aqb=Aqb, Tm=Tm, Mak=Mak, Wa=Wa, h=h, R=R), ht
+        kg, bg, v, G, Wa, Mak, h, R, h0, ht, L.cu, L.chunk_offsets, H, K=K, V=V, BT=BT, BK=BKs, BV=BVs,
+        VECTOR=vector, USE_H0=h0 is not None, STORE_FINAL=store_final, HALF=half, num_warps=8,
+        num_stages=_state_stages(BKs))
+    return dict(G=G, Aqk=Aqk, Aqb=Aqb, Tm=Tm, Mak=Mak, Wa=Wa, h=h, R=R, qg=qg, kg=kg, bg=bg), ht
 
 
 def _output(mod, gate, q, v, st, L, scale):
@@ -62,8 +72,8 @@ def _output(mod, gate, q, v, st, L, scale):
     o = torch.empty(rows, H, V, dtype=v.dtype, device=q.device)
     BV = _pow2(V)
     mod.general_output_fwd[(triton.cdiv(V, BV), L.NT, H)](
-        q, v, st["G"], st["h"], st["R"], st["Aqk"], st["Aqb"], o, L.cu, L.chunk_indices, scale, H, HQ, K=K, V=V,
-        BT=BT, BK=_pow2(K), BV=BV, VECTOR=gate.kind == "vector", HALF=_half(q.dtype))
+        st["qg"], v, st["h"], st["R"], st["Aqk"], st["Aqb"], o, L.cu, L.chunk_indices, scale, H, K=K, V=V, BT=BT,
+        BK=_pow2(K), BV=BV, HALF=_half(q.dtype))
     return o
 
 
@@ -100,29 +110,29 @@ def _backward(mod, gate, q, k, v, a, b, gate_inputs, h0, st, ht, do, dht, L, sca
     dh0 = torch.empty(L.N, H, K, V, dtype=torch.float32, device=dev) if h0 is not None else None
     BKs, BVs = _state_blocks(K, V)
     mod.general_state_bwd[(triton.cdiv(V, BVs), L.N * H)](
-        q, b, G, st["Wa"], st["Aqb"], do, dht, dhn, dR, dh0, L.cu, L.chunk_offsets, scale, H, HQ, K=K, V=V, BT=BT,
-        BK=BKs, BV=BVs, VECTOR=vector, USE_DHT=dht is not None, STORE_DH0=h0 is not None, HALF=half)
+        st["qg"], st["bg"], G, st["Wa"], st["Aqb"], do, dht, dhn, dR, dh0, L.cu, L.chunk_offsets, scale, H, K=K, V=V,
+        BT=BT, BK=BKs, BV=BVs, VECTOR=vector, USE_DHT=dht is not None, STORE_DH0=h0 is not None, HALF=half,
+        num_warps=8, num_stages=_state_stages(BKs))
     dv = torch.empty_like(v)
     BK, BV = _pow2(K), _pow2(V)
     mod.general_dv_bwd[(triton.cdiv(V, BV), L.NT, H)](
-        k, G, st["Aqk"], st["Mak"], do, dhn, dR, dv, L.cu, L.chunk_indices, H, HQ, K=K, V=V, BT=BT, BK=BK, BV=BV,
-        VECTOR=vector, HALF=half)
+        st["kg"], st["Aqk"], st["Mak"], do, dhn, dR, dv, L.cu, L.chunk_indices, H, K=K, V=V, BT=BT, BK=BK, BV=BV,
+        HALF=half)
     dq, dk, da, db = (torch.empty(rows, H, K, dtype=torch.float32, device=dev) for _ in range(4))
     NK = triton.cdiv(K, BK)
     W = K if vector else NK
     X, Q = (torch.empty(rows, H, W, dtype=torch.float32, device=dev) for _ in range(2))
-    if vector:
-        dmats = [torch.empty(rows, H, BT, dtype=torch.float32, device=dev) for _ in range(4)]
-    else:
-        dmats = [dq] * 4   # not used by the scalar path
+    dmats = [torch.empty(rows, H, BT, dtype=torch.float32, device=dev) for _ in range(4)]
+    mod.general_dmat_bwd[(L.NT, H)](v, st["Tm"], st["R"], dR, do, *dmats, L.cu, L.chunk_indices, scale, H, V=V, BT=BT,
+                                    BV=BV, HALF=half, num_warps=8)
     mod.general_dqk_bwd[(NK, L.NT, H)](
         q, k, a, b, v, G, st["Tm"], h, dhn, st["R"], dR, do, dq, dk, da, db, *dmats, X, Q, L.cu, L.chunk_indices,
-        scale, H, HQ, K=K, V=V, BT=BT, BK=BK, BV=BV, VECTOR=vector, HALF=half)
+        scale, H, HQ, K=K, V=V, BT=BT, BK=BK, BV=BV, VECTOR=vector, HALF=half, num_warps=8)
     if vector:
-        BKi = _pow2(K, hi=64)
+        BKi = _pow2(K, hi=32)
         mod.general_intra_bwd[(triton.cdiv(K, BKi), L.NT * (BT // BC), H)](
             q, k, a, b, G, *dmats, dq, dk, da, db, X, Q, L.cu, L.chunk_indices, H, HQ, K=K, BT=BT, BC=BC, BK=BKi,
-            HALF=half)
+            HALF=half, num_warps=8)
     grads_in = [None] * len(gate_inputs)
     if need_gate_grads and gate.grads:
         if not vector:
@@ -195,7 +205,7 @@ class ChunkGeneral(torch.autograd.Function):
         return (None,) * 6 + (dq, dk, dv, da, db, dh0, *dgate)
 
 
-_SAVED = ("G", "Aqk", "Aqb", "Tm", "Mak", "Wa", "h", "R")
+_SAVED = ("G", "Aqk", "Aqb", "Tm", "Mak", "Wa", "h", "R", "qg", "kg", "bg")
 
 
 def run_triton(mod, variant, bound: Bound, mode: str):
