@@ -147,3 +147,43 @@ def _fixed_source(seed: int) -> str:
         'k="B T H K", v="B T H V", x="B T H K", y="B T H K"), query="q", key="k", value="v", '
         'decay=Decay.vector(log="-softplus(x - y) * sigmoid(y)"), scale=1.0)\n',
     ][seed]
+
+
+# ---- issue 5: drawn specs of the general transition through the generated Triton kernels ---------------
+import pytest  # noqa: E402
+
+_GENERAL_SCRIPT = """
+import sys
+from pathlib import Path
+from linattn_dsl import codegen, registry, verify
+from linattn_dsl.cli import _import_file
+d = Path(sys.argv[1])
+spec = registry.load(str(d / "drawn.py"))
+codegen.regen([spec], d / "gen", builtin=False, index=False)
+mod = _import_file(d / "gen" / "drawn.py")
+assert mod.FORM == "general", mod.FORM
+res = verify.verify(spec, mod, examples=1, max_T=40)
+print(verify.table(res, 1e-4))
+sys.exit(0 if all(r.ok for r in res) else 1)
+"""
+
+
+@pytest.mark.parametrize("decay", ["none", "constant", "scalar", "vector"])
+def test_drawn_general_specs_under_the_triton_interpreter(tmp_path_factory, decay):
+    """One drawn general-transition spec per decay kind (hypothesis, derandomized) through the generated
+    Triton kernels under TRITON_INTERPRET=1 (fresh process), chunk and fused_recurrent, every gradient."""
+    sources = []
+
+    @settings(max_examples=1, deadline=None, derandomize=True, database=None,
+              suppress_health_check=list(HealthCheck), phases=[Phase.generate])
+    @given(spec_sources().filter(lambda s: "Transition.general" in s and f"decay=Decay.{decay}(" in s))
+    def draw(source):
+        sources.append(source)
+
+    draw()
+    d = tmp_path_factory.mktemp(f"general_{decay}")
+    (d / "drawn.py").write_text(sources[-1])
+    r = subprocess.run([sys.executable, "-c", _GENERAL_SCRIPT, str(d)], capture_output=True, text=True,
+                       timeout=900, env=dict(os.environ, TRITON_INTERPRET="1"))
+    assert r.returncode == 0, sources[-1] + "\n" + r.stdout[-4000:] + r.stderr[-4000:]
+    assert r.stdout.count("triton-interpret") == 2

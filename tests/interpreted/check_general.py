@@ -90,7 +90,8 @@ def main() -> int:
                     if dtype != torch.float32:
                         # per-head parameters sum terms of both signs over every token: half-precision
                         # operands do not bound their relative error; they are checked in fp32
-                        errs = {k: e for k, e in errs.items() if k[1:] not in spec.args or spec.dims(k[1:])[:2] == ("B", "T")}
+                        errs = {k: e for k, e in errs.items()
+                                if k[1:] not in spec.args or spec.dims(k[1:])[:2] == ("B", "T")}
                     bad = {k: f"{e:.2e}" for k, e in errs.items() if not e <= tol}
                     worst = max(errs, key=errs.get)
                     print(f"{mode:<16} {name:<9} {dt:<5} {kw}  worst {worst} {errs[worst]:.2e}"
