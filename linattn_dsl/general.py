@@ -28,10 +28,11 @@ def _state_blocks(K: int, V: int) -> tuple[int, int]:
     return BK, BV
 
 
-def _state_stages(BK: int) -> int:
+def _state_stages(BK: int, dtype: torch.dtype) -> int:
     """Software-pipelining depth of the state passes: prefetching the next chunks' [BT, K] tiles hides
-    the sequential loop's load latency, within the 227 KiB of shared memory of an H100 / H200."""
-    return 3 if BK <= 128 else 1
+    the sequential loop's load latency, within the 227 KiB of shared memory of an H100 / H200 (compiled
+    for sm_90: bf16 K=128 takes 196 KiB at depth 3; bf16 K=256 or fp32 K=128 would not fit)."""
+    return 3 if BK * dtype.itemsize <= 256 else 1
 
 
 def _forward(mod, gate, q, k, v, a, b, gate_inputs, h0, L, scale, store_final):
@@ -62,7 +63,7 @@ def _forward(mod, gate, q, k, v, a, b, gate_inputs, h0, L, scale, store_final):
     mod.general_state_fwd[(triton.cdiv(V, BVs), L.N * H)](
         kg, bg, v, G, Wa, Mak, h, R, h0, ht, L.cu, L.chunk_offsets, H, K=K, V=V, BT=BT, BK=BKs, BV=BVs,
         VECTOR=vector, USE_H0=h0 is not None, STORE_FINAL=store_final, HALF=half, num_warps=8,
-        num_stages=_state_stages(BKs))
+        num_stages=_state_stages(BKs, q.dtype))
     return dict(G=G, Aqk=Aqk, Aqb=Aqb, Tm=Tm, Mak=Mak, Wa=Wa, h=h, R=R, qg=qg, kg=kg, bg=bg), ht
 
 
@@ -112,7 +113,7 @@ def _backward(mod, gate, q, k, v, a, b, gate_inputs, h0, st, ht, do, dht, L, sca
     mod.general_state_bwd[(triton.cdiv(V, BVs), L.N * H)](
         st["qg"], st["bg"], G, st["Wa"], st["Aqb"], do, dht, dhn, dR, dh0, L.cu, L.chunk_offsets, scale, H, K=K, V=V,
         BT=BT, BK=BKs, BV=BVs, VECTOR=vector, USE_DHT=dht is not None, STORE_DH0=h0 is not None, HALF=half,
-        num_warps=8, num_stages=_state_stages(BKs))
+        num_warps=8, num_stages=_state_stages(BKs, q.dtype))
     dv = torch.empty_like(v)
     BK, BV = _pow2(K), _pow2(V)
     mod.general_dv_bwd[(triton.cdiv(V, BV), L.NT, H)](
@@ -124,10 +125,11 @@ def _backward(mod, gate, q, k, v, a, b, gate_inputs, h0, st, ht, do, dht, L, sca
     X, Q = (torch.empty(rows, H, W, dtype=torch.float32, device=dev) for _ in range(2))
     dmats = [torch.empty(rows, H, BT, dtype=torch.float32, device=dev) for _ in range(4)]
     mod.general_dmat_bwd[(L.NT, H)](v, st["Tm"], st["R"], dR, do, *dmats, L.cu, L.chunk_indices, scale, H, V=V, BT=BT,
-                                    BV=BV, HALF=half, num_warps=8)
+                                    BV=BV, HALF=half, num_warps=8, num_stages=3 if half else 2)
     mod.general_dqk_bwd[(NK, L.NT, H)](
         q, k, a, b, v, G, st["Tm"], h, dhn, st["R"], dR, do, dq, dk, da, db, *dmats, X, Q, L.cu, L.chunk_indices,
-        scale, H, HQ, K=K, V=V, BT=BT, BK=BK, BV=BV, VECTOR=vector, HALF=half, num_warps=8)
+        scale, H, HQ, K=K, V=V, BT=BT, BK=BK, BV=BV, VECTOR=vector, HALF=half, num_warps=8,
+        num_stages=3 if half else 2)
     if vector:
         BKi = _pow2(K, hi=32)
         mod.general_intra_bwd[(triton.cdiv(K, BKi), L.NT * (BT // BC), H)](
