@@ -119,7 +119,11 @@ def _backward(mod, gate, q, k, v, a, b, gate_inputs, h0, st, ht, do, dht, L, sca
     mod.general_dv_bwd[(triton.cdiv(V, BV), L.NT, H)](
         st["kg"], st["Aqk"], st["Mak"], do, dhn, dR, dv, L.cu, L.chunk_indices, H, K=K, V=V, BT=BT, BK=BK, BV=BV,
         HALF=half)
-    dq, dk, da, db = (torch.empty(rows, H, K, dtype=torch.float32, device=dev) for _ in range(4))
+    # outputs per value head, in the inputs' dtypes unless grouped q/k heads are still to be summed
+    qk_dtype = q.dtype if HQ == H else torch.float32
+    outs = [torch.empty(rows, H, K, dtype=dt, device=dev) for dt in (qk_dtype, qk_dtype, a.dtype, b.dtype)]
+    # vector decays: general_dqk_bwd leaves the state terms (fp32) to general_intra_bwd
+    direct = [torch.empty(rows, H, K, dtype=torch.float32, device=dev) for _ in range(4)] if vector else outs
     NK = triton.cdiv(K, BK)
     W = K if vector else NK
     X, Q = (torch.empty(rows, H, W, dtype=torch.float32, device=dev) for _ in range(2))
@@ -127,14 +131,15 @@ def _backward(mod, gate, q, k, v, a, b, gate_inputs, h0, st, ht, do, dht, L, sca
     mod.general_dmat_bwd[(L.NT, H)](v, st["Tm"], st["R"], dR, do, *dmats, L.cu, L.chunk_indices, scale, H, V=V, BT=BT,
                                     BV=BV, HALF=half, num_warps=8, num_stages=3 if half else 2)
     mod.general_dqk_bwd[(NK, L.NT, H)](
-        q, k, a, b, v, G, st["Tm"], h, dhn, st["R"], dR, do, dq, dk, da, db, *dmats, X, Q, L.cu, L.chunk_indices,
+        q, k, a, b, v, G, st["Tm"], h, dhn, st["R"], dR, do, *direct, *dmats, X, Q, L.cu, L.chunk_indices,
         scale, H, HQ, K=K, V=V, BT=BT, BK=BK, BV=BV, VECTOR=vector, HALF=half, num_warps=8,
         num_stages=3 if half else 2)
     if vector:
         BKi = _pow2(K, hi=32)
         mod.general_intra_bwd[(triton.cdiv(K, BKi), L.NT * (BT // BC), H)](
-            q, k, a, b, G, *dmats, dq, dk, da, db, X, Q, L.cu, L.chunk_indices, H, HQ, K=K, BT=BT, BC=BC, BK=BKi,
+            q, k, a, b, G, *dmats, *direct, *outs, X, Q, L.cu, L.chunk_indices, H, HQ, K=K, BT=BT, BC=BC, BK=BKi,
             HALF=half, num_warps=8)
+        del direct
     grads_in = [None] * len(gate_inputs)
     if need_gate_grads and gate.grads:
         if not vector:
@@ -144,8 +149,9 @@ def _backward(mod, gate, q, k, v, a, b, gate_inputs, h0, st, ht, do, dht, L, sca
         mod.general_dgate_bwd[(triton.cdiv(W, BW), L.NT, H)](X, Q, dGpos, L.cu, L.chunk_indices, H, W=W, BT=BT,
                                                               BW=BW)
         grads_in = _gate_grads(mod, gate, gate_inputs, dGpos if vector else dGpos[..., 0], ht, dht, L, K)
+    dq, dk, da, db = outs
     dq, dk = _group_sum(dq, HQ).to(q.dtype), _group_sum(dk, HQ).to(k.dtype)
-    return dq, dk, dv, da.to(a.dtype), db.to(b.dtype), dh0, grads_in
+    return dq, dk, dv, da, db, dh0, grads_in
 
 
 def _gate_grads(mod, gate, gate_inputs, dGpos, ht, dht, L, K) -> list:
