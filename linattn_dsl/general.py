@@ -125,8 +125,8 @@ def _backward(mod, gate, q, k, v, a, b, gate_inputs, h0, st, ht, do, dht, L, sca
     # vector decays: general_dqk_bwd leaves the state terms (fp32) to general_intra_bwd
     direct = [torch.empty(rows, H, K, dtype=torch.float32, device=dev) for _ in range(4)] if vector else outs
     NK = triton.cdiv(K, BK)
-    W = K if vector else NK
-    X, Q = (torch.empty(rows, H, W, dtype=torch.float32, device=dev) for _ in range(2))
+    # gate terms: vector decays get dGpos from general_intra_bwd; scalar decays X, Q per key block
+    X, Q = (torch.empty(rows, H, NK, dtype=torch.float32, device=dev) for _ in range(2)) if not vector else (G, G)
     dmats = [torch.empty(rows, H, BT, dtype=torch.float32, device=dev) for _ in range(4)]
     mod.general_dmat_bwd[(L.NT, H)](v, st["Tm"], st["R"], dR, do, *dmats, L.cu, L.chunk_indices, scale, H, V=V, BT=BT,
                                     BV=BV, HALF=half, num_warps=8, num_stages=3 if half else 2)
@@ -135,20 +135,20 @@ def _backward(mod, gate, q, k, v, a, b, gate_inputs, h0, st, ht, do, dht, L, sca
         scale, H, HQ, K=K, V=V, BT=BT, BK=BK, BV=BV, VECTOR=vector, HALF=half, num_warps=8,
         num_stages=3 if half else 2)
     if vector:
+        dGpos = torch.empty(rows, H, K, dtype=torch.float32, device=dev)
         BKi = _pow2(K, hi=32)
         mod.general_intra_bwd[(triton.cdiv(K, BKi), L.NT * (BT // BC), H)](
-            q, k, a, b, G, *dmats, *direct, *outs, X, Q, L.cu, L.chunk_indices, H, HQ, K=K, BT=BT, BC=BC, BK=BKi,
+            q, k, a, b, G, *dmats, *direct, *outs, dGpos, L.cu, L.chunk_indices, H, HQ, K=K, BT=BT, BC=BC, BK=BKi,
             HALF=half, num_warps=8)
         del direct
     grads_in = [None] * len(gate_inputs)
     if need_gate_grads and gate.grads:
-        if not vector:
-            X, Q, W = X.sum(-1, keepdim=True), Q.sum(-1, keepdim=True), 1
-        dGpos = torch.empty_like(X)
-        BW = _pow2(W, hi=128)
-        mod.general_dgate_bwd[(triton.cdiv(W, BW), L.NT, H)](X, Q, dGpos, L.cu, L.chunk_indices, H, W=W, BT=BT,
-                                                              BW=BW)
-        grads_in = _gate_grads(mod, gate, gate_inputs, dGpos if vector else dGpos[..., 0], ht, dht, L, K)
+        if not vector:   # dGpos_t = X_t + Q_{t+1}, summed over key blocks
+            X, Q = X.sum(-1, keepdim=True), Q.sum(-1, keepdim=True)
+            dGpos = torch.empty_like(X)
+            mod.general_dgate_bwd[(1, L.NT, H)](X, Q, dGpos, L.cu, L.chunk_indices, H, W=1, BT=BT, BW=16)
+            dGpos = dGpos[..., 0]
+        grads_in = _gate_grads(mod, gate, gate_inputs, dGpos, ht, dht, L, K)
     dq, dk, da, db = outs
     dq, dk = _group_sum(dq, HQ).to(q.dtype), _group_sum(dk, HQ).to(k.dtype)
     return dq, dk, dv, da, db, dh0, grads_in
