@@ -134,6 +134,7 @@ def _backward(mod, gate, q, k, v, a, b, gate_inputs, h0, st, ht, do, dht, L, sca
         q, k, a, b, v, G, st["Tm"], h, dhn, st["R"], dR, do, *direct, *dmats, X, Q, L.cu, L.chunk_indices,
         scale, H, HQ, K=K, V=V, BT=BT, BK=BK, BV=BV, VECTOR=vector, HALF=half, num_warps=8,
         num_stages=3 if half else 2)
+    del dhn, dR
     if vector:
         dGpos = torch.empty(rows, H, K, dtype=torch.float32, device=dev)
         BKi = _pow2(K, hi=32)
