@@ -138,7 +138,7 @@ def _backward(mod, gate, q, k, v, a, b, gate_inputs, h0, st, ht, do, dht, L, sca
     if vector:
         dGpos = torch.empty(rows, H, K, dtype=torch.float32, device=dev)
         BKi = _pow2(K, hi=32)
-        mod.general_intra_bwd[(triton.cdiv(K, BKi), L.NT * (BT // BC), H)](
+        mod.general_intra_bwd[(L.NT * (BT // BC), triton.cdiv(K, BKi), H)](
             q, k, a, b, G, *dmats, *direct, *outs, dGpos, L.cu, L.chunk_indices, H, HQ, K=K, BT=BT, BC=BC, BK=BKi,
             HALF=half, num_warps=8)
         del direct
