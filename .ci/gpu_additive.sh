@@ -8,5 +8,5 @@ export PYTHONPATH=$PWD:$PWD/third_party/mamba:${PYTHONPATH:-}
 OUT=${OUT:-out}
 nvidia-smi --query-gpu=name --format=csv,noheader
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
-timeout ${TEST_TIMEOUT:-240} python3 -m pytest -q --tb=short ${TESTS:-tests/test_gpu_additive.py} -p no:cacheprovider > $OUT/gpu_tests.txt 2>&1; grep -E "Error|error|passed|failed|assert" $OUT/gpu_tests.txt | head -40
+timeout ${TEST_TIMEOUT:-240} python3 -m pytest -v --tb=short ${TESTS:-tests/test_gpu_additive.py} -p no:cacheprovider > $OUT/gpu_tests.txt 2>&1; grep -E "Error|error|passed|failed|assert" $OUT/gpu_tests.txt | head -40
 timeout ${BENCH_TIMEOUT:-330} python3 -m benchmarks.ops --out $OUT ${BENCH_ARGS:-} 2>&1 | tail -30 | tee $OUT/bench.txt
