@@ -9,9 +9,9 @@ export PYTHONPATH=$PWD:$PWD/third_party/mamba:${PYTHONPATH:-}
 OUT=${OUT:-out}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name --format=csv,noheader
 for suite in ${SUITES:-tests/test_gpu_delta.py tests/test_gpu_general.py tests/test_gpu_additive.py}; do
-  timeout ${SUITE_TIMEOUT:-170} python3 -m pytest -v --tb=short -p no:cacheprovider "$suite" \
-    > "$OUT/$(basename "$suite" .py).txt" 2>&1
-  echo "$suite: $(grep -c PASSED "$OUT/$(basename "$suite" .py).txt") passed," \
-       "$(grep -c FAILED "$OUT/$(basename "$suite" .py).txt") failed (rc $?)"
+  log="$OUT/$(basename "$suite" .py).txt"
+  timeout ${SUITE_TIMEOUT:-170} python3 -m pytest -v --tb=short -p no:cacheprovider "$suite" > "$log" 2>&1
+  rc=$?
+  echo "$suite: $(grep -c PASSED "$log") passed, $(grep -c FAILED "$log") failed (pytest rc $rc; 124 = timeout)"
 done
 grep -h -E "FAILED|Error" "$OUT"/test_gpu_*.txt | head -20
