@@ -4,8 +4,8 @@
 
 * FusedLinearCrossEntropyLoss at 32768 tokens, hidden 2048, vocab 128256 (bf16) vs
   ``F.cross_entropy(F.linear(h, w), y)`` eager and compiled.
-* RMSNorm, FusedRMSNormGated and ShortConvolution at [8, 4096, 2048] bf16 vs eager and compiled twins
-  (the conv also timed forward alone, and its backward with a random ``dy``).
+* RMSNorm, FusedRMSNormGated, L2Norm (over heads of 128) and ShortConvolution at [8, 4096, 2048] bf16
+  vs eager and compiled twins (the conv also timed forward alone, and its backward with a random ``dy``).
 
 Each case is timed forward + backward (``triton.testing.do_bench``, median ms) and its peak memory above
 the inputs is measured (``torch.cuda.max_memory_allocated``). Prints a table and writes
@@ -111,6 +111,11 @@ def gated_norm_eager(x, g, weight, eps=1e-6):
     return (rms_norm_eager(x, weight, eps).float() * gf * torch.sigmoid(gf)).to(x.dtype)
 
 
+def l2_norm_eager(x, eps=1e-6):
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.square().sum(-1, keepdim=True) + eps)).to(x.dtype)
+
+
 def short_conv_eager(x, weight, activation=True):
     width = weight.shape[-1]
     y = F.conv1d(F.pad(x.transpose(1, 2), (width - 1, 0)), weight, groups=x.shape[-1]).transpose(1, 2)
@@ -118,7 +123,7 @@ def short_conv_eager(x, weight, activation=True):
 
 
 def bench_norms(args: argparse.Namespace) -> list[dict]:
-    from linattn_dsl.modules import FusedRMSNormGated, RMSNorm
+    from linattn_dsl.modules import FusedRMSNormGated, L2Norm, RMSNorm
 
     torch.manual_seed(0)
     b, t, d = args.shape
@@ -126,11 +131,14 @@ def bench_norms(args: argparse.Namespace) -> list[dict]:
     g = torch.randn_like(x, requires_grad=True)
     norm = RMSNorm(d).cuda()
     gated = FusedRMSNormGated(d).cuda()
+    l2 = L2Norm()
+    heads = x.detach().view(b, t, -1, 128).clone().requires_grad_()   # q/k heads of 128, as the layers use it
     rows = []
     cases = [
         ("rms_norm", lambda: norm(x), rms_norm_eager, lambda f: f(x, norm.weight), [x, norm.weight]),
         ("rms_norm_gated", lambda: gated(x, g), gated_norm_eager, lambda f: f(x, g, gated.weight),
          [x, g, gated.weight]),
+        ("l2_norm (heads of 128)", lambda: l2(heads), l2_norm_eager, lambda f: f(heads), [heads]),
     ]
     for case, ours, eager, call, params in cases:
         impls = {"linattn_dsl": ours, **{k: (lambda f=f, call=call: call(f))
