@@ -15,7 +15,7 @@
 # runs' logs/summaries), triton_autotune.tar.gz (FLA's autotuning results: put it at
 # .wheels/triton_autotune.tar.gz, carry .wheels, and the next call compiles FLA's chosen configs only).
 # Environment knobs: BUDGET (seconds for everything, 560), FAMILIES (gla,retnet,mamba2), LOOP_STEPS (60),
-# MODELS_ARGS (more benchmarks.models options, e.g. "--optimizer adamw", "--layers 12", "--include-oracle",
+# MODELS_ARGS (more benchmarks.models options, e.g. "--optimizer adamw", "--layers 12",
 # "--no-agreement"), LOOP_ARGS (--section.key=value overrides of the loop runs), NO_LOOP=1 (no loop runs),
 # SETUP=0 (no wheels/symlinks: the current environment as it is, for checks on a CPU machine).
 set -uo pipefail

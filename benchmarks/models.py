@@ -18,8 +18,7 @@ FLA compiles and autotunes for minutes on its first step: its models are warmed 
 processes (one for training shapes, one for decoding, per family; Triton's disk cache keeps the kernels
 and the autotuning results), while ours run; then each is timed alone. Ours measured while warm-ups ran
 are measured again alone when the budget allows (``concurrent`` says which numbers were taken with other
-processes on the card). Families whose ops have no Triton kernels yet (delta and general forms run the
-step-by-step oracle on CUDA) are skipped unless ``--include-oracle``; agreement runs for them anyway.
+processes on the card).
 
 ``--loop-config configs/gla_340m.toml`` adds issue 8's one-card comparison: that config trained for
 ``--loop-steps`` steps through ``linattn train``'s loop (AdamW, bf16 autocast), ours and FLA's model of the
@@ -150,17 +149,6 @@ def build(impl: str, family: str, kwargs: dict, device, dtype):
             model, dropped = build_fla(family, kwargs)
             notes = [f"FLA config lacks {d}" for d in dropped]
     return model.to(dtype), notes
-
-
-def triton_ready(family: str) -> bool:
-    """Does ``family``'s op run generated Triton kernels on CUDA (rather than the step-by-step oracle, which
-    the delta and general forms' host modules call until their stages land)?"""
-    mod = importlib.import_module(f"linattn_dsl.generated.{FAMILY_OPS[family]}")
-    form = getattr(mod, "FORM", None)
-    if form not in ("additive", "delta", "general"):
-        return False
-    host = importlib.import_module(f"linattn_dsl.{form}")
-    return not set(host.run_triton.__code__.co_names) <= {"run_bound"}
 
 
 # ----------------------------------------------------------------------------- measurements
@@ -531,8 +519,6 @@ def main(argv=None) -> int:
     p.add_argument("--no-decode", action="store_true")
     p.add_argument("--no-agreement", action="store_true")
     p.add_argument("--modes", type=csv, default=["fp32", "autocast", "bf16"], help="agreement modes")
-    p.add_argument("--include-oracle", action="store_true",
-                   help="also time our families whose ops still run the oracle on CUDA (slow)")
     p.add_argument("--loop-config", default=None,
                    help="also train this config through linattn train's loop on this card, ours and FLA's model "
                         "(benchmarks.train_scaling), e.g. configs/gla_340m.toml")
@@ -589,11 +575,6 @@ def orchestrate(args) -> int:
     agree: list[dict] = []
     loops: dict[str, dict] = {}
     ours = [f for f in args.families if "ours" in args.impls]
-    if cuda and not args.include_oracle:
-        for f in [f for f in ours if not triton_ready(f)]:
-            ours.remove(f)
-            rows.append(dict(impl="ours", family=f, skipped="its op runs the step-by-step oracle on CUDA "
-                             "(no Triton kernels yet; --include-oracle to time it anyway)"))
     fla_ok = importlib.util.find_spec("fla") is not None
     fla = [f for f in (ours if "ours" in args.impls else args.families) if "fla" in args.impls]
     if fla and not fla_ok:

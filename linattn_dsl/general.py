@@ -16,8 +16,7 @@ from __future__ import annotations
 import torch
 import triton
 
-from . import gates as gates_mod
-from .additive import BC, BT, _gate_inputs, _half, _Layout, _pow2, _reduce_to, _run_gate
+from .additive import BC, BT, Prepared, _half, _pow2, _reduce_to, _run_gate
 from .args import Bound
 
 
@@ -218,27 +217,11 @@ _SAVED = ("G", "Aqk", "Aqb", "Tm", "Mak", "Wa", "h", "R", "qg", "kg", "bg")
 
 
 def run_triton(mod, variant, bound: Bound, mode: str):
-    """An op call on the generated Triton kernels (CUDA, or the interpreter on CPU)."""
-    spec = bound.spec
-    roles = gates_mod.evaluate(bound, exclude=("log_decay",))
-    B, T = bound.sizes["B"], bound.sizes["T"]
-    H, HQ, K, V = bound.size("H"), bound.size("HQ"), bound.size("K"), bound.size("V")
-    q, k = roles["query"], roles["key"]
-    if spec.resolve(bound.switches).qk_l2norm:
-        from .reference import l2_normalize
-        q, k = l2_normalize(q), l2_normalize(k)
-    dtype = bound.out_dtype
-    q = q.to(dtype).reshape(B * T, HQ, K).contiguous()
-    k = k.to(dtype).reshape(B * T, HQ, K).contiguous()
-    v = roles["value"].to(dtype).reshape(B * T, H, V).contiguous()
-    a = roles["a"].to(dtype).reshape(B * T, H, K).contiguous()
-    b = roles["b"].to(dtype).reshape(B * T, H, K).contiguous()
-    gate = variant.gate
-    L = _Layout(B, T, bound.cu_seqlens, q.device)
-    h0 = bound.initial_state.float().contiguous() if bound.initial_state is not None else None
-    o, ht = ChunkGeneral.apply(mod, gate, L, bound.scale, bound.output_final_state, mode == "fused_recurrent",
-                               q, k, v, a, b, h0, *_gate_inputs(bound, gate))
-    o = o.reshape(B, T, H, V)
-    if "skip" in roles:
-        o = o + roles["skip"].to(o.dtype)
-    return o, (ht if bound.output_final_state else None)
+    """An op call of a general-transition spec on the generated Triton kernels (CUDA, or the interpreter)."""
+    x = Prepared(bound, variant, fuse=False)
+    B, T, H, V = x.shape
+    K = bound.size("K")
+    a, b = (x.roles[r].to(x.q.dtype).reshape(B * T, H, K).contiguous() for r in ("a", "b"))
+    o, ht = ChunkGeneral.apply(mod, variant.gate, x.L, bound.scale, bound.output_final_state,
+                               mode == "fused_recurrent", x.q, x.k, x.v, a, b, x.h0, *x.gate_inputs)
+    return x.finish(bound, o, ht)

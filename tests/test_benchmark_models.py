@@ -44,19 +44,6 @@ def test_340m_configs_have_the_advertised_shape():
     assert not bench.model_kwargs("gla", "340m", loss="plain")["fuse_linear_cross_entropy"]
 
 
-def test_triton_ready_tells_kernels_from_the_oracle_stub(monkeypatch):
-    for family in ("gla", "retnet", "mamba2"):  # additive form: generated Triton stages
-        assert bench.triton_ready(family)
-    import linattn_dsl.delta as delta
-    from linattn_dsl.reference import run_bound
-
-    def stub(mod, variant, bound, mode):
-        return run_bound(bound)
-
-    monkeypatch.setattr(delta, "run_triton", stub)
-    assert not bench.triton_ready("delta_net") and not bench.triton_ready("kda")
-
-
 def test_train_and_decode_measurements_on_a_tiny_model():
     args = types.SimpleNamespace(device="cpu", batch=2, seq=32, steps=2, warmup=1, optimizer="adamw", prompt=8,
                                  new_tokens=4)
