@@ -1,17 +1,24 @@
 #!/usr/bin/env bash
-# On the GPU machine: make the checkout importable (no build backend there), run the GPU test suites
-# one by one with per-test lines (-v: a timeout still leaves every finished test's verdict in $OUT),
-# alone on the card: never beside FLA's autotuning, which made every test 3-4x slower.
+# On the GPU machine: make the checkout importable (no build backend there), run the GPU test suites in one
+# pytest spread over processes with pytest-xdist (a cold machine spends most of a GPU test compiling Triton
+# kernels, one CPU core per compile: 12 workers share the 16 cores and the one card), verbose per test
+# (addopts' -q cancelled: a timeout still leaves every finished test's verdict in $OUT), alone on the card:
+# never beside FLA's autotuning, which made every test 3-4x slower.
 #   run(command="bash .ci/gpu_tests.sh", carry=[".wheels", "third_party"])
+# Knobs: SUITES (test files), WORKERS (12), LIMIT (seconds for the whole pytest, 540).
 set -uo pipefail
 for d in specs generated codegen_templates; do ln -sfn ../$d linattn_dsl/$d; done
 export PYTHONPATH=$PWD:$PWD/third_party/mamba:${PYTHONPATH:-}
 OUT=${OUT:-out}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name --format=csv,noheader
-for suite in ${SUITES:-tests/test_gpu_delta.py tests/test_gpu_general.py tests/test_gpu_additive.py}; do
-  log="$OUT/$(basename "$suite" .py).txt"
-  timeout ${SUITE_TIMEOUT:-170} python3 -m pytest -v --tb=short -p no:cacheprovider "$suite" > "$log" 2>&1
-  rc=$?
-  echo "$suite: $(grep -c PASSED "$log") passed, $(grep -c FAILED "$log") failed (pytest rc $rc; 124 = timeout)"
+SUITES=${SUITES:-tests/test_gpu_delta.py tests/test_gpu_general.py tests/test_gpu_additive.py tests/test_modules_conv.py tests/test_modules_cross_entropy.py tests/test_modules_norm.py}
+log="$OUT/gpu_tests.txt"
+# shellcheck disable=SC2086
+timeout "${LIMIT:-540}" python3 -m pytest -o addopts="-ra" -v --tb=short -p no:cacheprovider -n "${WORKERS:-12}" \
+    -m gpu $SUITES > "$log" 2>&1
+rc=$?
+echo "$(grep -c " PASSED" "$log") passed, $(grep -c " FAILED" "$log") failed (pytest rc $rc; 124 = timeout)"
+for suite in $SUITES; do
+  echo "$suite: $(grep " PASSED" "$log" | grep -c "$suite") passed, $(grep " FAILED" "$log" | grep -c "$suite") failed"
 done
-grep -h -E "FAILED|Error" "$OUT"/test_gpu_*.txt | head -20
+grep -E "^FAILED|Error|^E " "$log" | head -30

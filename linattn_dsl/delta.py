@@ -34,9 +34,14 @@ def _state_bv(BK: int) -> int:
     return 32 if BK <= 128 else 16
 
 
-def _state_opts(half: int) -> dict:
-    """fp32 operands double the shared memory of the state kernels' tiles: no software pipelining."""
-    return {} if half else dict(num_stages=1)
+def _state_opts(half: int, BK: int) -> dict:
+    """Software pipelining of the state kernels within sm_90's 227 KiB of shared memory (compiled for sm_90
+    with aligned pointers, triton 3.6, vector decays: bf16 K=128 177-185 KiB at depth 3; bf16 K=256 328-336
+    KiB at depth 3, 197-205 at depth 2; fp32 K=128 249-305 KiB at depth 3, 40 KiB at depth 1; see
+    benchmarks/sm90_fit.py)."""
+    if not half:
+        return dict(num_stages=1)
+    return {} if BK <= 128 else dict(num_stages=2)
 
 
 def _forward(mod, gate, q, k, v, beta, gate_inputs, h0, L: _Layout, scale, store_final):
@@ -65,7 +70,7 @@ def _forward(mod, gate, q, k, v, beta, gate_inputs, h0, L: _Layout, scale, store
     mod.state_fwd[(1, triton.cdiv(V, BV), L.N * H)](
         k, u1, G, G, h, h0, ht, w, vnew, L.cu, L.chunk_offsets, H, HQ, K=K, V=V, BT=BT, BK=BK, BV=BV,
         VECTOR=vector, USE_H0=h0 is not None, STORE_FINAL=store_final, HALF=half, VSCALE=False, DELTA=True,
-        **launch_opts("state_fwd", _state_opts(half)))
+        **launch_opts("state_fwd", _state_opts(half, BK)))
     A = None
     if vector:
         A = torch.empty(rows, H, BT, dtype=torch.float32, device=dev)
@@ -97,7 +102,7 @@ def _backward(mod, gate, saved, do, dht, L: _Layout, scale, need_gate_grads):
     mod.state_bwd[(1, triton.cdiv(V, BV), L.N * H)](
         q, k, w, G, do, dvl, du, dht, dhn, dh0, L.cu, L.chunk_offsets, scale, H, HQ, K=K, V=V, BT=BT, BK=BK, BV=BV,
         VECTOR=vector, USE_DHT=dht is not None, STORE_DH0=h0 is not None, HALF=half, DELTA=True,
-        **launch_opts("state_bwd", _state_opts(half)))
+        **launch_opts("state_bwd", _state_opts(half, BK)))
     del dvl
     dw = torch.empty(rows, H, K, dtype=store, device=dev)
     dq, dk_add, dGpos = dqk(mod, gate, q, k, vnew, None, G, h, do, dhn, A, L, scale, du=du, dw=dw)

@@ -180,6 +180,26 @@ def test_linear_cross_entropy_half_precision_and_leading_dims():
         torch.testing.assert_close(a.double(), b, atol=2e-3, rtol=2e-2)
 
 
+def test_linear_cross_entropy_under_autocast():
+    """fp32 hidden and weight under bf16 autocast (as in a training loop): the matmuls run in bf16, the
+    gradients come back in the parameters' fp32; a bug once made the d_hidden matmul refuse its fp32 buffer."""
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(2, 6, 32, generator=gen).requires_grad_()
+    weight = (torch.randn(100, 32, generator=gen) / 6).requires_grad_()
+    labels = torch.randint(0, 100, (2, 6), generator=gen)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = FusedLinearCrossEntropyLoss(chunk_size=5)(hidden, labels, weight)
+    loss.backward()
+    refs = [t.detach().double().requires_grad_() for t in (hidden, weight)]
+    loss_ref = ref_ce(F.linear(refs[0], refs[1]).reshape(-1, 100), labels.reshape(-1))
+    loss_ref.backward()
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss.double(), loss_ref, atol=2e-2, rtol=2e-2)  # bf16 operands: 8 bits
+    for t, r in zip((hidden, weight), refs):
+        assert t.grad.dtype == torch.float32
+        torch.testing.assert_close(t.grad.double(), r.grad, atol=2e-3, rtol=5e-2)
+
+
 def test_linear_cross_entropy_frozen_weight():
     hidden = torch.randn(4, 8, requires_grad=True)
     weight = torch.randn(20, 8)

@@ -1,8 +1,9 @@
 """Triton kernels for :mod:`linattn_dsl.modules.norm` (imported lazily).
 
 ``x`` is viewed as ``[M, G, S]``: ``M`` rows of ``G`` groups of ``S`` channels (``G = 1`` unless
-grouped). One forward program normalises one (row, group); one backward program walks a range of rows
-for one group, accumulating ``d_weight`` in registers and writing one fp32 partial per program.
+grouped). One forward program normalises a tile of rows of one group; one backward program walks a range
+of rows of one group a tile at a time, accumulating ``d_weight`` in registers and writing one fp32 partial
+per program.
 
 With ``xhat = x * rstd`` (``rstd = 1 / sqrt(mean(x^2) + eps)``, or ``sum`` for the L2 norm) and
 ``dxhat = dy * act(g) * weight``::
@@ -26,25 +27,25 @@ MAX_GROUP = 65536
 @triton.jit
 def _norm_fwd_kernel(
     x_ptr, residual_ptr, gate_ptr, weight_ptr, y_ptr, residual_out_ptr,
-    n_groups, group_size, eps,
-    BLOCK: tl.constexpr, MEAN: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_WEIGHT: tl.constexpr,
-    GATE: tl.constexpr,
+    n_rows, n_groups, group_size, eps,
+    BLOCK: tl.constexpr, ROWS: tl.constexpr, MEAN: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, GATE: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     group = tl.program_id(1)
     cols = tl.arange(0, BLOCK)
-    mask = cols < group_size
-    offs = row * n_groups * group_size + group * group_size + cols
+    mask = (rows[:, None] < n_rows) & (cols[None, :] < group_size)
+    offs = rows[:, None] * n_groups * group_size + group * group_size + cols[None, :]
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_RESIDUAL:
         x += tl.load(residual_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         tl.store(residual_out_ptr + offs, x.to(residual_out_ptr.dtype.element_ty), mask=mask)
-    stat = tl.sum(x * x, 0)
+    stat = tl.sum(x * x, 1)
     if MEAN:
         stat = stat / group_size
-    y = x * tl.rsqrt(stat + eps)
+    y = x * tl.rsqrt(stat + eps)[:, None]
     if HAS_WEIGHT:
-        y *= tl.load(weight_ptr + group * group_size + cols, mask=mask, other=0.0).to(tl.float32)
+        y *= tl.load(weight_ptr + group * group_size + cols, mask=cols < group_size, other=0.0).to(tl.float32)[None, :]
     if GATE != 0:
         g = tl.load(gate_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         if GATE == 1:
@@ -58,25 +59,27 @@ def _norm_fwd_kernel(
 def _norm_bwd_kernel(
     x_ptr, gate_ptr, weight_ptr, dy_ptr, dresidual_out_ptr, dx_ptr, dgate_ptr, dweight_partial_ptr,
     n_rows, rows_per_program, n_groups, group_size, eps,
-    BLOCK: tl.constexpr, MEAN: tl.constexpr, HAS_DRESIDUAL: tl.constexpr, HAS_WEIGHT: tl.constexpr,
-    GATE: tl.constexpr,
+    BLOCK: tl.constexpr, ROWS: tl.constexpr, MEAN: tl.constexpr, HAS_DRESIDUAL: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, GATE: tl.constexpr,
 ):
     pid = tl.program_id(0)
     group = tl.program_id(1)
     cols = tl.arange(0, BLOCK)
-    mask = cols < group_size
+    cmask = cols < group_size
     if HAS_WEIGHT:
-        weight = tl.load(weight_ptr + group * group_size + cols, mask=mask, other=0.0).to(tl.float32)
-        dweight = tl.zeros([BLOCK], dtype=tl.float32)
+        weight = tl.load(weight_ptr + group * group_size + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+        dweight = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
     row_start = pid.to(tl.int64) * rows_per_program  # int64 loop bounds: int64 row offsets
     row_end = tl.minimum(row_start + rows_per_program, n_rows)
-    for row in range(row_start, row_end):
-        offs = row * n_groups * group_size + group * group_size + cols
+    for r0 in range(row_start, row_end, ROWS):
+        rows = r0 + tl.arange(0, ROWS)
+        mask = (rows[:, None] < row_end) & cmask[None, :]
+        offs = rows[:, None] * n_groups * group_size + group * group_size + cols[None, :]
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        stat = tl.sum(x * x, 0)
+        stat = tl.sum(x * x, 1)
         if MEAN:
             stat = stat / group_size
-        rstd = tl.rsqrt(stat + eps)
+        rstd = tl.rsqrt(stat + eps)[:, None]
         xhat = x * rstd
         dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         if GATE != 0:
@@ -98,21 +101,24 @@ def _norm_bwd_kernel(
             dxhat = dy * weight
         else:
             dxhat = dy
-        proj = tl.sum(dxhat * xhat, 0)
+        proj = tl.sum(dxhat * xhat, 1)
         if MEAN:
             proj = proj / group_size
-        dx = rstd * (dxhat - xhat * proj)
+        dx = rstd * (dxhat - xhat * proj[:, None])
         if HAS_DRESIDUAL:
             dx += tl.load(dresidual_out_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
     if HAS_WEIGHT:
-        tl.store(dweight_partial_ptr + pid * n_groups * group_size + group * group_size + cols, dweight,
-                 mask=mask)
+        tl.store(dweight_partial_ptr + pid * n_groups * group_size + group * group_size + cols, tl.sum(dweight, 0),
+                 mask=cmask)
 
 
-def _launch_config(group_size: int) -> tuple[int, int]:
+def _launch_config(group_size: int) -> tuple[int, int, int]:
+    """(BLOCK, ROWS, num_warps): a program handles a [ROWS, BLOCK] tile of about 4096 elements, so short
+    groups (L2 norm over heads of 128: 32 rows a program) do not leave most threads idle."""
     block = next_power_of_2(group_size)
-    return block, 4 if block <= 1024 else (8 if block <= 4096 else 16)
+    rows = max(1, 4096 // block)
+    return block, rows, 4 if block <= 1024 else (8 if block <= 4096 else 16)
 
 
 class _NormFunction(torch.autograd.Function):
@@ -128,17 +134,17 @@ class _NormFunction(torch.autograd.Function):
         gate2 = None if gate is None else gate.reshape(-1, dim).contiguous()
         y = torch.empty_like(x2)
         residual_out = None if residual is None else torch.empty_like(residual2)
-        block, num_warps = _launch_config(group_size)
+        block, rows_tile, num_warps = _launch_config(group_size)
         if rows:
-            _norm_fwd_kernel[(rows, n_groups)](
-                x2, residual2, gate2, weight, y, residual_out, n_groups, group_size, eps,
-                BLOCK=block, MEAN=mean, HAS_RESIDUAL=residual is not None, HAS_WEIGHT=weight is not None,
+            _norm_fwd_kernel[(triton.cdiv(rows, rows_tile), n_groups)](
+                x2, residual2, gate2, weight, y, residual_out, rows, n_groups, group_size, eps,
+                BLOCK=block, ROWS=rows_tile, MEAN=mean, HAS_RESIDUAL=residual is not None, HAS_WEIGHT=weight is not None,
                 GATE=_GATES[activation if gate is not None else None], num_warps=num_warps,
             )
         # backward re-reads the normalised input: x, or x + residual (which is an output anyway)
         ctx.save_for_backward(x2 if residual is None else residual_out, weight, gate2)
         ctx.config = (eps, mean, activation if gate is not None else None, group_size, n_groups, block,
-                      num_warps, shape, x.dtype, None if residual is None else residual.dtype)
+                      rows_tile, num_warps, shape, x.dtype, None if residual is None else residual.dtype)
         if residual is None:
             return y.reshape(shape)
         return y.reshape(shape), residual_out.reshape(shape)
@@ -146,7 +152,8 @@ class _NormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy, dresidual_out=None):
         normed_input, weight, gate = ctx.saved_tensors
-        eps, mean, activation, group_size, n_groups, block, num_warps, shape, x_dtype, residual_dtype = ctx.config
+        (eps, mean, activation, group_size, n_groups, block, rows_tile, num_warps, shape, x_dtype,
+         residual_dtype) = ctx.config
         dim = shape[-1]
         rows = normed_input.shape[0]
         dy = dy.reshape(-1, dim).contiguous()
@@ -154,8 +161,9 @@ class _NormFunction(torch.autograd.Function):
             dresidual_out = dresidual_out.reshape(-1, dim).contiguous()
         dx = torch.empty(rows, dim, dtype=x_dtype, device=dy.device)
         dgate = None if gate is None else torch.empty_like(gate)
-        n_programs = max(1, min(rows, num_programs_hint(dy)))
-        rows_per_program = triton.cdiv(rows, n_programs) if rows else 1
+        n_programs = max(1, min(triton.cdiv(rows, rows_tile), num_programs_hint(dy)))
+        rows_per_program = triton.cdiv(triton.cdiv(rows, n_programs), rows_tile) * rows_tile if rows else rows_tile
+        n_programs = max(1, triton.cdiv(rows, rows_per_program))
         dweight_partial = None
         if weight is not None:
             dweight_partial = torch.zeros(n_programs, dim, dtype=torch.float32, device=dy.device)
@@ -163,7 +171,7 @@ class _NormFunction(torch.autograd.Function):
             _norm_bwd_kernel[(n_programs, n_groups)](
                 normed_input, gate, weight, dy, dresidual_out, dx, dgate, dweight_partial,
                 rows, rows_per_program, n_groups, group_size, eps,
-                BLOCK=block, MEAN=mean, HAS_DRESIDUAL=dresidual_out is not None, HAS_WEIGHT=weight is not None,
+                BLOCK=block, ROWS=rows_tile, MEAN=mean, HAS_DRESIDUAL=dresidual_out is not None, HAS_WEIGHT=weight is not None,
                 GATE=_GATES[activation], num_warps=num_warps,
             )
         dweight = None if weight is None else dweight_partial.sum(0).to(weight.dtype)

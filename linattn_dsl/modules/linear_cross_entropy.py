@@ -176,10 +176,16 @@ class FusedLinearCrossEntropyLoss(nn.Module):
         check_labels(labels, tuple(hidden.shape[:-1]), vocab, self.ignore_index)
         flat_hidden = hidden.reshape(-1, dim)
         chunk = self._chunk_size(flat_hidden.shape[0], vocab)
-        return _LinearCrossEntropyFunction.apply(
-            flat_hidden, labels.reshape(-1), weight, bias, self.ignore_index, self.label_smoothing,
-            self.logit_scale, self.reduction, chunk,
-        )
+        # under autocast the lm-head matmuls run in the autocast dtype, as an eager ``hidden @ weight.T``
+        # would; the function itself runs with autocast off (its matmuls write into preallocated buffers)
+        device_type = flat_hidden.device.type
+        if torch.is_autocast_enabled(device_type):
+            flat_hidden = flat_hidden.to(torch.get_autocast_dtype(device_type))
+        with torch.autocast(device_type, enabled=False):
+            return _LinearCrossEntropyFunction.apply(
+                flat_hidden, labels.reshape(-1), weight, bias, self.ignore_index, self.label_smoothing,
+                self.logit_scale, self.reduction, chunk,
+            )
 
     def extra_repr(self) -> str:
         return (f"ignore_index={self.ignore_index}, label_smoothing={self.label_smoothing}, "

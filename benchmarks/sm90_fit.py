@@ -1,0 +1,145 @@
+"""Do the generated kernels' launches fit an H100/H200 (sm_90: 227 KiB of shared memory per block)?
+
+A child process runs ops on the CPU with the Triton interpreter's launcher and records every kernel launch
+the host code makes, without executing it (kernel, argument types, constexprs, num_warps/num_stages); this
+process then compiles each one for sm_90 with the installed Triton's own ptxas, specialised as a real launch
+is (16-byte aligned pointers), and reports the shared memory it needs. A launch that does not fit fails on
+the GPU with OutOfResources; this finds it on a machine without a GPU. The numbers depend on the Triton
+version: to check the GPU machine's, put that version first on PYTHONPATH.
+
+    python -m benchmarks.sm90_fit [--specs kda rwkv7 ...] [--dims 256 ...] [--dtypes bfloat16 float32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import inspect
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+LIMIT = 232448  # bytes of shared memory a block may use on sm_90
+
+
+def _sig(arg) -> str:
+    import torch
+
+    if isinstance(arg, torch.Tensor):
+        return "*" + {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int64: "i64",
+                      torch.int32: "i32", torch.float64: "fp64"}[arg.dtype]
+    if isinstance(arg, bool):
+        return "i1"
+    if isinstance(arg, int):
+        return "i32" if -(2**31) <= arg < 2**31 else "i64"
+    if isinstance(arg, float):
+        return "fp32"
+    raise TypeError(f"argument of type {type(arg).__name__}")
+
+
+def record_launches(fn_call) -> list[dict]:
+    """Call fn_call() (under TRITON_INTERPRET=1) with every kernel launch recorded instead of run."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    seen, launches = set(), []
+    original = InterpretedFunction.run
+
+    def run(self, *args, grid, warmup, **kwargs):
+        opts = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}
+        params = inspect.signature(self.fn).parameters
+        bound = dict(zip(self.arg_names, args))
+        bound.update(kwargs)
+        consts, sig = {}, {}
+        for name in self.arg_names:
+            if name not in bound:
+                continue
+            val = bound[name]
+            if "constexpr" in str(params[name].annotation) or val is None:
+                consts[name], sig[name] = val, "constexpr"
+            else:
+                sig[name] = _sig(val)
+        launch = dict(module=self.fn.__module__, kernel=self.fn.__name__, sig=sig, consts=consts, opts=opts)
+        key = json.dumps(launch, sort_keys=True)
+        if key not in seen:
+            seen.add(key)
+            launches.append(launch)
+
+    InterpretedFunction.run = run
+    try:
+        fn_call()
+    finally:
+        InterpretedFunction.run = original
+    return launches
+
+
+def _record(spec_names, dims, dtypes, T=80) -> list[dict]:
+    import torch
+
+    from linattn_dsl import ops, registry, testing
+
+    out = []
+    for name in spec_names:
+        spec = registry.load(name)
+        for D in dims:
+            for dtype in dtypes:
+                case = testing.draw_case(spec, B=1, T=T, heads=1, K=D, V=D, seed=0)
+                tensors = {k: (v.to(getattr(torch, dtype)) if v is not None and v.dim() >= 3 else v)
+                           for k, v in case.tensors.items()}
+                op = getattr(ops, f"chunk_{name}")
+
+                def call():
+                    t = {k: (v.detach().requires_grad_() if v is not None and v.is_floating_point() else v)
+                         for k, v in tensors.items()}
+                    o, s = case.call(op, t)
+                    (o.float().sum() + s.sum()).backward()
+
+                for launch in record_launches(call):
+                    out.append(dict(launch, spec=name, D=D, dtype=dtype))
+    return out
+
+
+def shared_bytes(launch: dict) -> int:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    fn = getattr(importlib.import_module(launch["module"]), launch["kernel"])
+    sig, names = launch["sig"], list(launch["sig"])
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if sig[n].startswith("*")}
+    src = ASTSource(fn, sig, constexprs={(names.index(k),): v for k, v in launch["consts"].items()}, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(launch["opts"])).metadata.shared
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--specs", nargs="+", default=["retention", "gla", "mamba2", "delta_rule", "kda", "rwkv7"])
+    p.add_argument("--dims", nargs="+", type=int, default=[256, 128, 64])
+    p.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"])
+    p.add_argument("--record", help=argparse.SUPPRESS)  # child: write the recorded launches to this file
+    a = p.parse_args(argv)
+    if a.record:
+        with open(a.record, "w") as f:
+            json.dump(_record(a.specs, a.dims, a.dtypes), f)
+        return 0
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "launches.json")
+        env = dict(os.environ, TRITON_INTERPRET="1")
+        cmd = [sys.executable, "-m", "benchmarks.sm90_fit", "--record", path, "--specs", *a.specs,
+               "--dims", *map(str, a.dims), "--dtypes", *a.dtypes]
+        subprocess.run(cmd, env=env, check=True)
+        with open(path) as f:
+            launches = json.load(f)
+    bad = 0
+    for launch in launches:
+        need = shared_bytes(launch)
+        bad += need > LIMIT
+        print(f"{launch['spec']:18s} D={launch['D']:<4d} {launch['dtype']:9s} {launch['kernel']:20s} "
+              f"{str(launch['opts']):34s} {need:7d}{'' if need <= LIMIT else '  DOES NOT FIT'}", flush=True)
+    print(f"{len(launches)} launches compiled for sm_90, {bad} over {LIMIT} bytes of shared memory")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
