@@ -138,8 +138,9 @@ class _NormFunction(torch.autograd.Function):
         if rows:
             _norm_fwd_kernel[(triton.cdiv(rows, rows_tile), n_groups)](
                 x2, residual2, gate2, weight, y, residual_out, rows, n_groups, group_size, eps,
-                BLOCK=block, ROWS=rows_tile, MEAN=mean, HAS_RESIDUAL=residual is not None, HAS_WEIGHT=weight is not None,
-                GATE=_GATES[activation if gate is not None else None], num_warps=num_warps,
+                BLOCK=block, ROWS=rows_tile, MEAN=mean, HAS_RESIDUAL=residual is not None,
+                HAS_WEIGHT=weight is not None, GATE=_GATES[activation if gate is not None else None],
+                num_warps=num_warps,
             )
         # backward re-reads the normalised input: x, or x + residual (which is an output anyway)
         ctx.save_for_backward(x2 if residual is None else residual_out, weight, gate2)
@@ -171,8 +172,8 @@ class _NormFunction(torch.autograd.Function):
             _norm_bwd_kernel[(n_programs, n_groups)](
                 normed_input, gate, weight, dy, dresidual_out, dx, dgate, dweight_partial,
                 rows, rows_per_program, n_groups, group_size, eps,
-                BLOCK=block, ROWS=rows_tile, MEAN=mean, HAS_DRESIDUAL=dresidual_out is not None, HAS_WEIGHT=weight is not None,
-                GATE=_GATES[activation], num_warps=num_warps,
+                BLOCK=block, ROWS=rows_tile, MEAN=mean, HAS_DRESIDUAL=dresidual_out is not None,
+                HAS_WEIGHT=weight is not None, GATE=_GATES[activation], num_warps=num_warps,
             )
         dweight = None if weight is None else dweight_partial.sum(0).to(weight.dtype)
         dresidual = None if residual_dtype is None else dx.to(residual_dtype).reshape(shape)
