@@ -9,10 +9,10 @@ The model-level cache (:class:`linattn_dsl.models.cache.LinAttnCache`) keeps one
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from linattn_dsl import ops
+from linattn_dsl.modules import swiglu_linear
 
 # Below this many tokens (and outside training) the step form is cheaper than the chunk plan.
 FUSED_RECURRENT_MAX_LEN = 64
@@ -118,7 +118,8 @@ class GatedMLP(nn.Module):
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor, **_) -> tuple[torch.Tensor, None]:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x)), None
+        # the product is recomputed in the backward: two [tokens, intermediate] tensors saved, not four
+        return swiglu_linear(self.gate_proj(x), self.up_proj(x), self.down_proj.weight, self.down_proj.bias), None
 
 
 def split_heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:

@@ -1,9 +1,10 @@
-"""Fused building blocks around linear attention: losses, norms and the short convolution.
+"""Fused building blocks around linear attention: losses, norms, the short convolution and SwiGLU.
 
 Each runs Triton kernels on CUDA tensors and plain PyTorch on CPU tensors (the Triton kernels under
 Triton's interpreter when ``TRITON_INTERPRET=1``); see :mod:`linattn_dsl.modules._triton_utils`.
 """
 
+from .activations import swiglu_linear
 from .conv import ShortConvolution
 from .cross_entropy import FusedCrossEntropyLoss
 from .linear_cross_entropy import FusedLinearCrossEntropyLoss
@@ -17,4 +18,5 @@ __all__ = [
     "RMSNorm",
     "ShortConvolution",
     "l2_norm",
+    "swiglu_linear",
 ]

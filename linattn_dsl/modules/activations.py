@@ -1,0 +1,76 @@
+"""SwiGLU followed by its output projection, saving only the two pre-activations.
+
+``swiglu_linear(gate, up, weight, bias=None) = (silu(gate) * up) @ weight.T + bias``: the feed-forward of
+every model here. Eager PyTorch keeps four ``[tokens, intermediate]`` tensors per layer for the backward
+(``gate``, ``silu(gate)``, ``up`` and the product, the projection's input); this keeps ``gate`` and ``up``
+and recomputes the product in the backward (one elementwise pass), which at a 340M model's 16k tokens a
+step and intermediate size 2816 is 88 MiB less per layer in bf16 (2.1 GiB over 24 layers).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ._triton_utils import check_float, check_same_device
+
+
+def _swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.silu(gate) * up
+
+
+class _SwiGLULinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gate, up, weight, bias):
+        ctx.save_for_backward(gate, up, weight)
+        ctx.has_bias = bias is not None
+        return F.linear(_swiglu(gate, up), weight, bias)
+
+    @staticmethod
+    def backward(ctx, dout):
+        gate, up, weight = ctx.saved_tensors
+        dgate = dup = dweight = dbias = None
+        flat = dout.reshape(-1, dout.shape[-1])
+        if ctx.needs_input_grad[2]:
+            dweight = flat.T @ _swiglu(gate, up).reshape(-1, gate.shape[-1])
+        if ctx.has_bias and ctx.needs_input_grad[3]:
+            dbias = flat.sum(0)
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+            acc = torch.promote_types(gate.dtype, torch.float32)  # elementwise in fp32 (fp64 stays fp64)
+            dh = (dout @ weight).to(acc)
+            g = gate.to(acc)
+            sig = torch.sigmoid(g)
+            if ctx.needs_input_grad[1]:
+                dup = (dh * g * sig).to(up.dtype)
+            if ctx.needs_input_grad[0]:
+                dgate = (dh * up.to(acc) * sig * (1.0 + g * (1.0 - sig))).to(gate.dtype)
+        return dgate, dup, dweight, dbias
+
+
+def swiglu_linear(
+    gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``(silu(gate) * up) @ weight.T + bias`` for ``gate, up [..., I]``, ``weight [O, I]``, ``bias [O]``.
+
+    Under autocast the projection runs in the autocast dtype, as ``nn.Linear`` would."""
+    for name, t in (("gate", gate), ("up", up), ("weight", weight)):
+        check_float(name, t)
+    if gate.shape != up.shape:
+        raise ValueError(f"up: expected the shape of gate {tuple(gate.shape)}, got {tuple(up.shape)}")
+    if weight.ndim != 2 or weight.shape[1] != gate.shape[-1]:
+        raise ValueError(f"weight: expected shape [out, {gate.shape[-1]}] (gate's last dim), got {tuple(weight.shape)}")
+    if bias is not None:
+        check_float("bias", bias)
+        if tuple(bias.shape) != (weight.shape[0],):
+            raise ValueError(f"bias: expected shape [{weight.shape[0]}], got {tuple(bias.shape)}")
+    check_same_device(gate=gate, up=up, weight=weight, bias=bias)
+    device_type = gate.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        gate, up, weight = gate.to(dtype), up.to(dtype), weight.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
+    else:
+        weight = weight.to(gate.dtype)
+        bias = None if bias is None else bias.to(gate.dtype)
+    with torch.autocast(device_type, enabled=False):
+        return _SwiGLULinear.apply(gate, up, weight, bias)
