@@ -112,6 +112,20 @@ def shared_bytes(launch: dict) -> int:
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(launch["opts"])).metadata.shared
 
 
+def fit(specs, dims, dtypes) -> list[tuple[dict, int]]:
+    """Every distinct launch of chunk ops of ``specs`` (head dims ``dims``, ``dtypes`` names) fwd+bwd, with the
+    shared memory (bytes) it needs on sm_90; the launches are recorded in a child process."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "launches.json")
+        env = dict(os.environ, TRITON_INTERPRET="1")
+        cmd = [sys.executable, "-m", "benchmarks.sm90_fit", "--record", path, "--specs", *specs,
+               "--dims", *map(str, dims), "--dtypes", *dtypes]
+        subprocess.run(cmd, env=env, check=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        with open(path) as f:
+            launches = json.load(f)
+    return [(launch, shared_bytes(launch)) for launch in launches]
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--specs", nargs="+", default=["retention", "gla", "mamba2", "delta_rule", "kda", "rwkv7"])
@@ -123,21 +137,12 @@ def main(argv=None) -> int:
         with open(a.record, "w") as f:
             json.dump(_record(a.specs, a.dims, a.dtypes), f)
         return 0
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "launches.json")
-        env = dict(os.environ, TRITON_INTERPRET="1")
-        cmd = [sys.executable, "-m", "benchmarks.sm90_fit", "--record", path, "--specs", *a.specs,
-               "--dims", *map(str, a.dims), "--dtypes", *a.dtypes]
-        subprocess.run(cmd, env=env, check=True)
-        with open(path) as f:
-            launches = json.load(f)
-    bad = 0
-    for launch in launches:
-        need = shared_bytes(launch)
-        bad += need > LIMIT
+    rows = fit(a.specs, a.dims, a.dtypes)
+    for launch, need in rows:
         print(f"{launch['spec']:18s} D={launch['D']:<4d} {launch['dtype']:9s} {launch['kernel']:20s} "
               f"{str(launch['opts']):34s} {need:7d}{'' if need <= LIMIT else '  DOES NOT FIT'}", flush=True)
-    print(f"{len(launches)} launches compiled for sm_90, {bad} over {LIMIT} bytes of shared memory")
+    bad = sum(need > LIMIT for _, need in rows)
+    print(f"{len(rows)} launches compiled for sm_90, {bad} over {LIMIT} bytes of shared memory")
     return 1 if bad else 0
 
 
