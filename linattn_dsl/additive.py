@@ -153,11 +153,12 @@ def _backward(mod, gate, saved, do, dht, L, scale, need_gate_grads):
         dh0, grads_in
 
 
-def dqk(mod, gate, q, k, v, vs, G, h, do, dhn, A, L, scale, du=None, dw=None, raw_dk=False):
+def dqk(mod, gate, q, k, v, vs, G, h, do, dhn, A, L, scale, du=None, dw=None, defer_intra=False):
     """dq, dk (inputs' dtype, groups summed) and dGpos = q dq - k dk (fp32, per value head, [rows, H(, K)])
     of the additive form with values ``v`` (times ``vs``), states ``h`` and state gradients ``dhn``;
-    with ``du``, also fills ``dw`` = du h^T (the delta form). ``raw_dk`` (vector decays): dk stays fp32 per
-    value head, for more terms to be added to it."""
+    with ``du``, also fills ``dw`` = du h^T (the delta form). ``defer_intra`` (vector decays, the delta form):
+    (dq, dk, dA) instead, the inter-chunk parts (fp32, per value head) and the intra-chunk scores' gradient,
+    for the delta form's dqk_intra_bwd to finish together with its own intra-chunk part."""
     rows, HQ, K = q.shape
     H, V = v.shape[1], v.shape[2]
     vector = gate.kind == "vector"
@@ -178,14 +179,14 @@ def dqk(mod, gate, q, k, v, vs, G, h, do, dhn, A, L, scale, du=None, dw=None, ra
                                                  BK=BK, BV=BV, VECTOR=vector, HALF=half, VSCALE=vs is not None,
                                                  DELTA=du is not None,
                                                  **launch_opts("dqk_bwd", dict(num_warps=8) if du is not None else {}))
+    if vector and defer_intra:
+        return dq, dk, dA
     if vector:
         BKi = _pow2(K, hi=64)
         mod.dqk_intra_bwd[(triton.cdiv(K, BKi), L.NT * (BT // BC), H)](
-            q, k, G, dA, dq, dk, dGpos, dGpos, L.cu, L.chunk_indices, H, HQ, K=K, BT=BT, BC=BC, BK=BKi, HALF=half,
-            SYM=False)
-        dq = group_sum(dq, HQ).to(q.dtype)
-        if not raw_dk:
-            dk = group_sum(dk, HQ).to(k.dtype)
+            q, k, G, dA, dA, dq, dk, dk, dGpos, L.cu, L.chunk_indices, H, HQ, K=K, BT=BT, BC=BC, BK=BKi, HALF=half,
+            PAIR=False)
+        dq, dk = group_sum(dq, HQ).to(q.dtype), group_sum(dk, HQ).to(k.dtype)
     else:
         dGpos = dGpos.sum(-1)
     return dq, dk, dGpos

@@ -105,26 +105,27 @@ def _backward(mod, gate, saved, do, dht, L: _Layout, scale, need_gate_grads):
         **launch_opts("state_bwd", _state_opts(half, BK)))
     del dvl
     dw = torch.empty(rows, H, K, dtype=store, device=dev)
-    dq, dk_add, dGpos = dqk(mod, gate, q, k, vnew, None, G, h, do, dhn, A, L, scale, du=du, dw=dw, raw_dk=vector)
+    # vector decays: dqk leaves the inter-chunk parts of dq, dk and dA; dqk_intra_bwd finishes them below
+    dq, dk_add, dA_or_dGpos = dqk(mod, gate, q, k, vnew, None, G, h, do, dhn, A, L, scale, du=du, dw=dw,
+                                  defer_intra=vector)
     fold = not vector and HQ == H   # ut_bwd adds dqk's dk and stores the final dk
     dk_ut = torch.empty(rows, H, K, dtype=k.dtype if fold else torch.float32, device=dev)
     dv = torch.empty_like(v)
     dbeta = torch.empty(rows, H, dtype=torch.float32, device=dev)
     dP = torch.empty(rows, H, BT, dtype=torch.float32, device=dev) if vector else None
-    gpos = torch.empty_like(dGpos)
+    gpos = torch.empty(rows, H, *((K,) if vector else ()), dtype=torch.float32, device=dev)   # dGpos's UT part
     mod.ut_bwd[(L.NT, H)](k, v, beta, G, _or(P, G), Tm, vnew, du, dw, dk_ut, dk_add if fold else G, dv, dbeta,
                           _or(dP, G), gpos, L.cu, L.chunk_indices, H, HQ, K=K, V=V, BT=BT, BK=_pow2(K), BV=_pow2(V),
                           VECTOR=vector, HALF=half, ADD=fold, **launch_opts("ut_bwd", dict(num_warps=8)))
-    if vector:   # P's rows read the state (k E[+G]), its columns write it (k E[-G]); the kernel also sums the
-        # parts of dk (dk_ut + dqk's) and of dGpos (gpos + dqk's) in place
+    if vector:   # the intra-chunk parts of A (q, k) and P (k, k) in one pass, every sum done in the kernel
         BKi = _pow2(K, hi=64)
         mod.dqk_intra_bwd[(triton.cdiv(K, BKi), L.NT * (BT // BC), H)](
-            k, k, G, dP, dk_ut, dk_add, gpos, dGpos, L.cu, L.chunk_indices, H, HQ, K=K, BT=BT, BC=BC, BK=BKi,
-            HALF=half, SYM=True)
-        dk, dGpos = group_sum(dk_ut, HQ).to(k.dtype), gpos
+            q, k, G, dA_or_dGpos, dP, dq, dk_add, dk_ut, gpos, L.cu, L.chunk_indices, H, HQ, K=K, BT=BT, BC=BC,
+            BK=BKi, HALF=half, PAIR=True)
+        dq, dk, dGpos = group_sum(dq, HQ).to(q.dtype), group_sum(dk_ut, HQ).to(k.dtype), gpos
     else:
         dk = dk_ut if fold else (dk_add.float() + group_sum(dk_ut, HQ)).to(k.dtype)
-        dGpos = dGpos + gpos
+        dGpos = dA_or_dGpos + gpos
     grads_in = gate_grads(mod, gate, gate_inputs, dGpos, ht, dht, L, K) if need_gate_grads \
         else [None] * len(gate_inputs)
     return dq, dk, dv, dbeta.to(beta.dtype), dh0, grads_in
