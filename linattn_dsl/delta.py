@@ -51,11 +51,12 @@ def _forward(mod, gate, q, k, v, beta, gate_inputs, h0, L: _Layout, scale, store
     half = _half(q.dtype)
     dev = q.device
     G = _run_gate(mod, gate, gate_inputs, L, H, K, rows, cumsum=True)
-    P = None
+    P = A = None
     if vector:   # P[j, m] = sum_c k_jc k_mc E[G_jc - G_mc]
-        P = torch.empty(rows, H, BT, dtype=torch.float32, device=dev)
-        mod.scores_fwd[(BT // BC, L.NT, H)](k, k, G, P, L.cu, L.chunk_indices, 1.0, H, HQ, K=K, BT=BT, BC=BC,
-                                            BK=_pow2(K, hi=64), HALF=half)
+        P, A = (torch.empty(rows, H, BT, dtype=torch.float32, device=dev) for _ in range(2))
+        # and A[j, m] = scale sum_c q_jc k_mc E[G_jc - G_mc] (the output's), in the same pass
+        mod.scores_fwd[(BT // BC, L.NT, H)](q, k, G, A, P, L.cu, L.chunk_indices, scale, H, HQ, K=K, BT=BT, BC=BC,
+                                            BK=_pow2(K, hi=64), HALF=half, PAIR=True)
     BK = _full(K)
     store = q.dtype if half else torch.float32
     Tm = torch.empty(rows, H, BT, dtype=torch.float32, device=dev)
@@ -71,11 +72,6 @@ def _forward(mod, gate, q, k, v, beta, gate_inputs, h0, L: _Layout, scale, store
         k, u1, G, G, h, h0, ht, w, vnew, L.cu, L.chunk_offsets, H, HQ, K=K, V=V, BT=BT, BK=BK, BV=BV,
         VECTOR=vector, USE_H0=h0 is not None, STORE_FINAL=store_final, HALF=half, VSCALE=False, DELTA=True,
         **launch_opts("state_fwd", _state_opts(half, BK)))
-    A = None
-    if vector:
-        A = torch.empty(rows, H, BT, dtype=torch.float32, device=dev)
-        mod.scores_fwd[(BT // BC, L.NT, H)](q, k, G, A, L.cu, L.chunk_indices, scale, H, HQ, K=K, BT=BT, BC=BC,
-                                            BK=_pow2(K, hi=64), HALF=half)
     return G, P, Tm, w, h, vnew, ht, A
 
 
