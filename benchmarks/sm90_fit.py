@@ -8,6 +8,7 @@ the GPU with OutOfResources; this finds it on a machine without a GPU. The numbe
 version: to check the GPU machine's, put that version first on PYTHONPATH.
 
     python -m benchmarks.sm90_fit [--specs kda rwkv7 ...] [--dims 256 ...] [--dtypes bfloat16 float32]
+                                  [--modes chunk fused_recurrent] [--spills]
 """
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ def record_launches(fn_call) -> list[dict]:
     return launches
 
 
-def _record(spec_names, dims, dtypes, T=80) -> list[dict]:
+def _record(spec_names, dims, dtypes, modes=("chunk",), T=80) -> list[dict]:
     import torch
 
     from linattn_dsl import ops, registry, testing
@@ -87,20 +88,21 @@ def _record(spec_names, dims, dtypes, T=80) -> list[dict]:
                 case = testing.draw_case(spec, B=1, T=T, heads=1, K=D, V=D, seed=0)
                 tensors = {k: (v.to(getattr(torch, dtype)) if v is not None and v.dim() >= 3 else v)
                            for k, v in case.tensors.items()}
-                op = getattr(ops, f"chunk_{name}")
+                for mode in modes:
+                    op = getattr(ops, f"{mode}_{name}")
 
-                def call():
-                    t = {k: (v.detach().requires_grad_() if v is not None and v.is_floating_point() else v)
-                         for k, v in tensors.items()}
-                    o, s = case.call(op, t)
-                    (o.float().sum() + s.sum()).backward()
+                    def call(op=op):
+                        t = {k: (v.detach().requires_grad_() if v is not None and v.is_floating_point() else v)
+                             for k, v in tensors.items()}
+                        o, s = case.call(op, t)
+                        (o.float().sum() + s.sum()).backward()
 
-                for launch in record_launches(call):
-                    out.append(dict(launch, spec=name, D=D, dtype=dtype))
+                    for launch in record_launches(call):
+                        out.append(dict(launch, spec=name, D=D, dtype=dtype, mode=mode))
     return out
 
 
-def shared_bytes(launch: dict) -> int:
+def _compile(launch: dict):
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -109,17 +111,40 @@ def shared_bytes(launch: dict) -> int:
     sig, names = launch["sig"], list(launch["sig"])
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if sig[n].startswith("*")}
     src = ASTSource(fn, sig, constexprs={(names.index(k),): v for k, v in launch["consts"].items()}, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(launch["opts"])).metadata.shared
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(launch["opts"]))
 
 
-def fit(specs, dims, dtypes) -> list[tuple[dict, int]]:
-    """Every distinct launch of chunk ops of ``specs`` (head dims ``dims``, ``dtypes`` names) fwd+bwd, with the
-    shared memory (bytes) it needs on sm_90; the launches are recorded in a child process."""
+def shared_bytes(launch: dict) -> int:
+    return _compile(launch).metadata.shared
+
+
+def registers(launch: dict) -> str:
+    """ptxas -v's register and spill report of the launch's PTX (the wheel's own ptxas, sm_90a)."""
+    import re
+
+    import triton
+
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.ptx")
+        with open(path, "w") as f:
+            f.write(_compile(launch).asm["ptx"])
+        err = subprocess.run([ptxas, "-v", "--gpu-name", "sm_90a", path, "-o", os.devnull], capture_output=True,
+                             text=True).stderr
+    regs = re.search(r"Used (\d+) registers", err)
+    spill = re.search(r"(\d+) bytes spill stores", err)
+    return f"{regs.group(1) if regs else '?'} regs, {spill.group(1) if spill else '?'} B spilled"
+
+
+def fit(specs, dims, dtypes, modes=("chunk",)) -> list[tuple[dict, int]]:
+    """Every distinct launch of the ops of ``specs`` (``modes``: chunk, fused_recurrent; head dims ``dims``,
+    ``dtypes`` names) fwd+bwd, with the shared memory (bytes) it needs on sm_90; the launches are recorded in
+    a child process."""
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "launches.json")
         env = dict(os.environ, TRITON_INTERPRET="1")
         cmd = [sys.executable, "-m", "benchmarks.sm90_fit", "--record", path, "--specs", *specs,
-               "--dims", *map(str, dims), "--dtypes", *dtypes]
+               "--dims", *map(str, dims), "--dtypes", *dtypes, "--modes", *modes]
         subprocess.run(cmd, env=env, check=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         with open(path) as f:
             launches = json.load(f)
@@ -131,16 +156,20 @@ def main(argv=None) -> int:
     p.add_argument("--specs", nargs="+", default=["retention", "gla", "mamba2", "delta_rule", "kda", "rwkv7"])
     p.add_argument("--dims", nargs="+", type=int, default=[256, 128, 64])
     p.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"])
+    p.add_argument("--modes", nargs="+", default=["chunk", "fused_recurrent"], choices=["chunk", "fused_recurrent"])
+    p.add_argument("--spills", action="store_true", help="also ptxas's registers and spill stores per launch")
     p.add_argument("--record", help=argparse.SUPPRESS)  # child: write the recorded launches to this file
     a = p.parse_args(argv)
     if a.record:
         with open(a.record, "w") as f:
-            json.dump(_record(a.specs, a.dims, a.dtypes), f)
+            json.dump(_record(a.specs, a.dims, a.dtypes, a.modes), f)
         return 0
-    rows = fit(a.specs, a.dims, a.dtypes)
+    rows = fit(a.specs, a.dims, a.dtypes, a.modes)
     for launch, need in rows:
-        print(f"{launch['spec']:18s} D={launch['D']:<4d} {launch['dtype']:9s} {launch['kernel']:20s} "
-              f"{str(launch['opts']):34s} {need:7d}{'' if need <= LIMIT else '  DOES NOT FIT'}", flush=True)
+        print(f"{launch['spec']:18s} {launch['mode']:15s} D={launch['D']:<4d} {launch['dtype']:9s} "
+              f"{launch['kernel']:20s} "
+              f"{str(launch['opts']):34s} {need:7d}{'' if need <= LIMIT else '  DOES NOT FIT'}"
+              f"{'  ' + registers(launch) if a.spills else ''}", flush=True)
     bad = sum(need > LIMIT for _, need in rows)
     print(f"{len(rows)} launches compiled for sm_90, {bad} over {LIMIT} bytes of shared memory")
     return 1 if bad else 0
