@@ -224,6 +224,28 @@ def test_gpu_bf16_norms_match_fp32_torch():
     torch.testing.assert_close(z.float(), F.normalize(x.float(), dim=-1, eps=0), atol=1e-2, rtol=1e-2)
 
 
+@pytest.mark.parametrize("rows,hidden,group_size", [(1000, 64, None), (513, 96, 32), (37, 2048, None)])
+def test_many_rows_row_tiles(rows, hidden, group_size):
+    """Enough rows that the kernels' row tiles (4096 // BLOCK rows a program under 1024 channels) end
+    mid-tile and the backward's programs split the rows: residual, gate, weight and grouping together."""
+    torch.manual_seed(rows)
+    x, res, g = leaf(rows, hidden), leaf(rows, hidden), leaf(rows, hidden)
+    norm = FusedRMSNormGated(hidden, group_size=group_size) if group_size else RMSNorm(hidden)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(hidden))
+    if group_size:
+        out, inputs = norm(x, g), [x, g, norm.weight]
+        want = ref_norm(x, norm.weight, norm.eps, gate=g, group_size=group_size)
+    else:
+        out, new_res = norm(x, res, prenorm=True)
+        inputs = [x, res, norm.weight]
+        want = ref_norm(x, norm.weight, norm.eps, residual=res)
+        torch.testing.assert_close(new_res.double(), x.double() + res.double(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(out.double(), want, rtol=2e-5, atol=2e-5)
+    for a, b in zip(grads(out, inputs), grads(want, inputs)):
+        torch.testing.assert_close(a.double(), b.double(), rtol=2e-5, atol=2e-5 * rows)
+
+
 def test_zz_triton_kernels_ran_when_interpreting():
     """Last in the file: under TRITON_INTERPRET=1 the tests above went through the Triton kernels."""
     import sys
