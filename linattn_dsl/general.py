@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import triton
 
-from .additive import BC, BT, Prepared, _half, _pow2, _reduce_to, _run_gate
+from .additive import BC, BT, Prepared, _half, _pow2, _reduce_to, _run_gate, launch_opts
 from .args import Bound
 
 
@@ -47,8 +47,9 @@ def _forward(mod, gate, q, k, v, a, b, gate_inputs, h0, L, scale, store_final):
     Aqk, Aqb = (torch.empty(rows, H, BT, dtype=sd, device=dev) for _ in range(2))
     Lab, Lak = (torch.empty(rows, H, BT, dtype=torch.float32, device=dev) for _ in range(2))
     mod.general_scores_fwd[(BT // BC, L.NT, H)](q, k, a, b, G, Aqk, Aqb, Lab, Lak, L.cu, L.chunk_indices, scale,
-                                                H, HQ, K=K, BT=BT, BC=BC, BK=_pow2(K, hi=32), VECTOR=vector,
-                                                HALF=half, num_warps=8)
+                                                H, HQ, K=K, BT=BT, BC=BC, VECTOR=vector, HALF=half,
+                                                **launch_opts("general_scores_fwd",
+                                                              dict(BK=_pow2(K, hi=32), num_warps=2)))
     Tm = torch.empty(rows, H, BT, dtype=torch.float32, device=dev)
     Mak = torch.empty(rows, H, BT, dtype=sd, device=dev)
     Wa, qg, kg, bg = (torch.empty(rows, H, K, dtype=sd, device=dev) for _ in range(4))
@@ -61,8 +62,8 @@ def _forward(mod, gate, q, k, v, a, b, gate_inputs, h0, L, scale, store_final):
     BKs, BVs = _state_blocks(K, V)
     mod.general_state_fwd[(triton.cdiv(V, BVs), L.N * H)](
         kg, bg, v, G, Wa, Mak, h, R, h0, ht, L.cu, L.chunk_offsets, H, K=K, V=V, BT=BT, BK=BKs, BV=BVs,
-        VECTOR=vector, USE_H0=h0 is not None, STORE_FINAL=store_final, HALF=half, num_warps=8,
-        num_stages=_state_stages(BKs, q.dtype))
+        VECTOR=vector, USE_H0=h0 is not None, STORE_FINAL=store_final, HALF=half,
+        **launch_opts("general_state_fwd", dict(num_warps=8, num_stages=_state_stages(BKs, q.dtype))))
     return dict(G=G, Aqk=Aqk, Aqb=Aqb, Tm=Tm, Mak=Mak, Wa=Wa, h=h, R=R, qg=qg, kg=kg, bg=bg), ht
 
 
@@ -112,7 +113,7 @@ def _backward(mod, gate, q, k, v, a, b, gate_inputs, h0, st, ht, do, dht, L, sca
     mod.general_state_bwd[(triton.cdiv(V, BVs), L.N * H)](
         st["qg"], st["bg"], G, st["Wa"], st["Aqb"], do, dht, dhn, dR, dh0, L.cu, L.chunk_offsets, scale, H, K=K, V=V,
         BT=BT, BK=BKs, BV=BVs, VECTOR=vector, USE_DHT=dht is not None, STORE_DH0=h0 is not None, HALF=half,
-        num_warps=8, num_stages=_state_stages(BKs, q.dtype))
+        **launch_opts("general_state_bwd", dict(num_warps=8, num_stages=_state_stages(BKs, q.dtype))))
     dv = torch.empty_like(v)
     BK, BV = _pow2(K), _pow2(V)
     mod.general_dv_bwd[(triton.cdiv(V, BV), L.NT, H)](
@@ -128,18 +129,21 @@ def _backward(mod, gate, q, k, v, a, b, gate_inputs, h0, st, ht, do, dht, L, sca
     X, Q = (torch.empty(rows, H, NK, dtype=torch.float32, device=dev) for _ in range(2)) if not vector else (G, G)
     dmats = [torch.empty(rows, H, BT, dtype=torch.float32, device=dev) for _ in range(4)]
     mod.general_dmat_bwd[(L.NT, H)](v, st["Tm"], st["R"], dR, do, *dmats, L.cu, L.chunk_indices, scale, H, V=V, BT=BT,
-                                    BV=BV, HALF=half, num_warps=8, num_stages=3 if half else 2)
+                                    BV=BV, HALF=half,
+                                    **launch_opts("general_dmat_bwd", dict(num_warps=8, num_stages=3 if half else 2)))
     mod.general_dqk_bwd[(NK, L.NT, H)](
         q, k, a, b, v, G, st["Tm"], h, dhn, st["R"], dR, do, *direct, *dmats, X, Q, L.cu, L.chunk_indices,
-        scale, H, HQ, K=K, V=V, BT=BT, BK=BK, BV=BV, VECTOR=vector, HALF=half, num_warps=8,
-        num_stages=3 if half else 2)
+        scale, H, HQ, K=K, V=V, BT=BT, BK=BK, BV=BV, VECTOR=vector, HALF=half,
+        **launch_opts("general_dqk_bwd", dict(num_warps=8, num_stages=3 if half else 2)))
     del dhn, dR
     if vector:
         dGpos = torch.empty(rows, H, K, dtype=torch.float32, device=dev)
-        BKi = _pow2(K, hi=32)
-        mod.general_intra_bwd[(L.NT * (BT // BC), triton.cdiv(K, BKi), H)](
-            q, k, a, b, G, *dmats, *direct, *outs, dGpos, L.cu, L.chunk_indices, H, HQ, K=K, BT=BT, BC=BC, BK=BKi,
-            HALF=half, num_warps=8)
+        # small programs, many per SM: the per-column diagonal loop is latency-bound (H100, RWKV7 T=16384:
+        # 29.3 ms at 8 warps and BK 32, 16.5 at 4, 10.2 at 2, 9.0 at 1 warp and BK 16)
+        opts = launch_opts("general_intra_bwd", dict(BK=16, num_warps=1))
+        mod.general_intra_bwd[(L.NT * (BT // BC), triton.cdiv(K, opts["BK"]), H)](
+            q, k, a, b, G, *dmats, *direct, *outs, dGpos, L.cu, L.chunk_indices, H, HQ, K=K, BT=BT, BC=BC,
+            HALF=half, **opts)
         del direct
     grads_in = [None] * len(gate_inputs)
     if need_gate_grads and gate.grads:
