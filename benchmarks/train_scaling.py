@@ -80,10 +80,10 @@ def summary(folders: list[str]) -> int:
               f"{r['steps']:>5} {r['final_loss'] or float('nan'):6.3f}")
     ok = [r for r in rows if "error" not in r]
     by = {r["run"]: r for r in ok}
-    for r in ok:  # scaling: a run with more processes against the 1-process run of the same prefix
+    for r in ok:  # scaling: a run with more processes against the 1-process run of the same implementation
         if r["world_size"] > 1:
-            stem = r["run"].rsplit("_", 1)[0]
-            base = next((b for b in ok if b["world_size"] == 1 and b["run"].rsplit("_", 1)[0] == stem), None)
+            stem = r["run"].split("_")[0]   # ours_2gpu, ours_2gpu_bf16reduce -> ours (ours_1gpu)
+            base = next((b for b in ok if b["world_size"] == 1 and b["run"].split("_")[0] == stem), None)
             if base:
                 ratio = r["steady_tokens_per_s"] / base["steady_tokens_per_s"]
                 print(f"DDP scaling {r['run']} / {base['run']}: {ratio:.2f}x on {r['world_size']} processes "

@@ -8,7 +8,8 @@
 #
 # FLA=1: also FLA's GLAForCausalLM through the same loop on one card (its first step compiles and autotunes for
 # minutes unless .wheels/triton_autotune.tar.gz from benchmarks/gpu_models.sh is carried). Knobs: STEPS (200),
-# TRAIN_ARGS (more --section.key=value overrides), FLA_TIMEOUT (420), DDP=1 (the torchrun run even without 2
+# TRAIN_ARGS (more --section.key=value overrides), FLA_TIMEOUT (420), BF16_REDUCE (1: a third run, DDP
+# with the gradient all-reduce in bf16), DDP=1 (the torchrun run even without 2
 # GPUs: CPU processes over gloo, for checks), SETUP=0 (the current environment as it is).
 # $OUT gets train_scaling.txt (the table, printed last) and train_runs.tar.gz (logs and summaries of the runs).
 set -uo pipefail
@@ -57,6 +58,13 @@ if [ "$NGPU" -ge 2 ] || [ -n "${DDP:-}" ]; then
     timeout 300 python3 -m torch.distributed.run --standalone --nproc_per_node 2 -m linattn_dsl.cli train "${ARGS[@]}" \
         "--job.dump_folder=$RUNS/ours_2gpu" 2>&1 | grep -v "Writing model shards" | tail -6
     runs+=("$RUNS/ours_2gpu")
+    if [ "${BF16_REDUCE:-1}" != 0 ] && [ "$NGPU" -ge 2 ]; then   # NCCL only
+        echo "--- two cards, gradients all-reduced in bf16 (--training.mixed_precision_reduce=bfloat16), $STEPS steps"
+        timeout 300 python3 -m torch.distributed.run --standalone --nproc_per_node 2 -m linattn_dsl.cli train \
+            "${ARGS[@]}" --training.mixed_precision_reduce=bfloat16 "--job.dump_folder=$RUNS/ours_2gpu_bf16reduce" 2>&1 |
+            grep -v "Writing model shards" | tail -6
+        runs+=("$RUNS/ours_2gpu_bf16reduce")
+    fi
 else
     echo "only $NGPU GPU: no DDP run"
 fi

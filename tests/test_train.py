@@ -294,11 +294,19 @@ def test_toml_file_and_overrides(tmp_path, text_file):
     ("data.files", ["/nonexistent/corpus.txt"], "data.files: /nonexistent/corpus.txt: no such file"),
     ("tokenizer.kind", "pretrained", "tokenizer.path: required"),
     ("lr_scheduler.decay_type", "step", "lr_scheduler.decay_type: expected one of"),
+    ("training.mixed_precision_reduce", "fp8", "training.mixed_precision_reduce: expected one of"),
 ])
 def test_bad_config_names_the_key(text_file, tmp_path, key, value, message):
     with pytest.raises(ConfigError, match=message):
         tiny(text_file, tmp_path / "run", **{key: value})
     assert not (tmp_path / "run").exists()  # nothing was started
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the error is for runs without CUDA")
+def test_bf16_reduce_without_cuda_is_a_clear_error(text_file, tmp_path):
+    with pytest.raises(ConfigError, match="training.mixed_precision_reduce: 'bfloat16' needs CUDA"):
+        trainer.train(tiny(text_file, tmp_path / "run", **{"training.mixed_precision_reduce": "bfloat16"}),
+                      progress=False)
+
 
 def test_cli_train_and_bad_config_errors(text_file, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

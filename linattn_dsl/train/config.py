@@ -7,7 +7,9 @@ Sections and keys (defaults in :data:`SCHEMA`)::
     [tokenizer]    kind = "byte" | "bpe" | "pretrained", path, vocab_size (bpe)
     [data]         files (text or jsonl), text_field, val_fraction
     [training]     steps, seq_len, batch_size, gradient_accumulation_steps, max_norm, mixed_precision,
-                   activation_checkpointing, compile, skip_nonfinite, eval_interval, eval_batches
+                   mixed_precision_reduce (the dtype of DDP's gradient all-reduce: float32, or bfloat16 to
+                   send half the bytes), activation_checkpointing, compile, skip_nonfinite, eval_interval,
+                   eval_batches
     [optimizer]    name, lr, eps, weight_decay, beta1, beta2
     [lr_scheduler] warmup_steps, decay_type, lr_min
     [checkpoint]   interval, keep_latest_k
@@ -43,7 +45,8 @@ SCHEMA: dict[str, dict[str, tuple[str, Any]]] = {
     "training": {
         "steps": ("int", 100), "seq_len": ("int", 128), "batch_size": ("int", 8),
         "gradient_accumulation_steps": ("int", 1), "max_norm": ("float", 1.0), "mixed_precision": ("str", "bf16"),
-        "activation_checkpointing": ("bool", False), "compile": ("bool", False), "skip_nonfinite": ("bool", True),
+        "mixed_precision_reduce": ("str", "float32"), "activation_checkpointing": ("bool", False),
+        "compile": ("bool", False), "skip_nonfinite": ("bool", True),
         "eval_interval": ("int", 0), "eval_batches": ("int", 8),
     },
     "optimizer": {"name": ("str", "AdamW"), "lr": ("float", 3e-4), "eps": ("float", 1e-8),
@@ -55,6 +58,7 @@ SCHEMA: dict[str, dict[str, tuple[str, Any]]] = {
 CHOICES = {
     ("tokenizer", "kind"): ("byte", "bpe", "pretrained"),
     ("training", "mixed_precision"): ("bf16", "no"),
+    ("training", "mixed_precision_reduce"): ("float32", "bfloat16"),
     ("optimizer", "name"): ("AdamW",),
     ("lr_scheduler", "decay_type"): ("cosine", "linear", "constant"),
 }

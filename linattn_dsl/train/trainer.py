@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DDPCommunicationHookType, DistributedDataParallelKwargs, set_seed
 from tqdm.auto import tqdm
 
 from linattn_dsl.models import FAMILIES
@@ -173,8 +173,17 @@ def train(cfg: dict[str, Any], resume: bool = False, on_step: Callable[[int, dic
         raise ConfigError(f"job.dump_folder: {dump} already holds checkpoints; pass --resume to continue that run "
                           "or choose another job.dump_folder")
     cuda_bf16 = t_cfg["mixed_precision"] == "bf16" and torch.cuda.is_available()
+    if t_cfg["mixed_precision_reduce"] == "bfloat16" and not torch.cuda.is_available():
+        raise ConfigError("training.mixed_precision_reduce: 'bfloat16' needs CUDA GPUs (DDP's bf16 all-reduce "
+                          "runs on NCCL); this run has none: use 'float32'")
     # cpu=True without CUDA: under torchrun, CPU processes then form a gloo group (accelerate's MULTI_CPU)
-    accelerator = Accelerator(mixed_precision="bf16" if cuda_bf16 else "no", cpu=not torch.cuda.is_available())
+    # DDP (several processes): gradients all-reduced straight from their buckets (no copy), in bf16 if asked
+    ddp = DistributedDataParallelKwargs(
+        gradient_as_bucket_view=True,
+        comm_hook=DDPCommunicationHookType.BF16 if t_cfg["mixed_precision_reduce"] == "bfloat16"
+        else DDPCommunicationHookType.NO)
+    accelerator = Accelerator(mixed_precision="bf16" if cuda_bf16 else "no", cpu=not torch.cuda.is_available(),
+                              kwargs_handlers=[ddp])
     set_seed(cfg["job"]["seed"])
     main = accelerator.is_main_process
     if main:
