@@ -167,3 +167,37 @@ def test_gla_340m_config():
     assert (training["seq_len"], training["batch_size"], training["steps"]) == (2048, 8, 200)
     assert cfg["tokenizer"]["kind"] == "byte" and cfg["checkpoint"]["interval"] == 0
     assert Path(cfg["data"]["files"][0]).is_file()
+
+
+def test_fsdp_two_processes_resume_and_export(text_file, tmp_path):
+    """accelerate launch with the shipped FSDP config (2 CPU processes, gloo): an interrupted run (3 steps,
+    sharded checkpoint at step 2) resumed to step 4 repeats the losses of an uninterrupted 4-step run, and the
+    gathered export loads with AutoModelForCausalLM."""
+    from transformers import AutoModelForCausalLM
+
+    fsdp_yaml = tmp_path / "fsdp.yaml"
+    fsdp_yaml.write_text((ROOT / "configs" / "accelerate_fsdp.yaml").read_text().replace("use_cpu: false",
+                                                                                          "use_cpu: true"))
+    common = ["--tokenizer.kind=byte", f"--data.files=[\"{text_file}\"]", "--model.hidden_size=32",
+              "--model.num_hidden_layers=2", "--model.num_heads=2", "--training.seq_len=32",
+              "--training.batch_size=2", "--lr_scheduler.decay_type=constant", "--lr_scheduler.warmup_steps=0",
+              "--training.mixed_precision=no", "--metrics.plot=false", "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT),
+                                                                                             os.environ.get("PYTHONPATH")]))}
+
+    def launch(dump, *extra):
+        proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(fsdp_yaml),
+                               "-m", "linattn_dsl.cli", "train", *common, f"--job.dump_folder={dump}", *extra],
+                              capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+        return {r["step"]: r["loss"] for r in map(json.loads, (dump / "train_log.jsonl").read_text().splitlines())}
+
+    whole = launch(tmp_path / "whole", "--training.steps=4")
+    launch(tmp_path / "cut", "--training.steps=3", "--checkpoint.interval=2")
+    resumed = launch(tmp_path / "cut", "--training.steps=4", "--checkpoint.interval=2", "--resume")
+    assert sorted(whole) == [1, 2, 3, 4] and sorted(resumed) == [1, 2, 3, 4]
+    for step in (1, 2, 3, 4):
+        assert abs(whole[step] - resumed[step]) <= 1e-6, (step, whole, resumed)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "whole" / "final")
+    out = model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=4, do_sample=False)
+    assert out.shape == (1, 7)
