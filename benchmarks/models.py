@@ -137,6 +137,30 @@ def build_fla(family: str, kwargs: dict):
     return getattr(fm, FLA_CLASSES[family][1])(config), dropped
 
 
+def fla_mamba2_unfused(model) -> str | None:
+    """FLA's Mamba2 trains through mamba-ssm's fused conv + scan kernel, which calls the causal-conv1d CUDA
+    package; without it (the GPU machine has no such wheel) its first training step fails with
+    ``TypeError: 'NoneType' object is not callable``. Its mixers kept in eval mode take FLA's other path
+    instead: FLA's own Triton causal conv, then mamba-ssm's chunk scan, both differentiable (eval mode
+    changes only that branch: these mixers have no dropout). Returns a note, or None if not needed."""
+    import importlib.util
+
+    if importlib.util.find_spec("causal_conv1d") is not None:
+        return None
+    mixers = [m for m in model.modules() if type(m).__name__ == "Mamba2" and type(m).__module__ == "fla.layers.mamba2"]
+    train = model.train
+
+    def train_keeping_mixers_in_eval(mode: bool = True):
+        train(mode)
+        for m in mixers:
+            m.train(False)
+        return model
+
+    model.train = train_keeping_mixers_in_eval
+    return ("FLA Mamba2 mixers in eval mode: FLA's Triton conv + mamba-ssm chunk scan (its fused training "
+            "kernel needs the causal-conv1d package, absent)")
+
+
 def build(impl: str, family: str, kwargs: dict, device, dtype):
     """The model on ``device`` (initialised there: fast for 340M), in ``dtype``; and notes."""
     import torch
@@ -148,6 +172,9 @@ def build(impl: str, family: str, kwargs: dict, device, dtype):
         else:
             model, dropped = build_fla(family, kwargs)
             notes = [f"FLA config lacks {d}" for d in dropped]
+            if family == "mamba2":
+                note = fla_mamba2_unfused(model)
+                notes += [note] if note else []
     return model.to(dtype), notes
 
 
