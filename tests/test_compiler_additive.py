@@ -94,3 +94,16 @@ def test_64k_tokens_with_strong_decay_finite_cpu(name):
     (o.sum() + s.sum()).backward()
     assert torch.isfinite(o).all() and torch.isfinite(s).all()
     assert all(torch.isfinite(x.grad).all() for x in leaves.values() if x is not None)
+
+
+def test_launch_opts_defaults_and_overrides(monkeypatch):
+    """LINATTN_LAUNCH (tuning runs) overrides warps (w), stages (s) and the BK block (k) of one named stage
+    launch; other stages keep the defaults the host code gives."""
+    from linattn_dsl.additive import launch_opts
+
+    monkeypatch.delenv("LINATTN_LAUNCH", raising=False)
+    assert launch_opts("general_intra_bwd", dict(BK=16, num_warps=1)) == dict(BK=16, num_warps=1)
+    monkeypatch.setenv("LINATTN_LAUNCH", "general_intra_bwd:w2s3k32,ut_bwd:w8")
+    assert launch_opts("general_intra_bwd", dict(BK=16, num_warps=1)) == dict(BK=32, num_warps=2, num_stages=3)
+    assert launch_opts("ut_bwd") == dict(num_warps=8)
+    assert launch_opts("scores_fwd_pair", dict(BK=32)) == dict(BK=32)
