@@ -301,8 +301,8 @@ def test_bad_config_names_the_key(text_file, tmp_path, key, value, message):
         tiny(text_file, tmp_path / "run", **{key: value})
     assert not (tmp_path / "run").exists()  # nothing was started
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="the error is for runs without CUDA")
-def test_bf16_reduce_without_cuda_is_a_clear_error(text_file, tmp_path):
+def test_bf16_reduce_without_cuda_is_a_clear_error(text_file, tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)   # the same on a GPU machine
     with pytest.raises(ConfigError, match="training.mixed_precision_reduce: 'bfloat16' needs CUDA"):
         trainer.train(tiny(text_file, tmp_path / "run", **{"training.mixed_precision_reduce": "bfloat16"}),
                       progress=False)
