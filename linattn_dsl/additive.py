@@ -105,7 +105,8 @@ def _forward_states(mod, gate, q, k, v, vs, gate_inputs, h0, L, scale, store_fin
     if vector:
         A = torch.empty(rows, H, BT, dtype=torch.float32, device=q.device)
         mod.scores_fwd[(BT // BC, L.NT, H)](q, k, G, A, A, L.cu, L.chunk_indices, scale, H, HQ, K=K, BT=BT, BC=BC,
-                                            BK=_pow2(K, hi=64), HALF=half, PAIR=False)
+                                            HALF=half, PAIR=False,
+                                            **launch_opts("scores_fwd", dict(BK=_pow2(K, hi=64))))
     return G, h, ht, A
 
 
@@ -183,10 +184,10 @@ def dqk(mod, gate, q, k, v, vs, G, h, do, dhn, A, L, scale, du=None, dw=None, de
     if vector and defer_intra:
         return dq, dk, dA
     if vector:
-        BKi = _pow2(K, hi=64)
-        mod.dqk_intra_bwd[(triton.cdiv(K, BKi), L.NT * (BT // BC), H)](
-            q, k, G, dA, dA, dq, dk, dk, dGpos, L.cu, L.chunk_indices, H, HQ, K=K, BT=BT, BC=BC, BK=BKi, HALF=half,
-            PAIR=False)
+        opts = launch_opts("dqk_intra_bwd", dict(BK=_pow2(K, hi=64)))
+        mod.dqk_intra_bwd[(triton.cdiv(K, opts["BK"]), L.NT * (BT // BC), H)](
+            q, k, G, dA, dA, dq, dk, dk, dGpos, L.cu, L.chunk_indices, H, HQ, K=K, BT=BT, BC=BC, HALF=half,
+            PAIR=False, **opts)
         dq, dk = group_sum(dq, HQ).to(q.dtype), group_sum(dk, HQ).to(k.dtype)
     else:
         dGpos = dGpos.sum(-1)
