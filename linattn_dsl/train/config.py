@@ -8,8 +8,8 @@ Sections and keys (defaults in :data:`SCHEMA`)::
     [data]         files (text or jsonl), text_field, val_fraction
     [training]     steps, seq_len, batch_size, gradient_accumulation_steps, max_norm, mixed_precision,
                    mixed_precision_reduce (the dtype of DDP's gradient all-reduce: float32, or bfloat16 to
-                   send half the bytes), activation_checkpointing, compile, skip_nonfinite, eval_interval,
-                   eval_batches
+                   send half the bytes; DDP only: under FSDP the accelerate config file sets the reduce
+                   dtype), activation_checkpointing, compile, skip_nonfinite, eval_interval, eval_batches
     [optimizer]    name, lr, eps, weight_decay, beta1, beta2
     [lr_scheduler] warmup_steps, decay_type, lr_min
     [checkpoint]   interval, keep_latest_k
