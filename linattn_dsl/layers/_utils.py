@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from linattn_dsl import ops
-from linattn_dsl.modules import swiglu_linear
+from linattn_dsl.modules import rotary_embedding, swiglu_linear
 
 # Below this many tokens (and outside training) the step form is cheaper than the chunk plan.
 FUSED_RECURRENT_MAX_LEN = 64
@@ -52,26 +52,10 @@ def state_of(cache: dict | None, key: str):
 # ------------------------------------------------------------------ rotary position embedding
 
 
-def rotary_inv_freq(dim: int, theta: float, device=None) -> torch.Tensor:
-    """``theta ** (-2i / dim)`` for ``i < dim / 2`` (fp32), computed per call: nothing to restore on load."""
-    return 1.0 / (theta ** (torch.arange(0, dim, 2, device=device, dtype=torch.float32) / dim))
-
-
 def apply_rotary(x: torch.Tensor, position_ids: torch.Tensor, theta: float) -> torch.Tensor:
-    """RoPE (rotate-half convention) on ``x [B, T, H, D]`` at ``position_ids [B, T]`` (or ``[T]``)."""
-    dim = x.shape[-1]
-    if dim % 2:
-        raise ValueError(f"x: rotary embedding needs an even head dim, got {dim}")
-    inv_freq = rotary_inv_freq(dim, theta, x.device)
-    if position_ids.ndim == 1:
-        position_ids = position_ids[None]
-    angles = position_ids.to(torch.float32)[..., None] * inv_freq  # [B, T, D/2]
-    angles = torch.cat([angles, angles], dim=-1)[:, :, None, :]  # [B, T, 1, D]
-    cos, sin = angles.cos(), angles.sin()
-    xf = x.float()
-    x1, x2 = xf.chunk(2, dim=-1)
-    rotated = torch.cat([-x2, x1], dim=-1)
-    return (xf * cos + rotated * sin).to(x.dtype)
+    """RoPE (rotate-half convention) on ``x [B, T, H, D]`` at ``position_ids [B, T]`` (or ``[T]``): the fused
+    module (one Triton kernel per direction on CUDA, plain PyTorch on CPU)."""
+    return rotary_embedding(x, position_ids, theta)
 
 
 def default_position_ids(

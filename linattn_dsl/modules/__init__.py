@@ -1,4 +1,4 @@
-"""Fused building blocks around linear attention: losses, norms, the short convolution and SwiGLU.
+"""Fused building blocks around linear attention: losses, norms, the short convolution, SwiGLU and RoPE.
 
 Each runs Triton kernels on CUDA tensors and plain PyTorch on CPU tensors (the Triton kernels under
 Triton's interpreter when ``TRITON_INTERPRET=1``); see :mod:`linattn_dsl.modules._triton_utils`.
@@ -9,6 +9,7 @@ from .conv import ShortConvolution
 from .cross_entropy import FusedCrossEntropyLoss
 from .linear_cross_entropy import FusedLinearCrossEntropyLoss
 from .norm import FusedRMSNormGated, L2Norm, RMSNorm, l2_norm
+from .rotary import rotary_embedding
 
 __all__ = [
     "FusedCrossEntropyLoss",
@@ -18,5 +19,6 @@ __all__ = [
     "RMSNorm",
     "ShortConvolution",
     "l2_norm",
+    "rotary_embedding",
     "swiglu_linear",
 ]
