@@ -1,11 +1,14 @@
 """Benchmark linattn_dsl.modules against eager PyTorch and torch.compile on one CUDA GPU.
 
-    python -m benchmarks.modules [--out DIR] [--only lce norm conv] [--quick]
+    python -m benchmarks.modules [--out DIR] [--only lce norm conv swiglu] [--quick]
 
 * FusedLinearCrossEntropyLoss at 32768 tokens, hidden 2048, vocab 128256 (bf16) vs
   ``F.cross_entropy(F.linear(h, w), y)`` eager and compiled.
 * RMSNorm, FusedRMSNormGated, L2Norm (over heads of 128) and ShortConvolution at [8, 4096, 2048] bf16
   vs eager and compiled twins (the conv also timed forward alone, and its backward with a random ``dy``).
+* swiglu_linear (a 340M model's MLP: 16384 tokens, intermediate 2816, out 1024, bf16) vs eager
+  ``F.linear(F.silu(g) * u, w)``, compiled, and swiglu_linear with its elementwise parts in eager PyTorch
+  (the form before its Triton kernels: the A/B of that change).
 
 Each case is timed forward + backward (``triton.testing.do_bench``, median ms) and its peak memory above
 the inputs is measured (``torch.cuda.max_memory_allocated``). Prints a table and writes
@@ -28,7 +31,8 @@ import torch.nn.functional as F
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.modules", description=__doc__.split("\n")[0])
     parser.add_argument("--out", default=os.environ.get("OUT") or "./out", help="directory for modules.json")
-    parser.add_argument("--only", nargs="+", choices=["lce", "norm", "conv"], default=["lce", "norm", "conv"])
+    parser.add_argument("--only", nargs="+", choices=["lce", "norm", "conv", "swiglu"],
+                        default=["lce", "norm", "conv", "swiglu"])
     parser.add_argument("--tokens", type=int, default=32768, help="tokens for the linear cross-entropy")
     parser.add_argument("--hidden", type=int, default=2048)
     parser.add_argument("--vocab", type=int, default=128256)
@@ -176,10 +180,41 @@ def bench_conv(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
+def bench_swiglu(args: argparse.Namespace) -> list[dict]:
+    from linattn_dsl.modules import activations, swiglu_linear
+
+    torch.manual_seed(0)
+    n, inner, out = 16384, 2816, 1024
+    g = torch.randn(n, inner, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    u = torch.randn_like(g, requires_grad=True)
+    w = (torch.randn(out, inner, device="cuda") / inner**0.5).bfloat16().requires_grad_()
+
+    def eager(g, u, w):
+        return F.linear(F.silu(g) * u, w)
+
+    fused_check = activations._fused
+
+    def elementwise_eager(g, u, w):
+        activations._fused = lambda t: False
+        try:
+            return swiglu_linear(g, u, w)
+        finally:
+            activations._fused = fused_check
+
+    impls = {"linattn_dsl": swiglu_linear, "linattn_dsl (eager elementwise)": elementwise_eager,
+             **variants(eager, args.no_compile)}
+    rows = []
+    for name, impl in impls.items():
+        result = measure(fwd_bwd(lambda impl=impl: impl(g, u, w), [g, u, w]), args.quick)
+        rows.append({"case": f"swiglu_linear N={n} I={inner} O={out}", "impl": name, **result})
+        print_row(rows[-1])
+    return rows
+
+
 def print_row(row: dict) -> None:
     ms = "OOM" if row.get("error") else f"{row['ms']:.3f}"
     peak = "-" if row.get("error") else f"{row['peak_gib']:.2f}"
-    print(f"{row['case']:<52} {row['impl']:<14} {ms:>10} {peak:>10}", flush=True)
+    print(f"{row['case']:<52} {row['impl']:<32} {ms:>10} {peak:>10}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -196,6 +231,8 @@ def main(argv: list[str] | None = None) -> int:
         rows += bench_norms(args)
     if "conv" in args.only:
         rows += bench_conv(args)
+    if "swiglu" in args.only:
+        rows += bench_swiglu(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}

@@ -19,7 +19,7 @@ _spec.loader.exec_module(bench)
 def test_argument_parsing_defaults_and_overrides(monkeypatch):
     monkeypatch.setenv("OUT", "/tmp/bench-out")
     args = bench.parse_args([])
-    assert args.out == "/tmp/bench-out" and args.only == ["lce", "norm", "conv"]
+    assert args.out == "/tmp/bench-out" and args.only == ["lce", "norm", "conv", "swiglu"]
     assert (args.tokens, args.hidden, args.vocab, args.shape) == (32768, 2048, 128256, [8, 4096, 2048])
     monkeypatch.delenv("OUT")
     args = bench.parse_args(["--only", "conv", "--shape", "2", "64", "32", "--quick"])

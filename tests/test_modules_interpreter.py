@@ -17,7 +17,8 @@ import pytest
 from linattn_dsl.modules._triton_utils import triton_available
 
 TESTS = Path(__file__).parent
-FILES = ["test_modules_norm.py", "test_modules_conv.py", "test_modules_cross_entropy.py", "test_modules_rotary.py"]
+FILES = ["test_modules_norm.py", "test_modules_conv.py", "test_modules_cross_entropy.py", "test_modules_rotary.py",
+         "test_modules_activations.py"]
 
 
 @pytest.mark.skipif(not triton_available(), reason="triton is not installed")

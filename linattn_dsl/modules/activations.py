@@ -12,11 +12,37 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._triton_utils import check_float, check_same_device
+from ._triton_utils import check_float, check_same_device, use_triton
 
 
 def _swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
+
+
+def _fused(gate: torch.Tensor) -> bool:
+    """The Triton kernels for the elementwise parts: CUDA (or the interpreter), fp32/bf16/fp16 (fp64 stays
+    on the eager path, which computes in fp64)."""
+    return gate.dtype in (torch.float32, torch.bfloat16, torch.float16) and use_triton(gate)
+
+
+def _fused_backward(ctx, gate, up, weight, dout, flat):
+    from ._swiglu_kernels import swiglu_bwd
+
+    need_dw = ctx.needs_input_grad[2]
+    need_dx = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+    dgate = dup = dweight = dbias = None
+    if need_dx:
+        dh = (dout @ weight).to(gate.dtype)
+        h, dgate, dup = swiglu_bwd(gate, up, dh, store_h=need_dw)
+    elif need_dw:
+        from ._swiglu_kernels import swiglu_fwd
+
+        h = swiglu_fwd(gate, up)
+    if need_dw:
+        dweight = flat.T @ h.reshape(-1, gate.shape[-1])
+    if ctx.has_bias and ctx.needs_input_grad[3]:
+        dbias = flat.sum(0)
+    return (dgate if ctx.needs_input_grad[0] else None, dup if ctx.needs_input_grad[1] else None, dweight, dbias)
 
 
 class _SwiGLULinear(torch.autograd.Function):
@@ -24,6 +50,11 @@ class _SwiGLULinear(torch.autograd.Function):
     def forward(ctx, gate, up, weight, bias):
         ctx.save_for_backward(gate, up, weight)
         ctx.has_bias = bias is not None
+        ctx.fused = _fused(gate) and up.dtype == gate.dtype
+        if ctx.fused:
+            from ._swiglu_kernels import swiglu_fwd
+
+            return F.linear(swiglu_fwd(gate, up), weight, bias)
         return F.linear(_swiglu(gate, up), weight, bias)
 
     @staticmethod
@@ -31,6 +62,8 @@ class _SwiGLULinear(torch.autograd.Function):
         gate, up, weight = ctx.saved_tensors
         dgate = dup = dweight = dbias = None
         flat = dout.reshape(-1, dout.shape[-1])
+        if ctx.fused:
+            return _fused_backward(ctx, gate, up, weight, dout, flat)
         if ctx.needs_input_grad[2]:
             dweight = flat.T @ _swiglu(gate, up).reshape(-1, gate.shape[-1])
         if ctx.has_bias and ctx.needs_input_grad[3]:
