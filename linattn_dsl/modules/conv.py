@@ -186,6 +186,11 @@ class ShortConvolution(nn.Module):
 
         if mask is not None:
             x = x * mask[..., None].to(x.dtype)
+        if seqlen == 1 and cache is not None and not varlen:
+            # one decoding step: shift the state and dot it with the weights (4 small ops; the general path
+            # builds index tensors for the final state, ~15 launches, which dominated a decode step)
+            y, new_cache = self._step(x.reshape(batch, dim), cache.to(x.dtype))  # state in x's dtype, as below
+            return y.reshape(batch, 1, dim), (new_cache if output_final_state else None)
         packed = x.reshape(batch * seqlen, dim)
         triton_path = use_triton(x)
         if varlen:
@@ -218,9 +223,13 @@ class ShortConvolution(nn.Module):
         check_tensor("cache", cache)
         self._check_cache(cache, x.shape[0], x)
         check_same_device(x=x, cache=cache, weight=self.weight)
-        x_t = x.reshape(x.shape[0], self.hidden_size)
+        y, new_cache = self._step(x.reshape(x.shape[0], self.hidden_size), cache)
+        return y.reshape(x.shape), new_cache
+
+    def _step(self, x_t: torch.Tensor, cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x_t [B, D]`` and ``cache [B, D, W]`` (checked) -> ``(y [B, D] in x's dtype, new cache)``."""
         new_cache = torch.cat([cache[..., 1:], x_t[..., None].to(cache.dtype)], dim=-1)
         y = (new_cache.float() * self.weight[:, 0, :].float()).sum(-1)
         if self.bias is not None:
             y = y + self.bias.float()
-        return _act(y, self.activation).to(x.dtype).reshape(x.shape), new_cache
+        return _act(y, self.activation).to(x_t.dtype), new_cache
