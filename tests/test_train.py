@@ -295,11 +295,22 @@ def test_toml_file_and_overrides(tmp_path, text_file):
     ("tokenizer.kind", "pretrained", "tokenizer.path: required"),
     ("lr_scheduler.decay_type", "step", "lr_scheduler.decay_type: expected one of"),
     ("training.mixed_precision_reduce", "fp8", "training.mixed_precision_reduce: expected one of"),
+    ("optimizer.implementation", "apex", "optimizer.implementation: expected one of"),
 ])
 def test_bad_config_names_the_key(text_file, tmp_path, key, value, message):
     with pytest.raises(ConfigError, match=message):
         tiny(text_file, tmp_path / "run", **{key: value})
     assert not (tmp_path / "run").exists()  # nothing was started
+
+@pytest.mark.parametrize("implementation, flags", [("fused", {"fused": True}), ("foreach", {"foreach": True}),
+                                                    ("for-loop", {"foreach": False})])
+def test_optimizer_implementation(implementation, flags):
+    cfg = config.defaults()
+    cfg["optimizer"]["implementation"] = implementation
+    opt = trainer.build_optimizer(cfg, torch.nn.Linear(4, 3))
+    assert all(opt.defaults[k] == v for k, v in flags.items())
+    assert cfg["optimizer"] == {**config.defaults()["optimizer"], "implementation": implementation}
+
 
 def test_bf16_reduce_without_cuda_is_a_clear_error(text_file, tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)   # the same on a GPU machine

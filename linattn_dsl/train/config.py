@@ -50,7 +50,8 @@ SCHEMA: dict[str, dict[str, tuple[str, Any]]] = {
         "eval_interval": ("int", 0), "eval_batches": ("int", 8),
     },
     "optimizer": {"name": ("str", "AdamW"), "lr": ("float", 3e-4), "eps": ("float", 1e-8),
-                  "weight_decay": ("float", 0.1), "beta1": ("float", 0.9), "beta2": ("float", 0.95)},
+                  "weight_decay": ("float", 0.1), "beta1": ("float", 0.9), "beta2": ("float", 0.95),
+                  "implementation": ("str", "fused")},
     "lr_scheduler": {"warmup_steps": ("int", 10), "decay_type": ("str", "cosine"), "lr_min": ("float", 0.1)},
     "checkpoint": {"interval": ("int", 0), "keep_latest_k": ("int", 2)},
     "metrics": {"log_freq": ("int", 1), "plot": ("bool", True)},
@@ -60,6 +61,7 @@ CHOICES = {
     ("training", "mixed_precision"): ("bf16", "no"),
     ("training", "mixed_precision_reduce"): ("float32", "bfloat16"),
     ("optimizer", "name"): ("AdamW",),
+    ("optimizer", "implementation"): ("fused", "foreach", "for-loop"),  # torchtitan's option and names
     ("lr_scheduler", "decay_type"): ("cosine", "linear", "constant"),
 }
 POSITIVE = {("training", k) for k in ("steps", "seq_len", "batch_size", "gradient_accumulation_steps")} | {

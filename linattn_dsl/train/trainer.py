@@ -127,7 +127,10 @@ def build_optimizer(cfg: dict[str, Any], model: torch.nn.Module) -> torch.optim.
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]  # norms, biases, decays
     groups = [{"params": decay, "weight_decay": o["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=o["lr"], betas=(o["beta1"], o["beta2"]), eps=o["eps"])
+    # fused: one kernel per step for all parameters (torchtitan's default); foreach: PyTorch's multi-tensor ops
+    impl = {"fused": {"fused": True}, "foreach": {"foreach": True}, "for-loop": {"foreach": False}}
+    return torch.optim.AdamW(groups, lr=o["lr"], betas=(o["beta1"], o["beta2"]), eps=o["eps"],
+                             **impl[o["implementation"]])
 
 
 @torch.no_grad()
