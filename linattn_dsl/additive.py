@@ -9,6 +9,7 @@ wires forward and backward stages together (CHUNK_MATH.md section 1):
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 
@@ -42,18 +43,27 @@ def _half(dtype: torch.dtype) -> int:
     return {torch.bfloat16: 1, torch.float16: 2}.get(dtype, 0)
 
 
+@functools.lru_cache(maxsize=64)
+def _dense_tables(B: int, T: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(cu, chunk_offsets, chunk_indices)`` of ``B`` sequences of ``T`` tokens: pure functions of the shape,
+    kept (read-only: kernels only read them), so repeated calls of one shape (every decoding step) launch
+    none of their ~9 small ops."""
+    n_per = -(-T // BT)
+    cu = torch.arange(0, (B + 1) * T, T, dtype=torch.int64, device=device)
+    offsets = torch.arange(0, (B + 1) * n_per, n_per, dtype=torch.int64, device=device)[: B + 1]
+    seq = torch.arange(B, device=device).repeat_interleave(n_per)
+    within = torch.arange(n_per, device=device).repeat(B)
+    return cu, offsets, torch.stack([seq, within], 1).to(torch.int64).contiguous()
+
+
 class _Layout:
     """Sequence bookkeeping shared by every stage: flattened rows, chunk offsets and indices."""
 
     def __init__(self, B: int, T: int, cu_seqlens: torch.Tensor | None, device):
         if cu_seqlens is None:
-            self.cu = torch.arange(0, (B + 1) * T, T, dtype=torch.int64, device=device)
-            n_per = -(-T // BT)
+            self.cu, self.chunk_offsets, self.chunk_indices = _dense_tables(B, T, torch.device(device))
             self.N = B
-            self.NT = B * n_per
-            self.chunk_offsets = torch.arange(0, (B + 1) * n_per, n_per, dtype=torch.int64, device=device)[: B + 1]
-            seq = torch.arange(B, device=device).repeat_interleave(n_per)
-            within = torch.arange(n_per, device=device).repeat(B)
+            self.NT = B * -(-T // BT)
         else:
             self.cu = cu_seqlens.to(torch.int64)
             lens = self.cu[1:] - self.cu[:-1]
@@ -63,7 +73,7 @@ class _Layout:
             self.NT = int(self.chunk_offsets[-1].item())
             seq = torch.arange(self.N, device=device).repeat_interleave(n_chunks)
             within = torch.arange(self.NT, device=device) - self.chunk_offsets[seq]
-        self.chunk_indices = torch.stack([seq, within], 1).to(torch.int64).contiguous()
+            self.chunk_indices = torch.stack([seq, within], 1).to(torch.int64).contiguous()
 
 
 def _gate_inputs(bound: Bound, gate) -> list[torch.Tensor]:
