@@ -321,8 +321,10 @@ class Prepared:
                 B * T, H).contiguous()
         q, k = roles["query"], roles["key"]
         if spec.resolve(bound.switches).qk_l2norm:
-            from .reference import l2_normalize
-            q, k = l2_normalize(q), l2_normalize(k)
+            # the fused norm (one Triton kernel per direction, fp32 inside): x / sqrt(sum x^2 + 1e-6), the
+            # oracle's formula; eager, it was 5 ops per tensor each way, with their outputs kept for the backward
+            from .modules import l2_norm
+            q, k = l2_norm(q), l2_norm(k)
         dtype = bound.out_dtype
         self.q = q.to(dtype).reshape(B * T, HQ, K).contiguous()
         self.k = k.to(dtype).reshape(B * T, HQ, K).contiguous()
