@@ -11,14 +11,23 @@ plain differentiable PyTorch below (the kernel under ``TRITON_INTERPRET=1``).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ._triton_utils import check_float, check_integer, check_ndim, check_same_device, use_triton
 
 
 def rotary_inv_freq(dim: int, theta: float, device=None) -> torch.Tensor:
-    """``theta ** (-2i / dim)`` for ``i < dim / 2`` (fp32), computed per call: nothing to restore on load."""
-    return 1.0 / (theta ** (torch.arange(0, dim, 2, device=device, dtype=torch.float32) / dim))
+    """``theta ** (-2i / dim)`` for ``i < dim / 2`` (fp32). Not a buffer (nothing to restore on load); kept per
+    (dim, theta, device) so a decoding step does not recompute it (4 small ops a call): shared, read-only."""
+    return _inv_freq(int(dim), float(theta), torch.device(device) if device is not None else torch.device("cpu"))
+
+
+@functools.lru_cache(maxsize=32)
+def _inv_freq(dim: int, theta: float, device: torch.device) -> torch.Tensor:
+    with torch.inference_mode(False), torch.no_grad():
+        return 1.0 / (theta ** (torch.arange(0, dim, 2, device=device, dtype=torch.float32) / dim))
 
 
 def _rotary_torch(x: torch.Tensor, pos: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
