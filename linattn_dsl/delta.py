@@ -15,6 +15,8 @@ of P); dGpos = q dq + k dk_read - k dk_write, which ut_bwd and dqk_bwd write par
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 
@@ -34,14 +36,31 @@ def _state_bv(BK: int) -> int:
     return 32 if BK <= 128 else 16
 
 
-def _state_opts(half: int, BK: int) -> dict:
-    """Software pipelining of the state kernels within sm_90's 227 KiB of shared memory (compiled for sm_90
-    with aligned pointers, triton 3.6, vector decays: bf16 K=128 177-185 KiB at depth 3; bf16 K=256 328-336
-    KiB at depth 3, 197-205 at depth 2; fp32 K=128 249-305 KiB at depth 3, 40 KiB at depth 1; see
-    benchmarks/sm90_fit.py)."""
+@functools.lru_cache(maxsize=8)
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+
+
+def _state_opts(half: int, BK: int, bwd: bool, vector: bool, programs: int, device: torch.device) -> dict:
+    """Launch of the sequential state kernels (one program per sequence, head and value block).
+
+    Software pipelining within sm_90's 227 KiB of shared memory (compiled for sm_90 with aligned pointers,
+    triton 3.6, vector decays: bf16 K=128 177-185 KiB at depth 3; bf16 K=256 328-336 KiB at depth 3, 197-205
+    at depth 2; fp32 K=128 249-305 KiB at depth 3, 40 KiB at depth 1; see benchmarks/sm90_fit.py).
+    bf16/fp16 with K <= 128, measured on an H100 (benchmarks/launch_sweep.py; 4 warps and 3 stages before),
+    B*T = 32768, H = 16, V = 128 (128 programs at T=16384, 512 at T=4096):
+    * state_bwd, 2 stages, and 8 warps when the programs do not fill two per SM, else 4: delta rule
+      0.987 -> 0.832 ms (T=16384, 8 warps) and 0.595 (T=4096, 4 warps; 0.839 at 8); KDA 2.060 -> 1.147 and
+      0.860 (1.128 at 8 warps);
+    * state_fwd of vector decays 8 warps: KDA 1.008 -> 0.737 ms (T=16384), 0.725 (T=4096; 0.976 at 4); the
+      scalar decays' stays at 4 warps (0.551 / 0.343 ms; 0.530 / 0.499 at 8)."""
     if not half:
         return dict(num_stages=1)
-    return {} if BK <= 128 else dict(num_stages=2)
+    if BK > 128:
+        return dict(num_stages=2)
+    if bwd:
+        return dict(num_warps=8 if programs < 2 * _sm_count(device) else 4, num_stages=2)
+    return dict(num_warps=8) if vector else {}
 
 
 def _forward(mod, gate, q, k, v, beta, gate_inputs, h0, L: _Layout, scale, store_final):
@@ -64,7 +83,9 @@ def _forward(mod, gate, q, k, v, beta, gate_inputs, h0, L: _Layout, scale, store
     w = torch.empty(rows, H, K, dtype=store, device=dev)
     u1 = torch.empty(rows, H, V, dtype=store, device=dev)
     mod.ut_fwd[(L.NT, H)](k, v, beta, G, _or(P, G), Tm, w, u1, L.cu, L.chunk_indices, H, HQ, K=K, V=V, BT=BT,
-                          BC=BC, BK=BK, BKW=_pow2(K), BV=_pow2(V), VECTOR=vector, HALF=half, **launch_opts("ut_fwd"))
+                          BC=BC, BK=BK, BKW=_pow2(K), BV=_pow2(V), VECTOR=vector, HALF=half,
+                          # H100, T=16384, 4 warps before: delta rule 0.984 -> 0.730 ms, KDA 0.941 -> 0.722
+                          **launch_opts("ut_fwd", dict(num_warps=2, num_stages=1 if vector else 3)))
     h = torch.empty(L.NT, H, K, V, dtype=store, device=dev)
     ht = torch.empty(L.N, H, K, V, dtype=torch.float32, device=dev) if store_final else None
     vnew = torch.empty_like(u1)
@@ -72,7 +93,7 @@ def _forward(mod, gate, q, k, v, beta, gate_inputs, h0, L: _Layout, scale, store
     mod.state_fwd[(1, triton.cdiv(V, BV), L.N * H)](
         k, u1, G, G, h, h0, ht, w, vnew, L.cu, L.chunk_offsets, H, HQ, K=K, V=V, BT=BT, BK=BK, BV=BV,
         VECTOR=vector, USE_H0=h0 is not None, STORE_FINAL=store_final, HALF=half, VSCALE=False, DELTA=True,
-        **launch_opts("state_fwd", _state_opts(half, BK)))
+        **launch_opts("state_fwd", _state_opts(half, BK, False, vector, L.N * H * triton.cdiv(V, BV), dev)))
     return G, P, Tm, w, h, vnew, ht, A
 
 
@@ -88,10 +109,11 @@ def _backward(mod, gate, saved, do, dht, L: _Layout, scale, need_gate_grads):
     store = q.dtype if half else torch.float32
     # dvl = A^T dO: the intra-chunk part of dU
     dvl = torch.empty(rows, H, V, dtype=store, device=dev)
-    BVl = _pow2(V)
+    BVl = _pow2(V)   # 2 warps: H100, delta rule T=16384, 0.254 -> 0.209 ms (4 warps before)
     mod.dv_bwd[(triton.cdiv(V, BVl), L.NT, H)](q, k, vnew, G, G, G, G, G, _or(A, G), do, G, dvl, L.cu,
                                                L.chunk_indices, scale, H, HQ, K=K, V=V, BT=BT, BK=_pow2(K), BV=BVl,
-                                               VECTOR=vector, HALF=half, VSCALE=False, SKIP=False, LOCAL=True)
+                                               VECTOR=vector, HALF=half, VSCALE=False, SKIP=False, LOCAL=True,
+                                               **launch_opts("dv_bwd_local", dict(num_warps=2)))
     dhn = torch.empty_like(h)
     du = torch.empty(rows, H, V, dtype=store, device=dev)
     dh0 = torch.empty(L.N, H, K, V, dtype=torch.float32, device=dev) if h0 is not None else None
@@ -99,7 +121,7 @@ def _backward(mod, gate, saved, do, dht, L: _Layout, scale, need_gate_grads):
     mod.state_bwd[(1, triton.cdiv(V, BV), L.N * H)](
         q, k, w, G, do, dvl, du, dht, dhn, dh0, L.cu, L.chunk_offsets, scale, H, HQ, K=K, V=V, BT=BT, BK=BK, BV=BV,
         VECTOR=vector, USE_DHT=dht is not None, STORE_DH0=h0 is not None, HALF=half, DELTA=True,
-        **launch_opts("state_bwd", _state_opts(half, BK)))
+        **launch_opts("state_bwd", _state_opts(half, BK, True, vector, L.N * H * triton.cdiv(V, BV), dev)))
     del dvl
     dw = torch.empty(rows, H, K, dtype=store, device=dev)
     # vector decays: dqk leaves the inter-chunk parts of dq, dk and dA; dqk_intra_bwd finishes them below
@@ -113,7 +135,9 @@ def _backward(mod, gate, saved, do, dht, L: _Layout, scale, need_gate_grads):
     gpos = torch.empty(rows, H, *((K,) if vector else ()), dtype=torch.float32, device=dev)   # dGpos's UT part
     mod.ut_bwd[(L.NT, H)](k, v, beta, G, _or(P, G), Tm, vnew, du, dw, dk_ut, dk_add if fold else G, dv, dbeta,
                           _or(dP, G), gpos, L.cu, L.chunk_indices, H, HQ, K=K, V=V, BT=BT, BK=_pow2(K), BV=_pow2(V),
-                          VECTOR=vector, HALF=half, ADD=fold, **launch_opts("ut_bwd", dict(num_warps=8)))
+                          VECTOR=vector, HALF=half, ADD=fold,
+                          # H100, T=16384, 8 warps before: delta rule 0.888 -> 0.558 ms, KDA 1.066 -> 0.834
+                          **launch_opts("ut_bwd", dict(num_warps=4)))
     if vector:   # the intra-chunk parts of A (q, k) and P (k, k) in one pass, every sum done in the kernel
         # H100, KDA T=16384: 5.09 ms at BK 64 and 4 warps, 3.87 at BK 32 (scores_fwd: 1.43 -> 1.23 ms, 2 warps)
         opts = launch_opts("dqk_intra_bwd_pair", dict(BK=_pow2(K, hi=32), num_warps=4))

@@ -1,0 +1,131 @@
+"""Per-kernel launch sweep of one or more ops: each stage kernel's CUDA time under each launch override.
+
+    python -m benchmarks.launch_sweep --ops delta_rule,kda --T 16384
+
+Every override (``w2``, ``s3``, ``w8s1``, ...) is applied to all of an op's stage launches at once
+(``LINATTN_LAUNCH=name:override,...``); the kernels run one after the other, so each kernel's time depends
+only on its own override, and one profiled pass per override gives every kernel's number. Phase 1 compiles
+every (op, override) in parallel processes on a small input (Triton's disk cache keeps the binaries);
+phase 2 times them one process per op, alone on the card, the best of --reps profiled passes per kernel.
+Prints, per op and kernel, the time under the defaults ("-") and the best override with its gain.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+# every name a stage launch reads its override under (linattn_dsl.additive.launch_opts)
+LAUNCH_NAMES = ("gate_fwd", "gate_bwd", "scores_fwd", "scores_fwd_pair", "ut_fwd", "state_fwd", "output_fwd",
+                "dv_bwd_local", "state_bwd", "dqk_bwd", "ut_bwd", "dqk_intra_bwd", "dqk_intra_bwd_pair",
+                "general_scores_fwd", "general_state_fwd", "general_state_bwd", "general_dmat_bwd",
+                "general_dqk_bwd", "general_intra_bwd")
+OVERRIDES = ("-", "w1", "w2", "w4", "w8", "s1", "s2", "s3", "s4", "w2s1", "w8s1", "w8s2")
+
+
+def _env(override: str) -> str:
+    return "" if override == "-" else ",".join(f"{n}:{override}" for n in LAUNCH_NAMES)
+
+
+def _fwd_bwd(op: str, T: int, tokens: int):
+    import torch
+
+    import benchmarks.ops as bops
+
+    bops.TOKENS = tokens
+    t = bops.make_inputs(op, T)
+    leaves = [x.requires_grad_() for x in t.values() if x.is_floating_point()]
+    fn = bops.get_fn("ours", op)
+    do = None
+
+    def step():
+        nonlocal do
+        for x in leaves:
+            x.grad = None
+        out = fn(t)
+        do = torch.randn_like(out) if do is None else do
+        out.backward(do)
+    return step
+
+
+def _time(op: str, T: int, overrides, reps: int) -> dict:
+    import torch
+
+    res = {}
+    for ov in overrides:
+        os.environ["LINATTN_LAUNCH"] = _env(ov)
+        try:
+            step = _fwd_bwd(op, T, 32768)
+            for _ in range(3):
+                step()
+            torch.cuda.synchronize()
+            best: dict[str, float] = {}
+            for _ in range(reps):
+                with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                    step()
+                    torch.cuda.synchronize()
+                for e in prof.key_averages():
+                    if not e.key.startswith(("void", "Memcpy", "Memset")):
+                        ms = e.self_device_time_total / 1e3
+                        best[e.key] = min(best.get(e.key, ms), ms)
+            res[ov] = best
+        except Exception as exc:   # an override that does not compile or fit: recorded, the sweep goes on
+            res[ov] = {"error": f"{type(exc).__name__}: {str(exc)[:200]}"}
+        print(f"[{op}] {ov}: {res[ov]}", flush=True)
+    return res
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--ops", default="delta_rule,kda", type=lambda s: s.split(","))
+    p.add_argument("--T", type=int, default=16384)
+    p.add_argument("--overrides", default=",".join(OVERRIDES), type=lambda s: s.split(","))
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--jobs", type=int, default=12)
+    p.add_argument("--out", default=os.environ.get("OUT", "out"))
+    p.add_argument("--warm", nargs=2, metavar=("OP", "OVERRIDE"), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.warm:   # phase-1 child: compile one (op, override) on a small input
+        os.environ["LINATTN_LAUNCH"] = _env(args.warm[1])
+        _fwd_bwd(args.warm[0], 1024, 2048)()
+        return 0
+    start = time.time()
+    jobs = [(op, ov) for op in args.ops for ov in args.overrides]
+
+    def warm(job):
+        r = subprocess.run([sys.executable, "-m", "benchmarks.launch_sweep", "--warm", *job], capture_output=True,
+                           text=True)
+        return job, r.returncode, r.stderr[-300:]
+    with ThreadPoolExecutor(args.jobs) as ex:
+        for (op, ov), rc, err in ex.map(warm, jobs):
+            if rc:
+                print(f"compile {op} {ov}: rc {rc}: {err}", flush=True)
+    print(f"compiled {len(jobs)} variants in {time.time() - start:.0f} s", flush=True)
+    results = {op: _time(op, args.T, args.overrides, args.reps) for op in args.ops}
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "launch_sweep.json"), "w") as f:
+        json.dump(dict(T=args.T, results=results), f, indent=1)
+    for op, res in results.items():
+        base = res.get("-", {})
+        print(f"\n{op} T={args.T}: kernel, default ms, best override and ms (gain)")
+        kernels = sorted({k for r in res.values() for k in r if k != "error"}, key=lambda k: -base.get(k, 0))
+        saved = 0.0
+        for k in kernels:
+            cands = [(r[k], ov) for ov, r in res.items() if k in r]
+            ms, ov = min(cands)
+            d = base.get(k, float("nan"))
+            saved += max(0.0, d - ms) if k in base else 0.0
+            print(f"  {k:24s} {d:8.3f}  {ov:6s} {ms:8.3f}  ({d - ms:+.3f})")
+        total = sum(v for k, v in base.items() if k != "error")
+        print(f"  total default {total:.3f} ms, all kernels at their best {total - saved:.3f}")
+    print(f"wall {time.time() - start:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
