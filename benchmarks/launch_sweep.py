@@ -7,7 +7,9 @@ Every override (``w2``, ``s3``, ``w8s1``, ...) is applied to all of an op's stag
 only on its own override, and one profiled pass per override gives every kernel's number. Phase 1 compiles
 every (op, override) in parallel processes on a small input (Triton's disk cache keeps the binaries);
 phase 2 times them one process per op, alone on the card, the best of --reps profiled passes per kernel.
-Prints, per op and kernel, the time under the defaults ("-") and the best override with its gain.
+Prints, per op and kernel, the time under the defaults ("-") and the best override with its gain; then
+times the whole fwd+bwd under the defaults and with every kernel at its best override (interleaved, one
+process), the A/B of adopting the sweep's choices.
 """
 
 from __future__ import annotations
@@ -15,13 +17,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 # every name a stage launch reads its override under (linattn_dsl.additive.launch_opts)
-LAUNCH_NAMES = ("gate_fwd", "gate_bwd", "scores_fwd", "scores_fwd_pair", "ut_fwd", "state_fwd", "output_fwd",
+LAUNCH_NAMES = ("gate_fwd", "gate_bwd", "add_state_fwd", "add_state_bwd", "dv_bwd", "scores_fwd", "scores_fwd_pair",
+                "ut_fwd", "state_fwd", "output_fwd",
                 "dv_bwd_local", "state_bwd", "dqk_bwd", "ut_bwd", "dqk_intra_bwd", "dqk_intra_bwd_pair",
                 "general_scores_fwd", "general_state_fwd", "general_state_bwd", "general_dmat_bwd",
                 "general_dqk_bwd", "general_intra_bwd")
@@ -80,6 +84,42 @@ def _time(op: str, T: int, overrides, reps: int) -> dict:
     return res
 
 
+def _best_env(res: dict) -> str:
+    """LINATTN_LAUNCH with each kernel at its best override: a profiled kernel name maps to every launch
+    name it runs under (``state_fwd`` -> ``add_state_fwd`` in the additive form, ``scores_fwd`` ->
+    ``scores_fwd_pair`` in the delta form, ``gate_fwd_v0`` -> ``gate_fwd``); names an op never launches
+    are ignored by it."""
+    base = res.get("-", {})
+    items = []
+    for k in base:
+        cands = [(r[k], ov) for ov, r in res.items() if k in r and "error" not in r]
+        if not cands:
+            continue
+        ms, ov = min(cands)
+        if ov == "-" or ms >= base[k]:
+            continue
+        stem = re.sub(r"_v\d+$", "", k)
+        for name in (stem, stem + "_pair", stem + "_local", "add_" + stem):
+            if name in LAUNCH_NAMES:
+                items.append(f"{name}:{ov}")
+    return ",".join(items)
+
+
+def _ab(op: str, T: int, env: str) -> dict:
+    import torch
+    from triton.testing import do_bench
+
+    out = {}
+    for side, e in (("default", ""), ("best", env), ("default", ""), ("best", env)):
+        os.environ["LINATTN_LAUNCH"] = e
+        step = _fwd_bwd(op, T, 32768)
+        step()
+        torch.cuda.synchronize()
+        out.setdefault(side, []).append(do_bench(step, warmup=25, rep=200))
+    os.environ["LINATTN_LAUNCH"] = ""
+    return {side: min(v) for side, v in out.items()} | {"env": env}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--ops", default="delta_rule,kda", type=lambda s: s.split(","))
@@ -107,9 +147,10 @@ def main(argv=None) -> int:
                 print(f"compile {op} {ov}: rc {rc}: {err}", flush=True)
     print(f"compiled {len(jobs)} variants in {time.time() - start:.0f} s", flush=True)
     results = {op: _time(op, args.T, args.overrides, args.reps) for op in args.ops}
+    ab = {op: _ab(op, args.T, _best_env(res)) for op, res in results.items()}
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "launch_sweep.json"), "w") as f:
-        json.dump(dict(T=args.T, results=results), f, indent=1)
+        json.dump(dict(T=args.T, results=results, ab=ab), f, indent=1)
     for op, res in results.items():
         base = res.get("-", {})
         print(f"\n{op} T={args.T}: kernel, default ms, best override and ms (gain)")
@@ -123,6 +164,8 @@ def main(argv=None) -> int:
             print(f"  {k:24s} {d:8.3f}  {ov:6s} {ms:8.3f}  ({d - ms:+.3f})")
         total = sum(v for k, v in base.items() if k != "error")
         print(f"  total default {total:.3f} ms, all kernels at their best {total - saved:.3f}")
+        print(f"  A/B fwd+bwd (do_bench, min of 2): defaults {ab[op]['default']:.3f} ms, best overrides "
+              f"{ab[op]['best']:.3f} ms with LINATTN_LAUNCH={ab[op]['env']}")
     print(f"wall {time.time() - start:.0f} s")
     return 0
 

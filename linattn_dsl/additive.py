@@ -110,7 +110,8 @@ def _forward_states(mod, gate, q, k, v, vs, gate_inputs, h0, L, scale, store_fin
     BK, BV = _pow2(K), _pow2(V)
     mod.state_fwd[(triton.cdiv(K, BK), triton.cdiv(V, BV), L.N * H)](
         k, v, _or(vs, G), G, h, h0, ht, G, G, L.cu, L.chunk_offsets, H, HQ, K=K, V=V, BT=BT, BK=BK, BV=BV,
-        VECTOR=vector, USE_H0=h0 is not None, STORE_FINAL=store_final, HALF=half, VSCALE=vs is not None, DELTA=False)
+        VECTOR=vector, USE_H0=h0 is not None, STORE_FINAL=store_final, HALF=half, VSCALE=vs is not None, DELTA=False,
+        **launch_opts("add_state_fwd"))
     A = None
     if vector:
         A = torch.empty(rows, H, BT, dtype=torch.float32, device=q.device)
@@ -134,7 +135,10 @@ def _output(mod, gate, q, k, v, vs, sk, G, h, A, L, scale, out_dtype):
                                                   L.chunk_indices, scale, H, HQ, K=K, V=V, BT=BT, BK=BK, BV=BV,
                                                   VECTOR=gate.kind == "vector", HALF=_half(q.dtype),
                                                   VSCALE=vs is not None, SKIP=sk is not None,
-                                                  **launch_opts("output_fwd"))
+                                                  # with a value scale (Mamba2), H100 sweep: 2 warps, 1.027 ->
+                                                  # 0.895 ms (T=16384), 1.030 -> 0.899 (T=4096); others as before
+                                                  **launch_opts("output_fwd", dict(num_warps=2) if vs is not None
+                                                                else {}))
     return o
 
 
@@ -151,14 +155,19 @@ def _backward(mod, gate, saved, do, dht, L, scale, need_gate_grads):
     dh0 = torch.empty(L.N, H, K, V, dtype=torch.float32, device=q.device) if h0 is not None else None
     mod.state_bwd[(NK, triton.cdiv(V, BV), L.N * H)](
         q, q, q, G, do, do, do, dht, dhn, dh0, L.cu, L.chunk_offsets, scale, H, HQ, K=K, V=V, BT=BT, BK=BK, BV=BV,
-        VECTOR=vector, USE_DHT=dht is not None, STORE_DH0=h0 is not None, HALF=half, DELTA=False)
+        VECTOR=vector, USE_DHT=dht is not None, STORE_DH0=h0 is not None, HALF=half, DELTA=False,
+        **launch_opts("add_state_bwd"))
     dv = torch.empty_like(v)
     NV = triton.cdiv(V, BV)
     dvs = torch.empty(rows, H, NV, dtype=torch.float32, device=q.device) if vs is not None else None
     dsk = torch.empty(rows, H, NV, dtype=torch.float32, device=q.device) if sk is not None else None
     mod.dv_bwd[(NV, L.NT, H)](q, k, v, _or(vs, G), _or(dvs, G), _or(sk, G), _or(dsk, G), G, _or(A, G), do, dhn, dv,
                               L.cu, L.chunk_indices, scale, H, HQ, K=K, V=V, BT=BT, BK=BK, BV=BV, VECTOR=vector,
-                              HALF=half, VSCALE=vs is not None, SKIP=sk is not None, LOCAL=False)
+                              HALF=half, VSCALE=vs is not None, SKIP=sk is not None, LOCAL=False,
+                              # H100 sweep (4 warps, 3 stages before), T=16384 / 4096: scalar decays 2 warps
+                              # (retention 0.409 -> 0.346 / 0.347 ms, Mamba2 1.342 -> 1.208 / 1.212), vector
+                              # decays 2 stages (GLA 0.475 -> 0.414, 0.478 -> 0.411)
+                              **launch_opts("dv_bwd", dict(num_stages=2) if vector else dict(num_warps=2)))
     dq, dk, dGpos = dqk(mod, gate, q, k, v, vs, G, h, do, dhn, A, L, scale)
     grads_in = gate_grads(mod, gate, gate_inputs, dGpos, ht, dht, L, K) if need_gate_grads \
         else [None] * len(gate_inputs)
@@ -166,12 +175,16 @@ def _backward(mod, gate, saved, do, dht, L, scale, need_gate_grads):
         dh0, grads_in
 
 
-def _dqk_opts(delta: bool, vector: bool) -> dict:
-    """dqk_bwd's launch: 8 warps in the delta-rule form (it also reads dU and writes dW), and 2 stages for its
-    vector decays (H100, T=16384: KDA 0.907 -> 0.762 ms; the scalar delta rule 1.068 -> 1.118, kept at 3)."""
-    if not delta:
-        return {}
-    return dict(num_warps=8, num_stages=2) if vector else dict(num_warps=8)
+def _dqk_opts(delta: bool, vector: bool, vscale: bool) -> dict:
+    """dqk_bwd's launch, from per-kernel sweeps on an H100 (benchmarks/launch_sweep.py; B*T = 32768, H = 16,
+    D = 128, T = 16384 / 4096; 4 warps and 3 stages before):
+    * delta-rule form (it also reads dU and writes dW): 8 warps, and 2 stages for vector decays (KDA 0.907 ->
+      0.762 ms; the scalar delta rule 1.068 -> 1.118 at 2 stages, kept at 3);
+    * additive form: 8 warps (retention 1.209 -> 0.931 / 1.197 -> 0.933 ms, GLA 0.647 -> 0.620 / 0.648 ->
+      0.620); with a value scale (Mamba2) 2 stages instead (2.627 -> 1.729 / 2.636 -> 1.673; 8 warps 2.375)."""
+    if delta:
+        return dict(num_warps=8, num_stages=2) if vector else dict(num_warps=8)
+    return dict(num_stages=2) if vscale and not vector else dict(num_warps=8)
 
 
 def dqk(mod, gate, q, k, v, vs, G, h, do, dhn, A, L, scale, du=None, dw=None, defer_intra=False):
@@ -199,7 +212,8 @@ def dqk(mod, gate, q, k, v, vs, G, h, do, dhn, A, L, scale, du=None, dw=None, de
                                                  _or(dw, G), L.cu, L.chunk_indices, scale, H, HQ, K=K, V=V, BT=BT,
                                                  BK=BK, BV=BV, VECTOR=vector, HALF=half, VSCALE=vs is not None,
                                                  DELTA=du is not None,
-                                                 **launch_opts("dqk_bwd", _dqk_opts(du is not None, vector)))
+                                                 **launch_opts("dqk_bwd",
+                                                               _dqk_opts(du is not None, vector, vs is not None)))
     if vector and defer_intra:
         return dq, dk, dA
     if vector:
@@ -303,7 +317,10 @@ def _recurrent(mod, gate, q, k, v, vs, sk, gate_inputs, h0, L, scale, store_fina
                                                      HQ, K=K, V=V, BK=BK, BV=BV, VECTOR=gate.kind == "vector",
                                                      USE_H0=h0 is not None, STORE_FINAL=store_final,
                                                      VSCALE=vs is not None, SKIP=sk is not None,
-                                                  **launch_opts("output_fwd"))
+                                                  # with a value scale (Mamba2), H100 sweep: 2 warps, 1.027 ->
+                                                  # 0.895 ms (T=16384), 1.030 -> 0.899 (T=4096); others as before
+                                                  **launch_opts("output_fwd", dict(num_warps=2) if vs is not None
+                                                                else {}))
     return o, ht
 
 
