@@ -107,3 +107,35 @@ def test_launch_opts_defaults_and_overrides(monkeypatch):
     assert launch_opts("general_intra_bwd", dict(BK=16, num_warps=1)) == dict(BK=32, num_warps=2, num_stages=3)
     assert launch_opts("ut_bwd") == dict(num_warps=8)
     assert launch_opts("scores_fwd_pair", dict(BK=32)) == dict(BK=32)
+
+
+def test_launch_choices_follow_the_h100_sweep():
+    """The launch rules measured by benchmarks/launch_sweep.py (BENCHMARKS.md, session 6): the state kernels
+    of the delta form pick 8 warps only when their programs do not fill two per SM; fp32 keeps one stage."""
+    from linattn_dsl.additive import _dqk_opts
+    from linattn_dsl.delta import _state_opts
+
+    cpu = torch.device("cpu")   # counted as 132 SMs (an H100)
+    assert _state_opts(1, 128, True, True, 128, cpu) == dict(num_warps=8, num_stages=2)
+    assert _state_opts(1, 128, True, False, 512, cpu) == dict(num_warps=4, num_stages=2)
+    assert _state_opts(1, 128, False, True, 512, cpu) == dict(num_warps=8)
+    assert _state_opts(1, 128, False, False, 128, cpu) == {}
+    assert _state_opts(0, 128, True, True, 128, cpu) == dict(num_stages=1)
+    assert _state_opts(1, 256, True, True, 128, cpu) == dict(num_stages=2)
+    assert _dqk_opts(True, True, False) == dict(num_warps=8, num_stages=2)
+    assert _dqk_opts(False, False, True) == dict(num_stages=2)
+    assert _dqk_opts(False, True, False) == dict(num_warps=8)
+
+
+def test_launch_sweep_best_env_maps_profiled_names_to_launch_names():
+    """benchmarks/launch_sweep.py turns each profiled kernel's best override into LINATTN_LAUNCH entries under
+    every launch name it runs as, and leaves out kernels whose best is the default or an error row."""
+    from benchmarks.launch_sweep import LAUNCH_NAMES, _best_env
+
+    res = {"-": {"state_fwd": 1.0, "gate_fwd_v0": 0.2, "ut_bwd": 0.5},
+           "w8": {"state_fwd": 0.7, "gate_fwd_v0": 0.3, "ut_bwd": 0.6},
+           "s2": {"state_fwd": 0.8, "gate_fwd_v0": 0.1, "ut_bwd": 0.55},
+           "s4": {"error": "OutOfResources"}}
+    env = _best_env(res).split(",")
+    assert set(env) == {"state_fwd:w8", "add_state_fwd:w8", "gate_fwd:s2"}
+    assert all(e.split(":")[0] in LAUNCH_NAMES for e in env)
