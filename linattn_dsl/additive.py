@@ -24,14 +24,16 @@ BT, BC = 64, 16
 
 def launch_opts(kernel: str, defaults: dict | None = None) -> dict:
     """num_warps / num_stages of a stage launch: the defaults given here, or an override for tuning runs
-    from LINATTN_LAUNCH, e.g. ``dqk_bwd:w8s2,ut_bwd:w8`` (w = warps, s = stages, k = the BK block of the
-    kernels whose defaults name one)."""
+    from LINATTN_LAUNCH, e.g. ``dqk_bwd:w8s2,ut_bwd:w8`` (w = warps, s = stages; k and v = the BK and BV
+    blocks, applied only to launches whose defaults name that block)."""
     opts = dict(defaults or {})
     for item in os.environ.get("LINATTN_LAUNCH", "").split(","):
         name, _, spec = item.partition(":")
         if name == kernel:
-            for key, val in re.findall(r"([wsk])(\d+)", spec):
-                opts[{"w": "num_warps", "s": "num_stages", "k": "BK"}[key]] = int(val)
+            for key, val in re.findall(r"([wskv])(\d+)", spec):
+                opt = {"w": "num_warps", "s": "num_stages", "k": "BK", "v": "BV"}[key]
+                if key in "ws" or opt in opts:
+                    opts[opt] = int(val)
     return opts
 
 

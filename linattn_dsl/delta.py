@@ -89,7 +89,7 @@ def _forward(mod, gate, q, k, v, beta, gate_inputs, h0, L: _Layout, scale, store
     h = torch.empty(L.NT, H, K, V, dtype=store, device=dev)
     ht = torch.empty(L.N, H, K, V, dtype=torch.float32, device=dev) if store_final else None
     vnew = torch.empty_like(u1)
-    BV = _state_bv(BK)
+    BV = launch_opts("state_fwd", dict(BV=_state_bv(BK)))["BV"]
     mod.state_fwd[(1, triton.cdiv(V, BV), L.N * H)](
         k, u1, G, G, h, h0, ht, w, vnew, L.cu, L.chunk_offsets, H, HQ, K=K, V=V, BT=BT, BK=BK, BV=BV,
         VECTOR=vector, USE_H0=h0 is not None, STORE_FINAL=store_final, HALF=half, VSCALE=False, DELTA=True,
@@ -117,7 +117,7 @@ def _backward(mod, gate, saved, do, dht, L: _Layout, scale, need_gate_grads):
     dhn = torch.empty_like(h)
     du = torch.empty(rows, H, V, dtype=store, device=dev)
     dh0 = torch.empty(L.N, H, K, V, dtype=torch.float32, device=dev) if h0 is not None else None
-    BV = _state_bv(BK)
+    BV = launch_opts("state_bwd", dict(BV=_state_bv(BK)))["BV"]
     mod.state_bwd[(1, triton.cdiv(V, BV), L.N * H)](
         q, k, w, G, do, dvl, du, dht, dhn, dh0, L.cu, L.chunk_offsets, scale, H, HQ, K=K, V=V, BT=BT, BK=BK, BV=BV,
         VECTOR=vector, USE_DHT=dht is not None, STORE_DH0=h0 is not None, HALF=half, DELTA=True,
