@@ -53,6 +53,10 @@ def evaluate(bound: Bound, dtype: torch.dtype | None = None, exclude: tuple = ()
 def evaluate_expr(bound: Bound, e: sp.Expr, syms: tuple, dtype: torch.dtype | None = None) -> torch.Tensor:
     """``e`` on the bound call's tensors, broadcast to the shape of ``syms`` (e.g. ("B", "T", "H"))."""
     spec = bound.spec
+    target = [spec.head_dims.get(s, s) for s in syms]
+    if isinstance(e, sp.Symbol) and bound.tensors.get(e.name) is not None and spec.dims(e.name) == tuple(target):
+        t = bound.tensors[e.name]   # an input of the role's own shape (most roles): the tensor itself
+        return t if dtype is None else t.to(dtype)
     layout = spec.layout(e)
     names, fn = _compile(e)
     vals = []
@@ -67,7 +71,6 @@ def evaluate_expr(bound: Bound, e: sp.Expr, syms: tuple, dtype: torch.dtype | No
         if dtype is not None:
             t = t.to(dtype)
         vals.append(t.reshape([bound.sizes[d] if d in dims else 1 for d in layout]))
-    target = [spec.head_dims.get(s, s) for s in syms]
     full = tuple(bound.sizes[d] for d in target)
     val = fn(*vals)
     if not isinstance(val, torch.Tensor):
