@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# On the GPU machine: make the checkout importable (no build backend there), install the carried FLA wheels
+# into /tmp/linattn_site, restore FLA's autotuning cache, then run each argument as one command line, in
+# order, each under its own `timeout` of STEP_LIMIT seconds (default 300), printing elapsed seconds.
+#   run(command="bash benchmarks/gpu_run.sh 'python3 -m benchmarks.launch_sweep --ops delta_rule,kda --out $OUT/s' \
+#       'python3 -m benchmarks.ops --ops delta_rule,kda --out $OUT/ops'", carry=[".wheels", "third_party"])
+set -uo pipefail
+cd "$(dirname "$0")/.."
+S=$SECONDS
+for d in specs generated codegen_templates; do ln -sfn ../$d linattn_dsl/$d; done
+python3 -m pip install -q --no-index --no-deps --target /tmp/linattn_site .wheels/*.whl 2>&1 | tail -1
+export PYTHONPATH=$PWD:$PWD/third_party/mamba:/tmp/linattn_site
+export TRITON_CACHE_AUTOTUNING=1
+mkdir -p ~/.triton/cache
+[ -f .wheels/triton_autotune.tar.gz ] && tar -xzf .wheels/triton_autotune.tar.gz -C ~/.triton/cache
+nvidia-smi --query-gpu=name --format=csv,noheader
+for cmd in "$@"; do
+    echo "=== [$((SECONDS - S)) s] $cmd"
+    timeout "${STEP_LIMIT:-300}" bash -c "$cmd"
+    echo "=== rc $? at $((SECONDS - S)) s"
+done
