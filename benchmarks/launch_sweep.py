@@ -60,10 +60,13 @@ def _fwd_bwd(op: str, T: int, tokens: int):
 
 
 def _time(op: str, T: int, overrides, reps: int) -> dict:
+    """Each override's per-kernel times, in this process. An override that faults on the device (an illegal
+    address leaves the CUDA context unusable) is recorded as an error and the rest of the list goes on in a
+    fresh process."""
     import torch
 
     res = {}
-    for ov in overrides:
+    for i, ov in enumerate(overrides):
         os.environ["LINATTN_LAUNCH"] = _env(ov)
         try:
             step = _fwd_bwd(op, T, 32768)
@@ -80,10 +83,27 @@ def _time(op: str, T: int, overrides, reps: int) -> dict:
                         ms = e.self_device_time_total / 1e3
                         best[e.key] = min(best.get(e.key, ms), ms)
             res[ov] = best
-        except Exception as exc:   # an override that does not compile or fit: recorded, the sweep goes on
+        except Exception as exc:   # an override that does not compile, fit or run: recorded, the sweep goes on
             res[ov] = {"error": f"{type(exc).__name__}: {str(exc)[:200]}"}
+            print(f"[{op}] {ov}: {res[ov]}", flush=True)
+            if "CUDA" in str(exc) and overrides[i + 1:]:
+                res.update(_time_elsewhere(op, T, overrides[i + 1:], reps))
+                break
+            continue
         print(f"[{op}] {ov}: {res[ov]}", flush=True)
+    os.environ["LINATTN_LAUNCH"] = ""
     return res
+
+
+def _time_elsewhere(op: str, T: int, overrides, reps: int) -> dict:
+    cmd = [sys.executable, "-m", "benchmarks.launch_sweep", "--time-child", op, "--T", str(T), "--reps", str(reps),
+           "--overrides=" + ",".join(overrides)]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    sys.stdout.write("".join(line + "\n" for line in r.stdout.splitlines() if line.startswith("[")))
+    try:
+        return json.loads(r.stdout.strip().splitlines()[-1])
+    except (IndexError, json.JSONDecodeError):
+        return {ov: {"error": f"child rc {r.returncode}: {r.stderr[-200:]}"} for ov in overrides}
 
 
 def _best_env(res: dict) -> str:
@@ -131,7 +151,11 @@ def main(argv=None) -> int:
     p.add_argument("--jobs", type=int, default=12)
     p.add_argument("--out", default=os.environ.get("OUT", "out"))
     p.add_argument("--warm", nargs=2, metavar=("OP", "OVERRIDE"), help=argparse.SUPPRESS)
+    p.add_argument("--time-child", metavar="OP", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.time_child:   # the rest of a sweep after a device fault: results as JSON on the last line
+        print(json.dumps(_time(args.time_child, args.T, args.overrides, args.reps)), flush=True)
+        return 0
     if args.warm:   # phase-1 child: compile one (op, override) on a small input
         os.environ["LINATTN_LAUNCH"] = _env(args.warm[1])
         _fwd_bwd(args.warm[0], 1024, 2048)()

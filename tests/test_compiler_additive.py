@@ -139,3 +139,26 @@ def test_launch_sweep_best_env_maps_profiled_names_to_launch_names():
     env = _best_env(res).split(",")
     assert set(env) == {"state_fwd:w8", "add_state_fwd:w8", "gate_fwd:s2"}
     assert all(e.split(":")[0] in LAUNCH_NAMES for e in env)
+
+
+def test_launch_sweep_goes_on_in_a_fresh_process_after_a_device_fault(monkeypatch):
+    """After an override faults on the device (the CUDA context is then unusable), the rest of the sweep runs
+    in a child process; its JSON comes back, and a child that dies gives an error row per override."""
+    import json
+    import subprocess
+
+    import benchmarks.launch_sweep as sweep
+
+    calls = []
+
+    def fake_run(cmd, **kw):
+        calls.append(cmd)
+        out = "[kda] s2: {...}\n" + json.dumps({"s2": {"ut_fwd": 0.5}, "s3": {"error": "OutOfResources"}})
+        return subprocess.CompletedProcess(cmd, 0, stdout=out, stderr="")
+    monkeypatch.setattr(sweep.subprocess, "run", fake_run)
+    assert sweep._time_elsewhere("kda", 4096, ["s2", "s3"], 3) == {"s2": {"ut_fwd": 0.5},
+                                                                   "s3": {"error": "OutOfResources"}}
+    assert calls[0][-1] == "--overrides=s2,s3" and "--time-child" in calls[0]
+    monkeypatch.setattr(sweep.subprocess, "run",
+                        lambda cmd, **kw: subprocess.CompletedProcess(cmd, 1, stdout="", stderr="Segfault"))
+    assert set(sweep._time_elsewhere("kda", 4096, ["w2", "w4"], 3)) == {"w2", "w4"}
