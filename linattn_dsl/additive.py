@@ -319,10 +319,7 @@ def _recurrent(mod, gate, q, k, v, vs, sk, gate_inputs, h0, L, scale, store_fina
                                                      HQ, K=K, V=V, BK=BK, BV=BV, VECTOR=gate.kind == "vector",
                                                      USE_H0=h0 is not None, STORE_FINAL=store_final,
                                                      VSCALE=vs is not None, SKIP=sk is not None,
-                                                  # with a value scale (Mamba2), H100 sweep: 2 warps, 1.027 ->
-                                                  # 0.895 ms (T=16384), 1.030 -> 0.899 (T=4096); others as before
-                                                  **launch_opts("output_fwd", dict(num_warps=2) if vs is not None
-                                                                else {}))
+                                                     **launch_opts("recurrent_fwd"))
     return o, ht
 
 
