@@ -113,7 +113,7 @@ def _forward_states(mod, gate, q, k, v, vs, gate_inputs, h0, L, scale, store_fin
     mod.state_fwd[(triton.cdiv(K, BK), triton.cdiv(V, BV), L.N * H)](
         k, v, _or(vs, G), G, h, h0, ht, G, G, L.cu, L.chunk_offsets, H, HQ, K=K, V=V, BT=BT, BK=BK, BV=BV,
         VECTOR=vector, USE_H0=h0 is not None, STORE_FINAL=store_final, HALF=half, VSCALE=vs is not None, DELTA=False,
-        **launch_opts("add_state_fwd"))
+        KG=False, **launch_opts("add_state_fwd"))
     A = None
     if vector:
         A = torch.empty(rows, H, BT, dtype=torch.float32, device=q.device)

@@ -82,7 +82,8 @@ def _forward(mod, gate, q, k, v, beta, gate_inputs, h0, L: _Layout, scale, store
     Tm = torch.empty(rows, H, BT, dtype=torch.float32, device=dev)
     w = torch.empty(rows, H, K, dtype=store, device=dev)
     u1 = torch.empty(rows, H, V, dtype=store, device=dev)
-    mod.ut_fwd[(L.NT, H)](k, v, beta, G, _or(P, G), Tm, w, u1, L.cu, L.chunk_indices, H, HQ, K=K, V=V, BT=BT,
+    kg = torch.empty(rows, H, K, dtype=store, device=dev) if vector else None   # until state_fwd
+    mod.ut_fwd[(L.NT, H)](k, v, beta, G, _or(P, G), Tm, w, u1, _or(kg, G), L.cu, L.chunk_indices, H, HQ, K=K, V=V, BT=BT,
                           BC=BC, BK=BK, BKW=_pow2(K), BV=_pow2(V), VECTOR=vector, HALF=half,
                           # H100, T=16384, 4 warps before: delta rule 0.984 -> 0.730 ms, KDA 0.941 -> 0.722
                           **launch_opts("ut_fwd", dict(num_warps=2, num_stages=1 if vector else 3)))
@@ -91,8 +92,8 @@ def _forward(mod, gate, q, k, v, beta, gate_inputs, h0, L: _Layout, scale, store
     vnew = torch.empty_like(u1)
     BV = launch_opts("state_fwd", dict(BV=_state_bv(BK)))["BV"]
     mod.state_fwd[(1, triton.cdiv(V, BV), L.N * H)](
-        k, u1, G, G, h, h0, ht, w, vnew, L.cu, L.chunk_offsets, H, HQ, K=K, V=V, BT=BT, BK=BK, BV=BV,
-        VECTOR=vector, USE_H0=h0 is not None, STORE_FINAL=store_final, HALF=half, VSCALE=False, DELTA=True,
+        _or(kg, k), u1, G, G, h, h0, ht, w, vnew, L.cu, L.chunk_offsets, H, HQ, K=K, V=V, BT=BT, BK=BK, BV=BV,
+        VECTOR=vector, USE_H0=h0 is not None, STORE_FINAL=store_final, HALF=half, VSCALE=False, DELTA=True, KG=vector,
         **launch_opts("state_fwd", _state_opts(half, BK, False, vector, L.N * H * triton.cdiv(V, BV), dev)))
     return G, P, Tm, w, h, vnew, ht, A
 
