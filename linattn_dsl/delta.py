@@ -75,7 +75,7 @@ def _forward(mod, gate, q, k, v, beta, gate_inputs, h0, L: _Layout, scale, store
         P, A = (torch.empty(rows, H, BT, dtype=torch.float32, device=dev) for _ in range(2))
         # and A[j, m] = scale sum_c q_jc k_mc E[G_jc - G_mc] (the output's), in the same pass
         mod.scores_fwd[(BT // BC, L.NT, H)](q, k, G, A, P, L.cu, L.chunk_indices, scale, H, HQ, K=K, BT=BT, BC=BC,
-                                            HALF=half, PAIR=True, LEVELS=BC.bit_length() - 1,
+                                            HALF=half, PAIR=True,
                                             **launch_opts("scores_fwd_pair", dict(BK=_pow2(K, hi=32), num_warps=2)))
     BK = _full(K)
     store = q.dtype if half else torch.float32
