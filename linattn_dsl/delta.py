@@ -3,7 +3,7 @@
 CHUNK_MATH.md section 2. Per chunk the UT transform turns the delta rule into the additive form with
 corrected values U = U' - W h[c]; the additive stages then run with U in V's place:
 
-    gate_fwd (G) -> [scores_fwd(k, k) -> P] -> ut_fwd (Tm, W, U') -> state_fwd DELTA (h[c], U)
+    gate_fwd (G) -> [scores_fwd(k, k) -> P] -> ut_fwd (Tm, W, U' [, kg]) -> state_fwd DELTA (h[c], U)
         -> [scores_fwd(q, k) -> A] -> output_fwd (v := U)
     backward: dv_bwd LOCAL (A^T dO) -> state_bwd DELTA (dS, dU) -> dqk_bwd [+ dqk_intra_bwd] (v := U)
         -> ut_bwd (dv, dbeta, dk of W and P) [-> dqk_intra_bwd(k, k, dP)] -> gate_bwd
@@ -53,7 +53,9 @@ def _state_opts(half: int, BK: int, bwd: bool, vector: bool, programs: int, devi
       0.987 -> 0.832 ms (T=16384, 8 warps) and 0.595 (T=4096, 4 warps; 0.839 at 8); KDA 2.060 -> 1.147 and
       0.860 (1.128 at 8 warps);
     * state_fwd of vector decays 8 warps: KDA 1.008 -> 0.737 ms (T=16384), 0.725 (T=4096; 0.976 at 4); the
-      scalar decays' stays at 4 warps (0.551 / 0.343 ms; 0.530 / 0.499 at 8)."""
+      scalar decays' stays at 4 warps (0.551 / 0.343 ms; 0.530 / 0.499 at 8).
+    (These times are of session 6's kernel bodies; BENCHMARKS.md has session 7's, whose launches were not
+    swept again.)"""
     if not half:
         return dict(num_stages=1)
     if BK > 128:
@@ -83,8 +85,8 @@ def _forward(mod, gate, q, k, v, beta, gate_inputs, h0, L: _Layout, scale, store
     w = torch.empty(rows, H, K, dtype=store, device=dev)
     u1 = torch.empty(rows, H, V, dtype=store, device=dev)
     kg = torch.empty(rows, H, K, dtype=store, device=dev) if vector else None   # until state_fwd
-    mod.ut_fwd[(L.NT, H)](k, v, beta, G, _or(P, G), Tm, w, u1, _or(kg, G), L.cu, L.chunk_indices, H, HQ, K=K, V=V, BT=BT,
-                          BC=BC, BK=BK, BKW=_pow2(K), BV=_pow2(V), VECTOR=vector, HALF=half,
+    mod.ut_fwd[(L.NT, H)](k, v, beta, G, _or(P, G), Tm, w, u1, _or(kg, G), L.cu, L.chunk_indices, H, HQ, K=K, V=V,
+                          BT=BT, BC=BC, BK=BK, BKW=_pow2(K), BV=_pow2(V), VECTOR=vector, HALF=half,
                           # H100, T=16384, 4 warps before: delta rule 0.984 -> 0.730 ms, KDA 0.941 -> 0.722
                           **launch_opts("ut_fwd", dict(num_warps=2, num_stages=1 if vector else 3)))
     h = torch.empty(L.NT, H, K, V, dtype=store, device=dev)
