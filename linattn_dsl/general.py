@@ -138,8 +138,9 @@ def _backward(mod, gate, q, k, v, a, b, gate_inputs, h0, st, ht, do, dht, L, sca
     del dhn, dR
     if vector:
         dGpos = torch.empty(rows, H, K, dtype=torch.float32, device=dev)
-        # small programs, many per SM: the per-column diagonal loop is latency-bound (H100, RWKV7 T=16384:
-        # 29.3 ms at 8 warps and BK 32, 16.5 at 4, 10.2 at 2, 9.0 at 1 warp and BK 16)
+        # small programs, many per SM (H100, RWKV7 T=16384, the per-column diagonal loop: 29.3 ms at 8 warps
+        # and BK 32, 16.5 at 4, 10.2 at 2, 9.0 at 1 warp and BK 16; the halves' [HB, HB, BK] tiles: 7.0 at 1
+        # warp and BK 16, 8.4 at 2 warps and BK 32, 10.8 at 2 warps and BK 16, 20.9 at 4)
         opts = launch_opts("general_intra_bwd", dict(BK=16, num_warps=1))
         mod.general_intra_bwd[(triton.cdiv(K, opts["BK"]), L.NT * (BT // BC), H)](
             q, k, a, b, G, *dmats, *direct, *outs, dGpos, L.cu, L.chunk_indices, H, HQ, K=K, BT=BT, BC=BC,
