@@ -117,8 +117,8 @@ def _forward_states(mod, gate, q, k, v, vs, gate_inputs, h0, L, scale, store_fin
     A = None
     if vector:
         A = torch.empty(rows, H, BT, dtype=torch.float32, device=q.device)
-        mod.scores_fwd[(BT // BC, L.NT, H)](q, k, G, A, A, L.cu, L.chunk_indices, scale, H, HQ, K=K, BT=BT, BC=BC,
-                                            HALF=half, PAIR=False,
+        mod.scores_fwd[(BT // BC, L.NT, H)](q, k, G, A, A, A, L.cu, L.chunk_indices, scale, H, HQ, K=K, BT=BT, BC=BC,
+                                            HALF=half, PAIR=False, KG=False,
                                             **launch_opts("scores_fwd", dict(BK=_pow2(K, hi=64))))
     return G, h, ht, A
 

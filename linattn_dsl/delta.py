@@ -76,16 +76,17 @@ def _forward(mod, gate, q, k, v, beta, gate_inputs, h0, L: _Layout, scale, store
     if vector:   # P[j, m] = sum_c k_jc k_mc E[G_jc - G_mc]
         P, A = (torch.empty(rows, H, BT, dtype=torch.float32, device=dev) for _ in range(2))
         # and A[j, m] = scale sum_c q_jc k_mc E[G_jc - G_mc] (the output's), in the same pass
-        mod.scores_fwd[(BT // BC, L.NT, H)](q, k, G, A, P, L.cu, L.chunk_indices, scale, H, HQ, K=K, BT=BT, BC=BC,
-                                            HALF=half, PAIR=True,
+    store = q.dtype if half else torch.float32
+    kg = torch.empty(rows, H, K, dtype=store, device=dev) if vector else None   # until state_fwd
+    if vector:   # (and kg = K * E[G_n - G] for state_fwd, from the same key tiles)
+        mod.scores_fwd[(BT // BC, L.NT, H)](q, k, G, A, P, kg, L.cu, L.chunk_indices, scale, H, HQ, K=K, BT=BT,
+                                            BC=BC, HALF=half, PAIR=True, KG=True,
                                             **launch_opts("scores_fwd_pair", dict(BK=_pow2(K, hi=32), num_warps=2)))
     BK = _full(K)
-    store = q.dtype if half else torch.float32
     Tm = torch.empty(rows, H, BT, dtype=torch.float32, device=dev)
     w = torch.empty(rows, H, K, dtype=store, device=dev)
     u1 = torch.empty(rows, H, V, dtype=store, device=dev)
-    kg = torch.empty(rows, H, K, dtype=store, device=dev) if vector else None   # until state_fwd
-    mod.ut_fwd[(L.NT, H)](k, v, beta, G, _or(P, G), Tm, w, u1, _or(kg, G), L.cu, L.chunk_indices, H, HQ, K=K, V=V,
+    mod.ut_fwd[(L.NT, H)](k, v, beta, G, _or(P, G), Tm, w, u1, L.cu, L.chunk_indices, H, HQ, K=K, V=V,
                           BT=BT, BC=BC, BK=BK, BKW=_pow2(K), BV=_pow2(V), VECTOR=vector, HALF=half,
                           # H100, T=16384, 4 warps before: delta rule 0.984 -> 0.730 ms, KDA 0.941 -> 0.722
                           **launch_opts("ut_fwd", dict(num_warps=2, num_stages=1 if vector else 3)))
