@@ -24,14 +24,14 @@ BT, BC = 64, 16
 
 def launch_opts(kernel: str, defaults: dict | None = None) -> dict:
     """num_warps / num_stages of a stage launch: the defaults given here, or an override for tuning runs
-    from LINATTN_LAUNCH, e.g. ``dqk_bwd:w8s2,ut_bwd:w8`` (w = warps, s = stages; k and v = the BK and BV
-    blocks, applied only to launches whose defaults name that block)."""
+    from LINATTN_LAUNCH, e.g. ``dqk_bwd:w8s2,ut_bwd:w8`` (w = warps, s = stages; k, v and h = the BK, BV and
+    BH blocks, applied only to launches whose defaults name that block)."""
     opts = dict(defaults or {})
     for item in os.environ.get("LINATTN_LAUNCH", "").split(","):
         name, _, spec = item.partition(":")
         if name == kernel:
-            for key, val in re.findall(r"([wskv])(\d+)", spec):
-                opt = {"w": "num_warps", "s": "num_stages", "k": "BK", "v": "BV"}[key]
+            for key, val in re.findall(r"([wskvh])(\d+)", spec):
+                opt = {"w": "num_warps", "s": "num_stages", "k": "BK", "v": "BV", "h": "BH"}[key]
                 if key in "ws" or opt in opts:
                     opts[opt] = int(val)
     return opts
@@ -117,10 +117,25 @@ def _forward_states(mod, gate, q, k, v, vs, gate_inputs, h0, L, scale, store_fin
     A = None
     if vector:
         A = torch.empty(rows, H, BT, dtype=torch.float32, device=q.device)
-        mod.scores_fwd[(BT // BC, L.NT, H)](q, k, G, A, A, A, L.cu, L.chunk_indices, scale, H, HQ, K=K, BT=BT, BC=BC,
-                                            HALF=half, PAIR=False, KG=False,
-                                            **launch_opts("scores_fwd", dict(BK=_pow2(K, hi=64))))
+        vector_scores(mod, q, k, G, A, None, None, L, scale, H, HQ, K, half)
     return G, h, ht, A
+
+
+def vector_scores(mod, q, k, G, A, P, kg, L, scale, H, HQ, K, half):
+    """A (and, the delta form, P = the keys' own scores, and kg) of a vector decay in two launches:
+    scores_fwd, the sub-blocks below the diagonal as products through reference rows, and scores_diag, the
+    diagonal sub-blocks exact per channel, one small program per row and BH heads."""
+    pair = P is not None
+    name = "scores_fwd_pair" if pair else "scores_fwd"
+    mod.scores_fwd[(BT // BC, L.NT, H)](q, k, G, A, _or(P, A), L.cu, L.chunk_indices, scale, H, HQ, K=K, BT=BT,
+                                        BC=BC, HALF=half, PAIR=pair,
+                                        **launch_opts(name, dict(BK=_pow2(K, hi=32), num_warps=2) if pair
+                                                      else dict(BK=_pow2(K, hi=64))))
+    # H100, T=16384, KDA scores_diag_pair: 0.708 ms at BH 2 / 2 warps, 0.739 at 1/1, 0.689 at 4/4, 0.567 at 4/2
+    o = launch_opts(name.replace("fwd", "diag"), dict(BH=4, BK=_pow2(K, hi=128), num_warps=2))
+    mod.scores_diag[(BT, L.NT, triton.cdiv(H, o["BH"]))](q, k, G, A, _or(P, A), _or(kg, A), L.cu, L.chunk_indices,
+                                                         scale, H, HQ, K=K, BT=BT, BC=BC, PAIR=pair,
+                                                         KG=kg is not None, **o)
 
 
 def _or(x, dummy):

@@ -21,7 +21,7 @@ import torch
 import triton
 
 from .additive import (BC, BT, Prepared, _half, _Layout, _or, _output, _pow2, _run_gate, dqk, gate_grads, group_sum,
-                       launch_opts)
+                       launch_opts, vector_scores)
 from .args import Bound
 
 MAX_K = 256
@@ -79,9 +79,7 @@ def _forward(mod, gate, q, k, v, beta, gate_inputs, h0, L: _Layout, scale, store
     store = q.dtype if half else torch.float32
     kg = torch.empty(rows, H, K, dtype=store, device=dev) if vector else None   # until state_fwd
     if vector:   # (and kg = K * E[G_n - G] for state_fwd, from the same key tiles)
-        mod.scores_fwd[(BT // BC, L.NT, H)](q, k, G, A, P, kg, L.cu, L.chunk_indices, scale, H, HQ, K=K, BT=BT,
-                                            BC=BC, HALF=half, PAIR=True, KG=True,
-                                            **launch_opts("scores_fwd_pair", dict(BK=_pow2(K, hi=32), num_warps=2)))
+        vector_scores(mod, q, k, G, A, P, kg, L, scale, H, HQ, K, half)
     BK = _full(K)
     Tm = torch.empty(rows, H, BT, dtype=torch.float32, device=dev)
     w = torch.empty(rows, H, K, dtype=store, device=dev)
