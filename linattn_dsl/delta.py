@@ -62,7 +62,11 @@ def _state_opts(half: int, BK: int, bwd: bool, vector: bool, programs: int, devi
         return dict(num_stages=2)
     if bwd:   # scalar decays at 3 stages: delta rule 0.709 -> 0.502 ms (T=16384, H100; session 9)
         return dict(num_warps=8 if programs < 2 * _sm_count(device) else 4, num_stages=2 if vector else 3)
-    return dict(num_warps=8) if vector else {}
+    if vector:
+        return dict(num_warps=8)
+    # scalar decays: 2 stages when the programs fill two per SM (delta rule T=4096, 512 programs: 0.365 ->
+    # 0.337 ms), Triton's 3 below that (T=16384, 128 programs: 0.356, 0.463 at 2; H100, session 9)
+    return dict(num_stages=2) if programs >= 2 * _sm_count(device) else {}
 
 
 def _forward(mod, gate, q, k, v, beta, gate_inputs, h0, L: _Layout, scale, store_final):
