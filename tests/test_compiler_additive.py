@@ -110,18 +110,25 @@ def test_launch_opts_defaults_and_overrides(monkeypatch):
 
 
 def test_launch_choices_follow_the_h100_sweep():
-    """The launch rules measured by benchmarks/launch_sweep.py (BENCHMARKS.md, session 6): the state kernels
-    of the delta form pick 8 warps only when their programs do not fill two per SM; fp32 keeps one stage."""
+    """The launch rules measured by benchmarks/launch_sweep.py (BENCHMARKS.md, sessions 6 and 9): the state
+    kernels of the delta form pick 8 warps only when their programs do not fill two per SM, the scalar-decay
+    backward 3 stages and the scalar-decay forward 2 once its programs fill two per SM; half inputs with K <= 128
+    take value blocks of 64 when the programs at 64 still cover every SM; fp32 keeps one stage."""
     from linattn_dsl.additive import _dqk_opts
-    from linattn_dsl.delta import _state_opts
+    from linattn_dsl.delta import _state_bv, _state_opts
 
     cpu = torch.device("cpu")   # counted as 132 SMs (an H100)
     assert _state_opts(1, 128, True, True, 128, cpu) == dict(num_warps=8, num_stages=2)
-    assert _state_opts(1, 128, True, False, 512, cpu) == dict(num_warps=4, num_stages=2)
+    assert _state_opts(1, 128, True, False, 512, cpu) == dict(num_warps=4, num_stages=3)
     assert _state_opts(1, 128, False, True, 512, cpu) == dict(num_warps=8)
     assert _state_opts(1, 128, False, False, 128, cpu) == {}
+    assert _state_opts(1, 128, False, False, 512, cpu) == dict(num_stages=2)
     assert _state_opts(0, 128, True, True, 128, cpu) == dict(num_stages=1)
     assert _state_opts(1, 256, True, True, 128, cpu) == dict(num_stages=2)
+    assert _state_bv(128, 1, 128, 128, cpu) == 64    # B*T = 32768 at T=4096: 8 x 16 heads, 256 programs at 64
+    assert _state_bv(128, 1, 32, 128, cpu) == 32     # T=16384: 64 programs at 64 would idle half the SMs
+    assert _state_bv(128, 0, 128, 128, cpu) == 32    # fp32
+    assert _state_bv(256, 1, 128, 256, cpu) == 16
     assert _dqk_opts(True, True, False) == dict(num_warps=8, num_stages=2)
     assert _dqk_opts(False, False, True) == dict(num_stages=2)
     assert _dqk_opts(False, True, False) == dict(num_warps=8)
