@@ -3,7 +3,7 @@
 The kernels come from ``generated/<spec>.py``; this module only allocates buffers, computes grids and
 wires forward and backward stages together (CHUNK_MATH.md section 1):
 
-    gate_fwd (G = chunk cumsum of g) -> state_fwd (h[c]) -> [scores_fwd (vector A)] -> output_fwd
+    gate_fwd (G = chunk cumsum of g) -> state_fwd (h[c]) -> [scores_fwd + scores_diag (vector A)] -> output_fwd
     backward: state_bwd (dS) -> dv_bwd -> dqk_bwd [-> dqk_intra_bwd] -> gate_bwd (dg -> d inputs)
 """
 
@@ -101,7 +101,7 @@ def _run_gate(mod, gate, inputs, L: _Layout, H: int, K: int, rows: int, cumsum: 
 
 
 def _forward_states(mod, gate, q, k, v, vs, gate_inputs, h0, L, scale, store_final):
-    """gate_fwd, state_fwd and (vector) scores_fwd: what both the output and the backward need."""
+    """gate_fwd, state_fwd and (vector) scores_fwd + scores_diag: what both the output and the backward need."""
     rows, HQ, K = q.shape
     H, V = v.shape[1], v.shape[2]
     vector = gate.kind == "vector"

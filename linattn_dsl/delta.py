@@ -3,8 +3,8 @@
 CHUNK_MATH.md section 2. Per chunk the UT transform turns the delta rule into the additive form with
 corrected values U = U' - W h[c]; the additive stages then run with U in V's place:
 
-    gate_fwd (G) -> [scores_fwd(k, k) -> P] -> ut_fwd (Tm, W, U' [, kg]) -> state_fwd DELTA (h[c], U)
-        -> [scores_fwd(q, k) -> A] -> output_fwd (v := U)
+    gate_fwd (G) -> [scores_fwd + scores_diag PAIR (P = (k, k), A = (q, k), kg)] -> ut_fwd (Tm, W, U')
+        -> state_fwd DELTA (h[c], U) -> output_fwd (v := U)
     backward: dv_bwd LOCAL (A^T dO) -> state_bwd DELTA (dS, dU) -> dqk_bwd [+ dqk_intra_bwd] (v := U)
         -> ut_bwd (dv, dbeta, dk of W and P) [-> dqk_intra_bwd(k, k, dP)] -> gate_bwd
 
@@ -88,7 +88,7 @@ def _forward(mod, gate, q, k, v, beta, gate_inputs, h0, L: _Layout, scale, store
         # and A[j, m] = scale sum_c q_jc k_mc E[G_jc - G_mc] (the output's), in the same pass
     store = q.dtype if half else torch.float32
     kg = torch.empty(rows, H, K, dtype=store, device=dev) if vector else None   # until state_fwd
-    if vector:   # (and kg = K * E[G_n - G] for state_fwd, from the same key tiles)
+    if vector:   # (and kg = K * E[G_n - G] for state_fwd, by the diagonal's row programs)
         vector_scores(mod, q, k, G, A, P, kg, L, scale, H, HQ, K, half)
     BK = _full(K)
     Tm = torch.empty(rows, H, BT, dtype=torch.float32, device=dev)

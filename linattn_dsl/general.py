@@ -1,8 +1,8 @@
 """Host side of the general (diagonal-plus-low-rank) chunk form: launching a spec's generated stages and
 their autograd (CHUNK_MATH.md section 3; the kernels are general_fwd.py.j2 / general_bwd.py.j2).
 
-    gate_fwd (G) -> general_scores_fwd (Aqk, Aqb, Lab, Lak) -> general_solve_fwd (Tm, Mak, Wa)
-        -> general_state_fwd (h[c], R) -> general_output_fwd (o)
+    gate_fwd (G) -> general_scores_fwd [+ general_scores_diag] (Aqk, Aqb, Lab, Lak) -> general_solve_fwd
+        (Tm, Mak, Wa) -> general_state_fwd (h[c], R) -> general_output_fwd (o)
     backward: general_state_bwd (dS', dR) -> general_dv_bwd -> general_dqk_bwd [-> general_intra_bwd]
         -> general_dgate_bwd + gate_bwd (d log-decay inputs)
     fused_recurrent: general_recurrent_fwd; its backward recomputes the chunk states.

@@ -97,8 +97,8 @@ def test_64k_tokens_with_strong_decay_finite_cpu(name):
 
 
 def test_launch_opts_defaults_and_overrides(monkeypatch):
-    """LINATTN_LAUNCH (tuning runs) overrides warps (w), stages (s) and the BK block (k) of one named stage
-    launch; other stages keep the defaults the host code gives."""
+    """LINATTN_LAUNCH (tuning runs) overrides warps (w), stages (s) and the BK / BH blocks (k, h) of one named
+    stage launch; other stages keep the defaults the host code gives."""
     from linattn_dsl.additive import launch_opts
 
     monkeypatch.delenv("LINATTN_LAUNCH", raising=False)
@@ -107,6 +107,10 @@ def test_launch_opts_defaults_and_overrides(monkeypatch):
     assert launch_opts("general_intra_bwd", dict(BK=16, num_warps=1)) == dict(BK=32, num_warps=2, num_stages=3)
     assert launch_opts("ut_bwd") == dict(num_warps=8)
     assert launch_opts("scores_fwd_pair", dict(BK=32)) == dict(BK=32)
+    # h: heads per program of the diagonal's row programs, only where the defaults name BH
+    monkeypatch.setenv("LINATTN_LAUNCH", "scores_diag_pair:h8w4,ut_bwd:h8")
+    assert launch_opts("scores_diag_pair", dict(BH=4, BK=128, num_warps=2)) == dict(BH=8, BK=128, num_warps=4)
+    assert launch_opts("ut_bwd", dict(num_warps=2)) == dict(num_warps=2)
 
 
 def test_launch_choices_follow_the_h100_sweep():
