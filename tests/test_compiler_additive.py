@@ -117,8 +117,9 @@ def test_launch_choices_follow_the_h100_sweep():
     """The launch rules measured by benchmarks/launch_sweep.py (BENCHMARKS.md, sessions 6 and 9): the state
     kernels of the delta form pick 8 warps only when their programs do not fill two per SM, the scalar-decay
     backward 3 stages and the scalar-decay forward 2 once its programs fill two per SM; half inputs with K <= 128
-    take value blocks of 64 when the programs at 64 still cover every SM; fp32 keeps one stage."""
-    from linattn_dsl.additive import _dqk_opts
+    take value blocks of 64 when the programs at 64 still cover every SM; fp32 keeps one stage; the output pass of
+    vector decays takes value blocks of 128 (session 10)."""
+    from linattn_dsl.additive import _dqk_opts, _output_bv
     from linattn_dsl.delta import _state_bv, _state_opts
 
     cpu = torch.device("cpu")   # counted as 132 SMs (an H100)
@@ -136,6 +137,7 @@ def test_launch_choices_follow_the_h100_sweep():
     assert _dqk_opts(True, True, False) == dict(num_warps=8, num_stages=2)
     assert _dqk_opts(False, False, True) == dict(num_stages=2)
     assert _dqk_opts(False, True, False) == dict(num_warps=8)
+    assert _output_bv(128, True) == 128 and _output_bv(128, False) == 64 and _output_bv(48, True) == 64
 
 
 def test_launch_sweep_best_env_maps_profiled_names_to_launch_names():
