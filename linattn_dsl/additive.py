@@ -146,7 +146,7 @@ def _or(x, dummy):
 def _output_bv(V: int, vector: bool) -> int:
     """output_fwd's value block: up to 128 for vector decays (their A is read, not formed: one program per chunk
     and head reads it once; H100, KDA T=4096: 0.402 -> 0.374 ms), up to 64 otherwise (scalar decays form A =
-    q k^T per program; 128 measured no better)."""
+    q k^T per program; 128 not measured: that sweep run failed in the state passes)."""
     return _pow2(V, hi=128 if vector else 64)
 
 
