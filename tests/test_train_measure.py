@@ -171,8 +171,12 @@ def test_gla_340m_config():
 
 def test_fsdp_two_processes_resume_and_export(text_file, tmp_path):
     """accelerate launch with the shipped FSDP config (2 CPU processes, gloo): an interrupted run (3 steps,
-    sharded checkpoint at step 2) resumed to step 4 repeats the losses of an uninterrupted 4-step run, and the
-    gathered export loads with AutoModelForCausalLM."""
+    checkpoint at step 2) resumed to step 4 repeats the losses of an uninterrupted 4-step run, and the export
+    loads with AutoModelForCausalLM.
+
+    On CPU accelerate does not apply the FSDP plugin (it does so for GPU process groups only): the processes run
+    as DDP, every checkpoint holds the whole model, and the trainer says so. This covers the launch, checkpoint,
+    resume and export path of the config, not the sharding itself."""
     from transformers import AutoModelForCausalLM
 
     fsdp_yaml = tmp_path / "fsdp.yaml"
@@ -190,6 +194,7 @@ def test_fsdp_two_processes_resume_and_export(text_file, tmp_path):
                                "-m", "linattn_dsl.cli", "train", *common, f"--job.dump_folder={dump}", *extra],
                               capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+        assert "runs these processes as MULTI_CPU" in proc.stderr
         return {r["step"]: r["loss"] for r in map(json.loads, (dump / "train_log.jsonl").read_text().splitlines())}
 
     whole = launch(tmp_path / "whole", "--training.steps=4")

@@ -18,7 +18,9 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +28,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DDPCommunicationHookType, DistributedDataParallelKwargs, set_seed
+from accelerate.utils import DDPCommunicationHookType, DistributedDataParallelKwargs, DistributedType, set_seed
 from tqdm.auto import tqdm
 
 from linattn_dsl.models import FAMILIES
@@ -189,6 +191,12 @@ def train(cfg: dict[str, Any], resume: bool = False, on_step: Callable[[int, dic
                               kwargs_handlers=[ddp])
     set_seed(cfg["job"]["seed"])
     main = accelerator.is_main_process
+    if main and os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" and \
+            accelerator.distributed_type != DistributedType.FSDP:
+        # accelerate applies its FSDP plugin to GPU process groups only; CPU processes (MULTI_CPU) get DDP
+        warnings.warn(f"an FSDP launch config was given, but accelerate runs these processes as "
+                      f"{accelerator.distributed_type.value} (FSDP needs GPUs): every process holds the whole "
+                      f"model and checkpoints are not sharded", stacklevel=2)
     if main:
         dump.mkdir(parents=True, exist_ok=True)
         checkpoint.remove_partial(ckpt_dir)
@@ -289,8 +297,22 @@ def train(cfg: dict[str, Any], resume: bool = False, on_step: Callable[[int, dic
         export(accelerator, model, tokenizer, result.final_dir)
     if main and cfg["metrics"]["plot"]:
         result.plot_path = report.plot_loss(result.log_path, dump / "loss_curve.png")
+    _let_collectives_finish(accelerator)
     accelerator.end_training()
     return result
+
+
+def _let_collectives_finish(accelerator: Accelerator) -> None:
+    """A last barrier, then half a second without the GIL, before the process group goes.
+
+    Gloo's worker threads drop a finished barrier's earlier work (tensors Python owns, so the GIL is needed) only
+    after ``wait()`` has returned. If the group is destroyed before they do (when DDP's reducer is freed, the
+    group's destructor joins those threads while holding the GIL), the process never exits: seen on 2 CPU
+    processes, 1 launch in 11, ``~ProcessGroupGloo`` -> ``thread::join`` against ``~AsyncBarrierWork`` ->
+    ``decref_pyobject`` waiting for the GIL. Sleeping releases the GIL so the workers finish first."""
+    if accelerator.num_processes > 1:
+        accelerator.wait_for_everyone()
+        time.sleep(0.5)
 
 
 def export(accelerator: Accelerator, model, tokenizer, final_dir: Path) -> None:
