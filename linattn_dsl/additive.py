@@ -24,14 +24,14 @@ BT, BC = 64, 16
 
 def launch_opts(kernel: str, defaults: dict | None = None) -> dict:
     """num_warps / num_stages of a stage launch: the defaults given here, or an override for tuning runs
-    from LINATTN_LAUNCH, e.g. ``dqk_bwd:w8s2,ut_bwd:w8`` (w = warps, s = stages; k, v and h = the BK, BV and
-    BH blocks, applied only to launches whose defaults name that block)."""
+    from LINATTN_LAUNCH, e.g. ``dqk_bwd:w8s2,ut_bwd:w8`` (w = warps, s = stages; k, v, h and r = the BK, BV, BH
+    and RB blocks, applied only to launches whose defaults name that block)."""
     opts = dict(defaults or {})
     for item in os.environ.get("LINATTN_LAUNCH", "").split(","):
         name, _, spec = item.partition(":")
         if name == kernel:
-            for key, val in re.findall(r"([wskvh])(\d+)", spec):
-                opt = {"w": "num_warps", "s": "num_stages", "k": "BK", "v": "BV", "h": "BH"}[key]
+            for key, val in re.findall(r"([wskvhr])(\d+)", spec):
+                opt = {"w": "num_warps", "s": "num_stages", "k": "BK", "v": "BV", "h": "BH", "r": "RB"}[key]
                 if key in "ws" or opt in opts:
                     opts[opt] = int(val)
     return opts
@@ -116,7 +116,9 @@ def _forward_states(mod, gate, q, k, v, vs, gate_inputs, h0, L, scale, store_fin
         KG=False, **launch_opts("add_state_fwd"))
     A = None
     if vector:
-        A = torch.empty(rows, H, BT, dtype=torch.float32, device=q.device)
+        # in the inputs' half type when they have one: its readers (output_fwd, dv_bwd) round it to that type for
+        # their products anyway, so only the bytes change (FLA keeps its Aqk in k's dtype too)
+        A = torch.empty(rows, H, BT, dtype=q.dtype if half else torch.float32, device=q.device)
         vector_scores(mod, q, k, G, A, None, None, L, scale, H, HQ, K, half)
     return G, h, ht, A
 
@@ -132,8 +134,8 @@ def vector_scores(mod, q, k, G, A, P, kg, L, scale, H, HQ, K, half):
                                         **launch_opts(name, dict(BK=_pow2(K, hi=32), num_warps=2) if pair
                                                       else dict(BK=_pow2(K, hi=64))))
     # H100, T=16384, KDA scores_diag_pair: 0.708 ms at BH 2 / 2 warps, 0.739 at 1/1, 0.689 at 4/4, 0.567 at 4/2
-    o = launch_opts(name.replace("fwd", "diag"), dict(BH=4, BK=_pow2(K, hi=128), num_warps=2))
-    mod.scores_diag[(BT, L.NT, triton.cdiv(H, o["BH"]))](q, k, G, A, _or(P, A), _or(kg, A), L.cu, L.chunk_indices,
+    o = launch_opts(name.replace("fwd", "diag"), dict(BH=4, RB=1, BK=_pow2(K, hi=128), num_warps=2))
+    mod.scores_diag[(BT // o["RB"], L.NT, triton.cdiv(H, o["BH"]))](q, k, G, A, _or(P, A), _or(kg, A), L.cu, L.chunk_indices,
                                                          scale, H, HQ, K=K, BT=BT, BC=BC, PAIR=pair,
                                                          KG=kg is not None, **o)
 

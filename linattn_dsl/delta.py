@@ -82,11 +82,13 @@ def _forward(mod, gate, q, k, v, beta, gate_inputs, h0, L: _Layout, scale, store
     half = _half(q.dtype)
     dev = q.device
     G = _run_gate(mod, gate, gate_inputs, L, H, K, rows, cumsum=True)
-    P = A = None
-    if vector:   # P[j, m] = sum_c k_jc k_mc E[G_jc - G_mc]
-        P, A = (torch.empty(rows, H, BT, dtype=torch.float32, device=dev) for _ in range(2))
-        # and A[j, m] = scale sum_c q_jc k_mc E[G_jc - G_mc] (the output's), in the same pass
     store = q.dtype if half else torch.float32
+    P = A = None
+    if vector:   # P[j, m] = sum_c k_jc k_mc E[G_jc - G_mc] (fp32: the triangular solve's input)
+        P = torch.empty(rows, H, BT, dtype=torch.float32, device=dev)
+        # and A[j, m] = scale sum_c q_jc k_mc E[G_jc - G_mc] (the output's), in the same pass, stored as its
+        # readers round it (output_fwd, dv_bwd: operands of half products)
+        A = torch.empty(rows, H, BT, dtype=store, device=dev)
     kg = torch.empty(rows, H, K, dtype=store, device=dev) if vector else None   # until state_fwd
     if vector:   # (and kg = K * E[G_n - G] for state_fwd, by the diagonal's row programs)
         vector_scores(mod, q, k, G, A, P, kg, L, scale, H, HQ, K, half)
