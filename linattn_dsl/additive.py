@@ -129,15 +129,15 @@ def vector_scores(mod, q, k, G, A, P, kg, L, scale, H, HQ, K, half):
     diagonal sub-blocks exact per channel, one small program per row and BH heads."""
     pair = P is not None
     name = "scores_fwd_pair" if pair else "scores_fwd"
-    mod.scores_fwd[(BT // BC, L.NT, H)](q, k, G, A, _or(P, A), L.cu, L.chunk_indices, scale, H, HQ, K=K, BT=BT,
+    mod.scores_fwd[(BT // BC - 1, L.NT, H)](q, k, G, A, _or(P, A), L.cu, L.chunk_indices, scale, H, HQ, K=K, BT=BT,
                                         BC=BC, HALF=half, PAIR=pair,
                                         **launch_opts(name, dict(BK=_pow2(K, hi=32), num_warps=2) if pair
                                                       else dict(BK=_pow2(K, hi=64))))
     # H100, T=16384, KDA scores_diag_pair: 0.708 ms at BH 2 / 2 warps, 0.739 at 1/1, 0.689 at 4/4, 0.567 at 4/2
     o = launch_opts(name.replace("fwd", "diag"), dict(BH=4, RB=1, BK=_pow2(K, hi=128), num_warps=2))
-    mod.scores_diag[(BT // o["RB"], L.NT, triton.cdiv(H, o["BH"]))](q, k, G, A, _or(P, A), _or(kg, A), L.cu, L.chunk_indices,
-                                                         scale, H, HQ, K=K, BT=BT, BC=BC, PAIR=pair,
-                                                         KG=kg is not None, **o)
+    grid = (BT // o["RB"], L.NT, triton.cdiv(H, o["BH"]))
+    mod.scores_diag[grid](q, k, G, A, _or(P, A), _or(kg, A), L.cu, L.chunk_indices, scale, H, HQ, K=K, BT=BT, BC=BC,
+                          PAIR=pair, KG=kg is not None, **o)
 
 
 def _or(x, dummy):

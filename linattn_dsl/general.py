@@ -52,10 +52,10 @@ def _forward(mod, gate, q, k, v, a, b, gate_inputs, h0, L, scale, store_final):
                                                 HQ, K=K, BT=BT, BC=BC, VECTOR=vector, HALF=half, **o)
     if vector:   # the diagonal sub-blocks exact per channel: one small program per row and BH heads
         # H100, T=16384: 1.115 ms at BH 2 / 2 warps, 1.142 at 1/1, 1.152 at 4/2, 1.105 at 8/4, 1.085 at 4/4
-        o = launch_opts("general_scores_diag", dict(BH=4, BK=_pow2(K, hi=128), num_warps=4))
-        mod.general_scores_diag[(BT, L.NT, triton.cdiv(H, o["BH"]))](q, k, a, b, G, Aqk, Aqb, Lab, Lak, L.cu,
-                                                                     L.chunk_indices, scale, H, HQ, K=K, BT=BT,
-                                                                     BC=BC, **o)
+        o = launch_opts("general_scores_diag", dict(BH=4, RB=1, BK=_pow2(K, hi=128), num_warps=4))
+        grid = (BT // o["RB"], L.NT, triton.cdiv(H, o["BH"]))
+        mod.general_scores_diag[grid](q, k, a, b, G, Aqk, Aqb, Lab, Lak, L.cu, L.chunk_indices, scale, H, HQ, K=K,
+                                      BT=BT, BC=BC, **o)
     Tm = torch.empty(rows, H, BT, dtype=torch.float32, device=dev)
     Mak = torch.empty(rows, H, BT, dtype=sd, device=dev)
     Wa, qg, kg, bg = (torch.empty(rows, H, K, dtype=sd, device=dev) for _ in range(4))

@@ -97,7 +97,7 @@ def test_64k_tokens_with_strong_decay_finite_cpu(name):
 
 
 def test_launch_opts_defaults_and_overrides(monkeypatch):
-    """LINATTN_LAUNCH (tuning runs) overrides warps (w), stages (s) and the BK / BH blocks (k, h) of one named
+    """LINATTN_LAUNCH (tuning runs) overrides warps (w), stages (s) and the BK / BH / RB blocks (k, h, r) of one named
     stage launch; other stages keep the defaults the host code gives."""
     from linattn_dsl.additive import launch_opts
 
@@ -110,6 +110,10 @@ def test_launch_opts_defaults_and_overrides(monkeypatch):
     # h: heads per program of the diagonal's row programs, only where the defaults name BH
     monkeypatch.setenv("LINATTN_LAUNCH", "scores_diag_pair:h8w4,ut_bwd:h8")
     assert launch_opts("scores_diag_pair", dict(BH=4, BK=128, num_warps=2)) == dict(BH=8, BK=128, num_warps=4)
+    assert launch_opts("ut_bwd", dict(num_warps=2)) == dict(num_warps=2)
+    # r: rows per program of the diagonal's row programs, likewise
+    monkeypatch.setenv("LINATTN_LAUNCH", "scores_diag:r4h1,ut_bwd:r4")
+    assert launch_opts("scores_diag", dict(BH=4, RB=1, num_warps=2)) == dict(BH=1, RB=4, num_warps=2)
     assert launch_opts("ut_bwd", dict(num_warps=2)) == dict(num_warps=2)
 
 
