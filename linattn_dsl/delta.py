@@ -42,6 +42,16 @@ def _state_bv(BK: int, half: int, seqs_heads: int, V: int, device: torch.device)
     return 64 if half and seqs_heads * triton.cdiv(V, 64) >= _sm_count(device) else 32
 
 
+def _state_fwd_bv(BK: int, half: int, vector: bool, seqs_heads: int, V: int, device: torch.device) -> int:
+    """state_fwd's value block: vector decays (8 warps, one program per SM: 192 KiB of shared memory at 128)
+    take 128 when its programs still occupy nearly every SM, one wave instead of two: KDA T=4096 (128 programs
+    on 132 SMs) 0.341 -> 0.294 ms (H100, session 10's sweep, v128; the delta rule's v128 launches failed
+    there, and state_bwd got slower, 0.715 -> 0.919, so both keep _state_bv)."""
+    if half and vector and BK <= 128 and V >= 128 and seqs_heads * triton.cdiv(V, 128) >= 0.96 * _sm_count(device):
+        return 128
+    return _state_bv(BK, half, seqs_heads, V, device)
+
+
 @functools.lru_cache(maxsize=8)
 def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
@@ -104,7 +114,7 @@ def _forward(mod, gate, q, k, v, beta, gate_inputs, h0, L: _Layout, scale, store
     h = torch.empty(L.NT, H, K, V, dtype=store, device=dev)
     ht = torch.empty(L.N, H, K, V, dtype=torch.float32, device=dev) if store_final else None
     vnew = torch.empty_like(u1)
-    BV = launch_opts("state_fwd", dict(BV=_state_bv(BK, half, L.N * H, V, dev)))["BV"]
+    BV = launch_opts("state_fwd", dict(BV=_state_fwd_bv(BK, half, vector, L.N * H, V, dev)))["BV"]
     mod.state_fwd[(1, triton.cdiv(V, BV), L.N * H)](
         _or(kg, k), u1, G, G, h, h0, ht, w, vnew, L.cu, L.chunk_offsets, H, HQ, K=K, V=V, BT=BT, BK=BK, BV=BV,
         VECTOR=vector, USE_H0=h0 is not None, STORE_FINAL=store_final, HALF=half, VSCALE=False, DELTA=True, KG=vector,

@@ -124,7 +124,7 @@ def test_launch_choices_follow_the_h100_sweep():
     take value blocks of 64 when the programs at 64 still cover every SM; fp32 keeps one stage; the output pass of
     vector decays takes value blocks of 128 (session 10)."""
     from linattn_dsl.additive import _dqk_opts, _output_bv
-    from linattn_dsl.delta import _state_bv, _state_opts
+    from linattn_dsl.delta import _state_bv, _state_fwd_bv, _state_opts
 
     cpu = torch.device("cpu")   # counted as 132 SMs (an H100)
     assert _state_opts(1, 128, True, True, 128, cpu) == dict(num_warps=8, num_stages=2)
@@ -138,6 +138,11 @@ def test_launch_choices_follow_the_h100_sweep():
     assert _state_bv(128, 1, 32, 128, cpu) == 32     # T=16384: 64 programs at 64 would idle half the SMs
     assert _state_bv(128, 0, 128, 128, cpu) == 32    # fp32
     assert _state_bv(256, 1, 128, 256, cpu) == 16
+    # state_fwd of vector decays: 128 when it leaves one wave on (nearly) every SM (KDA T=4096: 128 on 132)
+    assert _state_fwd_bv(128, 1, True, 128, 128, cpu) == 128
+    assert _state_fwd_bv(128, 1, False, 128, 128, cpu) == 64    # scalar decays: not measured at 128
+    assert _state_fwd_bv(128, 1, True, 32, 128, cpu) == 32      # T=16384: 32 programs at 128
+    assert _state_fwd_bv(128, 0, True, 128, 128, cpu) == 32     # fp32
     assert _dqk_opts(True, True, False) == dict(num_warps=8, num_stages=2)
     assert _dqk_opts(False, False, True) == dict(num_stages=2)
     assert _dqk_opts(False, True, False) == dict(num_warps=8)
