@@ -103,7 +103,9 @@ def _forward(mod, gate, q, k, v, beta, gate_inputs, h0, L: _Layout, scale, store
     if vector:   # (and kg = K * E[G_n - G] for state_fwd, by the diagonal's row programs)
         vector_scores(mod, q, k, G, A, P, kg, L, scale, H, HQ, K, half)
     BK = _full(K)
-    Tm = torch.empty(rows, H, BT, dtype=torch.float32, device=dev)
+    # Tm is an operand of half products only, in ut_fwd's W, U' and in ut_bwd; the scalar decays' ut_fwd parks P
+    # (fp32, the solve's input) in its rows, so they keep fp32
+    Tm = torch.empty(rows, H, BT, dtype=store if vector else torch.float32, device=dev)
     w = torch.empty(rows, H, K, dtype=store, device=dev)
     u1 = torch.empty(rows, H, V, dtype=store, device=dev)
     mod.ut_fwd[(L.NT, H)](k, v, beta, G, _or(P, G), Tm, w, u1, L.cu, L.chunk_indices, H, HQ, K=K, V=V,
