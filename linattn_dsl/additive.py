@@ -123,10 +123,11 @@ def _forward_states(mod, gate, q, k, v, vs, gate_inputs, h0, L, scale, store_fin
     return G, h, ht, A
 
 
-def vector_scores(mod, q, k, G, A, P, kg, L, scale, H, HQ, K, half):
+def vector_scores(mod, q, k, G, A, P, kg, L, scale, H, HQ, K, half, qg=None):
     """A (and, the delta form, P = the keys' own scores, and kg) of a vector decay in two launches:
     scores_fwd, the sub-blocks below the diagonal as products through reference rows, and scores_diag, the
-    diagonal sub-blocks exact per channel, one small program per row and BH heads."""
+    diagonal sub-blocks exact per channel, one small program per RB rows and BH heads (which also writes
+    qg = Q * E[G] for output_fwd when given)."""
     pair = P is not None
     name = "scores_fwd_pair" if pair else "scores_fwd"
     mod.scores_fwd[(BT // BC - 1, L.NT, H)](q, k, G, A, _or(P, A), L.cu, L.chunk_indices, scale, H, HQ, K=K, BT=BT,
@@ -136,8 +137,8 @@ def vector_scores(mod, q, k, G, A, P, kg, L, scale, H, HQ, K, half):
     # H100, T=16384, KDA scores_diag_pair: 0.708 ms at BH 2 / 2 warps, 0.739 at 1/1, 0.689 at 4/4, 0.567 at 4/2
     o = launch_opts(name.replace("fwd", "diag"), dict(BH=4, RB=1, BK=_pow2(K, hi=128), num_warps=2))
     grid = (BT // o["RB"], L.NT, triton.cdiv(H, o["BH"]))
-    mod.scores_diag[grid](q, k, G, A, _or(P, A), _or(kg, A), L.cu, L.chunk_indices, scale, H, HQ, K=K, BT=BT, BC=BC,
-                          PAIR=pair, KG=kg is not None, **o)
+    mod.scores_diag[grid](q, k, G, A, _or(P, A), _or(kg, A), _or(qg, A), L.cu, L.chunk_indices, scale, H, HQ, K=K,
+                          BT=BT, BC=BC, PAIR=pair, KG=kg is not None, QG=qg is not None, **o)
 
 
 def _or(x, dummy):
@@ -152,7 +153,8 @@ def _output_bv(V: int, vector: bool) -> int:
     return _pow2(V, hi=128 if vector else 64)
 
 
-def _output(mod, gate, q, k, v, vs, sk, G, h, A, L, scale, out_dtype):
+def _output(mod, gate, q, k, v, vs, sk, G, h, A, L, scale, out_dtype, qg=None):
+    """o of the chunk form; qg (vector decays): scores_diag's Q * E[G], read instead of q and G."""
     rows, HQ, K = q.shape
     H, V = v.shape[1], v.shape[2]
     o = torch.empty(rows, H, V, dtype=out_dtype, device=q.device)
@@ -160,10 +162,11 @@ def _output(mod, gate, q, k, v, vs, sk, G, h, A, L, scale, out_dtype):
     opts = launch_opts("output_fwd", dict(BK=_pow2(K), BV=_output_bv(V, gate.kind == "vector"),
                                           **(dict(num_warps=2) if vs is not None else {})))
     BK, BV = opts.pop("BK"), opts.pop("BV")
-    mod.output_fwd[(triton.cdiv(V, BV), L.NT, H)](q, k, v, _or(vs, G), _or(sk, G), G, h, _or(A, G), o, L.cu,
-                                                  L.chunk_indices, scale, H, HQ, K=K, V=V, BT=BT, BK=BK, BV=BV,
+    mod.output_fwd[(triton.cdiv(V, BV), L.NT, H)](_or(qg, q), k, v, _or(vs, G), _or(sk, G), G, h, _or(A, G), o,
+                                                  L.cu, L.chunk_indices, scale, H, HQ, K=K, V=V, BT=BT, BK=BK, BV=BV,
                                                   VECTOR=gate.kind == "vector", HALF=_half(q.dtype),
-                                                  VSCALE=vs is not None, SKIP=sk is not None, **opts)
+                                                  VSCALE=vs is not None, SKIP=sk is not None, QG=qg is not None,
+                                                  **opts)
     return o
 
 

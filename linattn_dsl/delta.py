@@ -85,7 +85,7 @@ def _state_opts(half: int, BK: int, bwd: bool, vector: bool, programs: int, devi
     return dict(num_stages=2) if programs >= 2 * _sm_count(device) else {}
 
 
-def _forward(mod, gate, q, k, v, beta, gate_inputs, h0, L: _Layout, scale, store_final):
+def _forward(mod, gate, q, k, v, beta, gate_inputs, h0, L: _Layout, scale, store_final, want_qg=False):
     rows, HQ, K = q.shape
     H, V = v.shape[1], v.shape[2]
     vector = gate.kind == "vector"
@@ -100,8 +100,11 @@ def _forward(mod, gate, q, k, v, beta, gate_inputs, h0, L: _Layout, scale, store
         # readers round it (output_fwd, dv_bwd: operands of half products)
         A = torch.empty(rows, H, BT, dtype=store, device=dev)
     kg = torch.empty(rows, H, K, dtype=store, device=dev) if vector else None   # until state_fwd
+    # and qg = Q * E[G] for output_fwd (in the products' operand type: output_fwd's numbers are unchanged, it
+    # reads qg instead of Q and fp32 G; FLA's KDA forward keeps qg too); the recomputing backward needs none
+    qg = torch.empty(rows, H, K, dtype=store, device=dev) if vector and want_qg else None
     if vector:   # (and kg = K * E[G_n - G] for state_fwd, by the diagonal's row programs)
-        vector_scores(mod, q, k, G, A, P, kg, L, scale, H, HQ, K, half)
+        vector_scores(mod, q, k, G, A, P, kg, L, scale, H, HQ, K, half, qg=qg)
     BK = _full(K)
     # Tm is an operand of half products only, in ut_fwd's W, U' and in ut_bwd; the scalar decays' ut_fwd parks P
     # (fp32, the solve's input) in its rows, so they keep fp32
@@ -121,7 +124,7 @@ def _forward(mod, gate, q, k, v, beta, gate_inputs, h0, L: _Layout, scale, store
         _or(kg, k), u1, G, G, h, h0, ht, w, vnew, L.cu, L.chunk_offsets, H, HQ, K=K, V=V, BT=BT, BK=BK, BV=BV,
         VECTOR=vector, USE_H0=h0 is not None, STORE_FINAL=store_final, HALF=half, VSCALE=False, DELTA=True, KG=vector,
         **launch_opts("state_fwd", _state_opts(half, BK, False, vector, L.N * H * triton.cdiv(V, BV), dev)))
-    return G, P, Tm, w, h, vnew, ht, A
+    return G, P, Tm, w, h, vnew, ht, A, qg
 
 
 def _backward(mod, gate, saved, do, dht, L: _Layout, scale, need_gate_grads):
@@ -189,8 +192,10 @@ class ChunkDelta(torch.autograd.Function):
             o, ht = _recurrent(mod, gate, q, k, v, beta, gate_inputs, h0, L, scale, store_final)
             saved = ()
         else:
-            G, P, Tm, w, h, vnew, ht, A = _forward(mod, gate, q, k, v, beta, gate_inputs, h0, L, scale, store_final)
-            o = _output(mod, gate, q, k, vnew, None, None, G, h, A, L, scale, v.dtype)
+            G, P, Tm, w, h, vnew, ht, A, qg = _forward(mod, gate, q, k, v, beta, gate_inputs, h0, L, scale,
+                                                       store_final, want_qg=True)
+            o = _output(mod, gate, q, k, vnew, None, None, G, h, A, L, scale, v.dtype, qg=qg)
+            del qg
             saved = (G, P, Tm, w, h, vnew, A)
         ctx.mod, ctx.gate, ctx.L, ctx.scale, ctx.recurrent = mod, gate, L, scale, recurrent
         ctx.save_for_backward(q, k, v, beta, h0, ht, *gate_inputs, *saved)
@@ -203,8 +208,8 @@ class ChunkDelta(torch.autograd.Function):
         q, k, v, beta, h0, ht = t[:6]
         gate_inputs = list(t[6:6 + ctx.n_gate])
         if ctx.recurrent:   # recompute the chunk forward; the backward is the chunk backward
-            G, P, Tm, w, h, vnew, ht_, A = _forward(ctx.mod, ctx.gate, q, k, v, beta, gate_inputs, h0, ctx.L,
-                                                    ctx.scale, True)
+            G, P, Tm, w, h, vnew, ht_, A, _ = _forward(ctx.mod, ctx.gate, q, k, v, beta, gate_inputs, h0, ctx.L,
+                                                       ctx.scale, True)
             ht = ht if ht is not None else ht_
         else:
             G, P, Tm, w, h, vnew, A = t[6 + ctx.n_gate:]
