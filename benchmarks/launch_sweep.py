@@ -28,7 +28,7 @@ LAUNCH_NAMES = ("gate_fwd", "gate_bwd", "add_state_fwd", "add_state_bwd", "dv_bw
                 "scores_diag", "scores_diag_pair", "ut_fwd", "state_fwd", "output_fwd",
                 "dv_bwd_local", "state_bwd", "dqk_bwd", "ut_bwd", "dqk_intra_bwd", "dqk_intra_bwd_pair",
                 "general_scores_fwd", "general_scores_diag", "general_state_fwd", "general_state_bwd",
-                "general_dmat_bwd", "general_dqk_bwd", "general_intra_bwd")
+                "general_dmat_bwd", "general_dqk_bwd", "general_intra_bwd", "general_intra_diag_bwd")
 # v16: the value block of the delta form's state kernels (the only launches that take a BV override): twice
 # the programs when few sequences x heads leave SMs idle
 OVERRIDES = ("-", "w1", "w2", "w4", "w8", "s1", "s2", "s3", "s4", "w2s1", "w8s1", "w8s2", "v16", "v16w4", "v16w8")

@@ -24,15 +24,17 @@ BT, BC = 64, 16
 
 def launch_opts(kernel: str, defaults: dict | None = None) -> dict:
     """num_warps / num_stages of a stage launch: the defaults given here, or an override for tuning runs
-    from LINATTN_LAUNCH, e.g. ``dqk_bwd:w8s2,ut_bwd:w8`` (w = warps, s = stages; k, v, h and r = the BK, BV, BH
-    and RB blocks, applied only to launches whose defaults name that block)."""
+    from LINATTN_LAUNCH, e.g. ``dqk_bwd:w8s2,ut_bwd:w8`` (w = warps, s = stages, m = Triton's maxnreg, the
+    registers a thread may hold; k, v, h and r = the BK, BV, BH and RB blocks, applied only to launches whose
+    defaults name that block)."""
     opts = dict(defaults or {})
     for item in os.environ.get("LINATTN_LAUNCH", "").split(","):
         name, _, spec = item.partition(":")
         if name == kernel:
-            for key, val in re.findall(r"([wskvhr])(\d+)", spec):
-                opt = {"w": "num_warps", "s": "num_stages", "k": "BK", "v": "BV", "h": "BH", "r": "RB"}[key]
-                if key in "ws" or opt in opts:
+            for key, val in re.findall(r"([wskvhrm])(\d+)", spec):
+                opt = {"w": "num_warps", "s": "num_stages", "k": "BK", "v": "BV", "h": "BH", "r": "RB",
+                       "m": "maxnreg"}[key]
+                if key in "wsm" or opt in opts:
                     opts[opt] = int(val)
     return opts
 

@@ -149,9 +149,15 @@ def _backward(mod, gate, q, k, v, a, b, gate_inputs, h0, st, ht, do, dht, L, sca
         # and BK 32, 16.5 at 4, 10.2 at 2, 9.0 at 1 warp and BK 16; the halves' [HB, HB, BK] tiles: 7.0 at 1
         # warp and BK 16, 8.4 at 2 warps and BK 32, 10.8 at 2 warps and BK 16, 20.9 at 4)
         opts = launch_opts("general_intra_bwd", dict(BK=16, num_warps=1))
+        # RB > 0 (LINATTN_LAUNCH general_intra_diag_bwd:r4..., not measured yet): the diagonal sub-blocks' terms
+        # by row programs first, and general_intra_bwd without them (no [HB, HB, BK] tiles); RB = 0: all in one
+        od = launch_opts("general_intra_diag_bwd", dict(RB=0, BH=1, BK=_pow2(K, hi=128), num_warps=2))
+        if od["RB"] > 0:
+            mod.general_intra_diag_bwd[(BT // od["RB"], L.NT, triton.cdiv(H, od["BH"]))](
+                q, k, a, b, G, *dmats, *direct, L.cu, L.chunk_indices, H, HQ, K=K, BT=BT, BC=BC, **od)
         mod.general_intra_bwd[(triton.cdiv(K, opts["BK"]), L.NT * (BT // BC), H)](
             q, k, a, b, G, *dmats, *direct, *outs, dGpos, L.cu, L.chunk_indices, H, HQ, K=K, BT=BT, BC=BC,
-            HALF=half, **opts)
+            HALF=half, DIAG=od["RB"] == 0, **opts)
         del direct
     grads_in = [None] * len(gate_inputs)
     if need_gate_grads and gate.grads:

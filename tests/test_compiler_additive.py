@@ -115,6 +115,9 @@ def test_launch_opts_defaults_and_overrides(monkeypatch):
     monkeypatch.setenv("LINATTN_LAUNCH", "scores_diag:r4h1,ut_bwd:r4")
     assert launch_opts("scores_diag", dict(BH=4, RB=1, num_warps=2)) == dict(BH=1, RB=4, num_warps=2)
     assert launch_opts("ut_bwd", dict(num_warps=2)) == dict(num_warps=2)
+    # m: Triton's maxnreg (registers per thread), for any launch
+    monkeypatch.setenv("LINATTN_LAUNCH", "general_intra_bwd:m168")
+    assert launch_opts("general_intra_bwd", dict(BK=16, num_warps=1)) == dict(BK=16, num_warps=1, maxnreg=168)
 
 
 def test_launch_choices_follow_the_h100_sweep():
