@@ -125,11 +125,11 @@ def _forward_states(mod, gate, q, k, v, vs, gate_inputs, h0, L, scale, store_fin
     return G, h, ht, A
 
 
-def vector_scores(mod, q, k, G, A, P, kg, L, scale, H, HQ, K, half, qg=None):
+def vector_scores(mod, q, k, G, A, P, kg, L, scale, H, HQ, K, half, qg=None, ke=None):
     """A (and, the delta form, P = the keys' own scores, and kg) of a vector decay in two launches:
     scores_fwd, the sub-blocks below the diagonal as products through reference rows, and scores_diag, the
     diagonal sub-blocks exact per channel, one small program per RB rows and BH heads (which also writes
-    qg = Q * E[G] for output_fwd when given)."""
+    qg = Q * E[G] for output_fwd and ke = K * E[G] for ut_fwd when given)."""
     pair = P is not None
     name = "scores_fwd_pair" if pair else "scores_fwd"
     mod.scores_fwd[(BT // BC - 1, L.NT, H)](q, k, G, A, _or(P, A), L.cu, L.chunk_indices, scale, H, HQ, K=K, BT=BT,
@@ -139,8 +139,9 @@ def vector_scores(mod, q, k, G, A, P, kg, L, scale, H, HQ, K, half, qg=None):
     # H100, T=16384, KDA scores_diag_pair: 0.708 ms at BH 2 / 2 warps, 0.739 at 1/1, 0.689 at 4/4, 0.567 at 4/2
     o = launch_opts(name.replace("fwd", "diag"), dict(BH=4, RB=1, BK=_pow2(K, hi=128), num_warps=2))
     grid = (BT // o["RB"], L.NT, triton.cdiv(H, o["BH"]))
-    mod.scores_diag[grid](q, k, G, A, _or(P, A), _or(kg, A), _or(qg, A), L.cu, L.chunk_indices, scale, H, HQ, K=K,
-                          BT=BT, BC=BC, PAIR=pair, KG=kg is not None, QG=qg is not None, **o)
+    mod.scores_diag[grid](q, k, G, A, _or(P, A), _or(kg, A), _or(qg, A), _or(ke, A), L.cu, L.chunk_indices, scale,
+                          H, HQ, K=K, BT=BT, BC=BC, PAIR=pair, KG=kg is not None, QG=qg is not None,
+                          KE=ke is not None, **o)
 
 
 def _or(x, dummy):

@@ -103,19 +103,22 @@ def _forward(mod, gate, q, k, v, beta, gate_inputs, h0, L: _Layout, scale, store
     # and qg = Q * E[G] for output_fwd (in the products' operand type: output_fwd's numbers are unchanged, it
     # reads qg instead of Q and fp32 G; FLA's KDA forward keeps qg too); the recomputing backward needs none
     qg = torch.empty(rows, H, K, dtype=store, device=dev) if vector and want_qg else None
+    # and ke = K * E[G], ut_fwd's operand of W, likewise (ut_fwd then reads no G and no K)
+    ke = torch.empty(rows, H, K, dtype=store, device=dev) if vector else None
     if vector:   # (and kg = K * E[G_n - G] for state_fwd, by the diagonal's row programs)
-        vector_scores(mod, q, k, G, A, P, kg, L, scale, H, HQ, K, half, qg=qg)
+        vector_scores(mod, q, k, G, A, P, kg, L, scale, H, HQ, K, half, qg=qg, ke=ke)
     BK = _full(K)
     # Tm is an operand of half products only, in ut_fwd's W, U' and in ut_bwd; the scalar decays' ut_fwd parks P
     # (fp32, the solve's input) in its rows, so they keep fp32
     Tm = torch.empty(rows, H, BT, dtype=store if vector else torch.float32, device=dev)
     w = torch.empty(rows, H, K, dtype=store, device=dev)
     u1 = torch.empty(rows, H, V, dtype=store, device=dev)
-    mod.ut_fwd[(L.NT, H)](k, v, beta, G, _or(P, G), Tm, w, u1, L.cu, L.chunk_indices, H, HQ, K=K, V=V,
-                          BT=BT, BC=BC, BK=BK, BKW=_pow2(K), BV=_pow2(V), VECTOR=vector, HALF=half,
+    mod.ut_fwd[(L.NT, H)](_or(ke, k), v, beta, G, _or(P, G), Tm, w, u1, L.cu, L.chunk_indices, H, HQ, K=K, V=V,
+                          BT=BT, BC=BC, BK=BK, BKW=_pow2(K), BV=_pow2(V), VECTOR=vector, HALF=half, KE=vector,
                           # H100, T=16384, 4 warps before: delta rule 0.984 -> 0.730 ms, KDA 0.941 -> 0.722
                           # and KDA 1 -> 2 stages: 0.709 -> 0.676 ms (H100, T=16384)
                           **launch_opts("ut_fwd", dict(num_warps=2, num_stages=2 if vector else 3)))
+    del ke
     h = torch.empty(L.NT, H, K, V, dtype=store, device=dev)
     ht = torch.empty(L.N, H, K, V, dtype=torch.float32, device=dev) if store_final else None
     vnew = torch.empty_like(u1)
