@@ -68,6 +68,19 @@ def test_fp32_vs_oracle(name, mode, tmp_path):
         assert all(e < 1e-4 for e in errs.values()), (kw, errs)
 
 
+# launch choices a sweep may adopt (benchmarks/launch_sweep.py): RB > 0 switches general_intra_diag_bwd on
+@pytest.mark.parametrize("launch", ["general_intra_diag_bwd:r4h1,general_scores_diag:r4h1,general_intra_bwd:m168",
+                                    "general_intra_diag_bwd:r1h4w4,general_scores_diag:r16h1w4"])
+def test_launch_variants_vs_oracle(launch, monkeypatch):
+    monkeypatch.setenv("LINATTN_LAUNCH", launch)
+    spec = registry.load("rwkv7")
+    for kw in (dict(B=2, T=300, heads=2, K=64, V=64), dict(seqlens=[100, 1, 170], heads=2, K=128, V=64),
+               dict(B=1, T=200, heads=4, K=96, V=32, log_decay_min=-20.0)):
+        errs = testing.compare(_to(testing.draw_case(spec, **kw), torch.float32), ops.chunk_rwkv7)
+        print(launch, kw, {k: f"{e:.1e}" for k, e in errs.items()})
+        assert all(e < 1e-4 for e in errs.values()), (kw, errs)
+
+
 # D=256 in bf16: the state passes at 1 pipelining stage (general._state_stages), a path the others do not take
 @pytest.mark.parametrize("T,B,D", [(4096, 2, 128), (16384, 1, 128), (2048, 1, 64), (1024, 1, 256)])
 def test_bf16_vs_fp32_real_shapes(T, B, D):
