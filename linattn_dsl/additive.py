@@ -20,6 +20,9 @@ from . import gates as gates_mod
 from .args import Bound
 
 BT, BC = 64, 16
+# scores_diag's fast form: a diagonal sub-block whose decay across it (nats, any channel) is at most this goes
+# through its first row as reference (its right factors up to E[60] ~ 1e26: finite in fp32 products)
+DIAG_SPAN = 60.0
 
 
 def launch_opts(kernel: str, defaults: dict | None = None) -> dict:
@@ -128,20 +131,20 @@ def _forward_states(mod, gate, q, k, v, vs, gate_inputs, h0, L, scale, store_fin
 def vector_scores(mod, q, k, G, A, P, kg, L, scale, H, HQ, K, half, qg=None, ke=None):
     """A (and, the delta form, P = the keys' own scores, and kg) of a vector decay in two launches:
     scores_fwd, the sub-blocks below the diagonal as products through reference rows, and scores_diag, the
-    diagonal sub-blocks exact per channel, one small program per RB rows and BH heads (which also writes
-    qg = Q * E[G] for output_fwd and ke = K * E[G] for ut_fwd when given)."""
+    diagonal sub-blocks, one program per sub-block and head (which also writes qg = Q * E[G] for output_fwd and
+    ke = K * E[G] for ut_fwd when given)."""
     pair = P is not None
     name = "scores_fwd_pair" if pair else "scores_fwd"
     mod.scores_fwd[(BT // BC - 1, L.NT, H)](q, k, G, A, _or(P, A), L.cu, L.chunk_indices, scale, H, HQ, K=K, BT=BT,
                                         BC=BC, HALF=half, PAIR=pair,
                                         **launch_opts(name, dict(BK=_pow2(K, hi=32), num_warps=2) if pair
                                                       else dict(BK=_pow2(K, hi=64))))
-    # H100, T=16384, KDA scores_diag_pair: 0.708 ms at BH 2 / 2 warps, 0.739 at 1/1, 0.689 at 4/4, 0.567 at 4/2
-    o = launch_opts(name.replace("fwd", "diag"), dict(BH=4, RB=1, BK=_pow2(K, hi=128), num_warps=2))
-    grid = (BT // o["RB"], L.NT, triton.cdiv(H, o["BH"]))
-    mod.scores_diag[grid](q, k, G, A, _or(P, A), _or(kg, A), _or(qg, A), _or(ke, A), L.cu, L.chunk_indices, scale,
-                          H, HQ, K=K, BT=BT, BC=BC, PAIR=pair, KG=kg is not None, QG=qg is not None,
-                          KE=ke is not None, **o)
+    # one program per diagonal sub-block and head; SPAN: the largest decay across a sub-block (nats, per
+    # channel) taken through its first row (right factors up to E[SPAN] in fp32); steeper blocks go per column
+    o = launch_opts(name.replace("fwd", "diag"), dict(BK=_pow2(K, hi=64), num_warps=2))
+    mod.scores_diag[(BT // BC, L.NT, H)](q, k, G, A, _or(P, A), _or(kg, A), _or(qg, A), _or(ke, A), L.cu,
+                                         L.chunk_indices, scale, H, HQ, K=K, BT=BT, BC=BC, SPAN=DIAG_SPAN,
+                                         PAIR=pair, KG=kg is not None, QG=qg is not None, KE=ke is not None, **o)
 
 
 def _or(x, dummy):

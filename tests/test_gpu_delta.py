@@ -27,15 +27,17 @@ def test_fp32_vs_oracle(name, mode):
         assert all(e < 1e-4 for e in errs.values()), (kw, errs)
 
 
-# launch choices a sweep may adopt (benchmarks/launch_sweep.py): the diagonal's row programs over RB rows
-# (scores_diag_pair: KDA's; scores_diag: GLA's, the additive form's, checked here with it)
+# launch choices a sweep may adopt (benchmarks/launch_sweep.py): the diagonal sub-blocks' key blocks and warps
+# (scores_diag_pair: KDA's; scores_diag: GLA's, the additive form's, checked here with it); log-decays down to
+# -20 per step send every full sub-block to scores_diag's per-column form (its span > DIAG_SPAN)
 @pytest.mark.parametrize("name", ["kda", "gla"])
-@pytest.mark.parametrize("launch", ["scores_diag_pair:r4h1,scores_diag:r4h1",
-                                    "scores_diag_pair:r16h1w4,scores_diag:r2h2"])
+@pytest.mark.parametrize("launch", ["scores_diag_pair:k128w4,scores_diag:k32w1",
+                                    "scores_diag_pair:k32w1,scores_diag:k128w4"])
 def test_launch_variants_vs_oracle(name, launch, monkeypatch):
     monkeypatch.setenv("LINATTN_LAUNCH", launch)
     spec = registry.load(name)
-    for kw in (dict(B=2, T=150, heads=2, K=64, V=64), dict(seqlens=[70, 1, 90], heads=2, K=128, V=64)):
+    for kw in (dict(B=2, T=150, heads=2, K=64, V=64), dict(seqlens=[70, 1, 90], heads=2, K=128, V=64),
+               dict(B=1, T=200, heads=2, K=128, V=64, log_decay_min=-20.0)):
         errs = testing.compare(_to(testing.draw_case(spec, **kw), torch.float32), getattr(ops, f"chunk_{name}"))
         assert all(e < 1e-4 for e in errs.values()), (kw, errs)
 
