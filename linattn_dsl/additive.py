@@ -144,7 +144,8 @@ def vector_scores(mod, q, k, G, A, P, kg, L, scale, H, HQ, K, half, qg=None, ke=
     o = launch_opts(name.replace("fwd", "diag"), dict(BK=_pow2(K, hi=64), num_warps=2))
     mod.scores_diag[(BT // BC, L.NT, H)](q, k, G, A, _or(P, A), _or(kg, A), _or(qg, A), _or(ke, A), L.cu,
                                          L.chunk_indices, scale, H, HQ, K=K, BT=BT, BC=BC, SPAN=DIAG_SPAN,
-                                         PAIR=pair, KG=kg is not None, QG=qg is not None, KE=ke is not None, **o)
+                                         DOT=int(half == 1), PAIR=pair, KG=kg is not None, QG=qg is not None,
+                                         KE=ke is not None, **o)
 
 
 def _or(x, dummy):
