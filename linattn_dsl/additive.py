@@ -137,11 +137,13 @@ def vector_scores(mod, q, k, G, A, P, kg, L, scale, H, HQ, K, half, qg=None, ke=
     name = "scores_fwd_pair" if pair else "scores_fwd"
     mod.scores_fwd[(BT // BC - 1, L.NT, H)](q, k, G, A, _or(P, A), L.cu, L.chunk_indices, scale, H, HQ, K=K, BT=BT,
                                         BC=BC, HALF=half, PAIR=pair,
-                                        **launch_opts(name, dict(BK=_pow2(K, hi=32), num_warps=2) if pair
-                                                      else dict(BK=_pow2(K, hi=64))))
+                                        **launch_opts(name, dict(BK=_pow2(K, hi=32), num_warps=2 if pair else 1)))
     # one program per diagonal sub-block and head; SPAN: the largest decay across a sub-block (nats, per
-    # channel) taken through its first row (right factors up to E[SPAN] in fp32); steeper blocks go per column
-    o = launch_opts(name.replace("fwd", "diag"), dict(BK=_pow2(K, hi=64), num_warps=2))
+    # channel) taken through its first row (right factors up to E[SPAN] in fp32); steeper blocks go per column.
+    # H200, T=4096 (bf16, B*T = 32768, 16 heads of 128): KDA 0.340 ms at BK 64 / 2 warps, 0.333 at 32 / 1;
+    # GLA 0.198 -> 0.163 (the row programs before: 0.628 and 0.514). GLA's scores_fwd: 0.322 at BK 64 / 4
+    # warps, 0.267 at 32 / 1
+    o = launch_opts(name.replace("fwd", "diag"), dict(BK=_pow2(K, hi=32), num_warps=1))
     mod.scores_diag[(BT // BC, L.NT, H)](q, k, G, A, _or(P, A), _or(kg, A), _or(qg, A), _or(ke, A), L.cu,
                                          L.chunk_indices, scale, H, HQ, K=K, BT=BT, BC=BC, SPAN=DIAG_SPAN,
                                          DOT=int(half == 1), PAIR=pair, KG=kg is not None, QG=qg is not None,
@@ -166,7 +168,10 @@ def _output(mod, gate, q, k, v, vs, sk, G, h, A, L, scale, out_dtype, qg=None):
     H, V = v.shape[1], v.shape[2]
     o = torch.empty(rows, H, V, dtype=out_dtype, device=q.device)
     # with a value scale (Mamba2), H100 sweep: 2 warps, 1.027 -> 0.895 ms (T=16384), 1.030 -> 0.899 (T=4096)
-    opts = launch_opts("output_fwd", dict(BK=_pow2(K), BV=_output_bv(V, gate.kind == "vector"),
+    # key block, H200 T=4096: vector decays reading q and G (GLA) 64 -> 32, 0.290 -> 0.251 ms; reading qg (KDA)
+    # 64 -> 128, 0.192 -> 0.184; scalar decays keep 64
+    bk = _pow2(K, hi=128 if qg is not None else 32 if gate.kind == "vector" else 64)
+    opts = launch_opts("output_fwd", dict(BK=bk, BV=_output_bv(V, gate.kind == "vector"),
                                           **(dict(num_warps=2) if vs is not None else {})))
     BK, BV = opts.pop("BK"), opts.pop("BV")
     mod.output_fwd[(triton.cdiv(V, BV), L.NT, H)](_or(qg, q), k, v, _or(vs, G), _or(sk, G), G, h, _or(A, G), o,
@@ -252,7 +257,8 @@ def dqk(mod, gate, q, k, v, vs, G, h, do, dhn, A, L, scale, du=None, dw=None, de
     if vector and defer_intra:
         return dq, dk, dA
     if vector:
-        opts = launch_opts("dqk_intra_bwd", dict(BK=_pow2(K, hi=64)))
+        # H200, GLA T=4096: BK 64 -> 32, 2.760 -> 2.491 ms
+        opts = launch_opts("dqk_intra_bwd", dict(BK=_pow2(K, hi=32)))
         mod.dqk_intra_bwd[(triton.cdiv(K, opts["BK"]), L.NT * (BT // BC), H)](
             q, k, G, dA, dA, dq, dk, dk, dGpos, L.cu, L.chunk_indices, H, HQ, K=K, BT=BT, BC=BC, HALF=half,
             PAIR=False, **opts)
