@@ -25,6 +25,12 @@ BT, BC = 64, 16
 DIAG_SPAN = 60.0
 
 
+def diag_span(half: int) -> float:
+    """The decay across a sub-block (nats) up to which its own pairs go through a reference row, for products
+    whose operands are in the inputs' type: E[8] for fp16 (its range ends near E[11]), DIAG_SPAN otherwise."""
+    return 8.0 if half == 2 else DIAG_SPAN
+
+
 def launch_opts(kernel: str, defaults: dict | None = None) -> dict:
     """num_warps / num_stages of a stage launch: the defaults given here, or an override for tuning runs
     from LINATTN_LAUNCH, e.g. ``dqk_bwd:w8s2,ut_bwd:w8`` (w = warps, s = stages, m = Triton's maxnreg, the

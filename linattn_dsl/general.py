@@ -1,7 +1,7 @@
 """Host side of the general (diagonal-plus-low-rank) chunk form: launching a spec's generated stages and
 their autograd (CHUNK_MATH.md section 3; the kernels are general_fwd.py.j2 / general_bwd.py.j2).
 
-    gate_fwd (G) -> general_scores_fwd [+ general_scores_diag] (Aqk, Aqb, Lab, Lak) -> general_solve_fwd
+    gate_fwd (G) -> general_scores_fwd (Aqk, Aqb, Lab, Lak) -> general_solve_fwd
         (Tm, Mak, Wa) -> general_state_fwd (h[c], R) -> general_output_fwd (o)
     backward: general_state_bwd (dS', dR) -> general_dv_bwd -> general_dqk_bwd [-> general_intra_bwd]
         -> general_dgate_bwd + gate_bwd (d log-decay inputs)
@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import triton
 
-from .additive import BC, BT, Prepared, _half, _pow2, _reduce_to, _run_gate, launch_opts
+from .additive import BC, BT, Prepared, _half, _pow2, _reduce_to, _run_gate, diag_span, launch_opts
 from .args import Bound
 
 
@@ -46,16 +46,11 @@ def _forward(mod, gate, q, k, v, a, b, gate_inputs, h0, L, scale, store_final):
     G = _run_gate(mod, gate, gate_inputs, L, H, K, rows, cumsum=True)
     Aqk, Aqb = (torch.empty(rows, H, BT, dtype=sd, device=dev) for _ in range(2))
     Lab, Lak = (torch.empty(rows, H, BT, dtype=torch.float32, device=dev) for _ in range(2))
-    # H100 RWKV7 T=16384: 0.660 ms at 2 warps, 0.566 at 4
+    # H100 RWKV7 T=16384: 0.660 ms at 2 warps, 0.566 at 4 (without the diagonal sub-blocks)
     o = launch_opts("general_scores_fwd", dict(BK=_pow2(K, hi=32), num_warps=4 if vector else 2))
     mod.general_scores_fwd[(BT // BC, L.NT, H)](q, k, a, b, G, Aqk, Aqb, Lab, Lak, L.cu, L.chunk_indices, scale, H,
-                                                HQ, K=K, BT=BT, BC=BC, VECTOR=vector, HALF=half, **o)
-    if vector:   # the diagonal sub-blocks exact per channel: one small program per row and BH heads
-        # H100, T=16384: 1.115 ms at BH 2 / 2 warps, 1.142 at 1/1, 1.152 at 4/2, 1.105 at 8/4, 1.085 at 4/4
-        o = launch_opts("general_scores_diag", dict(BH=4, RB=1, BK=_pow2(K, hi=128), num_warps=4))
-        grid = (BT // o["RB"], L.NT, triton.cdiv(H, o["BH"]))
-        mod.general_scores_diag[grid](q, k, a, b, G, Aqk, Aqb, Lab, Lak, L.cu, L.chunk_indices, scale, H, HQ, K=K,
-                                      BT=BT, BC=BC, **o)
+                                                HQ, K=K, BT=BT, BC=BC, VECTOR=vector, HALF=half,
+                                                SPAN=diag_span(half), **o)
     Tm = torch.empty(rows, H, BT, dtype=torch.float32, device=dev)
     Mak = torch.empty(rows, H, BT, dtype=sd, device=dev)
     Wa, qg, kg, bg = (torch.empty(rows, H, K, dtype=sd, device=dev) for _ in range(4))
@@ -149,9 +144,10 @@ def _backward(mod, gate, q, k, v, a, b, gate_inputs, h0, st, ht, do, dht, L, sca
         # and BK 32, 16.5 at 4, 10.2 at 2, 9.0 at 1 warp and BK 16; the halves' [HB, HB, BK] tiles: 7.0 at 1
         # warp and BK 16, 8.4 at 2 warps and BK 32, 10.8 at 2 warps and BK 16, 20.9 at 4)
         opts = launch_opts("general_intra_bwd", dict(BK=16, num_warps=1))
-        # RB > 0 (LINATTN_LAUNCH general_intra_diag_bwd:r4..., not measured yet): the diagonal sub-blocks' terms
-        # by row programs first, and general_intra_bwd without them (no [HB, HB, BK] tiles); RB = 0: all in one
-        od = launch_opts("general_intra_diag_bwd", dict(RB=0, BH=1, BK=_pow2(K, hi=128), num_warps=2))
+        # RB > 0: the diagonal sub-blocks' terms by row programs first, and general_intra_bwd without them (no
+        # [HB, HB, BK] tiles); RB = 0 (LINATTN_LAUNCH general_intra_diag_bwd:r0): all in one. H200, RWKV7
+        # T=16384: 5.96 ms in one; 3.51 without the diagonal + 1.88 for it at RB 2 x BH 2 (2.26 at 4 x 1)
+        od = launch_opts("general_intra_diag_bwd", dict(RB=2, BH=2, BK=_pow2(K, hi=128), num_warps=2))
         if od["RB"] > 0:
             mod.general_intra_diag_bwd[(BT // od["RB"], L.NT, triton.cdiv(H, od["BH"]))](
                 q, k, a, b, G, *dmats, *direct, L.cu, L.chunk_indices, H, HQ, K=K, BT=BT, BC=BC, **od)
