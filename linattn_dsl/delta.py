@@ -105,7 +105,7 @@ def _forward(mod, gate, q, k, v, beta, gate_inputs, h0, L: _Layout, scale, store
     qg = torch.empty(rows, H, K, dtype=store, device=dev) if vector and want_qg else None
     # and ke = K * E[G], ut_fwd's operand of W, likewise (ut_fwd then reads no G and no K)
     ke = torch.empty(rows, H, K, dtype=store, device=dev) if vector else None
-    if vector:   # (and kg = K * E[G_n - G] for state_fwd, by the diagonal's row programs)
+    if vector:   # (and kg = K * E[G_n - G] for state_fwd, by scores_diag)
         vector_scores(mod, q, k, G, A, P, kg, L, scale, H, HQ, K, half, qg=qg, ke=ke)
     BK = _full(K)
     # Tm is an operand of half products only, in ut_fwd's W, U' and in ut_bwd; the scalar decays' ut_fwd parks P
