@@ -25,6 +25,9 @@ CASES = [  # (spec, draw_case keywords)
     ("mamba2", dict(B=2, T=70, heads=4, groups=2, K=16, V=8)),
     ("mamba2", dict(seqlens=[30, 1, 50], heads=2, groups=1, K=8, V=8, optional_present=False)),
     ("mamba2", dict(B=1, T=65, heads=2, K=8, V=8, switches=dict(dt_softplus=False), log_decay_min=-20.0)),
+    # mild decays (at most 7.5 nats across a sub-block): scores_diag forms every sub-block as products (the
+    # -20 case above sends every full one per column). Last, so the cases above keep their seeds
+    ("gla", dict(B=1, T=70, heads=2, K=16, V=8, log_decay_min=-0.5)),
 ]
 
 

@@ -30,6 +30,9 @@ CASES = [  # (spec, draw_case keywords, modes)
     ("kda", dict(seqlens=[5, 64, 11], heads=2, K=8, V=8, with_initial_state=True), ("chunk",)),
     ("kda", dict(B=1, T=40, heads=4, groups=2, K=24, V=8, switches=KDA_GATE), ("chunk", "fused_recurrent")),
     ("kda", dict(B=1, T=33, heads=1, K=80, V=72), ("chunk",)),
+    # mild decays (at most 7.5 nats across a sub-block): scores_diag forms every sub-block as products (the
+    # -20 case above sends every full one per column). Last, so the cases above keep their seeds
+    ("kda", dict(B=1, T=70, heads=2, K=16, V=8, log_decay_min=-0.5), ("chunk",)),
 ]
 
 
