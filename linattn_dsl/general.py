@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import triton
 
-from .additive import BC, BT, Prepared, _half, _pow2, _reduce_to, _run_gate, diag_span, launch_opts
+from .additive import BC, BT, Prepared, _half, _pow2, _reduce_to, _run_gate, DIAG_SPAN, diag_span, launch_opts
 from .args import Bound
 
 
@@ -143,20 +143,22 @@ def _backward(mod, gate, q, k, v, a, b, gate_inputs, h0, st, ht, do, dht, L, sca
         # small programs, many per SM (H100, RWKV7 T=16384, the per-column diagonal loop: 29.3 ms at 8 warps
         # and BK 32, 16.5 at 4, 10.2 at 2, 9.0 at 1 warp and BK 16; the halves' [HB, HB, BK] tiles: 7.0 at 1
         # warp and BK 16, 8.4 at 2 warps and BK 32, 10.8 at 2 warps and BK 16, 20.9 at 4)
-        # RB > 0: the diagonal sub-blocks' terms by row programs first, and general_intra_bwd without them (no
-        # [HB, HB, BK] tiles); RB = 0 (LINATTN_LAUNCH general_intra_diag_bwd:r0): all in one. H200, RWKV7
-        # T=16384: 5.96 ms in one; 3.51 without the diagonal + 1.88 for it at RB 2 x BH 2 (2.26 at 4 x 1);
-        # without the diagonal's tiles general_intra_bwd takes wider key blocks: 3.53 ms at BK 16 / 1 warp,
-        # 2.26 at 64 / 2 warps
-        od = launch_opts("general_intra_diag_bwd", dict(RB=2, BH=2, BK=_pow2(K, hi=128), num_warps=2))
-        opts = launch_opts("general_intra_bwd", dict(BK=_pow2(K, hi=64), num_warps=2) if od["RB"] > 0
+        # RB > 0: the diagonal sub-blocks' terms by general_intra_diag_bwd first (one program per sub-block and
+        # head), and general_intra_bwd without them (no [HB, HB, BK] tiles); RB = 0 (LINATTN_LAUNCH
+        # general_intra_diag_bwd:r0): all in one. H200, RWKV7 T=16384: 5.96 ms in one; 3.51 without the
+        # diagonal + 1.88 for it by row programs (2 rows x 2 heads, exact per channel); without the diagonal's
+        # tiles general_intra_bwd takes wider key blocks: 3.53 ms at BK 16 / 1 warp, 2.26 at 64 / 2 warps
+        od = launch_opts("general_intra_diag_bwd", dict(RB=1, BK=_pow2(K, hi=32), num_warps=2))
+        diag = od.pop("RB") > 0
+        opts = launch_opts("general_intra_bwd", dict(BK=_pow2(K, hi=64), num_warps=2) if diag
                            else dict(BK=16, num_warps=1))
-        if od["RB"] > 0:
-            mod.general_intra_diag_bwd[(BT // od["RB"], L.NT, triton.cdiv(H, od["BH"]))](
-                q, k, a, b, G, *dmats, *direct, L.cu, L.chunk_indices, H, HQ, K=K, BT=BT, BC=BC, **od)
+        if diag:
+            mod.general_intra_diag_bwd[(BT // BC, L.NT, H)](
+                q, k, a, b, G, *dmats, *direct, L.cu, L.chunk_indices, H, HQ, K=K, BT=BT, BC=BC, SPAN=DIAG_SPAN,
+                DOT=int(half == 1), **od)
         mod.general_intra_bwd[(triton.cdiv(K, opts["BK"]), L.NT * (BT // BC), H)](
             q, k, a, b, G, *dmats, *direct, *outs, dGpos, L.cu, L.chunk_indices, H, HQ, K=K, BT=BT, BC=BC,
-            HALF=half, DIAG=od["RB"] == 0, **opts)
+            HALF=half, DIAG=not diag, **opts)
         del direct
     grads_in = [None] * len(gate_inputs)
     if need_gate_grads and gate.grads:

@@ -107,11 +107,11 @@ def test_launch_opts_defaults_and_overrides(monkeypatch):
     assert launch_opts("general_intra_bwd", dict(BK=16, num_warps=1)) == dict(BK=32, num_warps=2, num_stages=3)
     assert launch_opts("ut_bwd") == dict(num_warps=8)
     assert launch_opts("scores_fwd_pair", dict(BK=32)) == dict(BK=32)
-    # h: heads per program of general_intra_diag_bwd's row programs, only where the defaults name BH
+    # h: heads per program, only where the defaults name BH
     monkeypatch.setenv("LINATTN_LAUNCH", "general_intra_diag_bwd:h8w4,ut_bwd:h8")
     assert launch_opts("general_intra_diag_bwd", dict(BH=2, BK=128, num_warps=2)) == dict(BH=8, BK=128, num_warps=4)
     assert launch_opts("ut_bwd", dict(num_warps=2)) == dict(num_warps=2)
-    # r: rows per program of those row programs, likewise
+    # r: rows per program (RB), likewise
     monkeypatch.setenv("LINATTN_LAUNCH", "general_intra_diag_bwd:r4h1,ut_bwd:r4")
     assert launch_opts("general_intra_diag_bwd", dict(BH=2, RB=2, num_warps=2)) == dict(BH=1, RB=4, num_warps=2)
     assert launch_opts("ut_bwd", dict(num_warps=2)) == dict(num_warps=2)
