@@ -148,7 +148,9 @@ def _backward(mod, gate, q, k, v, a, b, gate_inputs, h0, st, ht, do, dht, L, sca
         # general_intra_diag_bwd:r0): all in one. H200, RWKV7 T=16384: 5.96 ms in one; 3.51 without the
         # diagonal + 1.88 for it by row programs (2 rows x 2 heads, exact per channel); without the diagonal's
         # tiles general_intra_bwd takes wider key blocks: 3.53 ms at BK 16 / 1 warp, 2.26 at 64 / 2 warps
-        od = launch_opts("general_intra_diag_bwd", dict(RB=1, BK=_pow2(K, hi=32), num_warps=2))
+        # (the block programs: not timed yet; sm_90 registers at bf16 D=128: 243 at BK 32 / 2 warps, 157 at
+        # 32 / 4, 168 at 16 / 2, 232 at 64 / 4, none spilled)
+        od = launch_opts("general_intra_diag_bwd", dict(RB=1, BK=_pow2(K, hi=32), num_warps=4))
         diag = od.pop("RB") > 0
         opts = launch_opts("general_intra_bwd", dict(BK=_pow2(K, hi=64), num_warps=2) if diag
                            else dict(BK=16, num_warps=1))
