@@ -27,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 LAUNCH_NAMES = ("gate_fwd", "gate_bwd", "add_state_fwd", "add_state_bwd", "dv_bwd", "scores_fwd", "scores_fwd_pair",
                 "scores_diag", "scores_diag_pair", "ut_fwd", "state_fwd", "output_fwd",
                 "dv_bwd_local", "state_bwd", "dqk_bwd", "ut_bwd", "dqk_intra_bwd", "dqk_intra_bwd_pair",
-                "general_scores_fwd", "general_state_fwd", "general_state_bwd",
+                "general_scores_fwd", "general_solve_fwd", "general_state_fwd", "general_state_bwd",
                 "general_dmat_bwd", "general_dqk_bwd", "general_intra_bwd", "general_intra_diag_bwd")
 # v16: the value block of the delta form's state kernels (the only launches that take a BV override): twice
 # the programs when few sequences x heads leave SMs idle

@@ -243,8 +243,9 @@ def dqk(mod, gate, q, k, v, vs, G, h, do, dhn, A, L, scale, du=None, dw=None, de
     H, V = v.shape[1], v.shape[2]
     vector = gate.kind == "vector"
     half = _half(q.dtype)
-    BK, BV = _pow2(K), _pow2(V)
-    NK = triton.cdiv(K, BK)
+    BV = _pow2(V)
+    o = launch_opts("dqk_bwd", dict(BK=_pow2(K), **_dqk_opts(du is not None, vector, vs is not None)))
+    NK = triton.cdiv(K, o["BK"])
     if vector:
         dq = torch.empty(rows, H, K, dtype=torch.float32, device=q.device)
         dk = torch.empty_like(dq)
@@ -256,10 +257,8 @@ def dqk(mod, gate, q, k, v, vs, G, h, do, dhn, A, L, scale, du=None, dw=None, de
         dGpos = torch.empty(rows, H, NK, dtype=torch.float32, device=q.device)
     mod.dqk_bwd[(NK, L.NT, H if vector else HQ)](q, k, v, _or(vs, G), G, h, do, dhn, dq, dk, dA, dGpos, _or(du, G),
                                                  _or(dw, G), L.cu, L.chunk_indices, scale, H, HQ, K=K, V=V, BT=BT,
-                                                 BK=BK, BV=BV, VECTOR=vector, HALF=half, VSCALE=vs is not None,
-                                                 DELTA=du is not None,
-                                                 **launch_opts("dqk_bwd",
-                                                               _dqk_opts(du is not None, vector, vs is not None)))
+                                                 BV=BV, VECTOR=vector, HALF=half, VSCALE=vs is not None,
+                                                 DELTA=du is not None, **o)
     if vector and defer_intra:
         return dq, dk, dA
     if vector:

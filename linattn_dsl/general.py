@@ -55,7 +55,8 @@ def _forward(mod, gate, q, k, v, a, b, gate_inputs, h0, L, scale, store_final):
     Mak = torch.empty(rows, H, BT, dtype=sd, device=dev)
     Wa, qg, kg, bg = (torch.empty(rows, H, K, dtype=sd, device=dev) for _ in range(4))
     mod.general_solve_fwd[(L.NT, H)](q, k, a, b, G, Lab, Lak, Tm, Mak, Wa, qg, kg, bg, L.cu, L.chunk_indices, H,
-                                     HQ, K=K, BT=BT, BC=BC, BK=_pow2(K, hi=32), VECTOR=vector, HALF=half)
+                                     HQ, K=K, BT=BT, BC=BC, VECTOR=vector, HALF=half,
+                                     **launch_opts("general_solve_fwd", dict(BK=_pow2(K, hi=32), num_warps=4)))
     del Lab, Lak
     h = torch.empty(L.NT, H, K, V, dtype=sd, device=dev)
     R = torch.empty(rows, H, V, dtype=sd, device=dev)
@@ -148,9 +149,10 @@ def _backward(mod, gate, q, k, v, a, b, gate_inputs, h0, st, ht, do, dht, L, sca
         # general_intra_diag_bwd:r0): all in one. H200, RWKV7 T=16384: 5.96 ms in one; 3.51 without the
         # diagonal + 1.88 for it by row programs (2 rows x 2 heads, exact per channel); without the diagonal's
         # tiles general_intra_bwd takes wider key blocks: 3.53 ms at BK 16 / 1 warp, 2.26 at 64 / 2 warps
-        # (the block programs: not timed yet; sm_90 registers at bf16 D=128: 243 at BK 32 / 2 warps, 157 at
-        # 32 / 4, 168 at 16 / 2, 232 at 64 / 4, none spilled)
-        od = launch_opts("general_intra_diag_bwd", dict(RB=1, BK=_pow2(K, hi=32), num_warps=4))
+        # One program per diagonal sub-block and head instead of the row programs (H200, RWKV7 T=16384, one
+        # call): 1.914 -> 1.752 ms at BK 32 / 4 warps, 1.621 at 32 / 2 (1.821 at 16 / 2, 1.920 at 64 / 4);
+        # sm_90 registers at bf16 D=128: 243 at BK 32 / 2 warps, 157 at 32 / 4, none spilled
+        od = launch_opts("general_intra_diag_bwd", dict(RB=1, BK=_pow2(K, hi=32), num_warps=2))
         diag = od.pop("RB") > 0
         opts = launch_opts("general_intra_bwd", dict(BK=_pow2(K, hi=64), num_warps=2) if diag
                            else dict(BK=16, num_warps=1))
