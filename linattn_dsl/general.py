@@ -130,15 +130,17 @@ def _backward(mod, gate, q, k, v, a, b, gate_inputs, h0, st, ht, do, dht, L, sca
     # gate terms: vector decays get dGpos from general_intra_bwd; scalar decays X, Q per key block
     X, Q = (torch.empty(rows, H, NK, dtype=torch.float32, device=dev) for _ in range(2)) if not vector else (G, G)
     dmats = [torch.empty(rows, H, BT, dtype=torch.float32, device=dev) for _ in range(4)]
-    mod.general_dmat_bwd[(L.NT, H)](v, st["Tm"], st["R"], dR, do, *dmats, L.cu, L.chunk_indices, scale, H, V=V, BT=BT,
-                                    BV=BV, HALF=half,
+    # dY = Tm^T dR once, by general_dmat_bwd, for general_dqk_bwd's key blocks (which each formed it before)
+    dY = torch.empty(rows, H, V, dtype=torch.float32 if half == 0 else q.dtype, device=dev)
+    mod.general_dmat_bwd[(L.NT, H)](v, st["Tm"], st["R"], dR, do, *dmats, dY, L.cu, L.chunk_indices, scale, H, V=V,
+                                    BT=BT, BV=BV, HALF=half,
                                     # H100 RWKV7 T=16384 bf16: 0.733 ms at 8 warps / 3 stages, 0.564 at 4 / 2
                                     **launch_opts("general_dmat_bwd", dict(num_warps=4 if half else 8, num_stages=2)))
     mod.general_dqk_bwd[(NK, L.NT, H)](
-        q, k, a, b, v, G, st["Tm"], h, dhn, st["R"], dR, do, *direct, *dmats, X, Q, L.cu, L.chunk_indices,
+        q, k, a, b, v, G, dY, h, dhn, st["R"], do, *direct, *dmats, X, Q, L.cu, L.chunk_indices,
         scale, H, HQ, K=K, V=V, BT=BT, BK=BK, BV=BV, VECTOR=vector, HALF=half,
         **launch_opts("general_dqk_bwd", dict(num_warps=8, num_stages=3 if half else 2)))
-    del dhn, dR
+    del dhn, dR, dY
     if vector:
         dGpos = torch.empty(rows, H, K, dtype=torch.float32, device=dev)
         # small programs, many per SM (H100, RWKV7 T=16384, the per-column diagonal loop: 29.3 ms at 8 warps
