@@ -258,7 +258,7 @@ def dqk(mod, gate, q, k, v, vs, G, h, do, dhn, A, L, scale, du=None, dw=None, de
     mod.dqk_bwd[(NK, L.NT, H if vector else HQ)](q, k, v, _or(vs, G), G, h, do, dhn, dq, dk, dA, dGpos, _or(du, G),
                                                  _or(dw, G), L.cu, L.chunk_indices, scale, H, HQ, K=K, V=V, BT=BT,
                                                  BV=BV, VECTOR=vector, HALF=half, VSCALE=vs is not None,
-                                                 DELTA=du is not None, **o)
+                                                 DELTA=du is not None, NG=1 if vector else H // HQ, **o)
     if vector and defer_intra:
         return dq, dk, dA
     if vector:

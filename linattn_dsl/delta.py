@@ -80,9 +80,10 @@ def _state_opts(half: int, BK: int, bwd: bool, vector: bool, programs: int, devi
         return dict(num_warps=8 if programs < 2 * _sm_count(device) else 4, num_stages=2 if vector else 3)
     if vector:
         return dict(num_warps=8)
-    # scalar decays: 2 stages when the programs fill two per SM (delta rule T=4096, 512 programs: 0.365 ->
-    # 0.337 ms), Triton's 3 below that (T=16384, 128 programs: 0.356, 0.463 at 2; H100, session 9)
-    return dict(num_stages=2) if programs >= 2 * _sm_count(device) else {}
+    # scalar decays: 2 stages when the programs fill the SMs (delta rule T=4096, 512 programs: 0.365 ->
+    # 0.337 ms; H100, session 9; 256 programs: 0.250 -> 0.227, H200, session 13), Triton's 3 below that
+    # (T=16384, 128 programs: 0.356, 0.463 at 2; H100, session 9)
+    return dict(num_stages=2) if programs >= _sm_count(device) else {}
 
 
 def _forward(mod, gate, q, k, v, beta, gate_inputs, h0, L: _Layout, scale, store_final, want_qg=False):
@@ -142,11 +143,11 @@ def _backward(mod, gate, saved, do, dht, L: _Layout, scale, need_gate_grads):
     store = q.dtype if half else torch.float32
     # dvl = A^T dO: the intra-chunk part of dU
     dvl = torch.empty(rows, H, V, dtype=store, device=dev)
-    BVl = _pow2(V)   # 2 warps: H100, delta rule T=16384, 0.254 -> 0.209 ms (4 warps before)
-    mod.dv_bwd[(triton.cdiv(V, BVl), L.NT, H)](q, k, vnew, G, G, G, G, G, _or(A, G), do, G, dvl, L.cu,
-                                               L.chunk_indices, scale, H, HQ, K=K, V=V, BT=BT, BK=_pow2(K), BV=BVl,
-                                               VECTOR=vector, HALF=half, VSCALE=False, SKIP=False, LOCAL=True,
-                                               **launch_opts("dv_bwd_local", dict(num_warps=2)))
+    # 2 warps: H100, delta rule T=16384, 0.254 -> 0.209 ms (4 warps before)
+    ol = launch_opts("dv_bwd_local", dict(BK=_pow2(K), BV=_pow2(V), num_warps=2))
+    mod.dv_bwd[(triton.cdiv(V, ol["BV"]), L.NT, H)](q, k, vnew, G, G, G, G, G, _or(A, G), do, G, dvl, L.cu,
+                                                    L.chunk_indices, scale, H, HQ, K=K, V=V, BT=BT, VECTOR=vector,
+                                                    HALF=half, VSCALE=False, SKIP=False, LOCAL=True, **ol)
     dhn = torch.empty_like(h)
     du = torch.empty(rows, H, V, dtype=store, device=dev)
     dh0 = torch.empty(L.N, H, K, V, dtype=torch.float32, device=dev) if h0 is not None else None

@@ -46,8 +46,9 @@ def _forward(mod, gate, q, k, v, a, b, gate_inputs, h0, L, scale, store_final):
     G = _run_gate(mod, gate, gate_inputs, L, H, K, rows, cumsum=True)
     Aqk, Aqb = (torch.empty(rows, H, BT, dtype=sd, device=dev) for _ in range(2))
     Lab, Lak = (torch.empty(rows, H, BT, dtype=torch.float32, device=dev) for _ in range(2))
-    # H100 RWKV7 T=16384: 0.660 ms at 2 warps, 0.566 at 4 (without the diagonal sub-blocks)
-    o = launch_opts("general_scores_fwd", dict(BK=_pow2(K, hi=32), num_warps=4 if vector else 2))
+    # H100 RWKV7 T=16384: 0.660 ms at 2 warps, 0.566 at 4 (without the diagonal sub-blocks); with them (H200,
+    # session 13's sweep): 0.886 ms at BK 32, 0.798 at 16
+    o = launch_opts("general_scores_fwd", dict(BK=_pow2(K, hi=16 if vector else 32), num_warps=4 if vector else 2))
     mod.general_scores_fwd[(BT // BC, L.NT, H)](q, k, a, b, G, Aqk, Aqb, Lab, Lak, L.cu, L.chunk_indices, scale, H,
                                                 HQ, K=K, BT=BT, BC=BC, VECTOR=vector, HALF=half,
                                                 SPAN=diag_span(half), **o)
@@ -56,7 +57,8 @@ def _forward(mod, gate, q, k, v, a, b, gate_inputs, h0, L, scale, store_final):
     Wa, qg, kg, bg = (torch.empty(rows, H, K, dtype=sd, device=dev) for _ in range(4))
     mod.general_solve_fwd[(L.NT, H)](q, k, a, b, G, Lab, Lak, Tm, Mak, Wa, qg, kg, bg, L.cu, L.chunk_indices, H,
                                      HQ, K=K, BT=BT, BC=BC, VECTOR=vector, HALF=half,
-                                     **launch_opts("general_solve_fwd", dict(BK=_pow2(K, hi=32), num_warps=4)))
+                                     # H200 RWKV7 T=16384 (session 13's sweep): 1.181 ms at BK 32, 1.023 at 64
+                                     **launch_opts("general_solve_fwd", dict(BK=_pow2(K, hi=64), num_warps=4)))
     del Lab, Lak
     h = torch.empty(L.NT, H, K, V, dtype=sd, device=dev)
     R = torch.empty(rows, H, V, dtype=sd, device=dev)
@@ -153,8 +155,8 @@ def _backward(mod, gate, q, k, v, a, b, gate_inputs, h0, st, ht, do, dht, L, sca
         # tiles general_intra_bwd takes wider key blocks: 3.53 ms at BK 16 / 1 warp, 2.26 at 64 / 2 warps
         # One program per diagonal sub-block and head instead of the row programs (H200, RWKV7 T=16384, one
         # call): 1.914 -> 1.752 ms at BK 32 / 4 warps, 1.621 at 32 / 2 (1.821 at 16 / 2, 1.920 at 64 / 4);
-        # sm_90 registers at bf16 D=128: 243 at BK 32 / 2 warps, 157 at 32 / 4, none spilled
-        od = launch_opts("general_intra_diag_bwd", dict(RB=1, BK=_pow2(K, hi=32), num_warps=2))
+        # next call: 1.617 at 32 / 2, 1.468 at 64 / 2
+        od = launch_opts("general_intra_diag_bwd", dict(RB=1, BK=_pow2(K, hi=64), num_warps=2))
         diag = od.pop("RB") > 0
         opts = launch_opts("general_intra_bwd", dict(BK=_pow2(K, hi=64), num_warps=2) if diag
                            else dict(BK=16, num_warps=1))
