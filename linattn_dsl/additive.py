@@ -227,9 +227,12 @@ def _dqk_opts(delta: bool, vector: bool, vscale: bool) -> dict:
     * delta-rule form (it also reads dU and writes dW): 8 warps, and 2 stages for vector decays (KDA 0.907 ->
       0.762 ms; the scalar delta rule 1.068 -> 1.118 at 2 stages, kept at 3);
     * additive form: 8 warps (retention 1.209 -> 0.931 / 1.197 -> 0.933 ms, GLA 0.647 -> 0.620 / 0.648 ->
-      0.620); with a value scale (Mamba2) 2 stages instead (2.627 -> 1.729 / 2.636 -> 1.673; 8 warps 2.375)."""
+      0.620); with a value scale (Mamba2) 2 stages instead (2.627 -> 1.729 / 2.636 -> 1.673; 8 warps 2.375).
+    (H200, session 13: with the value heads per group a compile-time constant, the scalar delta rule's dqk_bwd
+    holds 128 registers instead of 252 at 8 warps, and 2 stages then fit two programs per SM: T=4096
+    0.951 -> 0.803 ms at 3 stages, 0.590 at 2.)"""
     if delta:
-        return dict(num_warps=8, num_stages=2) if vector else dict(num_warps=8)
+        return dict(num_warps=8, num_stages=2)
     return dict(num_stages=2) if vscale and not vector else dict(num_warps=8)
 
 
