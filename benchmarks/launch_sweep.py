@@ -27,15 +27,22 @@ from concurrent.futures import ThreadPoolExecutor
 LAUNCH_NAMES = ("gate_fwd", "gate_bwd", "add_state_fwd", "add_state_bwd", "dv_bwd", "scores_fwd", "scores_fwd_pair",
                 "scores_diag", "scores_diag_pair", "ut_fwd", "state_fwd", "output_fwd",
                 "dv_bwd_local", "state_bwd", "dqk_bwd", "ut_bwd", "dqk_intra_bwd", "dqk_intra_bwd_pair",
-                "general_scores_fwd", "general_solve_fwd", "general_state_fwd", "general_state_bwd",
-                "general_dmat_bwd", "general_dqk_bwd", "general_intra_bwd", "general_intra_diag_bwd")
-# v16: the value block of the delta form's state kernels (the only launches that take a BV override): twice
+                "general_scores_fwd", "general_solve_fwd", "general_output_fwd", "general_state_fwd",
+                "general_state_bwd", "general_dmat_bwd", "general_dqk_bwd", "general_intra_bwd",
+                "general_intra_diag_bwd")
+# v16: the value block of the state kernels (the delta form's and the general form's): twice
 # the programs when few sequences x heads leave SMs idle
 OVERRIDES = ("-", "w1", "w2", "w4", "w8", "s1", "s2", "s3", "s4", "w2s1", "w8s1", "w8s2", "v16", "v16w4", "v16w8")
 
 
 def _env(override: str) -> str:
-    return "" if override == "-" else ",".join(f"{n}:{override}" for n in LAUNCH_NAMES)
+    """LINATTN_LAUNCH of an override: "-" none, "w8" every launch, "output_fwd:v128w8" (or several such, joined
+    by "+") only the launches named."""
+    if override == "-":
+        return ""
+    if ":" in override:
+        return override.replace("+", ",")
+    return ",".join(f"{n}:{override}" for n in LAUNCH_NAMES)
 
 
 def _fwd_bwd(op: str, T: int, tokens: int):
@@ -114,16 +121,22 @@ def _best_env(res: dict) -> str:
     base = res.get("-", {})
     items = []
     for k in base:
-        cands = [(r[k], ov) for ov, r in res.items() if k in r and "error" not in r]
+        stem = re.sub(r"_v\d+$", "", k)
+        names = [n for n in (stem, stem + "_pair", stem + "_local", "add_" + stem) if n in LAUNCH_NAMES]
+
+        def spec(ov, name):   # the override name runs under with ov, or None (a targeted ov leaving it alone)
+            if ":" not in ov:
+                return ov
+            return dict(item.split(":", 1) for item in ov.split("+")).get(name)
+
+        cands = [(r[k], ov) for ov, r in res.items() if k in r and "error" not in r
+                 and (ov == "-" or any(spec(ov, n) for n in names))]
         if not cands:
             continue
         ms, ov = min(cands)
         if ov == "-" or ms >= base[k]:
             continue
-        stem = re.sub(r"_v\d+$", "", k)
-        for name in (stem, stem + "_pair", stem + "_local", "add_" + stem):
-            if name in LAUNCH_NAMES:
-                items.append(f"{name}:{ov}")
+        items += [f"{n}:{spec(ov, n)}" for n in names if spec(ov, n)]
     return ",".join(items)
 
 

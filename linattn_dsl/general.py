@@ -64,10 +64,10 @@ def _forward(mod, gate, q, k, v, a, b, gate_inputs, h0, L, scale, store_final):
     R = torch.empty(rows, H, V, dtype=sd, device=dev)
     ht = torch.empty(L.N, H, K, V, dtype=torch.float32, device=dev) if store_final else None
     BKs, BVs = _state_blocks(K, V)
-    mod.general_state_fwd[(triton.cdiv(V, BVs), L.N * H)](
-        kg, bg, v, G, Wa, Mak, h, R, h0, ht, L.cu, L.chunk_offsets, H, K=K, V=V, BT=BT, BK=BKs, BV=BVs,
-        VECTOR=vector, USE_H0=h0 is not None, STORE_FINAL=store_final, HALF=half,
-        **launch_opts("general_state_fwd", dict(num_warps=8, num_stages=_state_stages(BKs, q.dtype))))
+    so = launch_opts("general_state_fwd", dict(BV=BVs, num_warps=8, num_stages=_state_stages(BKs, q.dtype)))
+    mod.general_state_fwd[(triton.cdiv(V, so["BV"]), L.N * H)](
+        kg, bg, v, G, Wa, Mak, h, R, h0, ht, L.cu, L.chunk_offsets, H, K=K, V=V, BT=BT, BK=BKs, VECTOR=vector,
+        USE_H0=h0 is not None, STORE_FINAL=store_final, HALF=half, **so)
     return dict(G=G, Aqk=Aqk, Aqb=Aqb, Tm=Tm, Mak=Mak, Wa=Wa, h=h, R=R, qg=qg, kg=kg, bg=bg), ht
 
 
@@ -75,10 +75,10 @@ def _output(mod, gate, q, v, st, L, scale):
     rows, HQ, K = q.shape
     H, V = v.shape[1], v.shape[2]
     o = torch.empty(rows, H, V, dtype=v.dtype, device=q.device)
-    BV = _pow2(V)
-    mod.general_output_fwd[(triton.cdiv(V, BV), L.NT, H)](
+    oo = launch_opts("general_output_fwd", dict(BK=_pow2(K), BV=_pow2(V)))
+    mod.general_output_fwd[(triton.cdiv(V, oo["BV"]), L.NT, H)](
         st["qg"], v, st["h"], st["R"], st["Aqk"], st["Aqb"], o, L.cu, L.chunk_indices, scale, H, K=K, V=V, BT=BT,
-        BK=_pow2(K), BV=BV, HALF=_half(q.dtype))
+        HALF=_half(q.dtype), **oo)
     return o
 
 
@@ -114,10 +114,10 @@ def _backward(mod, gate, q, k, v, a, b, gate_inputs, h0, st, ht, do, dht, L, sca
     dR = torch.empty(rows, H, V, dtype=torch.float32, device=dev)
     dh0 = torch.empty(L.N, H, K, V, dtype=torch.float32, device=dev) if h0 is not None else None
     BKs, BVs = _state_blocks(K, V)
-    mod.general_state_bwd[(triton.cdiv(V, BVs), L.N * H)](
+    so = launch_opts("general_state_bwd", dict(BV=BVs, num_warps=8, num_stages=_state_stages(BKs, q.dtype)))
+    mod.general_state_bwd[(triton.cdiv(V, so["BV"]), L.N * H)](
         st["qg"], st["bg"], G, st["Wa"], st["Aqb"], do, dht, dhn, dR, dh0, L.cu, L.chunk_offsets, scale, H, K=K, V=V,
-        BT=BT, BK=BKs, BV=BVs, VECTOR=vector, USE_DHT=dht is not None, STORE_DH0=h0 is not None, HALF=half,
-        **launch_opts("general_state_bwd", dict(num_warps=8, num_stages=_state_stages(BKs, q.dtype))))
+        BT=BT, BK=BKs, VECTOR=vector, USE_DHT=dht is not None, STORE_DH0=h0 is not None, HALF=half, **so)
     dv = torch.empty_like(v)
     BK, BV = _pow2(K), _pow2(V)
     mod.general_dv_bwd[(triton.cdiv(V, BV), L.NT, H)](

@@ -123,7 +123,7 @@ def test_launch_opts_defaults_and_overrides(monkeypatch):
 def test_launch_choices_follow_the_h100_sweep():
     """The launch rules measured by benchmarks/launch_sweep.py (BENCHMARKS.md, sessions 6 and 9): the state
     kernels of the delta form pick 8 warps only when their programs do not fill two per SM, the scalar-decay
-    backward 3 stages and the scalar-decay forward 2 once its programs fill two per SM; half inputs with K <= 128
+    backward 3 stages and the scalar-decay forward 2 once its programs fill every SM; half inputs with K <= 128
     take value blocks of 64 when the programs at 64 still cover every SM; fp32 keeps one stage; the output pass of
     vector decays takes value blocks of 128 (session 10)."""
     from linattn_dsl.additive import _dqk_opts, _output_bv
@@ -135,6 +135,7 @@ def test_launch_choices_follow_the_h100_sweep():
     assert _state_opts(1, 128, False, True, 512, cpu) == dict(num_warps=8)
     assert _state_opts(1, 128, False, False, 128, cpu) == {}
     assert _state_opts(1, 128, False, False, 512, cpu) == dict(num_stages=2)
+    assert _state_opts(1, 128, False, False, 256, cpu) == dict(num_stages=2)   # H200 delta rule T=4096 (session 13)
     assert _state_opts(0, 128, True, True, 128, cpu) == dict(num_stages=1)
     assert _state_opts(1, 256, True, True, 128, cpu) == dict(num_stages=2)
     assert _state_bv(128, 1, 128, 128, cpu) == 64    # B*T = 32768 at T=4096: 8 x 16 heads, 256 programs at 64
@@ -147,6 +148,7 @@ def test_launch_choices_follow_the_h100_sweep():
     assert _state_fwd_bv(128, 1, True, 32, 128, cpu) == 32      # T=16384: 32 programs at 128
     assert _state_fwd_bv(128, 0, True, 128, 128, cpu) == 32     # fp32
     assert _dqk_opts(True, True, False) == dict(num_warps=8, num_stages=2)
+    assert _dqk_opts(True, False, False) == dict(num_warps=8, num_stages=2)     # the delta rule (session 13)
     assert _dqk_opts(False, False, True) == dict(num_stages=2)
     assert _dqk_opts(False, True, False) == dict(num_warps=8)
     assert _output_bv(128, True) == 128 and _output_bv(128, False) == 64 and _output_bv(48, True) == 64
@@ -164,6 +166,11 @@ def test_launch_sweep_best_env_maps_profiled_names_to_launch_names():
     env = _best_env(res).split(",")
     assert set(env) == {"state_fwd:w8", "add_state_fwd:w8", "gate_fwd:s2"}
     assert all(e.split(":")[0] in LAUNCH_NAMES for e in env)
+    # a targeted override ("name:spec", several joined by "+") counts only for the launches it names
+    res["output_fwd:v128+ut_bwd:w4"] = {"state_fwd": 0.1, "output_fwd": 0.3, "ut_bwd": 0.4}
+    res["-"]["output_fwd"] = 0.5
+    env = _best_env(res).split(",")
+    assert set(env) == {"state_fwd:w8", "add_state_fwd:w8", "gate_fwd:s2", "output_fwd:v128", "ut_bwd:w4"}
 
 
 def test_launch_sweep_goes_on_in_a_fresh_process_after_a_device_fault(monkeypatch):

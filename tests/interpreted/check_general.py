@@ -54,6 +54,10 @@ CASES = [  # (spec, draw_case keywords, dtypes, fused_recurrent gradients too)
     ("g_const", dict(B=1, T=67, heads=4, groups=2, K=16, V=8, log_decay_min=-20.0), ("fp32", "fp16"), True),
     ("g_scalar", dict(seqlens=[30, 1, 50], heads=2, groups=1, K=80, V=8), ("fp32",), True),
     ("g_vector", dict(B=1, T=66, heads=2, K=16, V=16, optional_present=False), ("fp32",), False),
+    # (appended last: the cases above keep their seeds) more than 16 chunks in a sequence: the gate
+    # backward's running sum over chunk totals takes several 16-chunk steps (gate_chunk_carry), vector and scalar
+    ("rwkv7", dict(seqlens=[1100, 3, 1030], heads=1, K=8, V=8), ("fp32",), False),
+    ("g_scalar", dict(seqlens=[1090, 5], heads=1, groups=1, K=8, V=8), ("fp32",), False),
 ]
 DTYPES = {"fp32": (torch.float32, 1e-4), "fp16": (torch.float16, 2e-2)}
 
