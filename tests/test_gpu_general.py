@@ -70,7 +70,8 @@ def test_fp32_vs_oracle(name, mode, tmp_path):
 
 # launch choices a sweep may adopt (benchmarks/launch_sweep.py): general_intra_diag_bwd:r0 switches the diagonal row
 # programs off (general_intra_bwd then forms the diagonal too)
-@pytest.mark.parametrize("launch", ["general_intra_diag_bwd:k64w4,general_scores_fwd:k64w2,general_intra_bwd:m168",
+@pytest.mark.parametrize("launch", ["general_intra_diag_bwd:k64w4,general_scores_fwd:k64w2,general_intra_bwd:m168,"
+                                    "general_chunk_intra_bwd:k64w4",
                                     "general_intra_diag_bwd:r0,general_scores_fwd:k16w1"])
 def test_launch_variants_vs_oracle(launch, monkeypatch):
     monkeypatch.setenv("LINATTN_LAUNCH", launch)
