@@ -49,18 +49,19 @@ def _forward(mod, gate, q, k, v, a, b, gate_inputs, h0, L, scale, store_final):
     # H100 RWKV7 T=16384: 0.660 ms at 2 warps, 0.566 at 4 (without the diagonal sub-blocks); with them (H200,
     # session 13's sweep): 0.886 ms at BK 32, 0.798 at 16
     o = launch_opts("general_scores_fwd", dict(BK=_pow2(K, hi=16 if vector else 32), num_warps=4 if vector else 2))
+    # and the rows decayed for the state passes, qg = Q * E[G], kg = K * E[G_n - G], bg = B * E[G_n - G]
+    Wa, qg, kg, bg = (torch.empty(rows, H, K, dtype=sd, device=dev) for _ in range(4))
     if vector:   # chunks whose decay across the whole chunk is <= the span: [BT, BK] x [BK, BT] products in one go
         oc = launch_opts("general_chunk_scores_fwd", dict(BK=_pow2(K, hi=32), num_warps=8))
-        mod.general_chunk_scores_fwd[(L.NT, H)](q, k, a, b, G, Aqk, Aqb, Lab, Lak, L.cu, L.chunk_indices, scale, H,
-                                                HQ, K=K, BT=BT, HALF=half, CSPAN=diag_span(half), **oc)
-    mod.general_scores_fwd[(BT // BC, L.NT, H)](q, k, a, b, G, Aqk, Aqb, Lab, Lak, L.cu, L.chunk_indices, scale, H,
-                                                HQ, K=K, BT=BT, BC=BC, VECTOR=vector, HALF=half,
+        mod.general_chunk_scores_fwd[(L.NT, H)](q, k, a, b, G, Aqk, Aqb, Lab, Lak, qg, kg, bg, L.cu, L.chunk_indices,
+                                                scale, H, HQ, K=K, BT=BT, HALF=half, CSPAN=diag_span(half), **oc)
+    mod.general_scores_fwd[(BT // BC, L.NT, H)](q, k, a, b, G, Aqk, Aqb, Lab, Lak, qg, kg, bg, L.cu, L.chunk_indices,
+                                                scale, H, HQ, K=K, BT=BT, BC=BC, VECTOR=vector, HALF=half,
                                                 SPAN=diag_span(half), CSPAN=diag_span(half), **o)
     Tm = torch.empty(rows, H, BT, dtype=torch.float32, device=dev)
     Mak = torch.empty(rows, H, BT, dtype=sd, device=dev)
-    Wa, qg, kg, bg = (torch.empty(rows, H, K, dtype=sd, device=dev) for _ in range(4))
-    mod.general_solve_fwd[(L.NT, H)](q, k, a, b, G, Lab, Lak, Tm, Mak, Wa, qg, kg, bg, L.cu, L.chunk_indices, H,
-                                     HQ, K=K, BT=BT, BC=BC, VECTOR=vector, HALF=half,
+    mod.general_solve_fwd[(L.NT, H)](a, G, Lab, Lak, Tm, Mak, Wa, L.cu, L.chunk_indices, H,
+                                     K=K, BT=BT, BC=BC, VECTOR=vector, HALF=half,
                                      # H200 RWKV7 T=16384 (session 13's sweep): 1.181 ms at BK 32, 1.023 at 64
                                      **launch_opts("general_solve_fwd", dict(BK=_pow2(K, hi=64), num_warps=4)))
     del Lab, Lak
