@@ -29,7 +29,8 @@ LAUNCH_NAMES = ("gate_fwd", "gate_bwd", "add_state_fwd", "add_state_bwd", "dv_bw
                 "dv_bwd_local", "state_bwd", "dqk_bwd", "ut_bwd", "dqk_intra_bwd", "dqk_intra_bwd_pair",
                 "general_scores_fwd", "general_solve_fwd", "general_output_fwd", "general_state_fwd",
                 "general_state_bwd", "general_dmat_bwd", "general_dqk_bwd", "general_intra_bwd",
-                "general_intra_diag_bwd", "general_chunk_scores_fwd", "general_chunk_intra_bwd")
+                "general_intra_diag_bwd", "general_chunk_scores_fwd", "general_chunk_intra_bwd",
+                "dqk_chunk_intra_bwd")
 # v16: the value block of the state kernels (the delta form's and the general form's): twice
 # the programs when few sequences x heads leave SMs idle
 OVERRIDES = ("-", "w1", "w2", "w4", "w8", "s1", "s2", "s3", "s4", "w2s1", "w8s1", "w8s2", "v16", "v16w4", "v16w8")

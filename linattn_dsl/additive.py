@@ -236,6 +236,17 @@ def _dqk_opts(delta: bool, vector: bool, vscale: bool) -> dict:
     return dict(num_stages=2) if vscale and not vector else dict(num_warps=8)
 
 
+def chunk_intra(mod, q, k, G, dA, dP, dq, dk, dk2, dGpos, L, H, HQ, K, pair):
+    """dqk_chunk_intra_bwd: dqk_intra_bwd's sums for the chunks whose decay across the whole chunk is <=
+    DIAG_SPAN, as whole-chunk products (dqk_intra_bwd, launched after it with the span returned here, keeps
+    the steeper chunks)."""
+    o = launch_opts("dqk_chunk_intra_bwd", dict(BK=_pow2(K, hi=32), num_warps=8))
+    mod.dqk_chunk_intra_bwd[(triton.cdiv(K, o["BK"]), L.NT, H)](
+        q, k, G, dA, dP, dq, dk, dk2, dGpos, L.cu, L.chunk_indices, H, HQ, K=K, BT=BT, PAIR=pair, CSPAN=DIAG_SPAN,
+        **o)
+    return DIAG_SPAN
+
+
 def dqk(mod, gate, q, k, v, vs, G, h, do, dhn, A, L, scale, du=None, dw=None, defer_intra=False):
     """dq, dk (inputs' dtype, groups summed) and dGpos = q dq - k dk (fp32, per value head, [rows, H(, K)])
     of the additive form with values ``v`` (times ``vs``), states ``h`` and state gradients ``dhn``;
@@ -266,10 +277,11 @@ def dqk(mod, gate, q, k, v, vs, G, h, do, dhn, A, L, scale, du=None, dw=None, de
         return dq, dk, dA
     if vector:
         # H200, GLA T=4096: BK 64 -> 32, 2.760 -> 2.491 ms
+        cspan = chunk_intra(mod, q, k, G, dA, dA, dq, dk, dk, dGpos, L, H, HQ, K, pair=False)
         opts = launch_opts("dqk_intra_bwd", dict(BK=_pow2(K, hi=32)))
         mod.dqk_intra_bwd[(triton.cdiv(K, opts["BK"]), L.NT * (BT // BC), H)](
             q, k, G, dA, dA, dq, dk, dk, dGpos, L.cu, L.chunk_indices, H, HQ, K=K, BT=BT, BC=BC, HALF=half,
-            PAIR=False, **opts)
+            PAIR=False, CSPAN=cspan, **opts)
         dq, dk = group_sum(dq, HQ).to(q.dtype), group_sum(dk, HQ).to(k.dtype)
     else:
         dGpos = dGpos.sum(-1)

@@ -20,8 +20,8 @@ import functools
 import torch
 import triton
 
-from .additive import (BC, BT, Prepared, _half, _Layout, _or, _output, _pow2, _run_gate, dqk, gate_grads, group_sum,
-                       launch_opts, vector_scores)
+from .additive import (BC, BT, Prepared, _half, _Layout, _or, _output, _pow2, _run_gate, chunk_intra, dqk, gate_grads,
+                       group_sum, launch_opts, vector_scores)
 from .args import Bound
 
 MAX_K = 256
@@ -174,10 +174,11 @@ def _backward(mod, gate, saved, do, dht, L: _Layout, scale, need_gate_grads):
                           **launch_opts("ut_bwd", dict(num_warps=4)))
     if vector:   # the intra-chunk parts of A (q, k) and P (k, k) in one pass, every sum done in the kernel
         # H100, KDA T=16384: 5.09 ms at BK 64 and 4 warps, 3.87 at BK 32 (scores_fwd: 1.43 -> 1.23 ms, 2 warps)
+        cspan = chunk_intra(mod, q, k, G, dA_or_dGpos, dP, dq, dk_add, dk_ut, gpos, L, H, HQ, K, pair=True)
         opts = launch_opts("dqk_intra_bwd_pair", dict(BK=_pow2(K, hi=32), num_warps=4))
         mod.dqk_intra_bwd[(triton.cdiv(K, opts["BK"]), L.NT * (BT // BC), H)](
             q, k, G, dA_or_dGpos, dP, dq, dk_add, dk_ut, gpos, L.cu, L.chunk_indices, H, HQ, K=K, BT=BT, BC=BC,
-            HALF=half, PAIR=True, **opts)
+            HALF=half, PAIR=True, CSPAN=cspan, **opts)
         dq, dk, dGpos = group_sum(dq, HQ).to(q.dtype), group_sum(dk_ut, HQ).to(k.dtype), gpos
     else:
         dk = dk_ut if fold else (dk_add.float() + group_sum(dk_ut, HQ)).to(k.dtype)
