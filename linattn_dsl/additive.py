@@ -124,7 +124,7 @@ def _forward_states(mod, gate, q, k, v, vs, gate_inputs, h0, L, scale, store_fin
     mod.state_fwd[(triton.cdiv(K, BK), triton.cdiv(V, BV), L.N * H)](
         k, v, _or(vs, G), G, h, h0, ht, G, G, L.cu, L.chunk_offsets, H, HQ, K=K, V=V, BT=BT, BK=BK, BV=BV,
         VECTOR=vector, USE_H0=h0 is not None, STORE_FINAL=store_final, HALF=half, VSCALE=vs is not None, DELTA=False,
-        KG=False, **launch_opts("add_state_fwd"))
+        KG=False, DECAY=decays(mod), **launch_opts("add_state_fwd"))
     A = None
     if vector:
         # in the inputs' half type when they have one: its readers (output_fwd, dv_bwd) round it to that type for
@@ -161,6 +161,13 @@ def _or(x, dummy):
     return dummy if x is None else x
 
 
+def decays(mod) -> bool:
+    """Whether the spec of a generated module has a decay: without one (the delta rule) G is all zeros and the
+    forward kernels (DECAY=False) neither read it nor form its factors."""
+    spec = getattr(mod, "SPEC", None)
+    return spec is None or spec.decay.kind != "none"
+
+
 def _output_bv(V: int, vector: bool) -> int:
     """output_fwd's value block: up to 128 for vector decays (their A is read, not formed: one program per chunk
     and head reads it once; H100, KDA T=4096: 0.402 -> 0.374 ms), up to 64 otherwise (scalar decays form A =
@@ -184,7 +191,7 @@ def _output(mod, gate, q, k, v, vs, sk, G, h, A, L, scale, out_dtype, qg=None):
                                                   L.cu, L.chunk_indices, scale, H, HQ, K=K, V=V, BT=BT, BK=BK, BV=BV,
                                                   VECTOR=gate.kind == "vector", HALF=_half(q.dtype),
                                                   VSCALE=vs is not None, SKIP=sk is not None, QG=qg is not None,
-                                                  **opts)
+                                                  DECAY=decays(mod), **opts)
     return o
 
 

@@ -20,8 +20,8 @@ import functools
 import torch
 import triton
 
-from .additive import (BC, BT, Prepared, _half, _Layout, _or, _output, _pow2, _run_gate, chunk_intra, dqk, gate_grads,
-                       group_sum, launch_opts, vector_scores)
+from .additive import (BC, BT, Prepared, _half, _Layout, _or, _output, _pow2, _run_gate, chunk_intra, decays, dqk,
+                       gate_grads, group_sum, launch_opts, vector_scores)
 from .args import Bound
 
 MAX_K = 256
@@ -116,6 +116,7 @@ def _forward(mod, gate, q, k, v, beta, gate_inputs, h0, L: _Layout, scale, store
     u1 = torch.empty(rows, H, V, dtype=store, device=dev)
     mod.ut_fwd[(L.NT, H)](_or(ke, k), v, beta, G, _or(P, G), Tm, w, u1, L.cu, L.chunk_indices, H, HQ, K=K, V=V,
                           BT=BT, BC=BC, BK=BK, BKW=_pow2(K), BV=_pow2(V), VECTOR=vector, HALF=half, KE=vector,
+                          DECAY=decays(mod),
                           # H100, T=16384, 4 warps before: delta rule 0.984 -> 0.730 ms, KDA 0.941 -> 0.722
                           # and KDA 1 -> 2 stages: 0.709 -> 0.676 ms (H100, T=16384)
                           **launch_opts("ut_fwd", dict(num_warps=2, num_stages=2 if vector else 3)))
@@ -127,6 +128,7 @@ def _forward(mod, gate, q, k, v, beta, gate_inputs, h0, L: _Layout, scale, store
     mod.state_fwd[(1, triton.cdiv(V, BV), L.N * H)](
         _or(kg, k), u1, G, G, h, h0, ht, w, vnew, L.cu, L.chunk_offsets, H, HQ, K=K, V=V, BT=BT, BK=BK, BV=BV,
         VECTOR=vector, USE_H0=h0 is not None, STORE_FINAL=store_final, HALF=half, VSCALE=False, DELTA=True, KG=vector,
+        DECAY=decays(mod),
         **launch_opts("state_fwd", _state_opts(half, BK, False, vector, L.N * H * triton.cdiv(V, BV), dev)))
     return G, P, Tm, w, h, vnew, ht, A, qg
 
