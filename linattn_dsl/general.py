@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import triton
 
-from .additive import BC, BT, Prepared, _half, _pow2, _reduce_to, _run_gate, DIAG_SPAN, diag_span, launch_opts
+from .additive import BC, BT, DIAG_SPAN, Prepared, _half, _pow2, _run_gate, diag_span, gate_grads, launch_opts
 from .args import Bound
 
 
@@ -175,32 +175,10 @@ def _backward(mod, gate, q, k, v, a, b, gate_inputs, h0, st, ht, do, dht, L, sca
             dGpos = torch.empty_like(X)
             mod.general_dgate_bwd[(1, L.NT, H)](X, Q, dGpos, L.cu, L.chunk_indices, H, W=1, BT=BT, BW=16)
             dGpos = dGpos[..., 0]
-        grads_in = _gate_grads(mod, gate, gate_inputs, dGpos, ht, dht, L, K)
+        grads_in = gate_grads(mod, gate, gate_inputs, dGpos, ht, dht, L, K)
     dq, dk, da, db = outs
     dq, dk = _group_sum(dq, HQ).to(q.dtype), _group_sum(dk, HQ).to(k.dtype)
     return dq, dk, dv, da, db, dh0, grads_in
-
-
-def _gate_grads(mod, gate, gate_inputs, dGpos, ht, dht, L, K) -> list:
-    """gate_bwd: reverse cumulative sum of dGpos plus the final-state term sum_v S_T dS_T, then the
-    chain rule of the log-decay expression into each raw input (summed down to its shape)."""
-    vector = gate.kind == "vector"
-    H = dGpos.shape[1]
-    if dht is not None and ht is not None:
-        dfinal = (ht * dht).sum(-1)
-        dfinal = dfinal if vector else dfinal.sum(-1)
-    else:
-        dfinal = torch.zeros((L.N, H, K) if vector else (L.N, H), dtype=torch.float32, device=dGpos.device)
-    bufs = [torch.empty_like(dGpos) for _ in gate.grads]
-    BKg = _pow2(K) if vector else 16
-    getattr(mod, f"gate_bwd_{gate.tag}")[(triton.cdiv(K, BKg) if vector else 1, L.N, H)](
-        *gate_inputs, *bufs, dGpos.contiguous(), dfinal.contiguous(), L.cu, L.chunk_offsets, H, K=K, BT=BT,
-        BK=BKg, VECTOR=vector)
-    grads_in = [None] * len(gate_inputs)
-    for i, n in enumerate(gate.inputs):
-        grads_in[i] = _reduce_to(bufs[i], gate.input_layouts[n], vector).reshape(gate_inputs[i].shape).to(
-            gate_inputs[i].dtype)
-    return grads_in
 
 
 class ChunkGeneral(torch.autograd.Function):
