@@ -34,15 +34,15 @@ def diag_span(half: int) -> float:
 def launch_opts(kernel: str, defaults: dict | None = None) -> dict:
     """num_warps / num_stages of a stage launch: the defaults given here, or an override for tuning runs
     from LINATTN_LAUNCH, e.g. ``dqk_bwd:w8s2,ut_bwd:w8`` (w = warps, s = stages, m = Triton's maxnreg, the
-    registers a thread may hold; k, v, h and r = the BK, BV, BH and RB blocks, applied only to launches whose
-    defaults name that block)."""
+    registers a thread may hold; k and v = the BK and BV blocks, and r = RB, general_intra_diag_bwd's switch
+    (r0: off, general_intra_bwd forms the diagonal sub-blocks too); k, v, r apply only to launches whose
+    defaults name them)."""
     opts = dict(defaults or {})
     for item in os.environ.get("LINATTN_LAUNCH", "").split(","):
         name, _, spec = item.partition(":")
         if name == kernel:
-            for key, val in re.findall(r"([wskvhrm])(\d+)", spec):
-                opt = {"w": "num_warps", "s": "num_stages", "k": "BK", "v": "BV", "h": "BH", "r": "RB",
-                       "m": "maxnreg"}[key]
+            for key, val in re.findall(r"([wskvrm])(\d+)", spec):
+                opt = {"w": "num_warps", "s": "num_stages", "k": "BK", "v": "BV", "r": "RB", "m": "maxnreg"}[key]
                 if key in "wsm" or opt in opts:
                     opts[opt] = int(val)
     return opts
@@ -147,7 +147,7 @@ def vector_scores(mod, q, k, G, A, P, kg, L, scale, H, HQ, K, half, qg=None, ke=
     # one program per diagonal sub-block and head; SPAN: the largest decay across a sub-block (nats, per
     # channel) taken through its first row (right factors up to E[SPAN] in fp32); steeper blocks go per column.
     # H200, T=4096 (bf16, B*T = 32768, 16 heads of 128): KDA 0.340 ms at BK 64 / 2 warps, 0.333 at 32 / 1;
-    # GLA 0.198 -> 0.163 (the row programs before: 0.628 and 0.514). GLA's scores_fwd: 0.322 at BK 64 / 4
+    # GLA 0.198 -> 0.163 (session 11's row programs: 0.628 and 0.514). GLA's scores_fwd: 0.322 at BK 64 / 4
     # warps, 0.267 at 32 / 1
     o = launch_opts(name.replace("fwd", "diag"), dict(BK=_pow2(K, hi=32), num_warps=1))
     mod.scores_diag[(BT // BC, L.NT, H)](q, k, G, A, _or(P, A), _or(kg, A), _or(qg, A), _or(ke, A), L.cu,

@@ -97,8 +97,8 @@ def test_64k_tokens_with_strong_decay_finite_cpu(name):
 
 
 def test_launch_opts_defaults_and_overrides(monkeypatch):
-    """LINATTN_LAUNCH (tuning runs) overrides warps (w), stages (s) and the BK / BH / RB blocks (k, h, r) of one named
-    stage launch; other stages keep the defaults the host code gives."""
+    """LINATTN_LAUNCH (tuning runs) overrides warps (w), stages (s), the BK / BV blocks (k, v) and RB (r, the
+    diagonal kernel's switch) of one named stage launch; other stages keep the defaults the host code gives."""
     from linattn_dsl.additive import launch_opts
 
     monkeypatch.delenv("LINATTN_LAUNCH", raising=False)
@@ -107,14 +107,11 @@ def test_launch_opts_defaults_and_overrides(monkeypatch):
     assert launch_opts("general_intra_bwd", dict(BK=16, num_warps=1)) == dict(BK=32, num_warps=2, num_stages=3)
     assert launch_opts("ut_bwd") == dict(num_warps=8)
     assert launch_opts("scores_fwd_pair", dict(BK=32)) == dict(BK=32)
-    # h: heads per program, only where the defaults name BH
-    monkeypatch.setenv("LINATTN_LAUNCH", "general_intra_diag_bwd:h8w4,ut_bwd:h8")
-    assert launch_opts("general_intra_diag_bwd", dict(BH=2, BK=128, num_warps=2)) == dict(BH=8, BK=128, num_warps=4)
+    # k, v and r only where the defaults name BK, BV, RB: r0 turns general_intra_diag_bwd off
+    monkeypatch.setenv("LINATTN_LAUNCH", "general_intra_diag_bwd:r0k64w4,ut_bwd:r0k64v32")
+    assert launch_opts("general_intra_diag_bwd", dict(RB=1, BK=32, num_warps=2)) == dict(RB=0, BK=64, num_warps=4)
     assert launch_opts("ut_bwd", dict(num_warps=2)) == dict(num_warps=2)
-    # r: rows per program (RB), likewise
-    monkeypatch.setenv("LINATTN_LAUNCH", "general_intra_diag_bwd:r4h1,ut_bwd:r4")
-    assert launch_opts("general_intra_diag_bwd", dict(BH=2, RB=2, num_warps=2)) == dict(BH=1, RB=4, num_warps=2)
-    assert launch_opts("ut_bwd", dict(num_warps=2)) == dict(num_warps=2)
+    assert launch_opts("dv_bwd_local", dict(BK=64, BV=64)) == dict(BK=64, BV=64)
     # m: Triton's maxnreg (registers per thread), for any launch
     monkeypatch.setenv("LINATTN_LAUNCH", "general_intra_bwd:m168")
     assert launch_opts("general_intra_bwd", dict(BK=16, num_warps=1)) == dict(BK=16, num_warps=1, maxnreg=168)

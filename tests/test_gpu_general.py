@@ -68,8 +68,8 @@ def test_fp32_vs_oracle(name, mode, tmp_path):
         assert all(e < 1e-4 for e in errs.values()), (kw, errs)
 
 
-# launch choices a sweep may adopt (benchmarks/launch_sweep.py): general_intra_diag_bwd:r0 switches the diagonal row
-# programs off (general_intra_bwd then forms the diagonal too)
+# launch choices a sweep may adopt (benchmarks/launch_sweep.py): general_intra_diag_bwd:r0 switches the diagonal
+# sub-blocks' own kernel off (general_intra_bwd then forms them too)
 @pytest.mark.parametrize("launch", ["general_intra_diag_bwd:k64w4,general_scores_fwd:k64w2,general_intra_bwd:m168,"
                                     "general_chunk_intra_bwd:k64w4",
                                     "general_intra_diag_bwd:r0,general_scores_fwd:k16w1"])
