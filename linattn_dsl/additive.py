@@ -34,15 +34,18 @@ def diag_span(half: int) -> float:
 def launch_opts(kernel: str, defaults: dict | None = None) -> dict:
     """num_warps / num_stages of a stage launch: the defaults given here, or an override for tuning runs
     from LINATTN_LAUNCH, e.g. ``dqk_bwd:w8s2,ut_bwd:w8`` (w = warps, s = stages, m = Triton's maxnreg, the
-    registers a thread may hold; k and v = the BK and BV blocks, and r = RB, general_intra_diag_bwd's switch
-    (r0: off, general_intra_bwd forms the diagonal sub-blocks too); k, v, r apply only to launches whose
-    defaults name them)."""
+    registers a thread may hold; k and v = the BK and BV blocks, r = RB, a launch's switch (general_intra_diag_bwd
+    r0: off, general_intra_bwd forms the diagonal sub-blocks too; gate_bwd r1: one program per sequence walks
+    its chunks, r0: three passes parallel over chunks), and d = DOT, the operand type of a
+    whole-chunk kernel's products (_odot: 0 ieee, 1 bf16, 2 fp16, 3 tf32); k, v, r, d apply only to launches
+    whose defaults name them)."""
     opts = dict(defaults or {})
     for item in os.environ.get("LINATTN_LAUNCH", "").split(","):
         name, _, spec = item.partition(":")
         if name == kernel:
-            for key, val in re.findall(r"([wskvrm])(\d+)", spec):
-                opt = {"w": "num_warps", "s": "num_stages", "k": "BK", "v": "BV", "r": "RB", "m": "maxnreg"}[key]
+            for key, val in re.findall(r"([wskvrmd])(\d+)", spec):
+                opt = {"w": "num_warps", "s": "num_stages", "k": "BK", "v": "BV", "r": "RB", "m": "maxnreg",
+                       "d": "DOT"}[key]
                 if key in "wsm" or opt in opts:
                     opts[opt] = int(val)
     return opts
@@ -50,6 +53,11 @@ def launch_opts(kernel: str, defaults: dict | None = None) -> dict:
 
 def _pow2(n: int, lo: int = 16, hi: int = 64) -> int:
     return max(lo, min(hi, triton.next_power_of_2(n)))
+
+
+@functools.lru_cache(maxsize=8)
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
 
 
 def _half(dtype: torch.dtype) -> int:
@@ -246,8 +254,11 @@ def _dqk_opts(delta: bool, vector: bool, vscale: bool) -> dict:
 def chunk_intra(mod, q, k, G, dA, dP, dq, dk, dk2, dGpos, L, H, HQ, K, pair):
     """dqk_chunk_intra_bwd: dqk_intra_bwd's sums for the chunks whose decay across the whole chunk is <=
     DIAG_SPAN, as whole-chunk products (dqk_intra_bwd, launched after it with the span returned here, keeps
-    the steeper chunks)."""
-    o = launch_opts("dqk_chunk_intra_bwd", dict(BK=_pow2(K, hi=32), num_warps=8))
+    the steeper chunks). Operands: exact fp32 for fp32 inputs (tf32 put dq 4e-4 off the oracle, H200), tf32
+    for half ones."""
+    o = launch_opts("dqk_chunk_intra_bwd", dict(RB=1, BK=_pow2(K, hi=32), num_warps=8, DOT=3 if _half(q.dtype) else 0))
+    if not o.pop("RB"):
+        return -1.0   # r0: off, dqk_intra_bwd takes every chunk
     mod.dqk_chunk_intra_bwd[(triton.cdiv(K, o["BK"]), L.NT, H)](
         q, k, G, dA, dP, dq, dk, dk2, dGpos, L.cu, L.chunk_indices, H, HQ, K=K, BT=BT, PAIR=pair, CSPAN=DIAG_SPAN,
         **o)
@@ -316,20 +327,28 @@ def gate_grads(mod, gate, gate_inputs, dGpos, ht, dht, L, K) -> list:
         dfinal = torch.zeros((L.N, H, K) if vector else (L.N, H), dtype=torch.float32, device=dGpos.device)
     bufs = [torch.empty_like(dGpos) for _ in gate.grads]
     dGpos = dGpos.contiguous()
-    # the reverse running sum in three passes, two of them parallel over chunks: chunk totals, then the
-    # sequences' running sums over chunk totals (NB chunks a step), then every chunk's rows (one program per
-    # sequence, head and key block walking all its chunks took RWKV7's gate_bwd 0.53 ms at T=16384, H200)
-    W = K if vector else 1
-    BW = _pow2(W, hi=128)
-    totals = torch.empty(L.NT, H, W, dtype=torch.float32, device=dGpos.device)
-    carry = torch.empty_like(totals)
-    mod.gate_chunk_totals[(triton.cdiv(W, BW), L.NT, H)](dGpos, totals, L.cu, L.chunk_indices, H, W=W, BT=BT, BW=BW)
-    mod.gate_chunk_carry[(triton.cdiv(W, BW), L.N, H)](totals, dfinal.contiguous(), carry, L.chunk_offsets, H, W=W,
-                                                       NB=16, BW=BW)
     BKg = _pow2(K) if vector else 16
-    getattr(mod, f"gate_bwd_{gate.tag}")[(triton.cdiv(K, BKg) if vector else 1, L.NT, H)](
-        *gate_inputs, *bufs, dGpos, carry, L.cu, L.chunk_indices, H, K=K, BT=BT, BK=BKg, VECTOR=vector,
-        **launch_opts("gate_bwd"))
+    nk = triton.cdiv(K, BKg) if vector else 1
+    gate_bwd = getattr(mod, f"gate_bwd_{gate.tag}")
+    # the reverse running sum: with one program per sequence, head and key block filling at least half the card,
+    # each walks its sequence's chunks from the last (H200, T=4096, 8 x 16 programs: KDA 0.190 ms); with fewer,
+    # three passes, two of them parallel over chunks: chunk totals, the sequences' running sums over chunk
+    # totals (NB chunks a step), then every chunk's rows (RWKV7 T=16384, 2 x 16: 0.535 -> 0.248 ms)
+    opts = launch_opts("gate_bwd", dict(RB=int(L.N * H * nk >= _sm_count(dGpos.device) // 2)))
+    if opts.pop("RB"):
+        gate_bwd[(nk, L.N, H)](*gate_inputs, *bufs, dGpos, dfinal.contiguous(), L.cu, L.chunk_indices, H, K=K, BT=BT,
+                               BK=BKg, VECTOR=vector, WALK=True, **opts)
+    else:
+        W = K if vector else 1
+        BW = _pow2(W, hi=128)
+        totals = torch.empty(L.NT, H, W, dtype=torch.float32, device=dGpos.device)
+        carry = torch.empty_like(totals)
+        mod.gate_chunk_totals[(triton.cdiv(W, BW), L.NT, H)](dGpos, totals, L.cu, L.chunk_indices, H, W=W, BT=BT,
+                                                             BW=BW)
+        mod.gate_chunk_carry[(triton.cdiv(W, BW), L.N, H)](totals, dfinal.contiguous(), carry, L.chunk_offsets, H,
+                                                           W=W, NB=16, BW=BW)
+        gate_bwd[(nk, L.NT, H)](*gate_inputs, *bufs, dGpos, carry, L.cu, L.chunk_indices, H, K=K, BT=BT, BK=BKg,
+                                VECTOR=vector, WALK=False, **opts)
     for i, n in enumerate(gate.inputs):
         grads_in[i] = _reduce_to(bufs[i], gate.input_layouts[n], vector).reshape(gate_inputs[i].shape).to(
             gate_inputs[i].dtype)

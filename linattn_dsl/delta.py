@@ -15,12 +15,12 @@ of P); dGpos = q dq + k dk_read - k dk_write, which ut_bwd and dqk_bwd write par
 
 from __future__ import annotations
 
-import functools
 
 import torch
 import triton
 
-from .additive import (BC, BT, Prepared, _half, _Layout, _or, _output, _pow2, _run_gate, chunk_intra, decays, dqk,
+from .additive import (BC, BT, Prepared, _half, _Layout, _or, _output, _pow2, _run_gate, _sm_count, chunk_intra,
+                       decays, dqk,
                        gate_grads, group_sum, launch_opts, vector_scores)
 from .args import Bound
 
@@ -50,11 +50,6 @@ def _state_fwd_bv(BK: int, half: int, vector: bool, seqs_heads: int, V: int, dev
     if half and vector and BK <= 128 and V >= 128 and seqs_heads * triton.cdiv(V, 128) >= 0.96 * _sm_count(device):
         return 128
     return _state_bv(BK, half, seqs_heads, V, device)
-
-
-@functools.lru_cache(maxsize=8)
-def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
 
 
 def _state_opts(half: int, BK: int, bwd: bool, vector: bool, programs: int, device: torch.device) -> dict:

@@ -52,12 +52,17 @@ def _forward(mod, gate, q, k, v, a, b, gate_inputs, h0, L, scale, store_final):
     # and the rows decayed for the state passes, qg = Q * E[G], kg = K * E[G_n - G], bg = B * E[G_n - G]
     Wa, qg, kg, bg = (torch.empty(rows, H, K, dtype=sd, device=dev) for _ in range(4))
     if vector:   # chunks whose decay across the whole chunk is <= the span: [BT, BK] x [BK, BT] products in one go
-        oc = launch_opts("general_chunk_scores_fwd", dict(BK=_pow2(K, hi=32), num_warps=8))
-        mod.general_chunk_scores_fwd[(L.NT, H)](q, k, a, b, G, Aqk, Aqb, Lab, Lak, qg, kg, bg, L.cu, L.chunk_indices,
-                                                scale, H, HQ, K=K, BT=BT, HALF=half, CSPAN=diag_span(half), **oc)
+        oc = launch_opts("general_chunk_scores_fwd", dict(RB=1, BK=_pow2(K, hi=32), num_warps=8))
+        cspan = diag_span(half) if oc.pop("RB") else -1.0   # r0: off, general_scores_fwd takes every chunk
+        if cspan >= 0:
+            mod.general_chunk_scores_fwd[(L.NT, H)](q, k, a, b, G, Aqk, Aqb, Lab, Lak, qg, kg, bg, L.cu,
+                                                    L.chunk_indices, scale, H, HQ, K=K, BT=BT, HALF=half, CSPAN=cspan,
+                                                    **oc)
+    else:
+        cspan = -1.0
     mod.general_scores_fwd[(BT // BC, L.NT, H)](q, k, a, b, G, Aqk, Aqb, Lab, Lak, qg, kg, bg, L.cu, L.chunk_indices,
                                                 scale, H, HQ, K=K, BT=BT, BC=BC, VECTOR=vector, HALF=half,
-                                                SPAN=diag_span(half), CSPAN=diag_span(half), **o)
+                                                SPAN=diag_span(half), CSPAN=cspan, **o)
     Tm = torch.empty(rows, H, BT, dtype=torch.float32, device=dev)
     Mak = torch.empty(rows, H, BT, dtype=sd, device=dev)
     mod.general_solve_fwd[(L.NT, H)](a, G, Lab, Lak, Tm, Mak, Wa, L.cu, L.chunk_indices, H,
@@ -168,12 +173,13 @@ def _backward(mod, gate, q, k, v, a, b, gate_inputs, h0, st, ht, do, dht, L, sca
         # chunks whose decay across the whole chunk is <= CSPAN (RWKV7's always: >= -0.61 per step): every pair
         # term as [BT, BT] x [BT, BK] products through the chunk's start, in one launch; the two launches below
         # take the steeper chunks (sub-blocks through their reference rows, per channel inside steep ones)
-        cspan = DIAG_SPAN
         # (sm_90, bf16 D=128: 231 registers at 8 warps, none spilled; 255 and 52 B spilled at 4)
-        oc = launch_opts("general_chunk_intra_bwd", dict(BK=_pow2(K, hi=32), num_warps=8))
-        mod.general_chunk_intra_bwd[(triton.cdiv(K, oc["BK"]), L.NT, H)](
-            q, k, a, b, G, *dmats, *direct, *outs, dGpos, L.cu, L.chunk_indices, H, HQ, K=K, BT=BT, CSPAN=cspan,
-            DOT=int(half == 1), **oc)
+        oc = launch_opts("general_chunk_intra_bwd", dict(RB=1, BK=_pow2(K, hi=32), num_warps=8))
+        cspan = DIAG_SPAN if oc.pop("RB") else -1.0   # r0: off, the two launches below take every chunk
+        if cspan >= 0:
+            mod.general_chunk_intra_bwd[(triton.cdiv(K, oc["BK"]), L.NT, H)](
+                q, k, a, b, G, *dmats, *direct, *outs, dGpos, L.cu, L.chunk_indices, H, HQ, K=K, BT=BT, CSPAN=cspan,
+                DOT=int(half == 1), **oc)
         if diag:
             mod.general_intra_diag_bwd[(BT // BC, L.NT, H)](
                 q, k, a, b, G, *dmats, *direct, L.cu, L.chunk_indices, H, HQ, K=K, BT=BT, BC=BC, SPAN=DIAG_SPAN,

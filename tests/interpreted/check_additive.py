@@ -48,6 +48,22 @@ def main() -> int:
                 print(f"{mode}_{name:<10} {str(dtype):<14} {kw}  worst {worst:.2e}" + (f"  FAIL {bad}" if bad else ""))
                 if bad:
                     failures.append((name, mode, kw, bad))
+    # the gate backward's two forms (gate_bwd r1: one program per sequence walks its chunks; r0: three passes
+    # parallel over chunks), whichever the card's size picks for the cases above
+    for walk in ("r1", "r0"):
+        os.environ["LINATTN_LAUNCH"] = f"gate_bwd:{walk}"
+        for name, kw in (("gla", dict(seqlens=[5, 64, 11], heads=2, K=8, V=8)),
+                         ("gla", dict(seqlens=[1090, 70], heads=1, K=8, V=4)),
+                         ("mamba2", dict(seqlens=[30, 1, 50], heads=2, groups=1, K=8, V=8, optional_present=False))):
+            n += 1
+            case = testing.draw_case(registry.load(name), seed=n, **kw)
+            errs = testing.compare(case, getattr(ops, f"chunk_{name}"))
+            bad = {k: f"{e:.2e}" for k, e in errs.items() if not e <= 1e-4}
+            print(f"chunk_{name:<10} gate_bwd:{walk} {kw}  worst {max(errs.values()):.2e}"
+                  + (f"  FAIL {bad}" if bad else ""))
+            if bad:
+                failures.append((name, walk, kw, bad))
+        del os.environ["LINATTN_LAUNCH"]
     # autograd hands the kernels an expanded (stride-0) gradient of the final state for `s.sum()`
     spec = registry.load("gla")
     case = testing.draw_case(spec, B=1, T=40, heads=2, K=16, V=16, seed=7)
