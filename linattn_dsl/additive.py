@@ -256,7 +256,9 @@ def chunk_intra(mod, q, k, G, dA, dP, dq, dk, dk2, dGpos, L, H, HQ, K, pair):
     DIAG_SPAN, as whole-chunk products (dqk_intra_bwd, launched after it with the span returned here, keeps
     the steeper chunks). Operands: exact fp32 for fp32 inputs (tf32 put dq 4e-4 off the oracle, H200), tf32
     for half ones."""
-    o = launch_opts("dqk_chunk_intra_bwd", dict(RB=1, BK=_pow2(K, hi=32), num_warps=8, DOT=3 if _half(q.dtype) else 0))
+    # H200, KDA T=4096 (one call): 2.729 ms at BK 32 / 8 warps, 1.710 at 32 / 4, 2.022 at 64 / 8, 2.272 at 16 / 4;
+    # the old kernel alone (r0) 3.864; bf16 operands (d1) 2.568 at 32 / 8, 1.781 at 64 / 8
+    o = launch_opts("dqk_chunk_intra_bwd", dict(RB=1, BK=_pow2(K, hi=32), num_warps=4, DOT=3 if _half(q.dtype) else 0))
     if not o.pop("RB"):
         return -1.0   # r0: off, dqk_intra_bwd takes every chunk
     mod.dqk_chunk_intra_bwd[(triton.cdiv(K, o["BK"]), L.NT, H)](

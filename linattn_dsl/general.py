@@ -52,7 +52,9 @@ def _forward(mod, gate, q, k, v, a, b, gate_inputs, h0, L, scale, store_final):
     # and the rows decayed for the state passes, qg = Q * E[G], kg = K * E[G_n - G], bg = B * E[G_n - G]
     Wa, qg, kg, bg = (torch.empty(rows, H, K, dtype=sd, device=dev) for _ in range(4))
     if vector:   # chunks whose decay across the whole chunk is <= the span: [BT, BK] x [BK, BT] products in one go
-        oc = launch_opts("general_chunk_scores_fwd", dict(RB=1, BK=_pow2(K, hi=32), num_warps=8))
+        # H200, RWKV7 T=16384 (one call): 0.836 ms at BK 32 / 8 warps, 0.600 at 32 / 4, 0.746 at 16 / 4, 0.826 at
+        # 64 / 8; general_scores_fwd taking every chunk (r0) 1.458
+        oc = launch_opts("general_chunk_scores_fwd", dict(RB=1, BK=_pow2(K, hi=32), num_warps=4))
         cspan = diag_span(half) if oc.pop("RB") else -1.0   # r0: off, general_scores_fwd takes every chunk
         if cspan >= 0:
             mod.general_chunk_scores_fwd[(L.NT, H)](q, k, a, b, G, Aqk, Aqb, Lab, Lak, qg, kg, bg, L.cu,
@@ -173,8 +175,10 @@ def _backward(mod, gate, q, k, v, a, b, gate_inputs, h0, st, ht, do, dht, L, sca
         # chunks whose decay across the whole chunk is <= CSPAN (RWKV7's always: >= -0.61 per step): every pair
         # term as [BT, BT] x [BT, BK] products through the chunk's start, in one launch; the two launches below
         # take the steeper chunks (sub-blocks through their reference rows, per channel inside steep ones)
-        # (sm_90, bf16 D=128: 231 registers at 8 warps, none spilled; 255 and 52 B spilled at 4)
-        oc = launch_opts("general_chunk_intra_bwd", dict(RB=1, BK=_pow2(K, hi=32), num_warps=8))
+        # H200, RWKV7 T=16384 (one call): 3.935 ms at BK 32 / 8 warps, 2.275 at 32 / 4 (sm_90 bf16 D=128: 255
+        # registers and 52 B spilled there, none at 8 warps), 2.824 at 64 / 8, 3.791 at 16 / 4; the two old kernels
+        # taking every chunk (r0) 2.387 + 1.521
+        oc = launch_opts("general_chunk_intra_bwd", dict(RB=1, BK=_pow2(K, hi=32), num_warps=4))
         cspan = DIAG_SPAN if oc.pop("RB") else -1.0   # r0: off, the two launches below take every chunk
         if cspan >= 0:
             mod.general_chunk_intra_bwd[(triton.cdiv(K, oc["BK"]), L.NT, H)](

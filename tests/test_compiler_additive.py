@@ -97,8 +97,8 @@ def test_64k_tokens_with_strong_decay_finite_cpu(name):
 
 
 def test_launch_opts_defaults_and_overrides(monkeypatch):
-    """LINATTN_LAUNCH (tuning runs) overrides warps (w), stages (s), the BK / BV blocks (k, v) and RB (r, the
-    diagonal kernel's switch) of one named stage launch; other stages keep the defaults the host code gives."""
+    """LINATTN_LAUNCH (tuning runs) overrides warps (w), stages (s), the BK / BV blocks (k, v), RB (r, a
+    launch's switch) and DOT (d, an operand type) of one named stage launch; other stages keep the defaults the host code gives."""
     from linattn_dsl.additive import launch_opts
 
     monkeypatch.delenv("LINATTN_LAUNCH", raising=False)
@@ -115,6 +115,11 @@ def test_launch_opts_defaults_and_overrides(monkeypatch):
     # m: Triton's maxnreg (registers per thread), for any launch
     monkeypatch.setenv("LINATTN_LAUNCH", "general_intra_bwd:m168")
     assert launch_opts("general_intra_bwd", dict(BK=16, num_warps=1)) == dict(BK=16, num_warps=1, maxnreg=168)
+    # d: a whole-chunk kernel's operand type (DOT), only where the defaults name it
+    monkeypatch.setenv("LINATTN_LAUNCH", "dqk_chunk_intra_bwd:d1k64w8,general_chunk_intra_bwd:d1r0")
+    assert launch_opts("dqk_chunk_intra_bwd", dict(RB=1, BK=32, num_warps=4, DOT=3)) == dict(RB=1, BK=64, num_warps=8,
+                                                                                            DOT=1)
+    assert launch_opts("general_chunk_intra_bwd", dict(RB=1, BK=32, num_warps=4)) == dict(RB=0, BK=32, num_warps=4)
 
 
 def test_launch_choices_follow_the_h100_sweep():
