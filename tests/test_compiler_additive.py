@@ -98,7 +98,8 @@ def test_64k_tokens_with_strong_decay_finite_cpu(name):
 
 def test_launch_opts_defaults_and_overrides(monkeypatch):
     """LINATTN_LAUNCH (tuning runs) overrides warps (w), stages (s), the BK / BV blocks (k, v), RB (r, a
-    launch's switch) and DOT (d, an operand type) of one named stage launch; other stages keep the defaults the host code gives."""
+    launch's switch) and DOT (d, an operand type) of one named stage launch; other stages keep the defaults the
+    host code gives."""
     from linattn_dsl.additive import launch_opts
 
     monkeypatch.delenv("LINATTN_LAUNCH", raising=False)
