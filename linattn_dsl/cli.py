@@ -95,8 +95,9 @@ def cmd_verify(args) -> int:
         module = _import_file(tmp / f"{spec.name}.py")
     dtype = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
              "bfloat16": torch.bfloat16}[args.dtype]
-    results = verify.verify(spec, module, examples=args.examples, dtype=dtype, max_T=args.max_t)
-    print(f"verify {spec.name}: {args.examples} hypothesis examples per backend, {args.dtype} vs float64 oracle")
+    results = verify.verify(spec, module, examples=args.examples, dtype=dtype, max_T=args.max_t, device=args.device)
+    print(f"verify {spec.name}: {args.examples} hypothesis examples per backend, {args.dtype} vs float64 oracle"
+          f" on {args.device}")
     print(verify.table(results, verify.TOLERANCE[dtype]))
     return 0 if all(r.ok for r in results) else 1
 
@@ -135,6 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--examples", type=int, default=20)
     s.add_argument("--dtype", default="float32", choices=["float32", "float64", "float16", "bfloat16"])
     s.add_argument("--max-t", type=int, default=80, dest="max_t")
+    s.add_argument("--device", default="cpu", help="cpu (the PyTorch twin, or the Triton kernels under "
+                   "TRITON_INTERPRET=1) or cuda (the compiled Triton kernels)")
     s.set_defaults(fn=cmd_verify)
     s = sub.add_parser("demo", help="the main job: regenerate, verify, run a tiny model on CPU")
     s.add_argument("--out", default="linattn_demo", help="folder for the demo's artefacts")

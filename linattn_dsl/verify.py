@@ -35,13 +35,14 @@ class Result:
         return self.failure is None and self.examples > 0
 
 
-def backends(spec: Recurrence, module) -> dict:
-    """The callables to check: each op of the spec's generated module on the CPU."""
-    return {f"{mode}_{spec.name} (cpu{', triton-interpret' if os.environ.get('TRITON_INTERPRET') == '1' else ''})":
-            getattr(module, f"{mode}_{spec.name}") for mode in ("chunk", "fused_recurrent")}
+def backends(spec: Recurrence, module, device: str = "cpu") -> dict:
+    """The callables to check: each op of the spec's generated module, named with the device it runs on."""
+    where = device + (", triton-interpret" if os.environ.get("TRITON_INTERPRET") == "1" else "")
+    return {f"{mode}_{spec.name} ({where})": getattr(module, f"{mode}_{spec.name}")
+            for mode in ("chunk", "fused_recurrent")}
 
 
-def cases(spec: Recurrence, max_T: int = 80):
+def cases(spec: Recurrence, max_T: int = 80, dims=(4, 8, 16), device: str = "cpu"):
     sw_names = sorted(spec.switches)
 
     @st.composite
@@ -53,26 +54,31 @@ def cases(spec: Recurrence, max_T: int = 80):
         seqlens = d(st.lists(st.integers(1, max_T // 2), min_size=1, max_size=3)) if varlen else None
         return testing.draw_case(
             spec, B=d(st.integers(1, 2)), T=d(st.integers(1, max_T)), heads=heads, groups=groups,
-            K=d(st.sampled_from([4, 8, 16])), V=d(st.sampled_from([4, 8, 16])), seqlens=seqlens,
+            K=d(st.sampled_from(list(dims))), V=d(st.sampled_from(list(dims))), seqlens=seqlens,
             with_initial_state=d(st.booleans()), optional_present=d(st.booleans()),
             switches={n: d(st.booleans()) for n in sw_names},
-            log_decay_min=d(st.sampled_from([-0.1, -1.0, -5.0, -20.0])), seed=d(st.integers(0, 2**16)))
+            log_decay_min=d(st.sampled_from([-0.1, -1.0, -5.0, -20.0])), seed=d(st.integers(0, 2**16)),
+            device=device)
     return draw()
 
 
 def verify(spec: Recurrence, module=None, examples: int = 20, dtype=torch.float32, max_T: int = 80,
-           seed: int = 0) -> list[Result]:
-    """Check every backend of ``spec`` on ``examples`` drawn cases; never raises for a mismatch."""
+           seed: int = 0, device: str = "cpu", dims=(4, 8, 16)) -> list[Result]:
+    """Check every backend of ``spec`` on ``examples`` drawn cases (head dims drawn from ``dims``, inputs and
+    the float64 oracle on ``device``: "cpu", or "cuda" for the compiled kernels); never raises for a
+    mismatch."""
+    if device != "cpu" and not (device.startswith("cuda") and torch.cuda.is_available()):
+        raise ValueError(f"device: got {device!r}; expected 'cpu', or 'cuda' on a machine with a CUDA GPU")
     if module is None:
         module = importlib.import_module(f"linattn_dsl.generated.{spec.name}")
     tol = TOLERANCE[dtype]
     results = []
-    for name, op in backends(spec, module).items():
+    for name, op in backends(spec, module, device).items():
         res = Result(name)
 
         @settings(max_examples=examples, deadline=None, database=None, derandomize=True,
                   suppress_health_check=list(HealthCheck), report_multiple_bugs=False)
-        @given(cases(spec, max_T))
+        @given(cases(spec, max_T, dims, device))
         def check(case):
             case.tensors = {n: (x.to(dtype) if x is not None else None) for n, x in case.tensors.items()}
             errs = testing.compare(case, op)

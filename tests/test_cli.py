@@ -118,6 +118,15 @@ def test_verify_a_shipped_spec():
     assert r.stdout.count(" ok") >= 2
 
 
+def test_verify_on_cuda_without_a_gpu_is_a_clear_error():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU (tests/test_gpu_random_specs.py runs verify on it)")
+    r = linattn("verify", "retention", "--examples", "1", "--device", "cuda")
+    assert r.returncode == 2 and "device: got 'cuda'" in r.stderr, r.stdout + r.stderr
+
+
 def test_demo_quick(tmp_path):
     r = linattn("demo", "--quick", "--out", str(tmp_path / "demo"))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
