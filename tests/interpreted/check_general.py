@@ -58,6 +58,13 @@ CASES = [  # (spec, draw_case keywords, dtypes, fused_recurrent gradients too)
     # backward's running sum over chunk totals takes several 16-chunk steps (gate_chunk_carry), vector and scalar
     ("rwkv7", dict(seqlens=[1100, 3, 1030], heads=1, K=8, V=8), ("fp32",), False),
     ("g_scalar", dict(seqlens=[1090, 5], heads=1, groups=1, K=8, V=8), ("fp32",), False),
+    # mild log-decays (down to -0.5 per step: at most 32 nats across a chunk, within DIAG_SPAN): full chunks
+    # followed by more rows take the whole-chunk kernels (general_chunk_scores_fwd, general_chunk_intra_bwd),
+    # with the gate term that crosses into the next chunk; the cases above (log-decays down to -5 or -20) send
+    # every full chunk to the sub-block kernels
+    ("rwkv7", dict(B=2, T=200, heads=2, K=16, V=8, log_decay_min=-0.5), ("fp32",), True),
+    ("rwkv7", dict(seqlens=[130, 1, 70], heads=1, K=20, V=8, log_decay_min=-0.5), ("fp32",), False),
+    ("g_vector", dict(B=1, T=140, heads=2, K=16, V=16, log_decay_min=-0.5), ("fp32",), False),
 ]
 DTYPES = {"fp32": (torch.float32, 1e-4), "fp16": (torch.float16, 2e-2)}
 
