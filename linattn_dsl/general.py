@@ -34,9 +34,10 @@ def _state_stages(BK: int, dtype: torch.dtype) -> int:
     return 3 if BK * dtype.itemsize <= 256 else 1
 
 
-def _forward(mod, gate, q, k, v, a, b, gate_inputs, h0, L, scale, store_final):
+def _forward(mod, gate, q, k, v, a, b, gate_inputs, h0, L, scale, store_final, output=False):
     """Every forward stage but the output: what the output and the backward need. Intermediates that
-    the later stages only use as matrix-product operands are kept in the inputs' half type (if any)."""
+    the later stages only use as matrix-product operands are kept in the inputs' half type (if any).
+    ``output``: the state pass may form the output too (general_state_fwd r1), returned as "o" then."""
     rows, HQ, K = q.shape
     H, V = v.shape[1], v.shape[2]
     vector = gate.kind == "vector"
@@ -76,11 +77,18 @@ def _forward(mod, gate, q, k, v, a, b, gate_inputs, h0, L, scale, store_final):
     R = torch.empty(rows, H, V, dtype=sd, device=dev)
     ht = torch.empty(L.N, H, K, V, dtype=torch.float32, device=dev) if store_final else None
     BKs, BVs = _state_blocks(K, V)
-    so = launch_opts("general_state_fwd", dict(BV=BVs, num_warps=8, num_stages=_state_stages(BKs, q.dtype)))
+    # r1: the output formed in the state pass (general_output_fwd then not launched; its qg, Aqk, Aqb tiles take
+    # the shared memory of one pipelining stage: sm_90 bf16 K=128 at 3 stages would need 292 KiB)
+    fused = bool(launch_opts("general_state_fwd", dict(RB=0))["RB"]) and output
+    stages = min(_state_stages(BKs, q.dtype), 2 if fused else 3)
+    so = launch_opts("general_state_fwd", dict(RB=0, BV=BVs, num_warps=8, num_stages=stages))
+    so.pop("RB")
+    o = torch.empty(rows, H, V, dtype=v.dtype, device=dev) if fused else None
     mod.general_state_fwd[(triton.cdiv(V, so["BV"]), L.N * H)](
-        kg, bg, v, G, Wa, Mak, h, R, h0, ht, L.cu, L.chunk_offsets, H, K=K, V=V, BT=BT, BK=BKs, VECTOR=vector,
-        USE_H0=h0 is not None, STORE_FINAL=store_final, HALF=half, **so)
-    return dict(G=G, Aqk=Aqk, Aqb=Aqb, Tm=Tm, Mak=Mak, Wa=Wa, h=h, R=R, qg=qg, kg=kg, bg=bg), ht
+        kg, bg, v, G, Wa, Mak, h, R, h0, ht, qg, Aqk, Aqb, o if fused else R, L.cu, L.chunk_offsets, scale, H, K=K,
+        V=V, BT=BT, BK=BKs, VECTOR=vector, USE_H0=h0 is not None, STORE_FINAL=store_final, HALF=half, OUT=fused,
+        **so)
+    return dict(G=G, Aqk=Aqk, Aqb=Aqb, Tm=Tm, Mak=Mak, Wa=Wa, h=h, R=R, qg=qg, kg=kg, bg=bg, o=o), ht
 
 
 def _output(mod, gate, q, v, st, L, scale):
@@ -215,8 +223,8 @@ class ChunkGeneral(torch.autograd.Function):
             o, ht = _recurrent(mod, gate, q, k, v, a, b, gate_inputs, h0, L, scale, store_final)
             saved = ()
         else:
-            st, ht = _forward(mod, gate, q, k, v, a, b, gate_inputs, h0, L, scale, store_final)
-            o = _output(mod, gate, q, v, st, L, scale)
+            st, ht = _forward(mod, gate, q, k, v, a, b, gate_inputs, h0, L, scale, store_final, output=True)
+            o = st["o"] if st["o"] is not None else _output(mod, gate, q, v, st, L, scale)
             saved = tuple(st[n] for n in _SAVED)
         ctx.mod, ctx.gate, ctx.L, ctx.scale, ctx.recurrent = mod, gate, L, scale, recurrent
         ctx.n_gate = len(gate_inputs)
