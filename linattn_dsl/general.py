@@ -52,26 +52,30 @@ def _forward(mod, gate, q, k, v, a, b, gate_inputs, h0, L, scale, store_final, o
     o = launch_opts("general_scores_fwd", dict(BK=_pow2(K, hi=16 if vector else 32), num_warps=4 if vector else 2))
     # and the rows decayed for the state passes, qg = Q * E[G], kg = K * E[G_n - G], bg = B * E[G_n - G]
     Wa, qg, kg, bg = (torch.empty(rows, H, K, dtype=sd, device=dev) for _ in range(4))
+    Tm = torch.empty(rows, H, BT, dtype=torch.float32, device=dev)
+    Mak = torch.empty(rows, H, BT, dtype=sd, device=dev)
+    # H200 RWKV7 T=16384 (session 13's sweep): general_solve_fwd 1.181 ms at BK 32, 1.023 at 64
+    os_ = launch_opts("general_solve_fwd", dict(RB=0, BK=_pow2(K, hi=64), num_warps=4))
+    solve_in_scores = bool(os_.pop("RB"))
     if vector:   # chunks whose decay across the whole chunk is <= the span: [BT, BK] x [BK, BT] products in one go
         # H200, RWKV7 T=16384 (one call): 0.836 ms at BK 32 / 8 warps, 0.600 at 32 / 4, 0.746 at 16 / 4, 0.826 at
         # 64 / 8; general_scores_fwd taking every chunk (r0) 1.458
         oc = launch_opts("general_chunk_scores_fwd", dict(RB=1, BK=_pow2(K, hi=32), num_warps=4))
         cspan = diag_span(half) if oc.pop("RB") else -1.0   # r0: off, general_scores_fwd takes every chunk
+        # general_solve_fwd r1: the chunk kernel solves its chunks too (general_solve_fwd keeps the steeper ones)
+        fuse_solve = cspan >= 0 and solve_in_scores
         if cspan >= 0:
-            mod.general_chunk_scores_fwd[(L.NT, H)](q, k, a, b, G, Aqk, Aqb, Lab, Lak, qg, kg, bg, L.cu,
+            mod.general_chunk_scores_fwd[(L.NT, H)](q, k, a, b, G, Aqk, Aqb, Lab, Lak, qg, kg, bg, Tm, Mak, Wa, L.cu,
                                                     L.chunk_indices, scale, H, HQ, K=K, BT=BT, HALF=half, CSPAN=cspan,
-                                                    **oc)
+                                                    SOLVE=fuse_solve, BC=BC, SBK=os_["BK"], **oc)
     else:
-        cspan = -1.0
+        cspan, fuse_solve = -1.0, False
     mod.general_scores_fwd[(BT // BC, L.NT, H)](q, k, a, b, G, Aqk, Aqb, Lab, Lak, qg, kg, bg, L.cu, L.chunk_indices,
                                                 scale, H, HQ, K=K, BT=BT, BC=BC, VECTOR=vector, HALF=half,
                                                 SPAN=diag_span(half), CSPAN=cspan, **o)
-    Tm = torch.empty(rows, H, BT, dtype=torch.float32, device=dev)
-    Mak = torch.empty(rows, H, BT, dtype=sd, device=dev)
     mod.general_solve_fwd[(L.NT, H)](a, G, Lab, Lak, Tm, Mak, Wa, L.cu, L.chunk_indices, H,
                                      K=K, BT=BT, BC=BC, VECTOR=vector, HALF=half,
-                                     # H200 RWKV7 T=16384 (session 13's sweep): 1.181 ms at BK 32, 1.023 at 64
-                                     **launch_opts("general_solve_fwd", dict(BK=_pow2(K, hi=64), num_warps=4)))
+                                     CSPAN=cspan if fuse_solve else -1.0, **os_)
     del Lab, Lak
     h = torch.empty(L.NT, H, K, V, dtype=sd, device=dev)
     R = torch.empty(rows, H, V, dtype=sd, device=dev)
