@@ -49,7 +49,12 @@ def _forward(mod, gate, q, k, v, a, b, gate_inputs, h0, L, scale, store_final, o
     Lab, Lak = (torch.empty(rows, H, BT, dtype=torch.float32, device=dev) for _ in range(2))
     # H100 RWKV7 T=16384: 0.660 ms at 2 warps, 0.566 at 4 (without the diagonal sub-blocks); with them (H200,
     # session 13's sweep): 0.886 ms at BK 32, 0.798 at 16
-    o = launch_opts("general_scores_fwd", dict(BK=_pow2(K, hi=16 if vector else 32), num_warps=4 if vector else 2))
+    # r0 (vector decays, the whole-chunk kernel on): not launched, general_chunk_scores_fwd forms the steeper chunks'
+    # sub-block rows itself (each program of this launch costs even when it returns at once: 0.076 ms of RWKV7's
+    # T=4096 forward with no chunk steeper than the span, H200)
+    o = launch_opts("general_scores_fwd", dict(RB=1, BK=_pow2(K, hi=16 if vector else 32),
+                                               num_warps=4 if vector else 2))
+    scores_launch = bool(o.pop("RB"))
     # and the rows decayed for the state passes, qg = Q * E[G], kg = K * E[G_n - G], bg = B * E[G_n - G]
     Wa, qg, kg, bg = (torch.empty(rows, H, K, dtype=sd, device=dev) for _ in range(4))
     Tm = torch.empty(rows, H, BT, dtype=torch.float32, device=dev)
@@ -64,18 +69,22 @@ def _forward(mod, gate, q, k, v, a, b, gate_inputs, h0, L, scale, store_final, o
         cspan = diag_span(half) if oc.pop("RB") else -1.0   # r0: off, general_scores_fwd takes every chunk
         # general_solve_fwd r1: the chunk kernel solves its chunks too (general_solve_fwd keeps the steeper ones)
         fuse_solve = cspan >= 0 and solve_in_scores
+        fallback = cspan >= 0 and not scores_launch
         if cspan >= 0:
             mod.general_chunk_scores_fwd[(L.NT, H)](q, k, a, b, G, Aqk, Aqb, Lab, Lak, qg, kg, bg, Tm, Mak, Wa, L.cu,
                                                     L.chunk_indices, scale, H, HQ, K=K, BT=BT, HALF=half, CSPAN=cspan,
-                                                    SOLVE=fuse_solve, BC=BC, SBK=os_["BK"], **oc)
+                                                    SOLVE=fuse_solve, BC=BC, SBK=os_["BK"], FALLBACK=fallback,
+                                                    FBK=o["BK"], **oc)
     else:
-        cspan, fuse_solve = -1.0, False
-    mod.general_scores_fwd[(BT // BC, L.NT, H)](q, k, a, b, G, Aqk, Aqb, Lab, Lak, qg, kg, bg, L.cu, L.chunk_indices,
-                                                scale, H, HQ, K=K, BT=BT, BC=BC, VECTOR=vector, HALF=half,
-                                                SPAN=diag_span(half), CSPAN=cspan, **o)
-    mod.general_solve_fwd[(L.NT, H)](a, G, Lab, Lak, Tm, Mak, Wa, L.cu, L.chunk_indices, H,
-                                     K=K, BT=BT, BC=BC, VECTOR=vector, HALF=half,
-                                     CSPAN=cspan if fuse_solve else -1.0, **os_)
+        cspan, fuse_solve, fallback = -1.0, False, False
+    if not fallback:
+        mod.general_scores_fwd[(BT // BC, L.NT, H)](q, k, a, b, G, Aqk, Aqb, Lab, Lak, qg, kg, bg, L.cu,
+                                                    L.chunk_indices, scale, H, HQ, K=K, BT=BT, BC=BC, VECTOR=vector,
+                                                    HALF=half, SPAN=diag_span(half), CSPAN=cspan, **o)
+    if not (fuse_solve and fallback):   # (the chunk kernel solved every chunk)
+        mod.general_solve_fwd[(L.NT, H)](a, G, Lab, Lak, Tm, Mak, Wa, L.cu, L.chunk_indices, H,
+                                         K=K, BT=BT, BC=BC, VECTOR=vector, HALF=half,
+                                         CSPAN=cspan if fuse_solve else -1.0, **os_)
     del Lab, Lak
     h = torch.empty(L.NT, H, K, V, dtype=sd, device=dev)
     R = torch.empty(rows, H, V, dtype=sd, device=dev)
