@@ -74,9 +74,11 @@ def test_fp32_vs_oracle(name, mode, tmp_path):
 # launch choices a sweep may adopt (benchmarks/launch_sweep.py): general_intra_diag_bwd:r0 switches the diagonal
 # sub-blocks' own kernel off (general_intra_bwd then forms them too); general_state_fwd:r1 forms the output in
 # the state pass; general_solve_fwd:r1 solves in the whole-chunk scores kernel, general_scores_fwd:r0 leaves
-# the steeper chunks to it too (not launched); the whole-chunk kernels' r0 hands every chunk to the sub-block
+# the steeper chunks to it too (not launched); general_intra_bwd / general_intra_diag_bwd r4: four sub-blocks per
+# program; the whole-chunk kernels' r0 hands every chunk to the sub-block
 # kernels (the path chunks steeper than DIAG_SPAN take)
-@pytest.mark.parametrize("launch", ["general_scores_fwd:r0,general_solve_fwd:r1,general_state_fwd:r1",
+@pytest.mark.parametrize("launch", ["general_scores_fwd:r0,general_solve_fwd:r1,general_state_fwd:r1,"
+                                    "general_intra_bwd:r4,general_intra_diag_bwd:r4",
                                     "general_intra_diag_bwd:k64w4,general_scores_fwd:k64w2,general_intra_bwd:m168,"
                                     "general_chunk_intra_bwd:k64w8,general_chunk_scores_fwd:k16w8,general_state_fwd:r1",
                                     "general_intra_diag_bwd:r0,general_scores_fwd:k16w1,general_chunk_intra_bwd:r0,"
