@@ -298,10 +298,11 @@ def dqk(mod, gate, q, k, v, vs, G, h, do, dhn, A, L, scale, du=None, dw=None, de
     if vector:
         # H200, GLA T=4096: BK 64 -> 32, 2.760 -> 2.491 ms
         cspan = chunk_intra(mod, q, k, G, dA, dA, dq, dk, dk, dGpos, L, H, HQ, K, pair=False)
-        opts = launch_opts("dqk_intra_bwd", dict(BK=_pow2(K, hi=32)))
-        mod.dqk_intra_bwd[(triton.cdiv(K, opts["BK"]), L.NT * (BT // BC), H)](
+        opts = launch_opts("dqk_intra_bwd", dict(BK=_pow2(K, hi=32), RB=1))   # RB: sub-blocks per program
+        rb = opts.pop("RB")
+        mod.dqk_intra_bwd[(triton.cdiv(K, opts["BK"]), L.NT * (BT // BC // rb), H)](
             q, k, G, dA, dA, dq, dk, dk, dGpos, L.cu, L.chunk_indices, H, HQ, K=K, BT=BT, BC=BC, HALF=half,
-            PAIR=False, CSPAN=cspan, **opts)
+            PAIR=False, CSPAN=cspan, RB=rb, **opts)
         dq, dk = group_sum(dq, HQ).to(q.dtype), group_sum(dk, HQ).to(k.dtype)
     else:
         dGpos = dGpos.sum(-1)

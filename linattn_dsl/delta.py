@@ -172,10 +172,13 @@ def _backward(mod, gate, saved, do, dht, L: _Layout, scale, need_gate_grads):
     if vector:   # the intra-chunk parts of A (q, k) and P (k, k) in one pass, every sum done in the kernel
         # H100, KDA T=16384: 5.09 ms at BK 64 and 4 warps, 3.87 at BK 32 (scores_fwd: 1.43 -> 1.23 ms, 2 warps)
         cspan = chunk_intra(mod, q, k, G, dA_or_dGpos, dP, dq, dk_add, dk_ut, gpos, L, H, HQ, K, pair=True)
-        opts = launch_opts("dqk_intra_bwd_pair", dict(BK=_pow2(K, hi=32), num_warps=4))
-        mod.dqk_intra_bwd[(triton.cdiv(K, opts["BK"]), L.NT * (BT // BC), H)](
+        # RB: sub-blocks per program (programs that return at once, for the chunks dqk_chunk_intra_bwd takes, still
+        # cost: H200 KDA T=4096 0.206 ms at one sub-block each)
+        opts = launch_opts("dqk_intra_bwd_pair", dict(BK=_pow2(K, hi=32), num_warps=4, RB=1))
+        rb = opts.pop("RB")
+        mod.dqk_intra_bwd[(triton.cdiv(K, opts["BK"]), L.NT * (BT // BC // rb), H)](
             q, k, G, dA_or_dGpos, dP, dq, dk_add, dk_ut, gpos, L.cu, L.chunk_indices, H, HQ, K=K, BT=BT, BC=BC,
-            HALF=half, PAIR=True, CSPAN=cspan, **opts)
+            HALF=half, PAIR=True, CSPAN=cspan, RB=rb, **opts)
         dq, dk, dGpos = group_sum(dq, HQ).to(q.dtype), group_sum(dk_ut, HQ).to(k.dtype), gpos
     else:
         dk = dk_ut if fold else (dk_add.float() + group_sum(dk_ut, HQ)).to(k.dtype)
