@@ -34,10 +34,12 @@ def _state_stages(BK: int, dtype: torch.dtype) -> int:
     return 3 if BK * dtype.itemsize <= 256 else 1
 
 
-def _forward(mod, gate, q, k, v, a, b, gate_inputs, h0, L, scale, store_final, output=False):
+def _forward(mod, gate, q, k, v, a, b, gate_inputs, h0, L, scale, store_final, output=False, for_bwd=True):
     """Every forward stage but the output: what the output and the backward need. Intermediates that
     the later stages only use as matrix-product operands are kept in the inputs' half type (if any).
-    ``output``: the state pass may form the output too (general_state_fwd r1), returned as "o" then."""
+    ``output``: the state pass may form the output too (general_state_fwd r1), returned as "o" then.
+    Without ``for_bwd`` (no gradient wanted) what only the backward reads is not written: Tm, and h when the
+    state pass forms the output."""
     rows, HQ, K = q.shape
     H, V = v.shape[1], v.shape[2]
     vector = gate.kind == "vector"
@@ -74,7 +76,7 @@ def _forward(mod, gate, q, k, v, a, b, gate_inputs, h0, L, scale, store_final, o
             mod.general_chunk_scores_fwd[(L.NT, H)](q, k, a, b, G, Aqk, Aqb, Lab, Lak, qg, kg, bg, Tm, Mak, Wa, L.cu,
                                                     L.chunk_indices, scale, H, HQ, K=K, BT=BT, HALF=half, CSPAN=cspan,
                                                     SOLVE=fuse_solve, BC=BC, SBK=os_["BK"], FALLBACK=fallback,
-                                                    FBK=o["BK"], **oc)
+                                                    FBK=o["BK"], STORE_T=for_bwd, **oc)
     else:
         cspan, fuse_solve, fallback = -1.0, False, False
     if not fallback:
@@ -84,7 +86,7 @@ def _forward(mod, gate, q, k, v, a, b, gate_inputs, h0, L, scale, store_final, o
     if not (fuse_solve and fallback):   # (the chunk kernel solved every chunk)
         mod.general_solve_fwd[(L.NT, H)](a, G, Lab, Lak, Tm, Mak, Wa, L.cu, L.chunk_indices, H,
                                          K=K, BT=BT, BC=BC, VECTOR=vector, HALF=half,
-                                         CSPAN=cspan if fuse_solve else -1.0, **os_)
+                                         CSPAN=cspan if fuse_solve else -1.0, STORE_T=for_bwd, **os_)
     del Lab, Lak
     h = torch.empty(L.NT, H, K, V, dtype=sd, device=dev)
     R = torch.empty(rows, H, V, dtype=sd, device=dev)
@@ -100,7 +102,7 @@ def _forward(mod, gate, q, k, v, a, b, gate_inputs, h0, L, scale, store_final, o
     mod.general_state_fwd[(triton.cdiv(V, so["BV"]), L.N * H)](
         kg, bg, v, G, Wa, Mak, h, R, h0, ht, qg, Aqk, Aqb, o if fused else R, L.cu, L.chunk_offsets, scale, H, K=K,
         V=V, BT=BT, BK=BKs, VECTOR=vector, USE_H0=h0 is not None, STORE_FINAL=store_final, HALF=half, OUT=fused,
-        **so)
+        STORE_H=for_bwd or not fused, **so)
     return dict(G=G, Aqk=Aqk, Aqb=Aqb, Tm=Tm, Mak=Mak, Wa=Wa, h=h, R=R, qg=qg, kg=kg, bg=bg, o=o), ht
 
 
@@ -236,14 +238,15 @@ class ChunkGeneral(torch.autograd.Function):
     v [rows, H, V], a, b [rows, H, K], h0 [N, H, K, V] fp32 or None."""
 
     @staticmethod
-    def forward(ctx, mod, gate, L, scale, store_final, recurrent, q, k, v, a, b, h0, *gate_inputs):
+    def forward(ctx, mod, gate, L, scale, store_final, recurrent, for_bwd, q, k, v, a, b, h0, *gate_inputs):
         if recurrent:
             o, ht = _recurrent(mod, gate, q, k, v, a, b, gate_inputs, h0, L, scale, store_final)
             saved = ()
         else:
-            st, ht = _forward(mod, gate, q, k, v, a, b, gate_inputs, h0, L, scale, store_final, output=True)
+            st, ht = _forward(mod, gate, q, k, v, a, b, gate_inputs, h0, L, scale, store_final, output=True,
+                              for_bwd=for_bwd)
             o = st["o"] if st["o"] is not None else _output(mod, gate, q, v, st, L, scale)
-            saved = tuple(st[n] for n in _SAVED)
+            saved = tuple(st[n] for n in _SAVED) if for_bwd else ()
         ctx.mod, ctx.gate, ctx.L, ctx.scale, ctx.recurrent = mod, gate, L, scale, recurrent
         ctx.n_gate = len(gate_inputs)
         ctx.save_for_backward(q, k, v, a, b, h0, ht, *gate_inputs, *saved)
@@ -264,8 +267,8 @@ class ChunkGeneral(torch.autograd.Function):
         if dht is not None:   # autograd may hand over an expanded (stride-0) tensor
             dht = dht.contiguous()
         dq, dk, dv, da, db, dh0, dgate = _backward(ctx.mod, ctx.gate, q, k, v, a, b, gate_inputs, h0, st, ht, do,
-                                                   dht, ctx.L, ctx.scale, any(ctx.needs_input_grad[12:]))
-        return (None,) * 6 + (dq, dk, dv, da, db, dh0, *dgate)
+                                                   dht, ctx.L, ctx.scale, any(ctx.needs_input_grad[13:]))
+        return (None,) * 7 + (dq, dk, dv, da, db, dh0, *dgate)
 
 
 _SAVED = ("G", "Aqk", "Aqb", "Tm", "Mak", "Wa", "h", "R", "qg", "kg", "bg")
@@ -277,6 +280,9 @@ def run_triton(mod, variant, bound: Bound, mode: str):
     B, T, H, V = x.shape
     K = bound.size("K")
     a, b = (x.roles[r].to(x.q.dtype).reshape(B * T, H, K).contiguous() for r in ("a", "b"))
+    tensors = (x.q, x.k, x.v, a, b, x.h0, *x.gate_inputs)
+    # for_bwd: a gradient will be asked for (else the forward skips what only the backward reads)
+    for_bwd = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
     o, ht = ChunkGeneral.apply(mod, variant.gate, x.L, bound.scale, bound.output_final_state,
-                               mode == "fused_recurrent", x.q, x.k, x.v, a, b, x.h0, *x.gate_inputs)
+                               mode == "fused_recurrent", for_bwd, *tensors)
     return x.finish(bound, o, ht)

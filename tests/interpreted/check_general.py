@@ -123,6 +123,20 @@ def main() -> int:
     print(f"chunk_rwkv7 with expanded d(final_state): worst {err:.2e}")
     if not err <= 1e-4:
         failures.append(("rwkv7", "chunk", "expanded dht", err))
+    # under torch.no_grad the forward skips what only the backward reads (Tm; h too when the state pass forms
+    # the output): the output and final state must not change, at the defaults and with the fused forward
+    case = testing.draw_case(spec, B=1, T=150, heads=2, K=16, V=8, log_decay_min=-0.5, seed=11)
+    o_ref, s_ref = case.call(lambda *a, **kw: reference.run(spec, *a, **kw))
+    for launch in ("", "general_state_fwd:r1,general_solve_fwd:r1,general_scores_fwd:r0"):
+        os.environ["LINATTN_LAUNCH"] = launch
+        with torch.no_grad():
+            o, s_ = case.call(ops.chunk_rwkv7)
+        del os.environ["LINATTN_LAUNCH"]
+        n += 1
+        err = max(testing.rel_err(o, o_ref), testing.rel_err(s_, s_ref))
+        print(f"chunk_rwkv7 under no_grad, LINATTN_LAUNCH={launch!r}: worst {err:.2e}")
+        if not err <= 1e-4:
+            failures.append(("rwkv7", "chunk", f"no_grad {launch}", err))
     print(f"{n - len(failures)} of {n} cases passed ({time.time() - t0:.0f} s)")
     return 1 if failures else 0
 
