@@ -38,8 +38,8 @@ def _forward(mod, gate, q, k, v, a, b, gate_inputs, h0, L, scale, store_final, o
     """Every forward stage but the output: what the output and the backward need. Intermediates that
     the later stages only use as matrix-product operands are kept in the inputs' half type (if any).
     ``output``: the state pass may form the output too (general_state_fwd r1), returned as "o" then.
-    Without ``for_bwd`` (no gradient wanted) what only the backward reads is not written: Tm, and h when the
-    state pass forms the output."""
+    Without ``for_bwd`` (no gradient wanted) what only the backward reads is not written: Tm, and h and R when
+    the state pass forms the output."""
     rows, HQ, K = q.shape
     H, V = v.shape[1], v.shape[2]
     vector = gate.kind == "vector"
