@@ -34,11 +34,11 @@ def diag_span(half: int) -> float:
 def launch_opts(kernel: str, defaults: dict | None = None) -> dict:
     """num_warps / num_stages of a stage launch: the defaults given here, or an override for tuning runs
     from LINATTN_LAUNCH, e.g. ``dqk_bwd:w8s2,ut_bwd:w8`` (w = warps, s = stages, m = Triton's maxnreg, the
-    registers a thread may hold; k and v = the BK and BV blocks, r = RB, a launch's switch (general_intra_diag_bwd
-    r0: off, general_intra_bwd forms the diagonal sub-blocks too; gate_bwd r1: one program per sequence walks
-    its chunks, r0: three passes parallel over chunks), and d = DOT, the operand type of a
-    whole-chunk kernel's products (_odot: 0 ieee, 1 bf16, 2 fp16, 3 tf32); k, v, r, d apply only to launches
-    whose defaults name them)."""
+    registers a thread may hold; k and v = the BK and BV blocks; r = RB, a launch's switch: general_intra_diag_bwd
+    r0 off (general_intra_bwd forms the diagonal sub-blocks too), gate_bwd r1 one program per sequence walking
+    its chunks and r0 three passes parallel over chunks, a whole-chunk kernel's r0 off; d = DOT, the operand
+    type of a whole-chunk kernel's products (_odot: 0 ieee, 1 bf16, 2 fp16, 3 tf32). k, v, r, d apply only to
+    launches whose defaults name them)."""
     opts = dict(defaults or {})
     for item in os.environ.get("LINATTN_LAUNCH", "").split(","):
         name, _, spec = item.partition(":")

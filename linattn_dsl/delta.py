@@ -15,13 +15,11 @@ of P); dGpos = q dq + k dk_read - k dk_write, which ut_bwd and dqk_bwd write par
 
 from __future__ import annotations
 
-
 import torch
 import triton
 
 from .additive import (BC, BT, Prepared, _half, _Layout, _or, _output, _pow2, _run_gate, _sm_count, chunk_intra,
-                       decays, dqk,
-                       gate_grads, group_sum, launch_opts, vector_scores)
+                       decays, dqk, gate_grads, group_sum, launch_opts, vector_scores)
 from .args import Bound
 
 MAX_K = 256
