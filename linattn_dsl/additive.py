@@ -37,15 +37,16 @@ def launch_opts(kernel: str, defaults: dict | None = None) -> dict:
     registers a thread may hold; k and v = the BK and BV blocks; r = RB, a launch's switch: general_intra_diag_bwd
     r0 off (general_intra_bwd forms the diagonal sub-blocks too), gate_bwd r1 one program per sequence walking
     its chunks and r0 three passes parallel over chunks, a whole-chunk kernel's r0 off; d = DOT, the operand
-    type of a whole-chunk kernel's products (_odot: 0 ieee, 1 bf16, 2 fp16, 3 tf32). k, v, r, d apply only to
+    type of a whole-chunk kernel's products (_odot: 0 ieee, 1 bf16, 2 fp16, 3 tf32); f = FULL, general_solve_fwd's
+    whole-tile form (f0: sub-block products). k, v, r, d, f apply only to
     launches whose defaults name them)."""
     opts = dict(defaults or {})
     for item in os.environ.get("LINATTN_LAUNCH", "").split(","):
         name, _, spec = item.partition(":")
         if name == kernel:
-            for key, val in re.findall(r"([wskvrmd])(\d+)", spec):
+            for key, val in re.findall(r"([wskvrmdf])(\d+)", spec):
                 opt = {"w": "num_warps", "s": "num_stages", "k": "BK", "v": "BV", "r": "RB", "m": "maxnreg",
-                       "d": "DOT"}[key]
+                       "d": "DOT", "f": "FULL"}[key]
                 if key in "wsm" or opt in opts:
                     opts[opt] = int(val)
     return opts
@@ -298,7 +299,10 @@ def dqk(mod, gate, q, k, v, vs, G, h, do, dhn, A, L, scale, du=None, dw=None, de
     if vector:
         # H200, GLA T=4096: BK 64 -> 32, 2.760 -> 2.491 ms
         cspan = chunk_intra(mod, q, k, G, dA, dA, dq, dk, dk, dGpos, L, H, HQ, K, pair=False)
-        opts = launch_opts("dqk_intra_bwd", dict(BK=_pow2(K, hi=32), RB=1))   # RB: sub-blocks per program
+        # RB: sub-blocks per program; 4 when dqk_chunk_intra_bwd takes the chunks it can (this launch's programs
+        # then mostly return at once, and their number is its cost: H200 KDA T=4096, dqk_intra_bwd_pair 0.203 ms
+        # at 1, 0.105 at 2, 0.055 at 4), 1 when it is off (every chunk here: the most programs)
+        opts = launch_opts("dqk_intra_bwd", dict(BK=_pow2(K, hi=32), RB=4 if cspan >= 0 else 1))
         rb = opts.pop("RB")
         mod.dqk_intra_bwd[(triton.cdiv(K, opts["BK"]), L.NT * (BT // BC // rb), H)](
             q, k, G, dA, dA, dq, dk, dk, dGpos, L.cu, L.chunk_indices, H, HQ, K=K, BT=BT, BC=BC, HALF=half,

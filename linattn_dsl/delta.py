@@ -171,8 +171,8 @@ def _backward(mod, gate, saved, do, dht, L: _Layout, scale, need_gate_grads):
         # H100, KDA T=16384: 5.09 ms at BK 64 and 4 warps, 3.87 at BK 32 (scores_fwd: 1.43 -> 1.23 ms, 2 warps)
         cspan = chunk_intra(mod, q, k, G, dA_or_dGpos, dP, dq, dk_add, dk_ut, gpos, L, H, HQ, K, pair=True)
         # RB: sub-blocks per program (programs that return at once, for the chunks dqk_chunk_intra_bwd takes, still
-        # cost: H200 KDA T=4096 0.206 ms at one sub-block each)
-        opts = launch_opts("dqk_intra_bwd_pair", dict(BK=_pow2(K, hi=32), num_warps=4, RB=1))
+        # cost: H200 KDA T=4096 0.203 ms at one sub-block each, 0.105 at 2, 0.055 at 4); 1 with that kernel off
+        opts = launch_opts("dqk_intra_bwd_pair", dict(BK=_pow2(K, hi=32), num_warps=4, RB=4 if cspan >= 0 else 1))
         rb = opts.pop("RB")
         mod.dqk_intra_bwd[(triton.cdiv(K, opts["BK"]), L.NT * (BT // BC // rb), H)](
             q, k, G, dA_or_dGpos, dP, dq, dk_add, dk_ut, gpos, L.cu, L.chunk_indices, H, HQ, K=K, BT=BT, BC=BC,

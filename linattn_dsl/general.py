@@ -51,10 +51,11 @@ def _forward(mod, gate, q, k, v, a, b, gate_inputs, h0, L, scale, store_final, o
     Lab, Lak = (torch.empty(rows, H, BT, dtype=torch.float32, device=dev) for _ in range(2))
     # H100 RWKV7 T=16384: 0.660 ms at 2 warps, 0.566 at 4 (without the diagonal sub-blocks); with them (H200,
     # session 13's sweep): 0.886 ms at BK 32, 0.798 at 16
-    # r0 (vector decays, the whole-chunk kernel on): not launched, general_chunk_scores_fwd forms the steeper chunks'
-    # sub-block rows itself (each program of this launch costs even when it returns at once: 0.076 ms of RWKV7's
-    # T=4096 forward with no chunk steeper than the span, H200)
-    o = launch_opts("general_scores_fwd", dict(RB=1, BK=_pow2(K, hi=16 if vector else 32),
+    # RB 0 (the default; vector decays, the whole-chunk kernel on): not launched, general_chunk_scores_fwd forms the
+    # steeper chunks' sub-block rows itself. Each program of this launch cost even when it returned at once: H200,
+    # RWKV7 T=4096 (one call), 0.076 ms at r1 with no chunk steeper than the span; at r0 general_chunk_scores_fwd
+    # 0.600 -> 0.630. (r1: launched; scalar decays always launch it.)
+    o = launch_opts("general_scores_fwd", dict(RB=0, BK=_pow2(K, hi=16 if vector else 32),
                                                num_warps=4 if vector else 2))
     scores_launch = bool(o.pop("RB"))
     # and the rows decayed for the state passes, qg = Q * E[G], kg = K * E[G_n - G], bg = B * E[G_n - G]
@@ -62,7 +63,9 @@ def _forward(mod, gate, q, k, v, a, b, gate_inputs, h0, L, scale, store_final, o
     Tm = torch.empty(rows, H, BT, dtype=torch.float32, device=dev)
     Mak = torch.empty(rows, H, BT, dtype=sd, device=dev)
     # H200 RWKV7 T=16384 (session 13's sweep): general_solve_fwd 1.181 ms at BK 32, 1.023 at 64
-    os_ = launch_opts("general_solve_fwd", dict(RB=0, BK=_pow2(K, hi=64), num_warps=4))
+    # FULL: Tm, Mak, Wa as whole-chunk [BT, BT] products (f0: the sub-block products); for half inputs only
+    # (tf32 products; sm_90 fp32 K=128 compiles the whole-tile ieee products to 32 registers and 51636 B spilled)
+    os_ = launch_opts("general_solve_fwd", dict(RB=0, BK=_pow2(K, hi=64), num_warps=4, FULL=int(half > 0)))
     solve_in_scores = bool(os_.pop("RB"))
     if vector:   # chunks whose decay across the whole chunk is <= the span: [BT, BK] x [BK, BT] products in one go
         # H200, RWKV7 T=16384 (one call): 0.836 ms at BK 32 / 8 warps, 0.600 at 32 / 4, 0.746 at 16 / 4, 0.826 at
@@ -76,7 +79,7 @@ def _forward(mod, gate, q, k, v, a, b, gate_inputs, h0, L, scale, store_final, o
             mod.general_chunk_scores_fwd[(L.NT, H)](q, k, a, b, G, Aqk, Aqb, Lab, Lak, qg, kg, bg, Tm, Mak, Wa, L.cu,
                                                     L.chunk_indices, scale, H, HQ, K=K, BT=BT, HALF=half, CSPAN=cspan,
                                                     SOLVE=fuse_solve, BC=BC, SBK=os_["BK"], FALLBACK=fallback,
-                                                    FBK=o["BK"], STORE_T=for_bwd, **oc)
+                                                    FBK=o["BK"], STORE_T=for_bwd, FULL=os_["FULL"], **oc)
     else:
         cspan, fuse_solve, fallback = -1.0, False, False
     if not fallback:
@@ -191,15 +194,6 @@ def _backward(mod, gate, q, k, v, a, b, gate_inputs, h0, st, ht, do, dht, L, sca
         # One program per diagonal sub-block and head instead of the row programs (H200, RWKV7 T=16384, one
         # call): 1.914 -> 1.752 ms at BK 32 / 4 warps, 1.621 at 32 / 2 (1.821 at 16 / 2, 1.920 at 64 / 4);
         # next call: 1.617 at 32 / 2, 1.468 at 64 / 2
-        # RB: sub-blocks per program (general_intra_diag_bwd r0: off). When the whole-chunk kernel takes most
-        # chunks, these launches' programs return at once, and their number is the launch's cost (H200, RWKV7
-        # T=4096: 0.123 ms for general_intra_bwd, 0.084 for general_intra_diag_bwd, at one sub-block each)
-        od = launch_opts("general_intra_diag_bwd", dict(RB=1, BK=_pow2(K, hi=64), num_warps=2))
-        rbd = od.pop("RB")
-        diag = rbd > 0
-        opts = launch_opts("general_intra_bwd", dict(RB=1, BK=_pow2(K, hi=64), num_warps=2) if diag
-                           else dict(RB=1, BK=16, num_warps=1))
-        rbi = opts.pop("RB")
         # chunks whose decay across the whole chunk is <= CSPAN (RWKV7's always: >= -0.61 per step): every pair
         # term as [BT, BT] x [BT, BK] products through the chunk's start, in one launch; the two launches below
         # take the steeper chunks (sub-blocks through their reference rows, per channel inside steep ones)
@@ -212,6 +206,17 @@ def _backward(mod, gate, q, k, v, a, b, gate_inputs, h0, st, ht, do, dht, L, sca
             mod.general_chunk_intra_bwd[(triton.cdiv(K, oc["BK"]), L.NT, H)](
                 q, k, a, b, G, *dmats, *direct, *outs, dGpos, L.cu, L.chunk_indices, H, HQ, K=K, BT=BT, CSPAN=cspan,
                 DOT=int(half == 1), **oc)
+        # RB: sub-blocks per program (general_intra_diag_bwd r0: off). When the whole-chunk kernel takes most
+        # chunks, these launches' programs return at once, and their number is the launch's cost (H200, RWKV7
+        # T=4096, one call: general_intra_bwd 0.123 + general_intra_diag_bwd 0.084 ms at one sub-block each,
+        # 0.034 + 0.024 at 4): 4 with the whole-chunk kernel on, 1 with it off (every chunk here: the most programs)
+        rb = 4 if cspan >= 0 else 1
+        od = launch_opts("general_intra_diag_bwd", dict(RB=rb, BK=_pow2(K, hi=64), num_warps=2))
+        rbd = od.pop("RB")
+        diag = rbd > 0
+        opts = launch_opts("general_intra_bwd", dict(RB=rb, BK=_pow2(K, hi=64), num_warps=2) if diag
+                           else dict(RB=rb, BK=16, num_warps=1))
+        rbi = opts.pop("RB")
         if diag:
             mod.general_intra_diag_bwd[(BT // BC // rbd, L.NT, H)](
                 q, k, a, b, G, *dmats, *direct, L.cu, L.chunk_indices, H, HQ, K=K, BT=BT, BC=BC, SPAN=DIAG_SPAN,

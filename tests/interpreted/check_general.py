@@ -67,6 +67,11 @@ CASES = [  # (spec, draw_case keywords, dtypes, fused_recurrent gradients too)
     ("g_vector", dict(B=1, T=140, heads=2, K=16, V=16, log_decay_min=-0.5), ("fp32",), False),
 ]
 DTYPES = {"fp32": (torch.float32, 1e-4), "fp16": (torch.float16, 2e-2)}
+# launch switches whose other side the defaults do not take in CASES: the solve's whole-tile form (FULL, the default
+# for half inputs only) in fp32, alone and inside the chunk scores kernel, and the sub-block form in fp16 with
+# general_scores_fwd launched; chunk mode, on CASES[i] for these i (partial, varlen -20, mild full chunks)
+SWITCHES = [("general_solve_fwd:f1", (1, 2, 12, 13)), ("general_solve_fwd:r1f1", (12, 13)),
+            ("general_solve_fwd:f0,general_scores_fwd:r1", (1, 6))]
 
 
 def _ops(tmp: Path) -> dict:
@@ -109,6 +114,28 @@ def main() -> int:
                           + (f"  FAIL {bad}" if bad else ""), flush=True)
                     if bad:
                         failures.append((name, mode, kw, bad))
+        for launch, picks in SWITCHES:
+            os.environ["LINATTN_LAUNCH"] = launch
+            for i in picks:
+                name, kw, dtypes, _ = CASES[i]
+                spec, chunk, _ = table[name]
+                for dt in dtypes:
+                    dtype, tol = DTYPES[dt]
+                    case = testing.draw_case(spec, seed=100 + i, **kw)
+                    case.tensors = {k: (v.to(dtype) if v is not None and v.dim() >= 3 else v)
+                                    for k, v in case.tensors.items()}
+                    n += 1
+                    errs = testing.compare(case, chunk)
+                    if dtype != torch.float32:   # (as above)
+                        errs = {k: e for k, e in errs.items()
+                                if k[1:] not in spec.args or spec.dims(k[1:])[:2] == ("B", "T")}
+                    bad = {k: f"{e:.2e}" for k, e in errs.items() if not e <= tol}
+                    worst = max(errs, key=errs.get)
+                    print(f"{launch:<16} {name:<9} {dt:<5} {kw}  worst {worst} {errs[worst]:.2e}"
+                          + (f"  FAIL {bad}" if bad else ""), flush=True)
+                    if bad:
+                        failures.append((name, launch, kw, bad))
+            del os.environ["LINATTN_LAUNCH"]
     # autograd hands the kernels an expanded (stride-0) gradient of the final state for `s.sum()`
     spec = registry.load("rwkv7")
     case = testing.draw_case(spec, B=1, T=20, heads=1, K=16, V=16, seed=7)
