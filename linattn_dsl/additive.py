@@ -37,16 +37,15 @@ def launch_opts(kernel: str, defaults: dict | None = None) -> dict:
     registers a thread may hold; k and v = the BK and BV blocks; r = RB, a launch's switch: general_intra_diag_bwd
     r0 off (general_intra_bwd forms the diagonal sub-blocks too), gate_bwd r1 one program per sequence walking
     its chunks and r0 three passes parallel over chunks, a whole-chunk kernel's r0 off; d = DOT, the operand
-    type of a whole-chunk kernel's products (_odot: 0 ieee, 1 bf16, 2 fp16, 3 tf32); f = FULL, general_solve_fwd's
-    whole-tile form (f0: sub-block products). k, v, r, d, f apply only to
+    type of a whole-chunk kernel's products (_odot: 0 ieee, 1 bf16, 2 fp16, 3 tf32). k, v, r, d apply only to
     launches whose defaults name them)."""
     opts = dict(defaults or {})
     for item in os.environ.get("LINATTN_LAUNCH", "").split(","):
         name, _, spec = item.partition(":")
         if name == kernel:
-            for key, val in re.findall(r"([wskvrmdf])(\d+)", spec):
+            for key, val in re.findall(r"([wskvrmd])(\d+)", spec):
                 opt = {"w": "num_warps", "s": "num_stages", "k": "BK", "v": "BV", "r": "RB", "m": "maxnreg",
-                       "d": "DOT", "f": "FULL"}[key]
+                       "d": "DOT"}[key]
                 if key in "wsm" or opt in opts:
                     opts[opt] = int(val)
     return opts

@@ -16,22 +16,30 @@ from __future__ import annotations
 import torch
 import triton
 
-from .additive import BC, BT, DIAG_SPAN, Prepared, _half, _pow2, _run_gate, diag_span, gate_grads, launch_opts
+from .additive import (BC, BT, DIAG_SPAN, Prepared, _half, _pow2, _run_gate, _sm_count, diag_span, gate_grads,
+                       launch_opts)
 from .args import Bound
 
 
-def _state_blocks(K: int, V: int) -> tuple[int, int]:
-    """(BK, BV) of the sequential state passes: the whole key dim in one block."""
+def _state_blocks(K: int, V: int, NH: int, dtype: torch.dtype, device: torch.device) -> tuple[int, int, int]:
+    """(BK, BV, stages) of the sequential state passes over ``NH`` sequences x heads: the whole key dim in one
+    block. Half inputs with K <= 128: the value block (32, 64 or 128) whose programs (NH per value block) take
+    the fewest waves over the card's SMs, the smaller of a tie. Each program walks every chunk of its sequence,
+    so a second wave costs a whole pass: H200, RWKV7 T=4096 (128 sequences x heads, V=128, one call):
+    general_state_fwd 0.473 ms at BV 32 (512 programs), 0.287 at 128 (128 programs, 2 stages);
+    general_state_bwd 0.519 -> 0.383. At T=16384 (32) BV 32 is one wave. Otherwise (fp32, K=256: sm_90 spills
+    more at wider blocks) 4096 / BK. Software pipelining: prefetching the next chunks' [BT, K] tiles hides the
+    loop's load latency, within the 227 KiB of shared memory of an H100 / H200 (sm_90, bf16 K=128: 196 KiB at
+    depth 3 and BV 32, 208 KiB at depth 2 and BV 128; bf16 K=256 or fp32 K=128 take one stage)."""
     BK = max(16, triton.next_power_of_2(K))
+    if dtype.itemsize == 2 and BK <= 128:
+        sms = _sm_count(device)
+        top = max(32, triton.next_power_of_2(V))
+        BV = min((bv for bv in (32, 64, 128) if bv <= top), key=lambda bv: (-(-NH * triton.cdiv(V, bv) // sms), bv))
+        BV = max(16, min(BV, triton.next_power_of_2(V)))
+        return BK, BV, 3 if BK * BV <= 4096 else 2
     BV = max(16, min(triton.next_power_of_2(V), 4096 // BK, 64))
-    return BK, BV
-
-
-def _state_stages(BK: int, dtype: torch.dtype) -> int:
-    """Software-pipelining depth of the state passes: prefetching the next chunks' [BT, K] tiles hides
-    the sequential loop's load latency, within the 227 KiB of shared memory of an H100 / H200 (compiled
-    for sm_90: bf16 K=128 takes 196 KiB at depth 3; bf16 K=256 or fp32 K=128 would not fit)."""
-    return 3 if BK * dtype.itemsize <= 256 else 1
+    return BK, BV, 3 if BK * dtype.itemsize <= 256 else 1
 
 
 def _forward(mod, gate, q, k, v, a, b, gate_inputs, h0, L, scale, store_final, output=False, for_bwd=True):
@@ -63,9 +71,9 @@ def _forward(mod, gate, q, k, v, a, b, gate_inputs, h0, L, scale, store_final, o
     Tm = torch.empty(rows, H, BT, dtype=torch.float32, device=dev)
     Mak = torch.empty(rows, H, BT, dtype=sd, device=dev)
     # H200 RWKV7 T=16384 (session 13's sweep): general_solve_fwd 1.181 ms at BK 32, 1.023 at 64
-    # FULL: Tm, Mak, Wa as whole-chunk [BT, BT] products (f0: the sub-block products); for half inputs only
-    # (tf32 products; sm_90 fp32 K=128 compiles the whole-tile ieee products to 32 registers and 51636 B spilled)
-    os_ = launch_opts("general_solve_fwd", dict(RB=0, BK=_pow2(K, hi=64), num_warps=4, FULL=int(half > 0)))
+    # (H200 RWKV7 T=4096, one call: 0.548 ms; Tm, Mak and Wa from whole [BT, BT] tiles instead, Tm as
+    # (I + N)(I + N^2) D with D the diagonal blocks' inverses and N = D Lab_off: 0.635)
+    os_ = launch_opts("general_solve_fwd", dict(RB=0, BK=_pow2(K, hi=64), num_warps=4))
     solve_in_scores = bool(os_.pop("RB"))
     if vector:   # chunks whose decay across the whole chunk is <= the span: [BT, BK] x [BK, BT] products in one go
         # H200, RWKV7 T=16384 (one call): 0.836 ms at BK 32 / 8 warps, 0.600 at 32 / 4, 0.746 at 16 / 4, 0.826 at
@@ -79,7 +87,7 @@ def _forward(mod, gate, q, k, v, a, b, gate_inputs, h0, L, scale, store_final, o
             mod.general_chunk_scores_fwd[(L.NT, H)](q, k, a, b, G, Aqk, Aqb, Lab, Lak, qg, kg, bg, Tm, Mak, Wa, L.cu,
                                                     L.chunk_indices, scale, H, HQ, K=K, BT=BT, HALF=half, CSPAN=cspan,
                                                     SOLVE=fuse_solve, BC=BC, SBK=os_["BK"], FALLBACK=fallback,
-                                                    FBK=o["BK"], STORE_T=for_bwd, FULL=os_["FULL"], **oc)
+                                                    FBK=o["BK"], STORE_T=for_bwd, **oc)
     else:
         cspan, fuse_solve, fallback = -1.0, False, False
     if not fallback:
@@ -94,11 +102,11 @@ def _forward(mod, gate, q, k, v, a, b, gate_inputs, h0, L, scale, store_final, o
     h = torch.empty(L.NT, H, K, V, dtype=sd, device=dev)
     R = torch.empty(rows, H, V, dtype=sd, device=dev)
     ht = torch.empty(L.N, H, K, V, dtype=torch.float32, device=dev) if store_final else None
-    BKs, BVs = _state_blocks(K, V)
+    BKs, BVs, stages = _state_blocks(K, V, L.N * H, q.dtype, dev)
     # r1: the output formed in the state pass (general_output_fwd then not launched; its qg, Aqk, Aqb tiles take
     # the shared memory of one pipelining stage: sm_90 bf16 K=128 at 3 stages would need 292 KiB)
     fused = bool(launch_opts("general_state_fwd", dict(RB=0))["RB"]) and output
-    stages = min(_state_stages(BKs, q.dtype), 2 if fused else 3)
+    stages = min(stages, 2 if fused else 3)
     so = launch_opts("general_state_fwd", dict(RB=0, BV=BVs, num_warps=8, num_stages=stages))
     so.pop("RB")
     o = torch.empty(rows, H, V, dtype=v.dtype, device=dev) if fused else None
@@ -113,7 +121,8 @@ def _output(mod, gate, q, v, st, L, scale):
     rows, HQ, K = q.shape
     H, V = v.shape[1], v.shape[2]
     o = torch.empty(rows, H, V, dtype=v.dtype, device=q.device)
-    oo = launch_opts("general_output_fwd", dict(BK=_pow2(K), BV=_pow2(V)))
+    # H200 RWKV7 T=4096 (one call): 0.297 ms at BV 64, 0.265 at 128
+    oo = launch_opts("general_output_fwd", dict(BK=_pow2(K), BV=_pow2(V, hi=128)))
     mod.general_output_fwd[(triton.cdiv(V, oo["BV"]), L.NT, H)](
         st["qg"], v, st["h"], st["R"], st["Aqk"], st["Aqb"], o, L.cu, L.chunk_indices, scale, H, K=K, V=V, BT=BT,
         HALF=_half(q.dtype), **oo)
@@ -151,8 +160,8 @@ def _backward(mod, gate, q, k, v, a, b, gate_inputs, h0, st, ht, do, dht, L, sca
     dhn = torch.empty_like(h)
     dR = torch.empty(rows, H, V, dtype=torch.float32, device=dev)
     dh0 = torch.empty(L.N, H, K, V, dtype=torch.float32, device=dev) if h0 is not None else None
-    BKs, BVs = _state_blocks(K, V)
-    so = launch_opts("general_state_bwd", dict(BV=BVs, num_warps=8, num_stages=_state_stages(BKs, q.dtype)))
+    BKs, BVs, stages = _state_blocks(K, V, L.N * H, q.dtype, dev)
+    so = launch_opts("general_state_bwd", dict(BV=BVs, num_warps=8, num_stages=stages))
     mod.general_state_bwd[(triton.cdiv(V, so["BV"]), L.N * H)](
         st["qg"], st["bg"], G, st["Wa"], st["Aqb"], do, dht, dhn, dR, dh0, L.cu, L.chunk_offsets, scale, H, K=K, V=V,
         BT=BT, BK=BKs, VECTOR=vector, USE_DHT=dht is not None, STORE_DH0=h0 is not None, HALF=half, **so)

@@ -94,7 +94,7 @@ def test_launch_variants_vs_oracle(launch, monkeypatch):
 
 
 # D=256 in bf16: the state passes at 1 pipelining stage (general._state_stages), a path the others do not take
-@pytest.mark.parametrize("T,B,D", [(4096, 2, 128), (16384, 1, 128), (2048, 1, 64), (1024, 1, 256)])
+@pytest.mark.parametrize("T,B,D", [(4096, 2, 128), (16384, 1, 128), (2048, 1, 64), (1024, 1, 256), (1024, 16, 128)])
 def test_bf16_vs_fp32_real_shapes(T, B, D):
     spec = registry.load("rwkv7")
     case = _to(testing.draw_case(spec, B=B, T=T, heads=16, K=D, V=D, log_decay_min=-1.0, seed=T), torch.float32)

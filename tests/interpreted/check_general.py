@@ -67,11 +67,10 @@ CASES = [  # (spec, draw_case keywords, dtypes, fused_recurrent gradients too)
     ("g_vector", dict(B=1, T=140, heads=2, K=16, V=16, log_decay_min=-0.5), ("fp32",), False),
 ]
 DTYPES = {"fp32": (torch.float32, 1e-4), "fp16": (torch.float16, 2e-2)}
-# launch switches whose other side the defaults do not take in CASES: the solve's whole-tile form (FULL, the default
-# for half inputs only) in fp32, alone and inside the chunk scores kernel, and the sub-block form in fp16 with
-# general_scores_fwd launched; chunk mode, on CASES[i] for these i (partial, varlen -20, mild full chunks)
-SWITCHES = [("general_solve_fwd:f1", (1, 2, 12, 13)), ("general_solve_fwd:r1f1", (12, 13)),
-            ("general_solve_fwd:f0,general_scores_fwd:r1", (1, 6))]
+# launch switches whose other side the defaults do not take in CASES: general_scores_fwd launched (r1; the default
+# r0 leaves steeper chunks to general_chunk_scores_fwd), the solve inside the chunk scores kernel (r1); chunk
+# mode, on CASES[i] for these i (partial chunks in fp32 and fp16, mild full chunks)
+SWITCHES = [("general_scores_fwd:r1", (1, 6)), ("general_solve_fwd:r1", (12, 13))]
 
 
 def _ops(tmp: Path) -> dict:
