@@ -71,9 +71,11 @@ def _forward(mod, gate, q, k, v, a, b, gate_inputs, h0, L, scale, store_final, o
     Tm = torch.empty(rows, H, BT, dtype=torch.float32, device=dev)
     Mak = torch.empty(rows, H, BT, dtype=sd, device=dev)
     # H200 RWKV7 T=16384 (session 13's sweep): general_solve_fwd 1.181 ms at BK 32, 1.023 at 64
-    # (H200 RWKV7 T=4096, one call: 0.548 ms; Tm, Mak and Wa from whole [BT, BT] tiles instead, Tm as
-    # (I + N)(I + N^2) D with D the diagonal blocks' inverses and N = D Lab_off: 0.635)
-    os_ = launch_opts("general_solve_fwd", dict(RB=0, BK=_pow2(K, hi=64), num_warps=4))
+    # H200 RWKV7 T=4096 (session 15, one call): 0.547 ms at BK 64 / 4 warps, 0.446 at 32 / 2, 0.355 at 32 / 1,
+    # 0.373 at 16 / 1, 0.577 at 128 / 4 (a chunk's [16, 16] sub-block products fill one warp). Tm, Mak and Wa from
+    # whole [BT, BT] tiles instead (Tm = (I + N)(I + N^2) D, D the diagonal blocks' inverses, N = D Lab_off): 0.635
+    # (fp32 inputs keep 64 / 4: sm_90 spills 1892 B at one warp)
+    os_ = launch_opts("general_solve_fwd", dict(RB=0, BK=_pow2(K, hi=32 if half else 64), num_warps=1 if half else 4))
     solve_in_scores = bool(os_.pop("RB"))
     if vector:   # chunks whose decay across the whole chunk is <= the span: [BT, BK] x [BK, BT] products in one go
         # H200, RWKV7 T=16384 (one call): 0.836 ms at BK 32 / 8 warps, 0.600 at 32 / 4, 0.746 at 16 / 4, 0.826 at
@@ -121,8 +123,9 @@ def _output(mod, gate, q, v, st, L, scale):
     rows, HQ, K = q.shape
     H, V = v.shape[1], v.shape[2]
     o = torch.empty(rows, H, V, dtype=v.dtype, device=q.device)
-    # H200 RWKV7 T=4096 (one call): 0.297 ms at BV 64, 0.265 at 128
-    oo = launch_opts("general_output_fwd", dict(BK=_pow2(K), BV=_pow2(V, hi=128)))
+    # H200 RWKV7 T=4096 (session 15): 0.297 ms at BK 64 / BV 64, 0.265 at 64 / 128, 0.237 at 128 / 128 (next call)
+    # (fp32 inputs keep BK 64: sm_90 spills 40772 B at 128)
+    oo = launch_opts("general_output_fwd", dict(BK=_pow2(K, hi=128 if _half(q.dtype) else 64), BV=_pow2(V, hi=128)))
     mod.general_output_fwd[(triton.cdiv(V, oo["BV"]), L.NT, H)](
         st["qg"], v, st["h"], st["R"], st["Aqk"], st["Aqb"], o, L.cu, L.chunk_indices, scale, H, K=K, V=V, BT=BT,
         HALF=_half(q.dtype), **oo)
