@@ -93,7 +93,8 @@ def test_launch_variants_vs_oracle(launch, monkeypatch):
         assert all(e < 1e-4 for e in errs.values()), (kw, errs)
 
 
-# D=256 in bf16: the state passes at 1 pipelining stage (general._state_stages), a path the others do not take
+# D=256 in bf16: the state passes at 1 pipelining stage (general._state_blocks), a path the others do not take;
+# B=16 at T=1024 (256 sequences x heads): the state passes at BV 128 and 2 stages
 @pytest.mark.parametrize("T,B,D", [(4096, 2, 128), (16384, 1, 128), (2048, 1, 64), (1024, 1, 256), (1024, 16, 128)])
 def test_bf16_vs_fp32_real_shapes(T, B, D):
     spec = registry.load("rwkv7")
