@@ -324,6 +324,20 @@ def group_sum(x: torch.Tensor, HQ: int) -> torch.Tensor:
     return x if H == HQ else x.view(rows, HQ, H // HQ, K).sum(2)
 
 
+def state_carry(mod, gate, h, dhn, ht, L):
+    """gate_grads' ``carry`` from the states: sum_v S dS of the state leaving each chunk (h of the next chunk, or
+    the final state ``ht`` (None: no gradient reaches it) after a sequence's last one) and its gradient ``dhn``;
+    fp32 [chunks, H, K] for vector decays, [chunks, H, key blocks] for scalar ones."""
+    NT, H, K, V = h.shape
+    vector = gate.kind == "vector"
+    BK, BV = _pow2(K), _pow2(V)
+    carry = torch.empty(NT, H, K if vector else triton.cdiv(K, BK), dtype=torch.float32, device=h.device)
+    mod.gate_state_carry[(triton.cdiv(K, BK), NT, H)](h, dhn, h if ht is None else ht, carry, L.cu, L.chunk_indices,
+                                                       H, K=K, V=V, BT=BT, BK=BK, BV=BV, USE_HT=ht is not None,
+                                                       VECTOR=vector)
+    return carry
+
+
 def gate_grads(mod, gate, gate_inputs, dGpos, ht, dht, L, K, carry=None) -> list:
     """Gradients of the log-decay's raw inputs from dGpos (the cumulative log-decay's gradient per
     position) and the final-state term sum_v S_T dS_T: gate_bwd (reverse cumsum, sympy chain rule).

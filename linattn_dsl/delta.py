@@ -19,7 +19,7 @@ import torch
 import triton
 
 from .additive import (BC, BT, Prepared, _half, _Layout, _or, _output, _pow2, _run_gate, _sm_count, chunk_intra,
-                       decays, dqk, gate_grads, group_sum, launch_opts, vector_scores)
+                       decays, dqk, gate_grads, group_sum, launch_opts, state_carry, vector_scores)
 from .args import Bound
 
 MAX_K = 256
@@ -181,8 +181,11 @@ def _backward(mod, gate, saved, do, dht, L: _Layout, scale, need_gate_grads):
     else:
         dk = dk_ut if fold else (dk_add.float() + group_sum(dk_ut, HQ)).to(k.dtype)
         dGpos = dA_or_dGpos + gpos
-    grads_in = gate_grads(mod, gate, gate_inputs, dGpos, ht, dht, L, K) if need_gate_grads \
-        else [None] * len(gate_inputs)
+    if need_gate_grads and gate.grads:   # each chunk's gate carry from the states (precise; additive.gate_grads)
+        carry = state_carry(mod, gate, h, dhn, ht if dht is not None else None, L)
+        grads_in = gate_grads(mod, gate, gate_inputs, dGpos, ht, dht, L, K, carry=carry)
+    else:
+        grads_in = [None] * len(gate_inputs)
     return dq, dk, dv, dbeta.to(beta.dtype), dh0, grads_in
 
 
