@@ -229,10 +229,10 @@ def _backward(mod, gate, saved, do, dht, L, scale, need_gate_grads):
                               # (retention 0.409 -> 0.346 / 0.347 ms, Mamba2 1.342 -> 1.208 / 1.212), vector
                               # decays 2 stages (GLA 0.475 -> 0.414, 0.478 -> 0.411)
                               **launch_opts("dv_bwd", dict(num_stages=2) if vector else dict(num_warps=2)))
-    # each chunk's gate carry formed from the states (precise; see gate_grads)
-    carry = torch.empty(L.NT, H, K if vector else NK, dtype=torch.float32, device=q.device) \
-        if need_gate_grads and gate.grads else None
-    dq, dk, dGpos = dqk(mod, gate, q, k, v, vs, G, h, do, dhn, A, L, scale, carry=carry)
+    # with each chunk's gate carry formed from the states (precise; see gate_grads)
+    dq, dk, dGpos, *carry = dqk(mod, gate, q, k, v, vs, G, h, do, dhn, A, L, scale,
+                                carry=need_gate_grads and bool(gate.grads))
+    carry = carry[0] if carry else None
     grads_in = gate_grads(mod, gate, gate_inputs, dGpos, ht, dht, L, K, carry=carry) if need_gate_grads \
         else [None] * len(gate_inputs)
     return dq, dk, dv, (dvs.sum(-1) if dvs is not None else None), (dsk.sum(-1) if dsk is not None else None), \
@@ -270,14 +270,16 @@ def chunk_intra(mod, q, k, G, dA, dP, dq, dk, dk2, dGpos, L, H, HQ, K, pair):
     return DIAG_SPAN
 
 
-def dqk(mod, gate, q, k, v, vs, G, h, do, dhn, A, L, scale, du=None, dw=None, defer_intra=False, carry=None):
+def dqk(mod, gate, q, k, v, vs, G, h, do, dhn, A, L, scale, du=None, dw=None, defer_intra=False, carry=False):
     """dq, dk (inputs' dtype, groups summed) and dGpos = q dq - k dk (fp32, per value head, [rows, H(, K)];
     the intra pairs without their diagonal) of the additive form with values ``v`` (times ``vs``), states ``h``
     and state gradients ``dhn``; with ``du``, also fills ``dw`` = du h^T (the delta form). ``defer_intra``
     (vector decays, the delta form): (dq, dk, dA) instead, the inter-chunk parts (fp32, per value head) and the
     intra-chunk scores' gradient, for the delta form's dqk_intra_bwd to finish together with its own
-    intra-chunk part. ``carry`` (fp32 [chunks, H, K] for vector decays, [chunks, H, key blocks] for scalar
-    ones; not with ``du``): filled with each chunk's gate carry from the states (gate_grads' ``carry``)."""
+    intra-chunk part. ``carry``: also (last) each chunk's gate carry formed from the states, gate_grads'
+    ``carry`` (fp32 [chunks, H, K] for vector decays, [chunks, H, key blocks] for scalar ones):
+    sum_j k_j dk_j(state terms) + E[G_n] sum_v h dhn, the sum of dGpos over every later position (the delta
+    form's too: its values v are then the corrected ones, U' = U - W h)."""
     rows, HQ, K = q.shape
     H, V = v.shape[1], v.shape[2]
     vector = gate.kind == "vector"
@@ -285,6 +287,7 @@ def dqk(mod, gate, q, k, v, vs, G, h, do, dhn, A, L, scale, du=None, dw=None, de
     BV = _pow2(V)
     o = launch_opts("dqk_bwd", dict(BK=_pow2(K), **_dqk_opts(du is not None, vector, vs is not None)))
     NK = triton.cdiv(K, o["BK"])
+    carry = torch.empty(L.NT, H, K if vector else NK, dtype=torch.float32, device=q.device) if carry else None
     if vector:
         dq = torch.empty(rows, H, K, dtype=torch.float32, device=q.device)
         dk = torch.empty_like(dq)
@@ -300,7 +303,7 @@ def dqk(mod, gate, q, k, v, vs, G, h, do, dhn, A, L, scale, du=None, dw=None, de
                                                  DELTA=du is not None, NG=1 if vector else H // HQ,
                                                  CARRY=carry is not None, **o)
     if vector and defer_intra:
-        return dq, dk, dA
+        return (dq, dk, dA, carry) if carry is not None else (dq, dk, dA)
     if vector:
         # H200, GLA T=4096: BK 64 -> 32, 2.760 -> 2.491 ms
         cspan = chunk_intra(mod, q, k, G, dA, dA, dq, dk, dk, dGpos, L, H, HQ, K, pair=False)
@@ -315,27 +318,13 @@ def dqk(mod, gate, q, k, v, vs, G, h, do, dhn, A, L, scale, du=None, dw=None, de
         dq, dk = group_sum(dq, HQ).to(q.dtype), group_sum(dk, HQ).to(k.dtype)
     else:
         dGpos = dGpos.sum(-1)
-    return dq, dk, dGpos
+    return (dq, dk, dGpos, carry) if carry is not None else (dq, dk, dGpos)
 
 
 def group_sum(x: torch.Tensor, HQ: int) -> torch.Tensor:
     """[rows, H, K] per value head -> [rows, HQ, K]: the value heads of a q/k head summed."""
     rows, H, K = x.shape
     return x if H == HQ else x.view(rows, HQ, H // HQ, K).sum(2)
-
-
-def state_carry(mod, gate, h, dhn, ht, L):
-    """gate_grads' ``carry`` from the states: sum_v S dS of the state leaving each chunk (h of the next chunk, or
-    the final state ``ht`` (None: no gradient reaches it) after a sequence's last one) and its gradient ``dhn``;
-    fp32 [chunks, H, K] for vector decays, [chunks, H, key blocks] for scalar ones."""
-    NT, H, K, V = h.shape
-    vector = gate.kind == "vector"
-    BK, BV = _pow2(K), _pow2(V)
-    carry = torch.empty(NT, H, K if vector else triton.cdiv(K, BK), dtype=torch.float32, device=h.device)
-    mod.gate_state_carry[(triton.cdiv(K, BK), NT, H)](h, dhn, h if ht is None else ht, carry, L.cu, L.chunk_indices,
-                                                       H, K=K, V=V, BT=BT, BK=BK, BV=BV, USE_HT=ht is not None,
-                                                       VECTOR=vector)
-    return carry
 
 
 def gate_grads(mod, gate, gate_inputs, dGpos, ht, dht, L, K, carry=None) -> list:
