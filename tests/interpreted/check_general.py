@@ -87,6 +87,28 @@ def _ops(tmp: Path) -> dict:
     return out
 
 
+def _draw(spec, kw: dict, dt: str, seed: int):
+    case = testing.draw_case(spec, seed=seed, **kw)
+    case.tensors = {k: (v.to(DTYPES[dt][0]) if v is not None and v.dim() >= 3 else v) for k, v in case.tensors.items()}
+    return case
+
+
+def _check(label: str, name: str, spec, case, op, kw: dict, dt: str, grads: bool, failures: list) -> None:
+    """Compare ``op`` on ``case`` with the oracle, print the worst error, record a failure."""
+    dtype, tol = DTYPES[dt]
+    errs = testing.compare(case, op, grads=grads)
+    if dtype != torch.float32:
+        # per-head parameters sum terms of both signs over every token: half-precision
+        # operands do not bound their relative error; they are checked in fp32
+        errs = {k: e for k, e in errs.items() if k[1:] not in spec.args or spec.dims(k[1:])[:2] == ("B", "T")}
+    bad = {k: f"{e:.2e}" for k, e in errs.items() if not e <= tol}
+    worst = max(errs, key=errs.get)
+    print(f"{label:<16} {name:<9} {dt:<5} {kw}  worst {worst} {errs[worst]:.2e}" + (f"  FAIL {bad}" if bad else ""),
+          flush=True)
+    if bad:
+        failures.append((name, label, kw, bad))
+
+
 def main() -> int:
     failures, n = [], 0
     t0 = time.time()
@@ -95,45 +117,18 @@ def main() -> int:
         for name, kw, dtypes, recurrent_grads in CASES:
             spec, chunk, recurrent = table[name]
             for dt in dtypes:
-                dtype, tol = DTYPES[dt]
-                case = testing.draw_case(spec, seed=n, **kw)
-                case.tensors = {k: (v.to(dtype) if v is not None and v.dim() >= 3 else v)
-                                for k, v in case.tensors.items()}
+                case = _draw(spec, kw, dt, seed=n)
                 for mode, op in (("chunk", chunk), ("fused_recurrent", recurrent)):
                     n += 1
-                    errs = testing.compare(case, op, grads=mode == "chunk" or recurrent_grads)
-                    if dtype != torch.float32:
-                        # per-head parameters sum terms of both signs over every token: half-precision
-                        # operands do not bound their relative error; they are checked in fp32
-                        errs = {k: e for k, e in errs.items()
-                                if k[1:] not in spec.args or spec.dims(k[1:])[:2] == ("B", "T")}
-                    bad = {k: f"{e:.2e}" for k, e in errs.items() if not e <= tol}
-                    worst = max(errs, key=errs.get)
-                    print(f"{mode:<16} {name:<9} {dt:<5} {kw}  worst {worst} {errs[worst]:.2e}"
-                          + (f"  FAIL {bad}" if bad else ""), flush=True)
-                    if bad:
-                        failures.append((name, mode, kw, bad))
+                    _check(mode, name, spec, case, op, kw, dt, mode == "chunk" or recurrent_grads, failures)
         for launch, picks in SWITCHES:
             os.environ["LINATTN_LAUNCH"] = launch
             for i in picks:
                 name, kw, dtypes, _ = CASES[i]
                 spec, chunk, _ = table[name]
                 for dt in dtypes:
-                    dtype, tol = DTYPES[dt]
-                    case = testing.draw_case(spec, seed=100 + i, **kw)
-                    case.tensors = {k: (v.to(dtype) if v is not None and v.dim() >= 3 else v)
-                                    for k, v in case.tensors.items()}
                     n += 1
-                    errs = testing.compare(case, chunk)
-                    if dtype != torch.float32:   # (as above)
-                        errs = {k: e for k, e in errs.items()
-                                if k[1:] not in spec.args or spec.dims(k[1:])[:2] == ("B", "T")}
-                    bad = {k: f"{e:.2e}" for k, e in errs.items() if not e <= tol}
-                    worst = max(errs, key=errs.get)
-                    print(f"{launch:<16} {name:<9} {dt:<5} {kw}  worst {worst} {errs[worst]:.2e}"
-                          + (f"  FAIL {bad}" if bad else ""), flush=True)
-                    if bad:
-                        failures.append((name, launch, kw, bad))
+                    _check(launch, name, spec, _draw(spec, kw, dt, seed=100 + i), chunk, kw, dt, True, failures)
             del os.environ["LINATTN_LAUNCH"]
     # autograd hands the kernels an expanded (stride-0) gradient of the final state for `s.sum()`
     spec = registry.load("rwkv7")
