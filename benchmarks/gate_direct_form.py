@@ -19,8 +19,9 @@ The per-step log-decay gradient dg_t (t in chunk c, local cumulative log-decay G
 Session 15's run (max over 3 seeds; relative to max(|truth|, 1e-2)): T=1 without an initial state (true dg = 0):
 identity 9.5e-5 per step (1.5e-4 summed), direct 0; the sum over t and channels (a per-head decay's gradient) at
 T=260, log-decays down to -0.5: identity 1.0e-4, direct 6.6e-6; T=4096, down to -0.01: 2.4e-5 vs 4.0e-7.
-The delta and general transitions need the same with their low-rank terms (which read the state before its
-decay). Not yet in the kernels.
+In the kernels (every form): dqk_bwd / general_dqk_bwd form the carry (CARRY), the intra kernels leave the
+diagonal out of dGpos, gate_bwd sums inside chunks (additive.gate_grads' ``carry``). For the general transition
+the next chunk's first-row (a da) term moves into the carry; for the delta rule the values are the corrected ones.
 """
 
 import torch

@@ -229,8 +229,11 @@ def _backward(mod, gate, saved, do, dht, L, scale, need_gate_grads):
                               # (retention 0.409 -> 0.346 / 0.347 ms, Mamba2 1.342 -> 1.208 / 1.212), vector
                               # decays 2 stages (GLA 0.475 -> 0.414, 0.478 -> 0.411)
                               **launch_opts("dv_bwd", dict(num_stages=2) if vector else dict(num_warps=2)))
-    dq, dk, dGpos = dqk(mod, gate, q, k, v, vs, G, h, do, dhn, A, L, scale)
-    grads_in = gate_grads(mod, gate, gate_inputs, dGpos, ht, dht, L, K) if need_gate_grads \
+    # with each chunk's gate carry formed from the states (precise; see gate_grads)
+    dq, dk, dGpos, *carry = dqk(mod, gate, q, k, v, vs, G, h, do, dhn, A, L, scale,
+                                carry=need_gate_grads and bool(gate.grads))
+    carry = carry[0] if carry else None
+    grads_in = gate_grads(mod, gate, gate_inputs, dGpos, ht, dht, L, K, carry=carry) if need_gate_grads \
         else [None] * len(gate_inputs)
     return dq, dk, dv, (dvs.sum(-1) if dvs is not None else None), (dsk.sum(-1) if dsk is not None else None), \
         dh0, grads_in
@@ -267,12 +270,16 @@ def chunk_intra(mod, q, k, G, dA, dP, dq, dk, dk2, dGpos, L, H, HQ, K, pair):
     return DIAG_SPAN
 
 
-def dqk(mod, gate, q, k, v, vs, G, h, do, dhn, A, L, scale, du=None, dw=None, defer_intra=False):
-    """dq, dk (inputs' dtype, groups summed) and dGpos = q dq - k dk (fp32, per value head, [rows, H(, K)])
-    of the additive form with values ``v`` (times ``vs``), states ``h`` and state gradients ``dhn``;
-    with ``du``, also fills ``dw`` = du h^T (the delta form). ``defer_intra`` (vector decays, the delta form):
-    (dq, dk, dA) instead, the inter-chunk parts (fp32, per value head) and the intra-chunk scores' gradient,
-    for the delta form's dqk_intra_bwd to finish together with its own intra-chunk part."""
+def dqk(mod, gate, q, k, v, vs, G, h, do, dhn, A, L, scale, du=None, dw=None, defer_intra=False, carry=False):
+    """dq, dk (inputs' dtype, groups summed) and dGpos = q dq - k dk (fp32, per value head, [rows, H(, K)];
+    the intra pairs without their diagonal) of the additive form with values ``v`` (times ``vs``), states ``h``
+    and state gradients ``dhn``; with ``du``, also fills ``dw`` = du h^T (the delta form). ``defer_intra``
+    (vector decays, the delta form): (dq, dk, dA) instead, the inter-chunk parts (fp32, per value head) and the
+    intra-chunk scores' gradient, for the delta form's dqk_intra_bwd to finish together with its own
+    intra-chunk part. ``carry``: also (last) each chunk's gate carry formed from the states, gate_grads'
+    ``carry`` (fp32 [chunks, H, K] for vector decays, [chunks, H, key blocks] for scalar ones):
+    sum_j k_j dk_j(state terms) + E[G_n] sum_v h dhn, the sum of dGpos over every later position (the delta
+    form's too: its values v are then the corrected ones, U' = U - W h)."""
     rows, HQ, K = q.shape
     H, V = v.shape[1], v.shape[2]
     vector = gate.kind == "vector"
@@ -280,6 +287,7 @@ def dqk(mod, gate, q, k, v, vs, G, h, do, dhn, A, L, scale, du=None, dw=None, de
     BV = _pow2(V)
     o = launch_opts("dqk_bwd", dict(BK=_pow2(K), **_dqk_opts(du is not None, vector, vs is not None)))
     NK = triton.cdiv(K, o["BK"])
+    carry = torch.empty(L.NT, H, K if vector else NK, dtype=torch.float32, device=q.device) if carry else None
     if vector:
         dq = torch.empty(rows, H, K, dtype=torch.float32, device=q.device)
         dk = torch.empty_like(dq)
@@ -290,11 +298,12 @@ def dqk(mod, gate, q, k, v, vs, G, h, do, dhn, A, L, scale, du=None, dw=None, de
         dA = dq
         dGpos = torch.empty(rows, H, NK, dtype=torch.float32, device=q.device)
     mod.dqk_bwd[(NK, L.NT, H if vector else HQ)](q, k, v, _or(vs, G), G, h, do, dhn, dq, dk, dA, dGpos, _or(du, G),
-                                                 _or(dw, G), L.cu, L.chunk_indices, scale, H, HQ, K=K, V=V, BT=BT,
-                                                 BV=BV, VECTOR=vector, HALF=half, VSCALE=vs is not None,
-                                                 DELTA=du is not None, NG=1 if vector else H // HQ, **o)
+                                                 _or(dw, G), _or(carry, G), L.cu, L.chunk_indices, scale, H, HQ, K=K,
+                                                 V=V, BT=BT, BV=BV, VECTOR=vector, HALF=half, VSCALE=vs is not None,
+                                                 DELTA=du is not None, NG=1 if vector else H // HQ,
+                                                 CARRY=carry is not None, **o)
     if vector and defer_intra:
-        return dq, dk, dA
+        return (dq, dk, dA, carry) if carry is not None else (dq, dk, dA)
     if vector:
         # H200, GLA T=4096: BK 64 -> 32, 2.760 -> 2.491 ms
         cspan = chunk_intra(mod, q, k, G, dA, dA, dq, dk, dk, dGpos, L, H, HQ, K, pair=False)
@@ -309,7 +318,7 @@ def dqk(mod, gate, q, k, v, vs, G, h, do, dhn, A, L, scale, du=None, dw=None, de
         dq, dk = group_sum(dq, HQ).to(q.dtype), group_sum(dk, HQ).to(k.dtype)
     else:
         dGpos = dGpos.sum(-1)
-    return dq, dk, dGpos
+    return (dq, dk, dGpos, carry) if carry is not None else (dq, dk, dGpos)
 
 
 def group_sum(x: torch.Tensor, HQ: int) -> torch.Tensor:
@@ -318,14 +327,27 @@ def group_sum(x: torch.Tensor, HQ: int) -> torch.Tensor:
     return x if H == HQ else x.view(rows, HQ, H // HQ, K).sum(2)
 
 
-def gate_grads(mod, gate, gate_inputs, dGpos, ht, dht, L, K) -> list:
+def gate_grads(mod, gate, gate_inputs, dGpos, ht, dht, L, K, carry=None) -> list:
     """Gradients of the log-decay's raw inputs from dGpos (the cumulative log-decay's gradient per
-    position) and the final-state term sum_v S_T dS_T: gate_bwd (reverse cumsum, sympy chain rule)."""
+    position) and the final-state term sum_v S_T dS_T: gate_bwd (reverse cumsum, sympy chain rule).
+    ``carry`` (dqk's, [chunks, H, K] or [chunks, H, key blocks]): each chunk's sum over every later position
+    formed from the states, so the running sums stay inside chunks. Without it, the running sum over the
+    sequence of dGpos and dfinal: its rounding grows with the sequence (a per-head decay's gradient 1.0e-4 vs
+    6.6e-6 at T=260, benchmarks/gate_direct_form.py)."""
     grads_in = [None] * len(gate_inputs)
     if not gate.grads:
         return grads_in
     vector = gate.kind == "vector"
     H = dGpos.shape[1]
+    gate_bwd = getattr(mod, f"gate_bwd_{gate.tag}")
+    if carry is not None:
+        bufs = [torch.empty_like(dGpos) for _ in gate.grads]
+        BKg = _pow2(K) if vector else 16
+        gate_bwd[(triton.cdiv(K, BKg) if vector else 1, L.NT, H)](
+            *gate_inputs, *bufs, dGpos.contiguous(), carry if vector else carry.sum(-1).contiguous(), L.cu,
+            L.chunk_indices, H, K=K, BT=BT, BK=BKg, VECTOR=vector, WALK=False)
+        return [_reduce_to(bufs[i], gate.input_layouts[n], vector).reshape(gate_inputs[i].shape).to(
+            gate_inputs[i].dtype) for i, n in enumerate(gate.inputs)]
     if dht is not None and ht is not None:
         dfinal = (ht * dht).sum(-1)
         dfinal = dfinal if vector else dfinal.sum(-1)
@@ -335,7 +357,6 @@ def gate_grads(mod, gate, gate_inputs, dGpos, ht, dht, L, K) -> list:
     dGpos = dGpos.contiguous()
     BKg = _pow2(K) if vector else 16
     nk = triton.cdiv(K, BKg) if vector else 1
-    gate_bwd = getattr(mod, f"gate_bwd_{gate.tag}")
     # the reverse running sum: with one program per sequence, head and key block filling at least half the card,
     # each walks its sequence's chunks from the last (H200, T=4096, 8 x 16 programs: KDA 0.190 ms); with fewer,
     # three passes, two of them parallel over chunks: chunk totals, the sequences' running sums over chunk

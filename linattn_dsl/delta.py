@@ -154,8 +154,10 @@ def _backward(mod, gate, saved, do, dht, L: _Layout, scale, need_gate_grads):
     del dvl
     dw = torch.empty(rows, H, K, dtype=store, device=dev)
     # vector decays: dqk leaves the inter-chunk parts of dq, dk and dA; dqk_intra_bwd finishes them below
-    dq, dk_add, dA_or_dGpos = dqk(mod, gate, q, k, vnew, None, G, h, do, dhn, A, L, scale, du=du, dw=dw,
-                                  defer_intra=vector)
+    # with each chunk's gate carry formed from the states (precise; additive.gate_grads)
+    dq, dk_add, dA_or_dGpos, *carry = dqk(mod, gate, q, k, vnew, None, G, h, do, dhn, A, L, scale, du=du, dw=dw,
+                                          defer_intra=vector, carry=need_gate_grads and bool(gate.grads))
+    carry = carry[0] if carry else None
     fold = not vector and HQ == H   # ut_bwd adds dqk's dk and stores the final dk
     dk_ut = torch.empty(rows, H, K, dtype=k.dtype if fold else torch.float32, device=dev)
     dv = torch.empty_like(v)
@@ -181,7 +183,7 @@ def _backward(mod, gate, saved, do, dht, L: _Layout, scale, need_gate_grads):
     else:
         dk = dk_ut if fold else (dk_add.float() + group_sum(dk_ut, HQ)).to(k.dtype)
         dGpos = dA_or_dGpos + gpos
-    grads_in = gate_grads(mod, gate, gate_inputs, dGpos, ht, dht, L, K) if need_gate_grads \
+    grads_in = gate_grads(mod, gate, gate_inputs, dGpos, ht, dht, L, K, carry=carry) if need_gate_grads \
         else [None] * len(gate_inputs)
     return dq, dk, dv, dbeta.to(beta.dtype), dh0, grads_in
 

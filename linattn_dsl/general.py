@@ -188,10 +188,13 @@ def _backward(mod, gate, q, k, v, a, b, gate_inputs, h0, st, ht, do, dht, L, sca
                                     BT=BT, BV=BV, HALF=half,
                                     # H100 RWKV7 T=16384 bf16: 0.733 ms at 8 warps / 3 stages, 0.564 at 4 / 2
                                     **launch_opts("general_dmat_bwd", dict(num_warps=4 if half else 8, num_stages=2)))
+    # each chunk's gate carry formed from the states (precise; additive.gate_grads)
+    carry = torch.empty(L.NT, H, K if vector else NK, dtype=torch.float32, device=dev) \
+        if need_gate_grads and gate.grads else None
     mod.general_dqk_bwd[(NK, L.NT, H)](
-        q, k, a, b, v, G, dY, h, dhn, st["R"], do, *direct, *dmats, X, Q, L.cu, L.chunk_indices,
-        scale, H, HQ, K=K, V=V, BT=BT, BK=BK, BV=BV, VECTOR=vector, HALF=half,
-        **launch_opts("general_dqk_bwd", dict(num_warps=8, num_stages=3 if half else 2)))
+        q, k, a, b, v, G, dY, h, dhn, st["R"], do, *direct, *dmats, X, Q, G if carry is None else carry, L.cu,
+        L.chunk_indices, scale, H, HQ, K=K, V=V, BT=BT, BK=BK, BV=BV, VECTOR=vector, HALF=half,
+        CARRY=carry is not None, **launch_opts("general_dqk_bwd", dict(num_warps=8, num_stages=3 if half else 2)))
     del dhn, dR, dY
     if vector:
         dGpos = torch.empty(rows, H, K, dtype=torch.float32, device=dev)
@@ -217,7 +220,7 @@ def _backward(mod, gate, q, k, v, a, b, gate_inputs, h0, st, ht, do, dht, L, sca
         if cspan >= 0:
             mod.general_chunk_intra_bwd[(triton.cdiv(K, oc["BK"]), L.NT, H)](
                 q, k, a, b, G, *dmats, *direct, *outs, dGpos, L.cu, L.chunk_indices, H, HQ, K=K, BT=BT, CSPAN=cspan,
-                DOT=int(half == 1), **oc)
+                DOT=int(half == 1), CARRY=carry is not None, **oc)
         # RB: sub-blocks per program (general_intra_diag_bwd r0: off). When the whole-chunk kernel takes most
         # chunks, these launches' programs return at once, and their number is the launch's cost (H200, RWKV7
         # T=4096, one call: general_intra_bwd 0.123 + general_intra_diag_bwd 0.084 ms at one sub-block each,
@@ -235,16 +238,17 @@ def _backward(mod, gate, q, k, v, a, b, gate_inputs, h0, st, ht, do, dht, L, sca
                 DOT=int(half == 1), CSPAN=cspan, RB=rbd, **od)
         mod.general_intra_bwd[(triton.cdiv(K, opts["BK"]), L.NT * (BT // BC // rbi), H)](
             q, k, a, b, G, *dmats, *direct, *outs, dGpos, L.cu, L.chunk_indices, H, HQ, K=K, BT=BT, BC=BC,
-            HALF=half, DIAG=not diag, CSPAN=cspan, RB=rbi, **opts)
+            HALF=half, DIAG=not diag, CSPAN=cspan, RB=rbi, CARRY=carry is not None, **opts)
         del direct
     grads_in = [None] * len(gate_inputs)
     if need_gate_grads and gate.grads:
         if not vector:   # dGpos_t = X_t + Q_{t+1}, summed over key blocks
             X, Q = X.sum(-1, keepdim=True), Q.sum(-1, keepdim=True)
             dGpos = torch.empty_like(X)
-            mod.general_dgate_bwd[(1, L.NT, H)](X, Q, dGpos, L.cu, L.chunk_indices, H, W=1, BT=BT, BW=16)
+            mod.general_dgate_bwd[(1, L.NT, H)](X, Q, dGpos, L.cu, L.chunk_indices, H, W=1, BT=BT, BW=16,
+                                                CARRY=carry is not None)
             dGpos = dGpos[..., 0]
-        grads_in = gate_grads(mod, gate, gate_inputs, dGpos, ht, dht, L, K)
+        grads_in = gate_grads(mod, gate, gate_inputs, dGpos, ht, dht, L, K, carry=carry)
     dq, dk, da, db = outs
     dq, dk = _group_sum(dq, HQ).to(q.dtype), _group_sum(dk, HQ).to(k.dtype)
     return dq, dk, dv, da, db, dh0, grads_in

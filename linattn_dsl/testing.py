@@ -120,6 +120,13 @@ def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
     return float((x - ref).abs().max() / ref.abs().max().clamp_min(1e-2)) if ref.numel() else 0.0
 
 
+def not_reproduced(first: dict[str, torch.Tensor], second: dict[str, torch.Tensor]) -> list[str]:
+    """The names whose tensors differ in any bit between two runs of the same computation. The kernels use no
+    atomics, so a run is a pure function of its inputs: a difference is a race (on an H200, a sum formed inside
+    a pipelined loop from the tiles its products read once gave RWKV7's da 2e-1 apart between two bf16 runs)."""
+    return [k for k in first if not torch.equal(first[k], second[k])]
+
+
 def compare(case: Case, op, *, grads: bool = True, op_dtype: torch.dtype | None = None) -> dict[str, float]:
     """Relative errors of ``op`` against the float64 oracle: output, final state and, with ``grads``,
     the gradient of every floating input and of the initial state."""

@@ -53,3 +53,11 @@ def test_interpreted_triton_kernels():
     print(r.stdout[-4000:])
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     assert "cases passed" in r.stdout
+
+
+def test_not_reproduced_names_every_differing_bit():
+    """The GPU bf16 tests run each backward twice and compare bits (testing.not_reproduced)."""
+    first = {"o": torch.ones(3), "da": torch.zeros(2)}
+    second = {"o": torch.ones(3), "da": torch.tensor([0.0, 1e-30])}
+    assert testing.not_reproduced(first, dict(first)) == []
+    assert testing.not_reproduced(first, second) == ["da"]
