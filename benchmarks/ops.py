@@ -33,7 +33,7 @@ def make_inputs(op: str, T: int, device="cuda"):
     if op == "mamba2":
         H, P, N = 64, 64, 128
         x = torch.randn(B, T, H, P, **bf)
-        dt = torch.randn(B, T, H, device=device, dtype=torch.float32) - 2.0
+        dt = torch.randn(B, T, H, **bf) - 2.0   # per-token inputs share one dtype (per-head A, D, dt_bias fp32)
         A = -torch.exp(torch.rand(H, device=device) * 2.0)
         Bm, C = torch.randn(B, T, 1, N, **bf), torch.randn(B, T, 1, N, **bf)
         D = torch.randn(H, device=device)
@@ -54,10 +54,10 @@ def make_inputs(op: str, T: int, device="cuda"):
     if op == "delta_rule":
         return dict(q=q, k=k, v=v, beta=beta)
     if op == "gated_delta_rule":
-        g = F.logsigmoid(torch.randn(B, T, H, device=device))
+        g = F.logsigmoid(torch.randn(B, T, H, device=device)).to(torch.bfloat16)
         return dict(q=q, k=k, v=v, g=g, beta=beta)
     if op == "kda":
-        g = F.logsigmoid(torch.randn(B, T, H, D, device=device)) / 4
+        g = (F.logsigmoid(torch.randn(B, T, H, D, device=device)) / 4).to(torch.bfloat16)
         return dict(q=q, k=k, v=v, g=g, beta=beta)
     if op == "rwkv7":
         w = -torch.exp(0.5 * torch.randn(B, T, H, D, device=device) - 2.5)

@@ -341,7 +341,7 @@ def gate_grads(mod, gate, gate_inputs, dGpos, ht, dht, L, K, carry=None) -> list
     H = dGpos.shape[1]
     gate_bwd = getattr(mod, f"gate_bwd_{gate.tag}")
     if carry is not None:
-        bufs = [torch.empty_like(dGpos) for _ in gate.grads]
+        bufs = _grad_buffers(gate, gate_inputs, dGpos)
         BKg = _pow2(K) if vector else 16
         gate_bwd[(triton.cdiv(K, BKg) if vector else 1, L.NT, H)](
             *gate_inputs, *bufs, dGpos.contiguous(), carry if vector else carry.sum(-1).contiguous(), L.cu,
@@ -353,7 +353,7 @@ def gate_grads(mod, gate, gate_inputs, dGpos, ht, dht, L, K, carry=None) -> list
         dfinal = dfinal if vector else dfinal.sum(-1)
     else:
         dfinal = torch.zeros((L.N, H, K) if vector else (L.N, H), dtype=torch.float32, device=dGpos.device)
-    bufs = [torch.empty_like(dGpos) for _ in gate.grads]
+    bufs = _grad_buffers(gate, gate_inputs, dGpos)
     dGpos = dGpos.contiguous()
     BKg = _pow2(K) if vector else 16
     nk = triton.cdiv(K, BKg) if vector else 1
@@ -380,6 +380,16 @@ def gate_grads(mod, gate, gate_inputs, dGpos, ht, dht, L, K, carry=None) -> list
         grads_in[i] = _reduce_to(bufs[i], gate.input_layouts[n], vector).reshape(gate_inputs[i].shape).to(
             gate_inputs[i].dtype)
     return grads_in
+
+
+def _grad_buffers(gate, gate_inputs, dGpos: torch.Tensor) -> list[torch.Tensor]:
+    """gate_bwd's outputs, one per input at the decay's layout (dGpos's shape): in the input's own dtype where
+    that layout is the input's (gate_bwd's store rounds, as a cast would, and no cast kernel follows), fp32 where
+    the host still sums them down to the input's shape."""
+    vector = gate.kind == "vector"
+    own = "token_feature" if vector else "token"
+    return [torch.empty(dGpos.shape, dtype=x.dtype if gate.input_layouts[n] == own else torch.float32,
+                        device=dGpos.device) for n, x in zip(gate.inputs, gate_inputs)]
 
 
 def _reduce_to(buf: torch.Tensor, layout: str, vector: bool) -> torch.Tensor:
@@ -513,55 +523,3 @@ def _fused(spec, key: tuple, what: str):
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
-
-def _align(t: torch.Tensor, layout: str, vector: bool) -> torch.Tensor:
-    """View a raw gate input so it broadcasts against the decay's [B, T, H(, K)] layout."""
-    if layout == "token":
-        return t[..., None] if vector else t
-    if layout == "head":
-        return t.reshape(1, 1, -1, 1) if vector else t.reshape(1, 1, -1)
-    if layout == "head_feature":
-        return t[None, None]
-    return t
-
-
-def run_torch(mod, variant, bound: Bound, mode: str):
-    """An op call on the generated PyTorch twin (CPU) of the spec's form (additive, delta or general):
-    the same plan, differentiated by autograd."""
-    from .reference import l2_normalize, run_bound
-
-    if mode == "fused_recurrent":
-        return run_bound(bound)
-    spec = bound.spec
-    roles = gates_mod.evaluate(bound, exclude=("log_decay",))
-    B, T = bound.sizes["B"], bound.sizes["T"]
-    H, HQ, K = bound.size("H"), bound.size("HQ"), bound.size("K")
-    gate = variant.gate
-    vector = gate.kind == "vector"
-    xs = []
-    for n, t in zip(gate.inputs, _gate_inputs(bound, gate)):
-        xs.append(_align(t.float(), gate.input_layouts[n], vector))
-    head = torch.arange(H, device=bound.device, dtype=torch.float32).reshape(1, 1, H, *([1] if vector else []))
-    g = getattr(mod, f"log_decay_torch_{gate.tag}")(*xs, head)
-    g = torch.as_tensor(g, dtype=torch.float32, device=bound.device)
-    g = g.expand(B, T, H, K) if vector else g.expand(B, T, H)[..., None]
-    q, k = roles["query"], roles["key"]
-    if spec.resolve(bound.switches).qk_l2norm:
-        q, k = l2_normalize(q), l2_normalize(k)
-    q, k = q.repeat_interleave(H // HQ, dim=2), k.repeat_interleave(H // HQ, dim=2)
-    v, h0 = roles["value"], bound.initial_state
-    # per-token roles beyond q, k, v, g that the form's twin takes, in its argument order
-    extras = {"additive": [], "delta": ["beta"], "general": ["a", "b"]}[mod.FORM]
-    twin = getattr(mod, f"chunk_{mod.FORM}_torch")
-    if bound.cu_seqlens is None:
-        o, ht = twin(q, k, v, g, *(roles[r] for r in extras), bound.scale, h0)
-    else:
-        cu = bound.cu_seqlens.tolist()
-        parts = [twin(q[:, a:b], k[:, a:b], v[:, a:b], g[:, a:b], *(roles[r][:, a:b] for r in extras), bound.scale,
-                      None if h0 is None else h0[n:n + 1])
-                 for n, (a, b) in enumerate(zip(cu, cu[1:]))]
-        o = torch.cat([p[0] for p in parts], 1)
-        ht = torch.cat([p[1] for p in parts], 0)
-    if "skip" in roles:
-        o = o + roles["skip"]
-    return o.to(bound.out_dtype), (ht if bound.output_final_state else None)

@@ -1,18 +1,45 @@
 """Binding and validating an op's arguments against its spec, before anything is launched.
 
-Every check raises ``ValueError`` naming the argument, what it got and what it expects.
+Every check raises ``ValueError`` naming the argument, what it got and what it expects. The policy, the
+same on every backend:
+
+* shapes: every input has its declared rank, shape symbols agree, heads group evenly, head dims tile;
+* dtypes: the per-token inputs (those with the B and T dims) share one floating dtype; per-head
+  parameters (no B, T dims: Mamba2's ``A``, ``D``, ``dt_bias``, KDA's ``A_log``) may be float32 beside
+  them, as mixed-precision training passes them, or have their dtype; the initial state likewise
+  (float32, the kernels' state type, or the per-token dtype);
+* an optional input that the resolved roles do not read under the given switches is an error, not
+  silently ignored (KDA's ``A_log`` without ``use_gate_in_kernel``);
+* ``scale`` is a finite number > 0; ``cu_seqlens`` packs non-empty sequences into B == 1;
+* with ``LINATTN_CHECK_INPUTS=1`` in the environment, inputs whose declared sign the spec relies on
+  (GLA's log-decay ``g <= 0``, Mamba2's ``A <= 0``) are checked too (one device sync per call).
 """
 
 from __future__ import annotations
 
+import math
+import numbers
+import os
 from dataclasses import dataclass
 
 import torch
 
-from .spec import Recurrence
+from .spec import BATCH, TIME, Recurrence
 
 # Head dims the generated kernels tile (one block of the key / value dim per program).
 MAX_HEAD_DIM = 256
+
+# The debug switch of the sign contracts: off by default, because checking costs a device sync.
+CHECK_ENV = "LINATTN_CHECK_INPUTS"
+
+# A sign's violation, on the finite values only: -inf is a legal log-decay (a reset) and a NaN is the
+# caller's to see, not a sign to enforce.
+_VIOLATES = {
+    "nonpositive": ("<= 0", lambda t: t > 0),
+    "negative": ("< 0", lambda t: t >= 0),
+    "nonnegative": (">= 0", lambda t: t < 0),
+    "positive": ("> 0", lambda t: t <= 0),
+}
 
 
 @dataclass
@@ -85,6 +112,7 @@ def bind(spec: Recurrence, tensors: dict, switches: dict | None = None, scale: f
                 raise ValueError(f"{name}: expected shape [{', '.join(dims)}] = {_fmt(expect)}, got "
                                  f"{_fmt(t.shape)} ({d} is {sizes[d]} from the earlier inputs)")
             sizes[d] = n
+    _check_dtypes(spec, tensors)
     hd = spec.head_dims
     H, HQ = sizes[hd["H"]], sizes[hd["HQ"]]
     if HQ == 0 or H % HQ != 0:
@@ -103,10 +131,12 @@ def bind(spec: Recurrence, tensors: dict, switches: dict | None = None, scale: f
         if not isinstance(v, bool):
             raise ValueError(f"{k}: expected True or False, got {v!r}")
         sw[k] = v
+    _check_used(spec, tensors, sw)
     if scale is None:
         scale = spec.scale if spec.scale is not None else sizes[hd["K"]] ** -0.5
-    elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
-        raise ValueError(f"scale: expected a positive number or None, got {scale!r}")
+    elif isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale) \
+            or not scale > 0:
+        raise ValueError(f"scale: expected a positive number (finite) or None (meaning K ** -0.5), got {scale!r}")
     dev = first_dev[1]
     if cu_seqlens is not None:
         if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype not in (torch.int32, torch.int64):
@@ -119,6 +149,9 @@ def bind(spec: Recurrence, tensors: dict, switches: dict | None = None, scale: f
         if cu_seqlens.device != dev:
             raise ValueError(f"cu_seqlens: is on {cu_seqlens.device} but the inputs are on {dev}")
         c = cu_seqlens.tolist()
+        if sizes["T"] == 0:
+            raise ValueError(f"cu_seqlens: T = 0 leaves nothing to pack (every packed sequence needs at least one "
+                             f"token), got {c if len(c) <= 12 else c[:6] + ['...'] + c[-6:]}; pass cu_seqlens=None")
         if c[0] != 0 or c[-1] != sizes["T"] or any(b <= a for a, b in zip(c, c[1:])):
             raise ValueError(f"cu_seqlens: expected strictly increasing offsets from 0 to T = {sizes['T']}, "
                              f"got {c if len(c) <= 12 else c[:6] + ['...'] + c[-6:]}")
@@ -130,9 +163,83 @@ def bind(spec: Recurrence, tensors: dict, switches: dict | None = None, scale: f
             raise ValueError(f"initial_state: expected shape [N, H, K, V] = {_fmt(want)}, got {got}")
         if not initial_state.is_floating_point():
             raise ValueError(f"initial_state: expected a floating-point tensor, got {initial_state.dtype}")
+        act = _token_dtype(spec, tensors)
+        if initial_state.dtype not in (torch.float32, act):
+            also = "" if act == torch.float32 else f" or the per-token inputs' {act}"
+            raise ValueError(f"initial_state: expected dtype torch.float32 (the kernels' state type){also}, got "
+                             f"{initial_state.dtype}")
         if initial_state.device != dev:
             raise ValueError(f"initial_state: is on {initial_state.device} but the inputs are on {dev}")
     if not isinstance(output_final_state, bool):
         raise ValueError(f"output_final_state: expected True or False, got {output_final_state!r}")
-    return Bound(spec, {n_: tensors.get(n_) for n_ in spec.args}, sw, sizes, float(scale), initial_state,
-                 output_final_state, cu_seqlens)
+    bound = Bound(spec, {n_: tensors.get(n_) for n_ in spec.args}, sw, sizes, float(scale), initial_state,
+                  output_final_state, cu_seqlens)
+    if os.environ.get(CHECK_ENV) == "1":
+        check_signs(bound)
+    return bound
+
+
+def _token_dtype(spec: Recurrence, tensors: dict) -> torch.dtype:
+    """The dtype of the per-token inputs (checked to be one by :func:`_check_dtypes`)."""
+    return next(tensors[n].dtype for n in spec.args if spec.dims(n)[:2] == (BATCH, TIME) and tensors.get(n) is not None)
+
+
+def _check_dtypes(spec: Recurrence, tensors: dict) -> None:
+    """One dtype for the per-token inputs; per-head parameters in float32 or that dtype."""
+    given = [n for n in spec.args if tensors.get(n) is not None]
+    token = [n for n in given if spec.dims(n)[:2] == (BATCH, TIME)]
+    act = tensors[token[0]].dtype
+    for n in token[1:]:
+        if tensors[n].dtype != act:
+            listed = ", ".join(f"{m} {tensors[m].dtype}" for m in token)
+            raise ValueError(f"{n}: has dtype {tensors[n].dtype} but {token[0]} has {act}; the per-token inputs "
+                             f"of {spec.name} must share one dtype, got {listed}")
+    for n in given:
+        if n not in token and tensors[n].dtype not in (torch.float32, act):
+            want = "torch.float32" + ("" if act == torch.float32 else f" or the per-token inputs' {act}")
+            raise ValueError(f"{n}: a per-head parameter of {spec.name} must be {want} (the dtype of "
+                             f"{token[0]}), got {tensors[n].dtype}")
+
+
+def _check_used(spec: Recurrence, tensors: dict, sw: dict) -> None:
+    """An optional input passed while the roles under the given switches do not read it is an error
+    (it would be silently ignored)."""
+    used = spec.uses(sw)
+    for n in spec.optional:
+        if tensors.get(n) is None or n in used:
+            continue
+        # the nearest switch settings under which the input is read, to say what the caller may have meant
+        alts = [v for v in spec.variants() if n in spec.uses(v)]
+        if not alts:
+            raise ValueError(f"{n}: passed, but {spec.name} reads it under no setting of its switches; pass {n}=None")
+        best = min(alts, key=lambda v: sum(v[k] != sw[k] for k in v))
+        diff = sorted(k for k in best if best[k] != sw[k])
+        now = ", ".join(f"{k}={sw[k]}" for k in diff)
+        fix = ", ".join(f"{k}={best[k]}" for k in diff)
+        raise ValueError(f"{n}: passed, but {spec.name} does not use it with {now}; pass {n}=None, or {fix} "
+                         "to use it")
+
+
+def check_signs(bound: Bound) -> None:
+    """The sign contracts of a call (``LINATTN_CHECK_INPUTS=1``): every input whose declared sign the
+    spec's roles rely on under the call's switches (GLA's ``g <= 0``), checked on its finite values, with
+    one device sync for all of them. Roles whose sign the spec proves (``-softplus(x)``, KDA's in-kernel
+    gate) read inputs of any sign and are never checked."""
+    contracts = bound.spec.sign_contracts(bound.switches, bound.present)
+    names = [n for n in contracts if bound.tensors[n] is not None]
+    if not names:
+        return
+    bad = []
+    for n in names:
+        t = bound.tensors[n].detach()
+        bad.append((_VIOLATES[contracts[n]][1](t) & torch.isfinite(t)).any())
+    flags = torch.stack(bad).tolist()   # the one sync
+    for n, flag in zip(names, flags):
+        if flag:
+            t = bound.tensors[n].detach()
+            want, violates = _VIOLATES[contracts[n]]
+            mask = violates(t) & torch.isfinite(t)
+            idx = tuple(int(i) for i in mask.nonzero()[0])
+            raise ValueError(f"{n}: must be {want} ({bound.spec.name} declares it {contracts[n]} and relies on "
+                             f"it), got {float(t[idx])!r} at index {idx}, {int(mask.sum())} such value(s) in all "
+                             f"(checked because {CHECK_ENV}=1)")

@@ -1,9 +1,19 @@
-"""The `linattn` command: list, show, regen, verify, demo, train, generate, eval."""
+"""The `linattn` command: list, show, regen, verify, demo, train, generate, eval.
+
+Errors the user can act on (a bad argument, config, file or checkpoint: ``ValueError`` / ``OSError``) print
+one ``linattn: error: ...`` line and exit 2. The commands that load models (train, generate, eval, demo)
+print their own progress: transformers' and lm-eval's bars and notes are off while one runs
+(:func:`quiet_libraries`), and back as they were afterwards.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
+import shutil
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from . import codegen, evaluate, generate, registry
@@ -86,18 +96,26 @@ def cmd_verify(args) -> int:
 
     from . import verify
 
+    # the cheap checks first: a bad device or count fails before any code is generated
+    verify.check_args(args.examples, args.max_t, args.device, ("--examples", "--max-t", "--device"))
     spec = _load(args.spec)
-    if _is_builtin(args.spec):
-        module = importlib.import_module(f"linattn_dsl.generated.{spec.name}")
-    else:   # a user's spec: generate it into a temporary folder and import the result
-        tmp = Path(tempfile.mkdtemp(prefix="linattn_verify_"))
-        codegen.regen([spec], tmp, builtin=False, index=False)
-        module = _import_file(tmp / f"{spec.name}.py")
     dtype = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
              "bfloat16": torch.bfloat16}[args.dtype]
-    results = verify.verify(spec, module, examples=args.examples, dtype=dtype, max_T=args.max_t, device=args.device)
     print(f"verify {spec.name}: {args.examples} hypothesis examples per backend, {args.dtype} vs float64 oracle"
-          f" on {args.device}")
+          f" on {args.device}", flush=True)
+    tmp = None
+    try:
+        if _is_builtin(args.spec):
+            module = importlib.import_module(f"linattn_dsl.generated.{spec.name}")
+        else:   # a user's spec: generate it into a temporary folder (removed after) and import the result
+            tmp = Path(tempfile.mkdtemp(prefix="linattn_verify_"))
+            codegen.regen([spec], tmp, builtin=False, index=False)
+            module = _import_file(tmp / f"{spec.name}.py")
+        results = verify.verify(spec, module, examples=args.examples, dtype=dtype, max_T=args.max_t,
+                                device=args.device)
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
     print(verify.table(results, verify.TOLERANCE[dtype]))
     return 0 if all(r.ok for r in results) else 1
 
@@ -149,14 +167,46 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@contextlib.contextmanager
+def quiet_libraries() -> Iterator[None]:
+    """For one command: transformers' (and huggingface_hub's) progress bars off and its log at errors only,
+    lm-eval's log at errors only; each restored afterwards, so nothing outside the command changes.
+
+    What these hide are notes the user cannot act on ("Writing model shards", "Loading weights", lm-eval's
+    "`pretrained` model kwarg is not of type `str`" for the model object we pass on purpose)."""
+    import huggingface_hub.utils as hub_utils
+    from transformers.utils import logging as hf_logging
+
+    hf_bars, hub_bars_off, verbosity = (hf_logging.is_progress_bar_enabled(), hub_utils.are_progress_bars_disabled(),
+                                        hf_logging.get_verbosity())
+    lm_eval_log = logging.getLogger("lm_eval")
+    lm_eval_level = lm_eval_log.level
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    lm_eval_log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        lm_eval_log.setLevel(lm_eval_level)
+        hf_logging.set_verbosity(verbosity)
+        if hf_bars:
+            hf_logging.enable_progress_bar()
+        if hub_bars_off:
+            hub_utils.disable_progress_bars()
+        elif hub_utils.are_progress_bars_disabled():
+            hub_utils.enable_progress_bars()
+
+
+# the commands that load models and libraries that print progress of their own
+QUIET_COMMANDS = ("train", "generate", "eval", "demo")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.fn(args)
-    except CliError as e:
-        print(f"linattn: error: {e}", file=sys.stderr)
-        return 2
-    except (OSError, ValueError) as e:
+        with quiet_libraries() if args.cmd in QUIET_COMMANDS else contextlib.nullcontext():
+            return args.fn(args)
+    except (CliError, OSError, ValueError) as e:
         print(f"linattn: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -46,10 +46,12 @@ def _spec_ref(spec: Recurrence, builtin: bool) -> tuple[str, str]:
     return repr(path), Path(path).name
 
 
-# the delta and general forms reuse the additive stages (gate, state, scores, output, their backwards)
-# with the corrected values in place of v, plus their own transform stages
+# the delta form reuses the additive stages (gate, state, scores, output, their backwards) with the corrected
+# values in place of v, plus its own transform stages (Triton and torch twin alike); the general form reuses
+# the additive Triton stages' helpers and has stages of its own
 DELTA_TEMPLATES = ("gate_fwd.py.j2", "gate_bwd.py.j2", "additive_fwd.py.j2", "additive_bwd.py.j2",
-                   "delta_fwd.py.j2", "delta_bwd.py.j2", "torch_common.py.j2", "torch_delta.py.j2")
+                   "delta_fwd.py.j2", "delta_bwd.py.j2", "torch_common.py.j2", "torch_additive.py.j2",
+                   "torch_delta.py.j2")
 GENERAL_TEMPLATES = ("gate_fwd.py.j2", "gate_bwd.py.j2", "additive_fwd.py.j2", "additive_bwd.py.j2",
                      "general_fwd.py.j2", "general_bwd.py.j2", "torch_common.py.j2", "torch_general.py.j2")
 

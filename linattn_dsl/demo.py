@@ -8,13 +8,13 @@
 5. generate a sample from the exported model;
 6. score it with lm-evaluation-harness on the local held-out tasks (small limits);
 then a summary table with where every artefact was written. About 5 minutes on a 2-core CPU
-(``--quick``: under 2 minutes).
+(``--quick``: under 2 minutes). Each step prints one line when it starts and then its result; the training
+prints its loss and the time left as it goes, the evaluation one progress bar per request type.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import shutil
 import time
 from pathlib import Path
@@ -24,6 +24,10 @@ import torch
 from . import codegen, ops, registry, testing, verify
 
 
+def announce(step: int, text: str) -> None:
+    print(f"[{step}/6] {text}", flush=True)
+
+
 def run_demo(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -31,20 +35,21 @@ def run_demo(args) -> int:
     t0 = time.time()
     specs = registry.all_specs()
     scratch = out / "generated"
+    announce(1, f"regenerate {len(specs)} specs into {scratch}")
     codegen.regen(specs, scratch, builtin=True)
     stale = codegen.regen(specs, codegen.default_out_dir(), check=True)
-    print(f"[1/6] regenerated {len(specs)} specs into {scratch}: "
-          + ("identical to the package's generated/" if not stale else f"package copy is stale: {stale}"))
+    print("      " + ("identical to the package's generated/" if not stale else f"package copy is stale: {stale}"))
     rows.append(("regen", f"{len(specs)} specs", "ok" if not stale else "STALE", str(scratch)))
 
     spec = registry.load("gla")
     n = 3 if args.quick else 10
+    announce(2, f"verify {spec.name} against the float64 oracle ({n} hypothesis examples per backend)")
+    t = time.time()
     res = verify.verify(spec, examples=n, max_T=48 if args.quick else 96)
-    print(f"[2/6] verify {spec.name} ({n} examples per backend):")
-    print(verify.table(res, verify.TOLERANCE[torch.float32]))
+    print(verify.table(res, verify.TOLERANCE[torch.float32]) + f"\n      ({time.time() - t:.0f} s)")
     rows.append(("verify gla", f"{n} examples x {len(res)} backends", "ok" if all(r.ok for r in res) else "FAIL", "-"))
 
-    print("[3/6] every op, forward + backward, B=2 T=64 H=2 D=16 on", "cpu")
+    announce(3, "every op, forward + backward, B=2 T=64 H=2 D=16 on cpu (timings in the table at the end)")
     for s in specs:
         case = testing.draw_case(s, B=2, T=64, heads=2, K=16, V=16, seed=1)
         for mode in ("chunk", "fused_recurrent"):
@@ -94,16 +99,20 @@ def model_stages(out: Path, quick: bool, artefacts: dict) -> list[tuple[str, str
         ("lr_scheduler.warmup_steps", steps // 10), ("checkpoint.interval", steps // 3),
         ("checkpoint.keep_latest_k", 1), ("metrics.log_freq", 5),
     ])
-    print(f"[4/6] train a {layers}-layer hybrid GLA (attention at layer {layers // 2}, hidden {hidden}) on "
-          f"{SHAKESPEARE.name}: {steps} steps of {batch} x {seq_len} BPE tokens")
-    print(f"      {'step':>6} {'loss':>8} {'held-out':>9} {'tokens/s':>9}")
+    announce(4, f"train a {layers}-layer hybrid GLA (attention at layer {layers // 2}, hidden {hidden}) on "
+                f"{SHAKESPEARE.name}: {steps} steps of {batch} x {seq_len} BPE tokens")
+    print(f"      {'step':>6} {'loss':>8} {'held-out':>9} {'tokens/s':>9} {'left':>6}", flush=True)
+    t = time.time()
+    after_first: list[float] = []  # when step 1 ended: it includes one-off warm-up, left out of the estimate
 
     def show(step: int, record: dict) -> None:
+        if step == 1:
+            after_first.append(time.time())
         if step == 1 or step % max(1, steps // 10) == 0 or "val_loss" in record:
             val = f"{record['val_loss']:9.3f}" if "val_loss" in record else " " * 9
-            print(f"      {step:>6} {record['loss']:8.3f} {val} {record['tokens_per_s']:9,.0f}", flush=True)
+            left = f"{(time.time() - after_first[0]) / (step - 1) * (steps - step):5.0f}s" if step > 1 else ""
+            print(f"      {step:>6} {record['loss']:8.3f} {val} {record['tokens_per_s']:9,.0f} {left:>6}", flush=True)
 
-    t = time.time()
     result = train(cfg, on_step=show, progress=False)
     first, last = result.losses[1], sum(result.losses[s] for s in range(steps - 9, steps + 1)) / 10
     falling = last < first - 1.0
@@ -116,7 +125,7 @@ def model_stages(out: Path, quick: bool, artefacts: dict) -> list[tuple[str, str
 
     model, tokenizer = load(result.final_dir, device="cpu")
     prompt = "ROMEO.\n"
-    print(f"[5/6] generate (temperature 0.8, top-p 0.95) from {prompt!r}:")
+    announce(5, f"generate (temperature 0.8, top-p 0.95) from {prompt!r}:")
     print("      " + "-" * 60)
     text = generate_text(model, tokenizer, prompt, max_new_tokens=48 if quick else 96, temperature=0.8, top_p=0.95,
                          stream=True)
@@ -128,11 +137,10 @@ def model_stages(out: Path, quick: bool, artefacts: dict) -> list[tuple[str, str
                  str(sample)))
 
     limits = {"linattn_shakespeare_mc": mc_limit, "linattn_shakespeare_ppl": 2 if quick else 10}
-    print(f"[6/6] lm-evaluation-harness, local held-out tasks (Othello, King Lear): {limits}")
-    logging.getLogger("lm_eval").setLevel(logging.ERROR)  # its notes on model objects and custom datasets
+    announce(6, f"lm-evaluation-harness, local held-out tasks (Othello, King Lear): {limits}")
     results = {}
     for task, limit in limits.items():
-        results.update(evaluate_model(model, tokenizer, [task], limit=limit, batch_size=8)["results"])
+        results.update(evaluate_model(model, tokenizer, [task], limit=limit, batch_size=8, quiet=True)["results"])
     acc = results["linattn_shakespeare_mc"]["acc,none"]
     bpb = results["linattn_shakespeare_ppl"]["bits_per_byte,none"]
     print(f"      next-line multiple choice: acc {acc:.3f} (chance 0.25); perplexity task: {bpb:.3f} bits per byte")

@@ -15,6 +15,8 @@ import sympy as sp
 class softplus(sp.Function):  # noqa: N801 - named as users write it
     """log(1 + exp(x)); > 0 for real x; d/dx = sigmoid(x)."""
 
+    nargs = 1
+
     def fdiff(self, argindex: int = 1) -> sp.Expr:
         return sigmoid(self.args[0])
 
@@ -28,6 +30,8 @@ class softplus(sp.Function):  # noqa: N801 - named as users write it
 class sigmoid(sp.Function):  # noqa: N801
     """1 / (1 + exp(-x)); in (0, 1) for real x."""
 
+    nargs = 1
+
     def fdiff(self, argindex: int = 1) -> sp.Expr:
         return sigmoid(self.args[0]) * (1 - sigmoid(self.args[0]))
 
@@ -40,6 +44,8 @@ class sigmoid(sp.Function):  # noqa: N801
 
 class logsigmoid(sp.Function):  # noqa: N801
     """log(sigmoid(x)); < 0 for real x; d/dx = 1 - sigmoid(x)."""
+
+    nargs = 1
 
     def fdiff(self, argindex: int = 1) -> sp.Expr:
         return 1 - sigmoid(self.args[0])
@@ -78,7 +84,8 @@ class ExprSyntaxError(ValueError):
 def parse(text: str | int | float, symbols: dict[str, sp.Symbol]) -> sp.Expr:
     """Parse ``text`` with only ``symbols`` and the known functions in scope.
 
-    Raises ExprSyntaxError for syntax errors and for names that are neither.
+    Raises ExprSyntaxError for syntax errors, for names that are neither and for calls of any other
+    function (naming it and listing the allowed ones).
     """
     if isinstance(text, (int, float)):
         return sp.sympify(text)
@@ -92,11 +99,15 @@ def parse(text: str | int | float, symbols: dict[str, sp.Symbol]) -> sp.Expr:
         # global_dict without sympy's names: an unknown name must not silently become a new Symbol
         # or a sympy built-in (`S`, `E`, `N`, `beta`, `gamma` are sympy objects).
         expr = parse_expr(text, local_dict=local, global_dict={"Integer": sp.Integer,
-                          "Float": sp.Float, "Rational": sp.Rational, "Symbol": _unknown},
+                          "Float": sp.Float, "Rational": sp.Rational, "Symbol": _unknown,
+                          "Function": _unknown_function},
                           transformations=standard_transformations, evaluate=True)
     except _UnknownName as e:
         raise ExprSyntaxError(f"unknown symbol {e.args[0]!r} in {text!r}") from None
-    except (SyntaxError, TypeError, AttributeError, sp.SympifyError) as e:
+    except _UnknownFunction as e:
+        raise ExprSyntaxError(f"unknown function {e.args[0]!r} in {text!r}; the functions allowed are "
+                              f"{', '.join(sorted(FUNCTIONS))}") from None
+    except (SyntaxError, TypeError, AttributeError, NameError, sp.SympifyError) as e:
         raise ExprSyntaxError(f"cannot parse {text!r}: {e}") from None
     if not isinstance(expr, sp.Expr):
         raise ExprSyntaxError(f"{text!r} is not an arithmetic expression")
@@ -107,8 +118,17 @@ class _UnknownName(Exception):
     pass
 
 
+class _UnknownFunction(Exception):
+    pass
+
+
 def _unknown(name: str, *args, **kwargs):
     raise _UnknownName(name)
+
+
+def _unknown_function(name: str, *args, **kwargs):
+    # sympy's parser turns a call of a name it does not know (`erf(g)`, `abs(g)`) into Function(name)(...)
+    raise _UnknownFunction(name)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -23,20 +23,48 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.set_defaults(fn=run)
 
 
+def check_model_dir(model_dir: str | Path) -> Path:
+    path = Path(model_dir)
+    if not (path / "config.json").is_file():
+        raise ValueError(f"MODEL_DIR: {model_dir}: no config.json (expected a save_pretrained folder)")
+    return path
+
+
 def load(model_dir: str | Path, device: str | None = None) -> tuple[Any, Any]:
     """(model in eval mode, tokenizer) from a ``save_pretrained`` folder; ``linattn_dsl.models`` is imported
-    first so that ``model_type`` ``linattn_*`` resolves."""
+    first so that ``model_type`` ``linattn_*`` resolves. A file that cannot be read raises
+    :class:`~linattn_dsl.train.checkpoint.CheckpointError` naming it."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import linattn_dsl.models  # noqa: F401  (registers the model types)
+    from linattn_dsl.train import checkpoint
 
-    path = Path(model_dir)
-    if not (path / "config.json").is_file():
-        raise ValueError(f"MODEL_DIR: {model_dir}: no config.json (expected a save_pretrained folder)")
+    path = check_model_dir(model_dir)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = AutoModelForCausalLM.from_pretrained(path).to(device).eval()
-    return model, AutoTokenizer.from_pretrained(path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path).to(device).eval()
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except Exception:  # transformers does not always say which file: find it
+        bad = checkpoint.first_unreadable(path)
+        if bad is None:
+            raise
+        message = checkpoint.unreadable(bad[0], bad[1], checkpoint=False)
+        last = checkpoint.latest(path.parent / "checkpoint")  # linattn train's layout: final/ beside checkpoint/
+        if last is not None:
+            message += (f"; the run's latest checkpoint is {last}: `linattn train --resume` with the run's config "
+                        f"trains on from it and exports again")
+        raise checkpoint.CheckpointError(message) from None
+    return model, tokenizer
+
+
+def check_sampling(max_new_tokens: int, temperature: float, top_p: float) -> None:
+    if max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens: expected a positive int, got {max_new_tokens}")
+    if not temperature >= 0:  # NaN too
+        raise ValueError(f"--temperature: expected a number >= 0 (0: greedy), got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"--top-p: expected 0 < top_p <= 1, got {top_p}")
 
 
 def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 64, temperature: float = 0.8,
@@ -46,11 +74,7 @@ def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 64, tempe
     import torch
     from transformers import TextStreamer
 
-    if max_new_tokens < 1:
-        raise ValueError(f"--max-new-tokens: expected a positive int, got {max_new_tokens}")
-    if temperature < 0 or not 0 < top_p <= 1:
-        raise ValueError(f"--temperature / --top-p: expected temperature >= 0 and 0 < top_p <= 1, "
-                         f"got {temperature}, {top_p}")
+    check_sampling(max_new_tokens, temperature, top_p)
     torch.manual_seed(seed)
     inputs = tokenizer(prompt, return_tensors="pt").to(model.device)
     if inputs["input_ids"].shape[1] == 0:  # an empty prompt: start from the document separator
@@ -65,6 +89,7 @@ def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 64, tempe
 
 
 def run(args: argparse.Namespace) -> int:
+    check_sampling(args.max_new_tokens, args.temperature, args.top_p)  # before the model loads
     model, tokenizer = load(args.model_dir)
     generate_text(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.top_p, args.seed,
                   stream=True)

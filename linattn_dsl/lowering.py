@@ -19,6 +19,12 @@ from .spec import Recurrence
 
 FORMS = {"none": "additive", "delta": "delta", "general": "general"}
 
+# Every backend clamps a per-step log-decay below this to it (a NaN stays NaN): E[-30] ~ 9e-14 forgets the
+# state as fully as -inf does at fp32 precision, while keeping the chunk's cumulative sums small enough that
+# the differences G_i - G_j of positions after a reset keep their precision (a -1e4 step would cost
+# ulp(1e4) ~ 1e-3 in every later decay factor of its chunk, -inf a NaN). The gradient below the floor is 0.
+LOG_DECAY_FLOOR = -30.0
+
 
 @dataclass
 class GatePlan:
@@ -34,6 +40,8 @@ class GatePlan:
     expr_code: str = ""
     torch_code: str = ""
     grads: list[tuple[str, str]] = field(default_factory=list)
+    torch_grads: list[tuple[str, str]] = field(default_factory=list)   # the same derivatives as torch code
+    floor: float = LOG_DECAY_FLOOR     # see LOG_DECAY_FLOOR
 
     @property
     def expr_text(self) -> str:
@@ -122,6 +130,7 @@ def _gate_plan(spec: Recurrence, e: sp.Expr, tag: str) -> GatePlan:
     for n in inputs:
         d = sp.diff(e, spec.symbols[n])
         g.grads.append((n, ex.to_code(d, names, ex.TRITON_FUNCS)))
+        g.torch_grads.append((n, ex.to_code(d, names, ex.TORCH_FUNCS)))
     return g
 
 

@@ -3,7 +3,8 @@
     S_t = D_t S_{t-1} + b_t (a_t^T S_{t-1}) + k_t v_t^T        o_t = S_t^T (scale * q_t)
 
 with ``D_t = diag(exp(g_t))``; the delta rule is ``S_t = (I - beta_t k_t k_t^T) D_t S_{t-1} +
-beta_t k_t v_t^T``. States are ``[N, H, K, V]``; autograd works through it.
+beta_t k_t v_t^T``. States are ``[N, H, K, V]``; autograd works through it. Log-decays are exact, none is
+clamped: a log-decay of -inf forgets the state (and has a zero gradient, see ``cut_where_forgotten``).
 """
 
 from __future__ import annotations
@@ -29,6 +30,21 @@ def step(S, q, k, v, g, beta, a, b, kind: str):
     return S, torch.einsum("...k,...kv->...v", q, S)
 
 
+def cut_where_forgotten(bound, g: torch.Tensor, dtype) -> torch.Tensor:
+    """The log-decay role ``g`` again, its inputs cut from autograd where it is -inf (the state forgotten).
+    There its gradient is 0 (exp(g) g' -> 0), but autograd would form 0 * inf = NaN wherever the expression's
+    own derivative is infinite too (Mamba2's A * softplus(dt) at A = -inf: d/d dt = A * sigmoid(dt))."""
+    forgotten = torch.isneginf(g.detach())
+    if not g.requires_grad or not forgotten.any():
+        return g
+    spec = bound.spec
+    e = spec.resolve(bound.switches, bound.present).log_decay
+    names, fn = gates._compile(e)
+    # every input broadcast to the decay's layout, so that each position has its own copy to cut
+    full = [gates.evaluate_expr(bound, spec.symbols[n], gates.DECAY_SHAPES[spec.decay.kind], dtype) for n in names]
+    return fn(*(torch.where(forgotten, x.detach(), x) for x in full))
+
+
 def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return x / torch.sqrt((x * x).sum(-1, keepdim=True) + eps)
 
@@ -52,6 +68,8 @@ def run(spec: Recurrence, *inputs, scale=None, initial_state=None, output_final_
 def run_bound(bound, dtype=torch.float32):
     spec = bound.spec
     roles = gates.evaluate(bound, dtype)
+    if "log_decay" in roles:
+        roles["log_decay"] = cut_where_forgotten(bound, roles["log_decay"], dtype)
     H, HQ = bound.size("H"), bound.size("HQ")
     B, T, K, V = bound.sizes["B"], bound.sizes["T"], bound.size("K"), bound.size("V")
     q, k = roles["query"], roles["key"]

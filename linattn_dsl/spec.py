@@ -212,9 +212,10 @@ class Recurrence:
             cache[key] = self._resolve(sw, present)
         return cache[key]
 
-    def _resolve(self, sw: dict, present: frozenset) -> Roles:
-        zero = {self.symbols[n]: sp.S.Zero for n in self.optional if n not in present}
-        env = dict(self.symbols)
+    def _resolve(self, sw: dict, present: frozenset, symbols: dict | None = None) -> Roles:
+        symbols = self.symbols if symbols is None else symbols
+        zero = {symbols[n]: sp.S.Zero for n in self.optional if n not in present}
+        env = dict(symbols)
         for n, text in self.let.items():
             env[n] = self._parse(text, f"let.{n}", env, sw)
 
@@ -234,6 +235,45 @@ class Recurrence:
             a=role(self.transition.a, "transition.a"), b=role(self.transition.b, "transition.b"),
             skip=skip, qk_l2norm=l2,
         )
+
+    def uses(self, switches: dict | None = None) -> frozenset:
+        """The inputs that the roles read under these switch values (every optional input present): an
+        optional input outside it is meaningless with these switches (KDA's ``A_log`` without
+        ``use_gate_in_kernel``)."""
+        sw = self.switch_values(**(switches or {}))
+        cache = self.__dict__.setdefault("_uses_cache", {})
+        key = tuple(sorted(sw.items()))
+        if key not in cache:
+            free = set().union(*(e.free_symbols for _, e in self.resolve(sw).items()))
+            cache[key] = frozenset(n for n in self.args if self.symbols[n] in free)
+        return cache[key]
+
+    def sign_contracts(self, switches: dict | None = None, present: frozenset | set | None = None) -> dict:
+        """The inputs whose declared sign (``Arg(shape, sign=...)``) the resolved roles rely on under these
+        switch values and present optional inputs, by name: the signs the caller must keep. A declared
+        sign is relied on when, without it, the log-decay could no longer be shown ``<= 0`` or some role
+        would read differently (sympy simplified with it). KDA's ``g`` is a log-decay without
+        ``use_gate_in_kernel`` (its sign is a contract) and a raw gate with it (any sign goes)."""
+        sw = self.switch_values(**(switches or {}))
+        present = frozenset(self.optional) if present is None else frozenset(present)
+        cache = self.__dict__.setdefault("_sign_cache", {})
+        key = (tuple(sorted(sw.items())), present)
+        if key not in cache:
+            roles = self.resolve(sw, present)
+            free = set().union(*(e.free_symbols for _, e in roles.items()))
+            out = {}
+            for n, a in self.args.items():
+                s = self.symbols[n]
+                if a.sign is None or s not in free:
+                    continue
+                u = sp.Symbol(n, real=True)     # the same input without its sign
+                alt = self._resolve(sw, present, dict(self.symbols, **{n: u}))
+                relied = alt.log_decay is not None and alt.log_decay.is_nonpositive is not True
+                relied = relied or any(e.xreplace({s: u}) != getattr(alt, r) for r, e in roles.items())
+                if relied:
+                    out[n] = a.sign
+            cache[key] = out
+        return cache[key]
 
     def _parse(self, text, where, env, sw) -> sp.Expr:
         if isinstance(text, If):

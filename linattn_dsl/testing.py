@@ -72,8 +72,8 @@ def draw_case(spec: Recurrence, *, B: int = 2, T: int = 33, heads: int = 2, grou
     tensors = {}
     kk = None
     for n, arg in spec.args.items():
-        if n in spec.optional and not optional_present:
-            tensors[n] = None
+        if n in spec.optional and (not optional_present or n not in spec.uses(sw)):
+            tensors[n] = None   # absent, or meaningless under these switches (the ops refuse it)
             continue
         shape = [sizes[d] for d in spec.dims(n)]
         if n == plain.get("log_decay") or arg.sign in ("nonpositive", "negative"):

@@ -62,13 +62,22 @@ def cases(spec: Recurrence, max_T: int = 80, dims=(4, 8, 16), device: str = "cpu
     return draw()
 
 
+def check_args(examples: int, max_T: int, device: str, names: tuple[str, str, str] = ("examples", "max_T", "device")
+               ) -> None:
+    """What :func:`verify` needs before any work (``names``: how the caller spells the three arguments)."""
+    for name, value in zip(names[:2], (examples, max_T)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name}: expected a positive int, got {value!r}")
+    if device != "cpu" and not (device.startswith("cuda") and torch.cuda.is_available()):
+        raise ValueError(f"{names[2]}: got {device!r}; expected 'cpu', or 'cuda' on a machine with a CUDA GPU")
+
+
 def verify(spec: Recurrence, module=None, examples: int = 20, dtype=torch.float32, max_T: int = 80,
            seed: int = 0, device: str = "cpu", dims=(4, 8, 16)) -> list[Result]:
     """Check every backend of ``spec`` on ``examples`` drawn cases (head dims drawn from ``dims``, inputs and
     the float64 oracle on ``device``: "cpu", or "cuda" for the compiled kernels); never raises for a
     mismatch."""
-    if device != "cpu" and not (device.startswith("cuda") and torch.cuda.is_available()):
-        raise ValueError(f"device: got {device!r}; expected 'cpu', or 'cuda' on a machine with a CUDA GPU")
+    check_args(examples, max_T, device)
     if module is None:
         module = importlib.import_module(f"linattn_dsl.generated.{spec.name}")
     tol = TOLERANCE[dtype]
@@ -81,6 +90,8 @@ def verify(spec: Recurrence, module=None, examples: int = 20, dtype=torch.float3
         @given(cases(spec, max_T, dims, device))
         def check(case):
             case.tensors = {n: (x.to(dtype) if x is not None else None) for n, x in case.tensors.items()}
+            if dtype == torch.float64 and case.initial_state is not None:   # (fp32 otherwise: states are fp32)
+                case.initial_state = case.initial_state.to(dtype)
             errs = testing.compare(case, op)
             for k, e in errs.items():
                 res.worst[k] = max(res.worst.get(k, 0.0), e)

@@ -76,3 +76,32 @@ def test_head_dim_the_kernels_cannot_tile():
     q, k, v = qkv(K=320)
     with pytest.raises(ValueError, match=r"^q: head dim K = 320 exceeds 256"):
         ops.chunk_retention(q, k, v)
+
+
+def test_dtype_policy_accepts_mixed_precision_parameters():
+    # per-head parameters in fp32 beside bf16 activations, as mixed-precision training passes them
+    x, dt, Bm, C = (t.bfloat16() for t in (torch.randn(1, 6, 4, 3), torch.randn(1, 6, 4), torch.randn(1, 6, 2, 5),
+                                           torch.randn(1, 6, 2, 5)))
+    o, s = ops.chunk_mamba2(x, dt, -torch.rand(4), Bm, C, D=torch.ones(4), dt_bias=torch.zeros(4),
+                            initial_state=torch.zeros(1, 4, 5, 3), output_final_state=True)
+    assert o.dtype == torch.bfloat16 and s.dtype == torch.float32
+    q, k, v = (t.bfloat16() for t in qkv())
+    g, beta = torch.randn(1, 8, 2, 4).bfloat16(), torch.rand(1, 8, 2).bfloat16()
+    o, _ = ops.chunk_kda(q, k, v, g, beta, A_log=torch.zeros(2), dt_bias=torch.zeros(2, 4).bfloat16(),
+                         use_gate_in_kernel=True, initial_state=torch.zeros(1, 2, 4, 4).bfloat16())
+    assert o.dtype == torch.bfloat16
+    # an fp32 initial state beside float64 inputs (the CPU computes float64)
+    q, k, v = (t.double() for t in qkv())
+    o, _ = ops.chunk_retention(q, k, v, initial_state=torch.zeros(1, 2, 4, 4))
+    assert o.dtype == torch.float64
+
+
+def test_optional_inputs_follow_the_switches():
+    from linattn_dsl import registry
+
+    kda = registry.load("kda")
+    assert "A_log" not in kda.uses({"use_gate_in_kernel": False})
+    assert {"A_log", "dt_bias", "g"} <= kda.uses({"use_gate_in_kernel": True})
+    q, k, v = qkv()
+    with pytest.raises(ValueError, match=r"^A_log: passed, but kda does not use it with use_gate_in_kernel=False"):
+        ops.chunk_kda(q, k, v, -torch.rand(1, 8, 2, 4), torch.rand(1, 8, 2), A_log=torch.zeros(2))

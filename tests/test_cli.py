@@ -107,9 +107,12 @@ def test_regen_and_verify_a_user_spec(user_spec, tmp_path):
     assert r.returncode == 0, r.stderr
     text = (out / "my_gated_delta.py").read_text()
     assert text.startswith("# GENERATED") and "def chunk_my_gated_delta(q, k, v, a, beta" in text
-    r = linattn("verify", str(user_spec), "--examples", "3", "--max-t", "24")
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    r = linattn("verify", str(user_spec), "--examples", "3", "--max-t", "24", env={"TMPDIR": str(scratch)})
     assert r.returncode == 0, r.stdout + r.stderr
     assert "chunk_my_gated_delta" in r.stdout and "ok" in r.stdout
+    assert not list(scratch.glob("linattn_verify_*"))  # the generated code's folder is removed
 
 
 def test_verify_a_shipped_spec():
@@ -118,16 +121,28 @@ def test_verify_a_shipped_spec():
     assert r.stdout.count(" ok") >= 2
 
 
-def test_verify_on_cuda_without_a_gpu_is_a_clear_error():
+def test_verify_on_cuda_without_a_gpu_is_a_clear_error(user_spec, tmp_path):
     # no GPU visible to the command, on any machine (tests/test_gpu_random_specs.py runs verify on a GPU)
     r = linattn("verify", "retention", "--examples", "1", "--device", "cuda", env={"CUDA_VISIBLE_DEVICES": ""})
     assert r.returncode == 2 and "device: got 'cuda'" in r.stderr, r.stdout + r.stderr
+    # refused before a user's spec is generated: nothing written to the temporary folder
+    r = linattn("verify", str(user_spec), "--device", "cuda", env={"CUDA_VISIBLE_DEVICES": "", "TMPDIR": str(tmp_path)})
+    assert r.returncode == 2 and "device: got 'cuda'" in r.stderr, r.stdout + r.stderr
+    assert not list(tmp_path.glob("linattn_verify_*"))
+
+
+# what the libraries print that a user cannot act on; the CLI shows its own progress instead
+LIBRARY_NOISE = ("Writing model shards", "Loading weights", "Running loglikelihood requests", "Tokenizing inputs",
+                 "`pretrained` model kwarg", "Custom kwargs can be passed", "fatal: not a git repository")
 
 
 def test_demo_quick(tmp_path):
-    r = linattn("demo", "--quick", "--out", str(tmp_path / "demo"))
+    # from a folder outside any git repository: lm-eval asks git for a commit hash there
+    r = linattn("demo", "--quick", "--out", str(tmp_path / "demo"), cwd=tmp_path)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "demo finished" in r.stdout
+    assert [f"[{i}/6]" in r.stdout for i in range(1, 7)] == [True] * 6
+    assert not [n for n in LIBRARY_NOISE if n in r.stdout + r.stderr], r.stderr[-3000:]
 
 
 def test_readme_spec_example_is_the_tested_one():

@@ -41,8 +41,8 @@ def test_general_form_reproduces_the_delta_rule():
     o1, s1 = ops.chunk_kda(q, k, v, g, beta, scale=0.5, output_final_state=True)
     o2, s2 = ops.chunk_rwkv7(q, g, k, v * beta[..., None], torch.exp(g) * k, -beta[..., None] * k, scale=0.5,
                              output_final_state=True)
-    # both twins compute in fp32: agreement to fp32 rounding
-    assert testing.rel_err(o2, o1) < 1e-5 and testing.rel_err(s2, s1) < 1e-5
+    # float64 inputs: both twins compute in float64, so they agree far below the fp32 bound
+    assert testing.rel_err(o2, o1) < 1e-10 and testing.rel_err(s2, s1) < 1e-10
 
 
 def test_interpreted_triton_kernels():

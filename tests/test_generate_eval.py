@@ -81,8 +81,9 @@ def test_cli_generate_streams_and_rejects_a_bad_dir(model_dir, tmp_path):
                           "--max-new-tokens", "10", "--temperature", "0"], capture_output=True, text=True, env=ENV,
                          timeout=300)
     assert run.returncode == 0, run.stderr
-    # bytes: 10 new tokens are 10 new characters (then the final newline)
+    # bytes: 10 new tokens are 10 new characters (then the final newline); no library bars
     assert run.stdout.startswith("KING.") and len(run.stdout) == len("KING.") + 10 + 1
+    assert "Loading weights" not in run.stderr, run.stderr
     bad = subprocess.run([sys.executable, "-m", "linattn_dsl.cli", "generate", str(tmp_path), "--prompt", "x"],
                          capture_output=True, text=True, env=ENV, timeout=300)
     assert bad.returncode == 2 and "MODEL_DIR" in bad.stderr and "Traceback" not in bad.stderr
@@ -144,11 +145,17 @@ def test_unknown_task_is_one_clear_error(loaded):
 
 def test_cli_eval_writes_results(model_dir, tmp_path):
     out = tmp_path / "results.json"
+    # from a folder outside any git repository (lm-eval asks git for a commit hash there)
     run = subprocess.run([sys.executable, "-m", "linattn_dsl.cli", "eval", str(model_dir), "--tasks",
-                          "linattn_shakespeare_ppl", "--limit", "2", "--output", str(out)],
-                         capture_output=True, text=True, env=ENV, timeout=600)
+                          "linattn_shakespeare_ppl,linattn_shakespeare_mc", "--limit", "2", "--output", str(out)],
+                         capture_output=True, text=True, env=ENV, timeout=600, cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "linattn_shakespeare_ppl" in run.stdout and "bits_per_byte" in run.stdout
+    # our progress only: one bar per request type, none of lm-eval's bars, notes or git's complaint
+    assert "loglikelihood:" in run.stderr and "loglikelihood (rolling):" in run.stderr
+    for noise in ("Loading weights", "Running loglikelihood requests", "Tokenizing inputs", "`pretrained` model kwarg",
+                  "Custom kwargs can be passed", "fatal: not a git repository"):
+        assert noise not in run.stdout + run.stderr, run.stderr[-3000:]
     bpb = json.loads(out.read_text())["results"]["linattn_shakespeare_ppl"]["bits_per_byte,none"]
     assert math.isfinite(bpb) and bpb > 0
 

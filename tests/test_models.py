@@ -367,3 +367,18 @@ def test_trainer_trains_and_resumes(family, tmp_path):
     assert resumed.state.global_step == 4
     for (name, a), b in zip(full.model.named_parameters(), resumed.model.parameters()):
         torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_training_step_under_bf16_autocast(family):
+    """Mixed precision as a training loop runs it: bf16 autocast around fp32 parameters. The ops take one dtype
+    for their per-token inputs, so each layer hands them over in one; the loss is finite and every parameter
+    that takes part gets a finite gradient."""
+    model = make_model(family).train()
+    ids = prompt(2, 70)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(ids, labels=ids).loss
+    loss.backward()
+    assert torch.isfinite(loss)
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)

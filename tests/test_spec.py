@@ -129,3 +129,28 @@ def test_sympy_names_are_not_leaked():
             make(decay=Decay.scalar(log=f"-softplus({name})"))
     s = make(decay=Decay.scalar(log="-softplus(gamma)"), inputs=dict(BASE["inputs"], gamma="B T H"))
     assert s.resolve().log_decay.free_symbols == {s.symbols["gamma"]}
+
+
+@pytest.mark.parametrize("text,fn", [("-abs(a)", "abs"), ("-softplus(erf(a))", "erf"), ("-sin(a) ** 2", "sin"),
+                                     ("-Abs(a)", "Abs")])
+def test_unknown_functions_are_spec_errors(text, fn):
+    with pytest.raises(SpecError, match=rf"unknown function '{fn}' .* the functions allowed are exp, log, "
+                                        "logsigmoid, relu, sigmoid, softplus, sqrt, tanh") as e:
+        make(decay=Decay.scalar(log=text), inputs=dict(BASE["inputs"], a="B T H"))
+    assert e.value.field == "decay.log"
+
+
+def test_sign_contracts_are_the_signs_a_spec_relies_on():
+    contracts = {(s.name, tuple(sorted(sw.items()))): s.sign_contracts(sw)
+                 for s in registry.all_specs() for sw in s.variants()}
+    assert contracts[("gla", ())] == {"g": "nonpositive"}
+    assert contracts[("rwkv7", ())] == {"w": "nonpositive"}
+    assert contracts[("mamba2", (("dt_softplus", True),))] == {"A": "nonpositive"}
+    assert contracts[("retention", ())] == {} and contracts[("delta_rule", (("use_qk_l2norm_in_kernel", False),))] == {}
+    # KDA's g: a log-decay without the in-kernel gate, a raw gate (any sign) with it
+    kda = registry.load("kda")
+    assert kda.sign_contracts({"use_gate_in_kernel": False}) == {"g": "nonpositive"}
+    assert kda.sign_contracts({"use_gate_in_kernel": True}) == {}
+    # a gate the spec proves (-softplus) relies on no sign; a declared sign it does not need is no contract
+    s = make(decay=Decay.scalar(log="-softplus(a)"), inputs=dict(BASE["inputs"], a=Arg("B T H", sign="nonpositive")))
+    assert s.sign_contracts() == {}

@@ -270,15 +270,26 @@ def test_overrides_parse_flame_style():
         parse_overrides(["steps=3"])
 
 
-def test_toml_file_and_overrides(tmp_path, text_file):
-    toml = tmp_path / "c.toml"
-    toml.write_text(f'[model]\nfamily = "retnet"\nhidden_size = 32\n[data]\nfiles = ["{text_file.name}"]\n'
-                    '[training]\nsteps = 7\n')
-    (tmp_path / text_file.name).write_text("x" * 100)
+def test_toml_file_and_overrides(tmp_path, text_file, monkeypatch):
+    (tmp_path / "configs").mkdir()
+    toml = tmp_path / "configs" / "c.toml"
+    toml.write_text(f'[job]\ndump_folder = "../runs/c"\n[model]\nfamily = "retnet"\nhidden_size = 32\n'
+                    f'[data]\nfiles = ["{text_file.name}"]\n[training]\nsteps = 7\n')
+    (tmp_path / "configs" / text_file.name).write_text("x" * 100)
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")  # the file's paths do not depend on where the command runs
     cfg = load_config(toml, [("training.steps", 9), ("model.num_heads", 2)])
     assert cfg["training"]["steps"] == 9 and cfg["model"] == {"family": "retnet", "hidden_size": 32, "num_heads": 2}
-    assert cfg["data"]["files"] == [str(tmp_path / text_file.name)]  # relative to the config file
+    # every path in the file is relative to the file
+    assert cfg["data"]["files"] == [str(tmp_path / "configs" / text_file.name)]
+    assert cfg["job"]["dump_folder"] == str(tmp_path / "runs" / "c")
     assert cfg["optimizer"]["lr"] == config.SCHEMA["optimizer"]["lr"][1]
+    # a path on the command line is relative to the current directory
+    (tmp_path / "elsewhere" / "local.txt").write_text("y" * 100)
+    cfg = load_config(toml, [("job.dump_folder", "out"), ("data.files", ["local.txt"])])
+    assert cfg["job"]["dump_folder"] == "out" and cfg["data"]["files"] == ["local.txt"]
+    with pytest.raises(ConfigError, match="data.files: c.toml: no such file"):
+        load_config(toml, [("data.files", ["c.toml"])])  # beside the config file, but not here
 
 
 @pytest.mark.parametrize("key, value, message", [
@@ -333,6 +344,7 @@ def test_cli_train_and_bad_config_errors(text_file, tmp_path):
     ok = train(f"--job.dump_folder={dump}", "--training.steps=3", "--no-progress")
     assert ok.returncode == 0, ok.stderr
     assert "trained to step 3" in ok.stdout and (dump / "final" / "config.json").is_file()
+    assert "Writing model shards" not in ok.stderr, ok.stderr  # transformers' bar: off inside the command
     # (every kind of bad value is checked in-process above; two through the CLI for the exit code and message)
     for args, message in [(["--training.stepz=3"], "training.stepz: unknown key"),
                           (["--data.files=[\"missing.txt\"]"], "data.files: missing.txt: no such file")]:
@@ -346,6 +358,9 @@ def test_shipped_configs_validate():
     root = Path(__file__).resolve().parents[1] / "configs"
     tiny_cpu = load_config(root / "tiny_cpu.toml")
     assert tiny_cpu["model"]["attn"]["layers"] == [2]  # a hybrid
+    # relative to the file, as its comment says: runs/ at the top of the repository, from any directory
+    assert Path(tiny_cpu["job"]["dump_folder"]).resolve() == root.parent / "runs" / "tiny_cpu"
+    assert Path(tiny_cpu["data"]["files"][0]).resolve() == root.parent / "linattn_dsl" / "data" / "shakespeare.jsonl"
     gpu = load_config(root / "gla_340m_gpu.toml")
     model, training = gpu["model"], gpu["training"]
     assert (model["hidden_size"], model["num_hidden_layers"], training["seq_len"]) == (1024, 24, 2048)

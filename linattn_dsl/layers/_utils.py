@@ -14,6 +14,8 @@ from torch import nn
 from linattn_dsl import ops
 from linattn_dsl.modules import rotary_embedding, swiglu_linear
 
+from ._checks import POSITIVE_INT, check_all
+
 # Below this many tokens (and outside training) the step form is cheaper than the chunk plan.
 FUSED_RECURRENT_MAX_LEN = 64
 MODES = ("chunk", "fused_recurrent")
@@ -76,6 +78,7 @@ class LowRank(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, rank: int, activation: str | None = None,
                  bias: bool = True) -> None:
+        check_all({"in_features": POSITIVE_INT, "out_features": POSITIVE_INT, "rank": POSITIVE_INT}, locals())
         super().__init__()
         if activation not in (None, "tanh", "sigmoid"):
             raise ValueError(f"activation: expected None, 'tanh' or 'sigmoid', got {activation!r}")
@@ -96,6 +99,7 @@ class GatedMLP(nn.Module):
     """SwiGLU feed-forward: ``down(silu(gate(x)) * up(x))``."""
 
     def __init__(self, hidden_size: int, intermediate_size: int) -> None:
+        check_all({"hidden_size": POSITIVE_INT, "intermediate_size": POSITIVE_INT}, locals())
         super().__init__()
         self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._checks import POSITIVE, POSITIVE_INT, POSITIVE_INT_OR_NONE, check_all, check_inputs
 from ._utils import apply_rotary, default_position_ids, split_heads, state_of
 
 
@@ -32,14 +33,14 @@ class Attention(nn.Module):
         rope_theta: float = 10000.0,
         qkv_bias: bool = False,
     ) -> None:
+        check_all({"hidden_size": POSITIVE_INT, "num_heads": POSITIVE_INT, "num_kv_heads": POSITIVE_INT_OR_NONE,
+                   "window_size": POSITIVE_INT_OR_NONE, "rope_theta": POSITIVE}, locals())
         super().__init__()
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
         if hidden_size % num_heads:
             raise ValueError(f"num_heads: expected a divisor of hidden_size={hidden_size}, got {num_heads}")
         if num_heads % num_kv_heads:
             raise ValueError(f"num_kv_heads: expected a divisor of num_heads={num_heads}, got {num_kv_heads}")
-        if window_size is not None and window_size < 1:
-            raise ValueError(f"window_size: expected None or a positive int, got {window_size}")
         self.hidden_size = hidden_size
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
@@ -62,6 +63,7 @@ class Attention(nn.Module):
         **_,
     ) -> tuple[torch.Tensor, dict | None]:
         """``attention_mask [B, S]`` (1 = token, 0 = pad) covers cached and new tokens."""
+        check_inputs(hidden_states, attention_mask, self.hidden_size)
         batch, seq_len, _ = hidden_states.shape
         past = state_of(cache, "attn_state")
         seen = 0 if cache is None else cache.get("seen_tokens", 0)

@@ -14,6 +14,7 @@ from torch import nn
 
 from linattn_dsl.modules import FusedRMSNormGated, RMSNorm, ShortConvolution
 
+from ._checks import POSITIVE, POSITIVE_INT, check_all, check_inputs, head_dims
 from ._utils import apply_padding_mask, check_mode, pick_op, run_conv, split_heads, state_of
 
 
@@ -33,18 +34,14 @@ class DeltaNet(nn.Module):
         norm_eps: float = 1e-5,
         mode: str | None = None,
     ) -> None:
+        check_all({"hidden_size": POSITIVE_INT, "num_heads": POSITIVE_INT, "expand_k": POSITIVE, "expand_v": POSITIVE,
+                   "conv_size": POSITIVE_INT, "norm_eps": POSITIVE}, locals())
         super().__init__()
         self.hidden_size = hidden_size
         self.num_heads = num_heads
-        self.key_dim = int(hidden_size * expand_k)
-        self.value_dim = int(hidden_size * expand_v)
-        if self.key_dim % num_heads or self.value_dim % num_heads:
-            raise ValueError(
-                f"num_heads: expected a divisor of key dim {self.key_dim} and value dim {self.value_dim}, "
-                f"got {num_heads}"
-            )
-        self.head_k_dim = self.key_dim // num_heads
-        self.head_v_dim = self.value_dim // num_heads
+        self.head_k_dim, self.head_v_dim = head_dims(hidden_size, num_heads, expand_k, expand_v)
+        self.key_dim = self.head_k_dim * num_heads
+        self.value_dim = self.head_v_dim * num_heads
         self.mode = check_mode(mode)
 
         self.q_proj = nn.Linear(hidden_size, self.key_dim, bias=False)
@@ -74,6 +71,7 @@ class DeltaNet(nn.Module):
         use_cache: bool = False,
         **_,
     ) -> tuple[torch.Tensor, dict | None]:
+        check_inputs(hidden_states, attention_mask, self.hidden_size)
         x = apply_padding_mask(hidden_states, attention_mask)
         new_state: dict = {}
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)

@@ -15,6 +15,7 @@ from torch import nn
 
 from linattn_dsl.modules import FusedRMSNormGated, RMSNorm, ShortConvolution
 
+from ._checks import POSITIVE, POSITIVE_INT, check_all, check_inputs, head_dims
 from ._utils import LowRank, apply_padding_mask, check_mode, pick_op, run_conv, split_heads, state_of
 
 
@@ -35,18 +36,15 @@ class GatedLinearAttention(nn.Module):
         norm_eps: float = 1e-5,
         mode: str | None = None,
     ) -> None:
+        check_all({"hidden_size": POSITIVE_INT, "num_heads": POSITIVE_INT, "expand_k": POSITIVE, "expand_v": POSITIVE,
+                   "conv_size": POSITIVE_INT, "gate_low_rank_dim": POSITIVE_INT, "gate_logit_normalizer": POSITIVE,
+                   "norm_eps": POSITIVE}, locals())
         super().__init__()
         self.hidden_size = hidden_size
         self.num_heads = num_heads
-        self.key_dim = int(hidden_size * expand_k)
-        self.value_dim = int(hidden_size * expand_v)
-        if self.key_dim % num_heads or self.value_dim % num_heads:
-            raise ValueError(
-                f"num_heads: expected a divisor of key dim {self.key_dim} and value dim {self.value_dim}, "
-                f"got {num_heads}"
-            )
-        self.head_k_dim = self.key_dim // num_heads
-        self.head_v_dim = self.value_dim // num_heads
+        self.head_k_dim, self.head_v_dim = head_dims(hidden_size, num_heads, expand_k, expand_v)
+        self.key_dim = self.head_k_dim * num_heads
+        self.value_dim = self.head_v_dim * num_heads
         self.gate_logit_normalizer = gate_logit_normalizer
         self.mode = check_mode(mode)
 
@@ -77,6 +75,7 @@ class GatedLinearAttention(nn.Module):
     ) -> tuple[torch.Tensor, dict | None]:
         """``hidden_states [B, T, hidden]``, ``attention_mask [B, S]`` (left padding), ``cache``: this
         layer's state dict. Returns ``(out [B, T, hidden], new state or None)``."""
+        check_inputs(hidden_states, attention_mask, self.hidden_size)
         x = apply_padding_mask(hidden_states, attention_mask)
         new_state: dict = {}
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)

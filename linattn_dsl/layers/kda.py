@@ -18,7 +18,17 @@ from torch import nn
 
 from linattn_dsl.modules import FusedRMSNormGated, ShortConvolution
 
+from ._checks import POSITIVE, POSITIVE_INT, check_all, check_inputs
 from ._utils import LowRank, apply_padding_mask, check_mode, init_values, pick_op, run_conv, split_heads, state_of
+
+
+def kda_head_v_dim(head_dim: int, expand_v: float) -> int:
+    """``int(head_dim * expand_v)``, at least 1."""
+    head_v_dim = int(head_dim * expand_v)
+    if head_v_dim < 1:
+        raise ValueError(f"expand_v: head_dim * expand_v = {head_dim} * {expand_v} gives {head_v_dim} value channels "
+                         f"per head; expected at least 1")
+    return head_v_dim
 
 
 class KimiDeltaAttention(nn.Module):
@@ -34,11 +44,13 @@ class KimiDeltaAttention(nn.Module):
         norm_eps: float = 1e-5,
         mode: str | None = None,
     ) -> None:
+        check_all({"hidden_size": POSITIVE_INT, "num_heads": POSITIVE_INT, "head_dim": POSITIVE_INT,
+                   "expand_v": POSITIVE, "conv_size": POSITIVE_INT, "norm_eps": POSITIVE}, locals())
         super().__init__()
         self.hidden_size = hidden_size
         self.num_heads = num_heads
         self.head_k_dim = head_dim
-        self.head_v_dim = int(head_dim * expand_v)
+        self.head_v_dim = kda_head_v_dim(head_dim, expand_v)
         self.key_dim = num_heads * self.head_k_dim
         self.value_dim = num_heads * self.head_v_dim
         self.mode = check_mode(mode)
@@ -76,6 +88,7 @@ class KimiDeltaAttention(nn.Module):
         use_cache: bool = False,
         **_,
     ) -> tuple[torch.Tensor, dict | None]:
+        check_inputs(hidden_states, attention_mask, self.hidden_size)
         x = apply_padding_mask(hidden_states, attention_mask)
         new_state: dict = {}
         q = run_conv(self.q_conv1d, self.q_proj(x), cache, "q", use_cache, new_state)

@@ -17,7 +17,24 @@ from torch import nn
 
 from linattn_dsl.modules import RMSNorm, ShortConvolution
 
+from ._checks import POSITIVE, POSITIVE_INT, POSITIVE_INT_OR_NONE, check_all, check_inputs
 from ._utils import apply_padding_mask, check_mode, init_values, pick_op, run_conv, split_heads, state_of
+
+
+def mamba2_num_heads(hidden_size: int, num_heads: int | None, head_dim: int, expand: int, n_groups: int,
+                     time_step_min: float, time_step_max: float) -> int:
+    """``num_heads`` (``None``: ``expand * hidden_size // head_dim``), checked against ``num_heads * head_dim =
+    expand * hidden_size`` and the ``n_groups`` that share B and C; and the ``dt`` init range."""
+    if time_step_min > time_step_max:
+        raise ValueError(f"time_step_min: expected <= time_step_max={time_step_max}, got {time_step_min}")
+    d_inner = expand * hidden_size
+    num_heads = d_inner // head_dim if num_heads is None else num_heads
+    if num_heads < 1 or num_heads * head_dim != d_inner:
+        raise ValueError(f"num_heads: expected num_heads * head_dim = expand * hidden_size = {d_inner}, "
+                         f"got {num_heads} * {head_dim}")
+    if num_heads % n_groups:
+        raise ValueError(f"n_groups: expected a divisor of num_heads={num_heads}, got {n_groups}")
+    return num_heads
 
 
 class Mamba2(nn.Module):
@@ -40,16 +57,13 @@ class Mamba2(nn.Module):
         norm_eps: float = 1e-5,
         mode: str | None = None,
     ) -> None:
+        check_all({"hidden_size": POSITIVE_INT, "num_heads": POSITIVE_INT_OR_NONE, "head_dim": POSITIVE_INT,
+                   "state_size": POSITIVE_INT, "expand": POSITIVE_INT, "n_groups": POSITIVE_INT,
+                   "conv_kernel": POSITIVE_INT, "time_step_min": POSITIVE, "time_step_max": POSITIVE,
+                   "time_step_floor": POSITIVE, "norm_eps": POSITIVE}, locals())
         super().__init__()
         self.d_inner = expand * hidden_size
-        num_heads = self.d_inner // head_dim if num_heads is None else num_heads
-        if num_heads * head_dim != self.d_inner:
-            raise ValueError(
-                f"num_heads: expected num_heads * head_dim = expand * hidden_size = {self.d_inner}, "
-                f"got {num_heads} * {head_dim}"
-            )
-        if num_heads % n_groups:
-            raise ValueError(f"n_groups: expected a divisor of num_heads={num_heads}, got {n_groups}")
+        num_heads = mamba2_num_heads(hidden_size, num_heads, head_dim, expand, n_groups, time_step_min, time_step_max)
         self.hidden_size = hidden_size
         self.num_heads = num_heads
         self.head_dim = head_dim
@@ -92,6 +106,7 @@ class Mamba2(nn.Module):
         use_cache: bool = False,
         **_,
     ) -> tuple[torch.Tensor, dict | None]:
+        check_inputs(hidden_states, attention_mask, self.hidden_size)
         x = apply_padding_mask(hidden_states, attention_mask)
         new_state: dict = {}
         z, xBC, dt = self.in_proj(x).split([self.d_inner, self.conv_dim, self.num_heads], dim=-1)

@@ -14,6 +14,7 @@ from torch import nn
 
 from linattn_dsl.modules import FusedRMSNormGated, RMSNorm
 
+from ._checks import POSITIVE, POSITIVE_INT, check_all, check_inputs, head_dims
 from ._utils import apply_padding_mask, apply_rotary, check_mode, default_position_ids, pick_op, split_heads, state_of
 
 
@@ -31,18 +32,14 @@ class MultiScaleRetention(nn.Module):
         norm_eps: float = 1e-5,
         mode: str | None = None,
     ) -> None:
+        check_all({"hidden_size": POSITIVE_INT, "num_heads": POSITIVE_INT, "expand_k": POSITIVE, "expand_v": POSITIVE,
+                   "rope_theta": POSITIVE, "norm_eps": POSITIVE}, locals())
         super().__init__()
         self.hidden_size = hidden_size
         self.num_heads = num_heads
-        self.key_dim = int(hidden_size * expand_k)
-        self.value_dim = int(hidden_size * expand_v)
-        if self.key_dim % num_heads or self.value_dim % num_heads:
-            raise ValueError(
-                f"num_heads: expected a divisor of key dim {self.key_dim} and value dim {self.value_dim}, "
-                f"got {num_heads}"
-            )
-        self.head_k_dim = self.key_dim // num_heads
-        self.head_v_dim = self.value_dim // num_heads
+        self.head_k_dim, self.head_v_dim = head_dims(hidden_size, num_heads, expand_k, expand_v)
+        self.key_dim = self.head_k_dim * num_heads
+        self.value_dim = self.head_v_dim * num_heads
         self.rope_theta = rope_theta
         self.mode = check_mode(mode)
 
@@ -67,6 +64,7 @@ class MultiScaleRetention(nn.Module):
         **_,
     ) -> tuple[torch.Tensor, dict | None]:
         """``position_ids [B, T]`` place RoPE (default: after the tokens the state has seen)."""
+        check_inputs(hidden_states, attention_mask, self.hidden_size)
         x = apply_padding_mask(hidden_states, attention_mask)
         batch, seq_len, _ = x.shape
         if position_ids is None:

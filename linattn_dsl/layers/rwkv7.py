@@ -23,6 +23,7 @@ from torch import nn
 
 from linattn_dsl.modules import l2_norm
 
+from ._checks import NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT, POSITIVE_INT_OR_NONE, check, check_all, check_inputs
 from ._utils import LowRank, apply_padding_mask, check_mode, init_values, pick_op, split_heads, state_of
 
 LOG_DECAY_SCALE = 0.6065306597126334  # exp(-0.5): the largest per-step log-decay magnitude
@@ -32,6 +33,12 @@ def token_shift(x: torch.Tensor, previous: torch.Tensor | None) -> torch.Tensor:
     """``x [B, T, D]`` shifted one step right: row ``t`` holds ``x[t - 1]`` (``previous [B, D]`` or 0 at t = 0)."""
     first = x.new_zeros(x.shape[0], 1, x.shape[2]) if previous is None else previous[:, None].to(x.dtype)
     return torch.cat([first, x[:, :-1]], dim=1)
+
+
+def rwkv7_num_heads(hidden_size: int, head_dim: int) -> int:
+    if hidden_size % head_dim:
+        raise ValueError(f"head_dim: expected a divisor of hidden_size={hidden_size}, got {head_dim}")
+    return hidden_size // head_dim
 
 
 class RWKV7Attention(nn.Module):
@@ -57,12 +64,16 @@ class RWKV7Attention(nn.Module):
         norm_eps: float = 1e-5,
         mode: str | None = None,
     ) -> None:
+        check_all({"hidden_size": POSITIVE_INT, "head_dim": POSITIVE_INT, "decay_low_rank_dim": POSITIVE_INT,
+                   "gate_low_rank_dim": POSITIVE_INT, "a_low_rank_dim": POSITIVE_INT, "v_low_rank_dim": POSITIVE_INT,
+                   "num_hidden_layers": POSITIVE_INT, "norm_eps": POSITIVE}, locals())
+        if not 0 <= check("layer_idx", layer_idx, NON_NEGATIVE_INT) < num_hidden_layers:
+            raise ValueError(f"layer_idx: expected 0 <= layer_idx < num_hidden_layers={num_hidden_layers}, "
+                             f"got {layer_idx}")
         super().__init__()
-        if hidden_size % head_dim:
-            raise ValueError(f"head_dim: expected a divisor of hidden_size={hidden_size}, got {head_dim}")
         self.hidden_size = hidden_size
         self.head_dim = head_dim
-        self.num_heads = hidden_size // head_dim
+        self.num_heads = rwkv7_num_heads(hidden_size, head_dim)
         self.key_dim = self.value_dim = hidden_size
         self.first_layer = first_layer
         self.depth_ratio = layer_idx / (num_hidden_layers - 1) if num_hidden_layers > 1 else 0.0
@@ -114,6 +125,7 @@ class RWKV7Attention(nn.Module):
         v_first: torch.Tensor | None = None,
         **_,
     ) -> tuple[torch.Tensor, dict | None, torch.Tensor]:
+        check_inputs(hidden_states, attention_mask, self.hidden_size)
         x = apply_padding_mask(hidden_states, attention_mask)
         delta = token_shift(x, state_of(cache, "shift_state")) - x
         mix_r, mix_w, mix_k, mix_v, mix_a, mix_g = (
@@ -136,6 +148,9 @@ class RWKV7Attention(nn.Module):
 
         r, k, v, a_rate = (split_heads(t, self.head_dim) for t in (r, k, v, a_rate))
         rwkv7 = pick_op("rwkv7", x.shape[1], self.training, self.mode)
+        # the op takes its per-token inputs in one dtype: under autocast the projections give half while the
+        # products with fp32 parameters (k_a, the value mix, kk * a_rate) give fp32
+        r, log_decay, k, v, kk, a_rate = (t.to(r.dtype) for t in (r, log_decay, k, v, kk, a_rate))
         o, recurrent_state = rwkv7(
             r, split_heads(log_decay, self.head_dim), k, v, -kk, kk * a_rate,
             initial_state=state_of(cache, "recurrent_state"), output_final_state=use_cache,
@@ -152,6 +167,7 @@ class RWKV7FeedForward(nn.Module):
     """RWKV7 channel mixing: ``W_value relu(W_key (x + (x_prev - x) * x_k))^2``; state ``ffn_shift_state``."""
 
     def __init__(self, hidden_size: int = 1024, intermediate_size: int | None = None) -> None:
+        check_all({"hidden_size": POSITIVE_INT, "intermediate_size": POSITIVE_INT_OR_NONE}, locals())
         super().__init__()
         intermediate_size = 4 * hidden_size if intermediate_size is None else intermediate_size
         self.hidden_size = hidden_size
@@ -172,6 +188,7 @@ class RWKV7FeedForward(nn.Module):
         use_cache: bool = False,
         **_,
     ) -> tuple[torch.Tensor, dict | None]:
+        check_inputs(hidden_states, attention_mask, self.hidden_size)
         x = apply_padding_mask(hidden_states, attention_mask)
         mix_k = x + (token_shift(x, state_of(cache, "ffn_shift_state")) - x) * self.x_k
         out = self.value(F.relu(self.key(mix_k)).square())

@@ -16,6 +16,10 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from transformers.utils.deprecation import deprecate_kwarg
 
 from linattn_dsl.layers import Attention
+from linattn_dsl.layers._checks import (
+    BOOL, NON_NEGATIVE, POSITIVE, POSITIVE_INT, POSITIVE_INT_OR_NONE, check_all, check_attention_mask,
+    check_hidden_states, check_input_ids, check_position_ids, describe,
+)
 from linattn_dsl.layers._utils import GatedMLP, default_position_ids
 from linattn_dsl.modules import FusedLinearCrossEntropyLoss, RMSNorm, ShortConvolution
 
@@ -61,10 +65,32 @@ def validate_attn(attn: dict | None, num_hidden_layers: int, hidden_size: int, n
             "rope_theta": float(theta)}
 
 
+def check_token_ids(config: PreTrainedConfig) -> None:
+    """``pad_token_id``, ``bos_token_id``, ``eos_token_id`` (an id or a list of ids): None or in the vocabulary."""
+    for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        value = getattr(config, name)
+        ids = value if isinstance(value, list) else [value]
+        if value is not None and not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < config.vocab_size
+                                         for i in ids):
+            raise ValueError(f"{name}: expected None or a token id in [0, vocab_size={config.vocab_size}), "
+                             f"got {value!r}")
+
+
 class LinAttnConfig(PreTrainedConfig):
-    """Fields every family shares (names as in HF and FLA configs)."""
+    """Fields every family shares (names as in HF and FLA configs).
+
+    Checked at construction (and so by ``from_pretrained`` / ``from_dict``), each failure a ``ValueError``
+    naming the field: every entry of ``field_rules`` of the class and its bases (a family adds its own),
+    then the family's cross-field sizes (:meth:`check_sizes`), the hybrid ``attn`` field and the token ids.
+    """
 
     model_type: ClassVar[str] = ""
+    field_rules: ClassVar[dict[str, str]] = {
+        "vocab_size": POSITIVE_INT, "hidden_size": POSITIVE_INT, "num_hidden_layers": POSITIVE_INT,
+        "num_heads": POSITIVE_INT, "intermediate_size": POSITIVE_INT_OR_NONE, "hidden_ratio": POSITIVE_INT,
+        "norm_eps": POSITIVE, "initializer_range": NON_NEGATIVE, "tie_word_embeddings": BOOL, "use_cache": BOOL,
+        "fuse_linear_cross_entropy": BOOL,
+    }
     vocab_size: int = 32000
     hidden_size: int = 1024
     num_hidden_layers: int = 24
@@ -82,11 +108,21 @@ class LinAttnConfig(PreTrainedConfig):
     eos_token_id: int | list[int] | None = 2
 
     def __post_init__(self, **kwargs):
+        rules = {}
+        for cls in reversed(type(self).__mro__):  # a family's rule for a field replaces the base's
+            rules.update(cls.__dict__.get("field_rules", {}))
+        check_all(rules, {name: getattr(self, name) for name in rules})
+        self.check_sizes()
         if self.intermediate_size is None:
             # SwiGLU's 2/3 of hidden_ratio * hidden, rounded up to a multiple of 256
             self.intermediate_size = 256 * math.ceil(int(self.hidden_size * self.hidden_ratio * 2 / 3) / 256)
         self.attn = validate_attn(self.attn, self.num_hidden_layers, self.hidden_size, self.num_heads)
+        check_token_ids(self)
         super().__post_init__(**kwargs)
+
+    def check_sizes(self) -> None:
+        """A family's checks across fields (heads that must divide a width...), run after the per-field rules;
+        it may fill derived fields (``num_heads=None`` in Mamba2)."""
 
     def is_attention_layer(self, layer_idx: int) -> bool:
         return self.attn is not None and layer_idx in self.attn["layers"]
@@ -214,6 +250,10 @@ class LinAttnModel(LinAttnPreTrainedModel):
         cached and new tokens (0 = left pad); ``cache`` from an earlier call continues the sequences."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("input_ids / inputs_embeds: expected exactly one of them")
+        if input_ids is not None:
+            check_input_ids(input_ids)
+        if inputs_embeds is not None:
+            check_hidden_states(inputs_embeds, self.config.hidden_size, "inputs_embeds")
         if cache is not None and not isinstance(cache, LinAttnCache):
             raise ValueError(f"cache: expected a LinAttnCache (or None), got {type(cache).__name__}")
         output_hidden_states = (output_hidden_states if output_hidden_states is not None
@@ -226,6 +266,8 @@ class LinAttnModel(LinAttnPreTrainedModel):
         if use_cache and cache is None:
             cache = LinAttnCache(len(self.layers))
         past_len = cache.get_seq_length() if cache is not None else 0
+        check_attention_mask(attention_mask, batch, seq_len, past_len)
+        check_position_ids(position_ids, batch, seq_len)
         if attention_mask is not None and bool(attention_mask.all()):
             attention_mask = None  # no padding: skip the masking work
         elif attention_mask is not None and attention_mask.shape[1] < past_len + seq_len:
@@ -310,6 +352,11 @@ class LinAttnForCausalLM(LinAttnPreTrainedModel, GenerationMixin):
         the logits of the last ``n`` positions only (0: all). ``num_items_in_batch`` (HF Trainer, gradient
         accumulation): the loss is summed and divided by it."""
         return_dict = return_dict if return_dict is not None else self.config.return_dict
+        inputs = input_ids if input_ids is not None else inputs_embeds
+        if labels is not None and isinstance(inputs, torch.Tensor) and \
+                (not isinstance(labels, torch.Tensor) or labels.shape != inputs.shape[:2]):
+            raise ValueError(f"labels: expected the shape of the input ids, {list(inputs.shape[:2])}, "
+                             f"got {describe(labels)}")
         outputs = self.model(
             input_ids=input_ids, attention_mask=attention_mask, cache=cache, inputs_embeds=inputs_embeds,
             use_cache=use_cache, position_ids=position_ids, output_hidden_states=output_hidden_states,

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from linattn_dsl.layers import DeltaNet
+from linattn_dsl.layers._checks import BOOL, POSITIVE, POSITIVE_INT, head_dims
 
 from ._base import LinAttnConfig, LinAttnForCausalLM, LinAttnModel
 
@@ -16,6 +19,13 @@ class DeltaNetConfig(LinAttnConfig):
     conv_size: int = 4
     use_beta: bool = True
     use_gate: bool = False
+    field_rules: ClassVar[dict[str, str]] = {
+        "expand_k": POSITIVE, "expand_v": POSITIVE, "use_short_conv": BOOL, "conv_size": POSITIVE_INT,
+        "use_beta": BOOL, "use_gate": BOOL,
+    }
+
+    def check_sizes(self) -> None:
+        head_dims(self.hidden_size, self.num_heads, self.expand_k, self.expand_v)
 
 
 def delta_net_mixer(config: DeltaNetConfig, layer_idx: int) -> DeltaNet:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from linattn_dsl.layers import GatedLinearAttention
+from linattn_dsl.layers._checks import BOOL, POSITIVE, POSITIVE_INT, head_dims
 
 from ._base import LinAttnConfig, LinAttnForCausalLM, LinAttnModel
 
@@ -16,6 +19,13 @@ class GLAConfig(LinAttnConfig):
     use_output_gate: bool = True
     gate_low_rank_dim: int = 16
     gate_logit_normalizer: float = 16.0
+    field_rules: ClassVar[dict[str, str]] = {
+        "expand_k": POSITIVE, "expand_v": POSITIVE, "use_short_conv": BOOL, "conv_size": POSITIVE_INT,
+        "use_output_gate": BOOL, "gate_low_rank_dim": POSITIVE_INT, "gate_logit_normalizer": POSITIVE,
+    }
+
+    def check_sizes(self) -> None:
+        head_dims(self.hidden_size, self.num_heads, self.expand_k, self.expand_v)
 
 
 def gla_mixer(config: GLAConfig, layer_idx: int) -> GatedLinearAttention:

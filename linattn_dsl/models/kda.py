@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from linattn_dsl.layers import KimiDeltaAttention
+from linattn_dsl.layers._checks import POSITIVE, POSITIVE_INT
+from linattn_dsl.layers.kda import kda_head_v_dim
 
 from ._base import LinAttnConfig, LinAttnForCausalLM, LinAttnModel
 
@@ -13,6 +17,10 @@ class KDAConfig(LinAttnConfig):
     head_dim: int = 128
     expand_v: float = 1.0
     conv_size: int = 4
+    field_rules: ClassVar[dict[str, str]] = {"head_dim": POSITIVE_INT, "expand_v": POSITIVE, "conv_size": POSITIVE_INT}
+
+    def check_sizes(self) -> None:
+        kda_head_v_dim(self.head_dim, self.expand_v)
 
 
 def kda_mixer(config: KDAConfig, layer_idx: int) -> KimiDeltaAttention:

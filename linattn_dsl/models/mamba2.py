@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from linattn_dsl.layers import Mamba2
+from linattn_dsl.layers._checks import BOOL, POSITIVE, POSITIVE_INT, POSITIVE_INT_OR_NONE
+from linattn_dsl.layers.mamba2 import mamba2_num_heads
 
 from ._base import LinAttnConfig, LinAttnForCausalLM, LinAttnModel
 
@@ -20,16 +24,15 @@ class Mamba2Config(LinAttnConfig):
     time_step_min: float = 0.001
     time_step_max: float = 0.1
     time_step_floor: float = 1e-4
+    field_rules: ClassVar[dict[str, str]] = {
+        "num_heads": POSITIVE_INT_OR_NONE, "head_dim": POSITIVE_INT, "state_size": POSITIVE_INT, "expand": POSITIVE_INT,
+        "n_groups": POSITIVE_INT, "conv_kernel": POSITIVE_INT, "use_conv_bias": BOOL, "use_bias": BOOL,
+        "time_step_min": POSITIVE, "time_step_max": POSITIVE, "time_step_floor": POSITIVE,
+    }
 
-    def __post_init__(self, **kwargs):
-        if self.num_heads is None:
-            self.num_heads = self.expand * self.hidden_size // self.head_dim
-        if self.num_heads * self.head_dim != self.expand * self.hidden_size:
-            raise ValueError(
-                f"num_heads: expected num_heads * head_dim = expand * hidden_size = "
-                f"{self.expand * self.hidden_size}, got {self.num_heads} * {self.head_dim}"
-            )
-        super().__post_init__(**kwargs)
+    def check_sizes(self) -> None:
+        self.num_heads = mamba2_num_heads(self.hidden_size, self.num_heads, self.head_dim, self.expand, self.n_groups,
+                                          self.time_step_min, self.time_step_max)
 
 
 def mamba2_mixer(config: Mamba2Config, layer_idx: int) -> Mamba2:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from linattn_dsl.layers import MultiScaleRetention
+from linattn_dsl.layers._checks import BOOL, POSITIVE, head_dims
 
 from ._base import LinAttnConfig, LinAttnForCausalLM, LinAttnModel
 
@@ -14,6 +17,12 @@ class RetNetConfig(LinAttnConfig):
     expand_v: float = 2.0
     use_output_gate: bool = True
     rope_theta: float = 10000.0
+    field_rules: ClassVar[dict[str, str]] = {
+        "expand_k": POSITIVE, "expand_v": POSITIVE, "use_output_gate": BOOL, "rope_theta": POSITIVE,
+    }
+
+    def check_sizes(self) -> None:
+        head_dims(self.hidden_size, self.num_heads, self.expand_k, self.expand_v)
 
 
 def retnet_mixer(config: RetNetConfig, layer_idx: int) -> MultiScaleRetention:

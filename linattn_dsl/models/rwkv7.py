@@ -5,7 +5,11 @@ The first RWKV7 layer (the first index not in ``attn.layers``) provides the valu
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from linattn_dsl.layers import RWKV7Attention, RWKV7FeedForward
+from linattn_dsl.layers._checks import POSITIVE_INT
+from linattn_dsl.layers.rwkv7 import rwkv7_num_heads
 
 from ._base import LinAttnConfig, LinAttnForCausalLM, LinAttnModel
 
@@ -17,12 +21,15 @@ class RWKV7Config(LinAttnConfig):
     gate_low_rank_dim: int = 128
     a_low_rank_dim: int = 64
     v_low_rank_dim: int = 16
+    field_rules: ClassVar[dict[str, str]] = {
+        "head_dim": POSITIVE_INT, "decay_low_rank_dim": POSITIVE_INT, "gate_low_rank_dim": POSITIVE_INT,
+        "a_low_rank_dim": POSITIVE_INT, "v_low_rank_dim": POSITIVE_INT,
+    }
 
-    def __post_init__(self, **kwargs):
+    def check_sizes(self) -> None:
+        self.num_heads = rwkv7_num_heads(self.hidden_size, self.head_dim)  # set by head_dim, not chosen
         if self.intermediate_size is None:
             self.intermediate_size = 4 * self.hidden_size
-        self.num_heads = self.hidden_size // self.head_dim
-        super().__post_init__(**kwargs)
 
 
 def rwkv7_mixer(config: RWKV7Config, layer_idx: int) -> RWKV7Attention:

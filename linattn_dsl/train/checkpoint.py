@@ -2,7 +2,11 @@
 
 A run killed while writing leaves only a ``.tmp-*`` folder, which the next run deletes; the previous
 ``step-*`` folder is never touched until the new one is complete. A checkpoint holds the model,
-optimiser, scheduler and RNG states (accelerate's files) and ``trainer_state.json`` (step, data position).
+optimiser, scheduler and RNG states (accelerate's files) and ``trainer_state.json`` (step, data position,
+the model config it was trained with).
+
+A file that cannot be read back (truncated by a full disk, copied in part) is reported by name, with the
+checkpoint before it, as a :class:`CheckpointError`.
 """
 
 from __future__ import annotations
@@ -11,11 +15,16 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from accelerate import Accelerator
+if TYPE_CHECKING:
+    from accelerate import Accelerator
 
 STATE_FILE = "trainer_state.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint (or exported model) file that cannot be read: the message names the file."""
 
 
 def checkpoints(folder: Path) -> list[Path]:
@@ -61,10 +70,69 @@ def save(accelerator: Accelerator, folder: Path, step: int, state: dict[str, Any
     return final
 
 
+def read_state(path: Path) -> dict[str, Any]:
+    """The ``trainer_state.json`` of checkpoint ``path`` (step, data position, model config)."""
+    try:
+        state = json.loads((path / STATE_FILE).read_text())
+        if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+            raise ValueError("no step number")
+    except (OSError, ValueError) as e:
+        raise CheckpointError(unreadable(path / STATE_FILE, e, previous(path))) from None
+    return state
+
+
 def load(accelerator: Accelerator, path: Path) -> dict[str, Any]:
-    """Restore what :func:`save` wrote into the prepared objects; returns the trainer state (step, data...)."""
-    accelerator.load_state(str(path))
-    return json.loads((path / STATE_FILE).read_text())
+    """Restore what :func:`save` wrote into the prepared objects; returns the trainer state (step, data...).
+
+    Raises :class:`CheckpointError` naming the file when one cannot be read."""
+    state = read_state(path)
+    try:
+        accelerator.load_state(str(path))
+    except Exception as e:  # accelerate does not say which file failed: find it
+        bad = first_unreadable(path)
+        if bad is not None:
+            raise CheckpointError(unreadable(bad[0], bad[1], previous(path))) from None
+        if isinstance(e, FileNotFoundError):
+            raise CheckpointError(unreadable(Path(e.filename or path), e, previous(path))) from None
+        raise
+    return state
+
+
+def previous(path: Path) -> Path | None:
+    """The complete checkpoint before ``path`` in its folder, if one is kept."""
+    earlier = [p for p in checkpoints(path.parent) if p.name != path.name
+               and int(p.name.split("-")[1]) < int(path.name.split("-")[1])]
+    return earlier[-1] if earlier else None
+
+
+def unreadable(file: Path, error: BaseException, before: Path | None = None, checkpoint: bool = True) -> str:
+    """One line: which file, why (the first sentence of the error), and what to do instead."""
+    reason = str(error).strip().splitlines()[0].split(". ")[0][:200] if str(error).strip() else type(error).__name__
+    text = f"{file}: cannot be read (truncated or corrupt? {reason})"
+    if not checkpoint:
+        return text
+    if before is not None:
+        return f"{text}; the previous checkpoint is {before}: delete or move {file.parent} and --resume from it"
+    return f"{text}; no earlier checkpoint is kept: start again in another job.dump_folder"
+
+
+def first_unreadable(folder: Path) -> tuple[Path, BaseException] | None:
+    """The first file of ``folder`` that does not load (``*.safetensors``, ``*.bin`` / ``*.pt`` / ``*.pkl``,
+    ``*.json``), with its error; ``None`` if every one loads. Reads each file whole: call it after a failure."""
+    import torch
+    from safetensors.torch import load_file
+
+    for file in sorted(p for p in folder.iterdir() if p.is_file()):
+        try:
+            if file.suffix == ".safetensors":
+                load_file(file)
+            elif file.suffix in (".bin", ".pt", ".pkl"):
+                torch.load(file, map_location="cpu", weights_only=False)  # the run's own files
+            elif file.suffix == ".json":
+                json.loads(file.read_text())
+        except Exception as e:
+            return file, e
+    return None
 
 
 def _fsync_tree(path: Path) -> None:

@@ -19,7 +19,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                "--training.gradient_accumulation_steps --optimizer.lr --lr_scheduler.warmup_steps "
                "--checkpoint.interval --checkpoint.keep_latest_k --model.<any config field> --data.files ...",
     )
-    s.add_argument("--config", default=None, help="TOML file (configs/tiny_cpu.toml is an example)")
+    s.add_argument("--config", default=None, help="TOML file (configs/tiny_cpu.toml is an example); paths in it "
+                   "are relative to it, paths on the command line to the current directory")
     s.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in job.dump_folder")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
     s.set_defaults(fn=run, overrides=[])
@@ -46,10 +47,15 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .config import load_config, parse_overrides
+    from .config import ConfigError, load_config, parse_overrides
     from .trainer import train
 
-    cfg = load_config(args.config, parse_overrides(args.overrides))
+    overrides = parse_overrides(args.overrides)
+    if args.config is None and not any(key == "data.files" for key, _ in overrides):
+        raise ConfigError("--config: no training config given; pass --config FILE.toml (the repository's "
+                          "configs/tiny_cpu.toml trains a tiny model on a CPU in minutes), or name the data "
+                          "with --data.files='[\"corpus.txt\"]' and keep the defaults")
+    cfg = load_config(args.config, overrides)
     result = train(cfg, resume=args.resume, progress=not args.no_progress)
     if not result.is_main:
         return 0

@@ -17,11 +17,17 @@ Sections and keys (defaults in :data:`SCHEMA`)::
 
 Every value is checked (unknown key, wrong type, missing file) before any work starts; the error names
 the dotted key or the path.
+
+Paths (``job.dump_folder``, ``data.files``, ``tokenizer.path``): one written in the config file is relative
+to the config file's folder; one given on the command line (or a default) is relative to the current
+directory, as any command-line path is.
 """
 
 from __future__ import annotations
 
 import copy
+import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +72,7 @@ CHOICES = {
 }
 POSITIVE = {("training", k) for k in ("steps", "seq_len", "batch_size", "gradient_accumulation_steps")} | {
     ("optimizer", "lr"), ("tokenizer", "vocab_size"), ("metrics", "log_freq")}
+PATHS = (("job", "dump_folder"), ("data", "files"), ("tokenizer", "path"))
 NON_NEGATIVE = {("training", "eval_interval"), ("training", "eval_batches"), ("lr_scheduler", "warmup_steps"),
                 ("checkpoint", "interval"), ("checkpoint", "keep_latest_k"), ("optimizer", "weight_decay"),
                 ("training", "max_norm"), ("lr_scheduler", "lr_min")}
@@ -153,9 +160,9 @@ def load_config(path: str | Path | None, overrides: list[tuple[str, Any]] = ()) 
             if sec not in cfg:
                 raise ConfigError(f"{sec}: unknown section; expected one of {sorted(cfg)}")
             cfg[sec].update(keys)
-        base = path.parent
-    else:
-        base = Path(".")
+        for sec, key in PATHS:  # the file's own paths are relative to it
+            if key in user.get(sec, {}):
+                cfg[sec][key] = relative_to(path.parent, cfg[sec][key])
     for key, value in overrides:
         parts = key.split(".")
         if parts[0] not in cfg:
@@ -166,12 +173,22 @@ def load_config(path: str | Path | None, overrides: list[tuple[str, Any]] = ()) 
             if not isinstance(target, dict):
                 raise ConfigError(f"{key}: {p} is not a table")
         target[parts[-1]] = value
-    validate(cfg, base)
+    validate(cfg)
     return cfg
 
 
-def validate(cfg: dict[str, dict[str, Any]], base: Path = Path(".")) -> None:
-    """Check every key, type, range and file; resolve data/tokenizer paths relative to the config file."""
+def relative_to(base: Path, value: Any) -> Any:
+    """``value`` (a path or a list of paths; anything else is left for :func:`validate` to reject) read
+    relative to ``base``."""
+    if isinstance(value, str):
+        return value if os.path.isabs(value) else os.path.normpath(base / value)
+    if isinstance(value, list):
+        return [relative_to(base, v) for v in value]
+    return value
+
+
+def validate(cfg: dict[str, dict[str, Any]]) -> None:
+    """Check every key, type, range and file (paths as given: :func:`load_config` resolved the file's)."""
     for sec, keys in SCHEMA.items():
         for key, value in cfg[sec].items():
             if key not in keys:
@@ -190,22 +207,18 @@ def validate(cfg: dict[str, dict[str, Any]], base: Path = Path(".")) -> None:
     validate_model(cfg["model"])
     files = cfg["data"]["files"]
     if not files:
-        raise ConfigError("data.files: expected at least one text or jsonl file")
-    resolved = []
+        raise ConfigError("data.files: expected at least one text or jsonl file (in the --config file, or "
+                          "--data.files='[\"corpus.txt\"]')")
     for f in files:
-        p = Path(f) if Path(f).is_absolute() or Path(f).exists() else base / f
-        if not p.is_file():
+        if not Path(f).is_file():
             raise ConfigError(f"data.files: {f}: no such file")
-        resolved.append(str(p))
-    cfg["data"]["files"] = resolved
     tok = cfg["tokenizer"]
     if tok["kind"] == "pretrained":
         if tok["path"] is None:
             raise ConfigError("tokenizer.path: required when tokenizer.kind = 'pretrained'")
-        p = Path(tok["path"]) if Path(tok["path"]).exists() else base / tok["path"]
+        p = Path(tok["path"])
         if not (p / "tokenizer_config.json").is_file() and not (p / "tokenizer.json").is_file():
             raise ConfigError(f"tokenizer.path: {tok['path']}: not a folder holding a Hugging Face tokenizer")
-        tok["path"] = str(p)
     elif tok["kind"] == "bpe" and tok["vocab_size"] < 300:
         raise ConfigError(f"tokenizer.vocab_size: expected >= 300 for a byte-level BPE, got {tok['vocab_size']}")
 
@@ -222,7 +235,8 @@ def validate_model(model: dict[str, Any]) -> None:
             raise ConfigError(f"model.{key}: unknown key for family {family!r}; expected one of {sorted(fields)}")
         if not type_ok(value, fields[key]):
             raise ConfigError(f"model.{key}: expected {fields[key]}, got {value!r}")
-    try:  # the family's own checks (hybrid attn layers, head counts...)
+    try:  # the family's own checks (sizes, heads that must divide, hybrid attn layers...): "field: ..." messages
         FAMILIES[family][0](**{k: v for k, v in model.items() if k != "family"})
     except (ValueError, TypeError) as e:
-        raise ConfigError(f"model: {e}") from None
+        field = re.match(r"[a-z_][\w.]*: ", str(e))  # messages start with the field they name
+        raise ConfigError(f"model.{e}" if field else f"model: {e}") from None

@@ -5,7 +5,8 @@ its own slice of each global batch (:class:`~linattn_dsl.train.data.BlockSampler
 Per optimiser step: ``gradient_accumulation_steps`` micro-batches (gradients synchronised on the last
 only), bf16 autocast on CUDA, gradient clipping to ``training.max_norm``, a step skipped when the loss or
 gradient norm is not finite, AdamW, warmup + cosine schedule. Checkpoints (atomic, :mod:`.checkpoint`)
-hold everything a resumed run needs to reproduce the losses of an uninterrupted one.
+hold everything a resumed run needs to reproduce the losses of an uninterrupted one, and the model's settings:
+``--resume`` with other settings stops before any work, naming the fields that differ.
 
 Throughput and memory: every step's wall time is kept (the loss's ``.item()`` synchronises each step);
 ``train_summary.json`` in the dump folder (and :class:`TrainResult`) gives the steady tokens/s (all
@@ -34,7 +35,7 @@ from tqdm.auto import tqdm
 from linattn_dsl.models import FAMILIES
 
 from . import checkpoint, data, report
-from .config import ConfigError
+from .config import ConfigError, model_fields
 from .tokenizer import byte_tokenizer, load_pretrained, train_bpe
 
 
@@ -112,16 +113,38 @@ def build_tokenizer(cfg: dict[str, Any], saved: Path, reuse: bool):
     return tokenizer
 
 
-def build_model(cfg: dict[str, Any], tokenizer) -> torch.nn.Module:
+def build_model_config(cfg: dict[str, Any], tokenizer):
+    """The family's config from ``cfg["model"]``, with the vocabulary and special tokens of ``tokenizer``."""
     kwargs = {k: v for k, v in cfg["model"].items() if k != "family"}
-    config_class, _, lm_class = FAMILIES[cfg["model"]["family"]]
+    config_class = FAMILIES[cfg["model"]["family"]][0]
     vocab = kwargs.setdefault("vocab_size", len(tokenizer))
     if vocab < len(tokenizer):
         raise ConfigError(f"model.vocab_size: {vocab} is smaller than the tokenizer's {len(tokenizer)} tokens")
     kwargs.setdefault("eos_token_id", tokenizer.eos_token_id)
     kwargs.setdefault("bos_token_id", tokenizer.bos_token_id if tokenizer.bos_token_id is not None
                       else tokenizer.eos_token_id)
-    return lm_class(config_class(**kwargs))
+    return config_class(**kwargs)
+
+
+def build_model(cfg: dict[str, Any], tokenizer) -> torch.nn.Module:
+    return FAMILIES[cfg["model"]["family"]][2](build_model_config(cfg, tokenizer))
+
+
+def model_settings(family: str, config) -> dict[str, Any]:
+    """What a checkpoint records of its model: the family and every config field a user may set (as JSON)."""
+    settings = {"family": family, **{k: getattr(config, k) for k in model_fields(family)}}
+    return json.loads(json.dumps(settings, default=str))
+
+
+def check_same_model(saved: dict[str, Any] | None, now: dict[str, Any], path: Path) -> None:
+    """Raise :class:`ConfigError` naming each model field that differs from checkpoint ``path``'s."""
+    if saved is None:  # a checkpoint from before model settings were recorded: loading it will tell
+        return
+    keys = ["family"] if saved.get("family") != now["family"] else sorted(set(saved) | set(now))
+    diffs = [f"model.{k} = {saved.get(k)!r} there, {now.get(k)!r} now" for k in keys if saved.get(k) != now.get(k)]
+    if diffs:
+        raise ConfigError(f"--resume: the model differs from the one checkpoint {path} holds: {'; '.join(diffs)}. "
+                          "Resume with the run's model settings, or start a new run in another job.dump_folder")
 
 
 def build_optimizer(cfg: dict[str, Any], model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -197,12 +220,19 @@ def train(cfg: dict[str, Any], resume: bool = False, on_step: Callable[[int, dic
         warnings.warn(f"an FSDP launch config was given, but accelerate runs these processes as "
                       f"{accelerator.distributed_type.value} (FSDP needs GPUs): every process holds the whole "
                       f"model and checkpoints are not sharded", stacklevel=2)
+    last = checkpoint.latest(ckpt_dir) if resume else None
+    saved = checkpoint.read_state(last) if last is not None else {}  # before any work: a bad one fails here
     if main:
         dump.mkdir(parents=True, exist_ok=True)
         checkpoint.remove_partial(ckpt_dir)
-        (dump / "run_config.json").write_text(json.dumps(cfg, indent=1))
     with accelerator.main_process_first():
         tokenizer = build_tokenizer(cfg, dump / "tokenizer", reuse=resume)
+    if model_factory is None:  # a changed model fails here, before the data is read
+        settings = model_settings(cfg["model"]["family"], build_model_config(cfg, tokenizer))
+        if last is not None:
+            check_same_model(saved.get("model"), settings, last)
+    if main:
+        (dump / "run_config.json").write_text(json.dumps(cfg, indent=1))
     blocks = data.pack(cfg["data"]["files"], tokenizer, t_cfg["seq_len"], cfg["data"]["text_field"])
     train_blocks, val_blocks = data.split(blocks, cfg["data"]["val_fraction"], cfg["job"]["seed"])
     sampler = data.BlockSampler(train_blocks, t_cfg["batch_size"], cfg["job"]["seed"],
@@ -223,7 +253,6 @@ def train(cfg: dict[str, Any], resume: bool = False, on_step: Callable[[int, dic
     accelerator.register_for_checkpointing(scheduler)
 
     start = 0
-    last = checkpoint.latest(ckpt_dir) if resume else None
     if last is not None:
         state = checkpoint.load(accelerator, last)
         start = state["step"]
@@ -281,8 +310,8 @@ def train(cfg: dict[str, Any], resume: bool = False, on_step: Callable[[int, dic
         bar.update(1)
         every = cfg["checkpoint"]["interval"]
         if every and step % every == 0 and step < t_cfg["steps"]:
-            checkpoint.save(accelerator, ckpt_dir, step, {"data": sampler.state_dict()},
-                            cfg["checkpoint"]["keep_latest_k"])
+            recorded = {"data": sampler.state_dict()} | ({"model": settings} if model_factory is None else {})
+            checkpoint.save(accelerator, ckpt_dir, step, recorded, cfg["checkpoint"]["keep_latest_k"])
         if on_step is not None:
             on_step(step, record)
     bar.close()

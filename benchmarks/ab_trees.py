@@ -1,0 +1,112 @@
+"""A/B timing of two checkouts of the package, interleaved on one card: whole trees (host code, templates and
+generated modules), not only generated files (that is ``benchmarks/ab.py``).
+
+    git worktree add /tmp/base HEAD~1          # or: mkdir base && git archive HEAD~1 | tar -x -C base
+    python -m benchmarks.ab_trees --old /tmp/base --new . --ops gla kda --T 4096 16384 --rounds 5
+
+Each round runs one process per side (old, new, then new, old in the next round), each timing every op at
+every T (``do_bench`` medians, inputs of ``benchmarks/ops.py`` from this tree for both sides, bf16, B*T =
+32768). Printed: per op and T, the median over rounds of each side's fwd and fwd+bwd times, their ratio, and
+the first call (compile) time of the first round. A side's tree needs ``specs``, ``generated`` and
+``codegen_templates`` reachable from its ``linattn_dsl`` folder (links are made as ``gpu_run.sh`` does).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def _child(ops: list[str], Ts: list[int]) -> None:
+    """Inside one side's process: time every op, print one JSON line per (op, T)."""
+    import importlib.util
+    import time
+
+    import torch
+    from triton.testing import do_bench
+
+    spec = importlib.util.spec_from_file_location("bench_ops_inputs", HERE / "ops.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    for op in ops:
+        fn = bench.get_fn("ours", op)
+        for T in Ts:
+            t = bench.make_inputs(op, T)
+            leaves = [x.requires_grad_() for x in t.values() if x.is_floating_point()]
+            start = time.time()
+            out = fn(t)
+            do = torch.randn_like(out)
+            out.backward(do)
+            torch.cuda.synchronize()
+            first = time.time() - start
+
+            def fwd_bwd(t=t, leaves=leaves, do=do):
+                for x in leaves:
+                    x.grad = None
+                fn(t).backward(do)
+
+            with torch.no_grad():
+                ms_f = do_bench(lambda t=t: fn(t), warmup=10, rep=80, return_mode="median")
+            ms_b = do_bench(fwd_bwd, warmup=10, rep=80, return_mode="median")
+            print(json.dumps(dict(op=op, T=T, fwd=ms_f, fwd_bwd=ms_b, first=first)), flush=True)
+            t = leaves = out = do = None   # free this shape's tensors before the next one's
+            torch.cuda.empty_cache()
+
+
+def _run_side(tree: Path, ops: list[str], Ts: list[int]) -> list[dict]:
+    for d in ("specs", "generated", "codegen_templates"):
+        link = tree / "linattn_dsl" / d
+        if not link.exists():
+            link.symlink_to(Path("..") / d)
+    env = dict(os.environ, PYTHONPATH=str(tree.resolve()))
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", "--ops", *ops, "--T", *map(str, Ts)]
+    res = subprocess.run(cmd, env=env, cwd=str(tree), capture_output=True, text=True)
+    if res.returncode:
+        raise RuntimeError(f"{tree}: exit {res.returncode}\n{res.stderr[-3000:]}")
+    return [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--old", type=Path)
+    p.add_argument("--new", type=Path)
+    p.add_argument("--ops", nargs="+", default=["retention", "gla", "mamba2", "delta_rule", "gated_delta_rule",
+                                                 "kda", "rwkv7"])
+    p.add_argument("--T", type=int, nargs="+", default=[4096, 16384])
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--out", type=Path, help="write every round's raw timings here (JSON)")
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if a.child:
+        _child(a.ops, a.T)
+        return 0
+    rows: dict[str, list[dict]] = {"old": [], "new": []}
+    for r in range(a.rounds):
+        for side in (("old", "new") if r % 2 == 0 else ("new", "old")):
+            rows[side].append({(x["op"], x["T"]): x for x in _run_side(getattr(a, side), a.ops, a.T)})
+            print(f"round {r + 1} {side} done", file=sys.stderr, flush=True)
+    if a.out:
+        a.out.write_text(json.dumps({s: [{f"{k[0]}@{k[1]}": v for k, v in rd.items()} for rd in rs]
+                                     for s, rs in rows.items()}, indent=1))
+    print(f"{'op':>18} {'T':>6} | old fwd / fwd+bwd ms | new fwd / fwd+bwd ms | new/old fwd, fwd+bwd | first s old/new")
+    for op in a.ops:
+        for T in a.T:
+            med = {s: {m: statistics.median(rd[(op, T)][m] for rd in rows[s]) for m in ("fwd", "fwd_bwd")}
+                   for s in rows}
+            first = {s: rows[s][0][(op, T)]["first"] for s in rows}
+            print(f"{op:>18} {T:>6} | {med['old']['fwd']:8.3f} / {med['old']['fwd_bwd']:8.3f} | "
+                  f"{med['new']['fwd']:8.3f} / {med['new']['fwd_bwd']:8.3f} | "
+                  f"{med['new']['fwd'] / med['old']['fwd']:.3f}, {med['new']['fwd_bwd'] / med['old']['fwd_bwd']:.3f} | "
+                  f"{first['old']:.1f} / {first['new']:.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
