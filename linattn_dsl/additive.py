@@ -18,6 +18,7 @@ import triton
 
 from . import gates as gates_mod
 from .args import Bound
+from .twin import fused_scale as _fused
 
 BT, BC = 64, 16
 # scores_diag's fast form: a diagonal sub-block whose decay across it (nats, any channel) is at most this goes
@@ -506,18 +507,6 @@ def run_triton(mod, variant, bound: Bound, mode: str):
     o, ht = ChunkAdditive.apply(mod, variant.gate, x.L, bound.scale, bound.output_final_state,
                                 mode == "fused_recurrent", x.q, x.k, x.v, x.vs, x.sk, x.h0, *x.gate_inputs)
     return x.finish(bound, o, ht)
-
-
-def _fused(spec, key: tuple, what: str):
-    """The fused value or skip scale of a call (sympy, simplified once per switches/optional inputs)."""
-    from . import lowering
-
-    cache = spec.__dict__.setdefault("_fused_cache", {})
-    if (key, what) not in cache:
-        roles = spec.resolve(dict(key[0]), key[1])
-        cache[(key, what)] = lowering.value_scale(spec, roles.value) if what == "value" else \
-            lowering.skip_scale(spec, roles)
-    return cache[(key, what)]
 
 
 def interpreting() -> bool:

@@ -363,11 +363,12 @@ class TwinChunk(torch.autograd.Function):
 
 
 # ---- preparing a bound call ----------------------------------------------------------------------------
-def _fused(spec, key: tuple, what: str):
-    """The additive form's fused value or skip scale of a call (sympy), cached per switches / optional inputs."""
+def fused_scale(spec, key: tuple, what: str):
+    """The additive form's fused value or skip scale of a call (sympy, simplified once per switches / optional
+    inputs), shared by both backends."""
     from . import lowering
 
-    cache = spec.__dict__.setdefault("_twin_fused_cache", {})
+    cache = spec.__dict__.setdefault("_fused_cache", {})
     if (key, what) not in cache:
         roles = spec.resolve(dict(key[0]), key[1])
         cache[(key, what)] = lowering.value_scale(spec, roles.value) if what == "value" else \
@@ -385,8 +386,8 @@ class Prepared:
         spec = bound.spec
         key = (tuple(sorted(bound.switches.items())), bound.present)
         fuse = form == "additive"
-        scale_expr = _fused(spec, key, "value") if fuse and variant.value_scale else None
-        skip_expr = _fused(spec, key, "skip") if fuse and variant.skip_scale else None
+        scale_expr = fused_scale(spec, key, "value") if fuse and variant.value_scale else None
+        skip_expr = fused_scale(spec, key, "skip") if fuse and variant.skip_scale else None
         exclude = ("log_decay",) + (("value",) if scale_expr is not None else ()) \
             + (("skip",) if skip_expr is not None else ())
         roles = gates_mod.evaluate(bound, exclude=exclude)
