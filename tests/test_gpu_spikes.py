@@ -46,7 +46,7 @@ def test_decay_spikes_vs_oracle(name, mode):
 
 # The chunk kernels' causal products (A @ V, the UT transform, the general solve) let 0 * NaN reach rows before
 # the bad token inside its chunk (H100: every spec's v; k and gates of the delta and general forms). The fix is
-# on branch exp/nan-contain, not yet timed on a GPU.
+# in benchmarks/experiments/nan_contain.patch, not yet timed on a GPU.
 CHUNK_LEAK = pytest.mark.xfail(reason="chunk forward kernels: 0 * NaN in causal products", strict=False)
 
 
