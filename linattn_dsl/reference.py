@@ -9,8 +9,10 @@ clamped: a log-decay of -inf forgets the state (and has a zero gradient, see ``c
 
 from __future__ import annotations
 
+import sympy as sp
 import torch
 
+from . import expr as ex
 from . import gates
 from .args import bind
 from .spec import Recurrence
@@ -41,8 +43,15 @@ def cut_where_forgotten(bound, g: torch.Tensor, dtype) -> torch.Tensor:
     e = spec.resolve(bound.switches, bound.present).log_decay
     names, fn = gates._compile(e)
     # every input broadcast to the decay's layout, so that each position has its own copy to cut
-    full = [gates.evaluate_expr(bound, spec.symbols[n], gates.DECAY_SHAPES[spec.decay.kind], dtype) for n in names]
-    return fn(*(torch.where(forgotten, x.detach(), x) for x in full))
+    shape = gates.DECAY_SHAPES[spec.decay.kind]
+    full = []
+    for n in names:
+        if n == ex.HEAD_INDEX:   # the head index is no input: nothing to cut
+            full.append(gates.evaluate_expr(bound, sp.Symbol(n), shape, dtype))
+        else:
+            x = gates.evaluate_expr(bound, spec.symbols[n], shape, dtype)
+            full.append(torch.where(forgotten, x.detach(), x))
+    return fn(*full)
 
 
 def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:

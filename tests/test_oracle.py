@@ -163,3 +163,24 @@ def test_autograd_through_the_oracle():
 def test_transition_kinds_of_family():
     assert {Transition.none().kind, Transition.delta("b").kind, Transition.general("a", "b").kind} == \
         {"none", "delta", "general"}
+
+
+def test_forgetting_step_has_zero_gradient_with_head_index_in_the_gate():
+    """A log-decay of -inf (a reset) forgets the state exactly; the gate inputs' gradients there are 0, also
+    when the expression's own derivative is infinite and when it reads the head index."""
+    from linattn_dsl.spec import Arg
+
+    spec = Recurrence(name="reset_gate", inputs=dict(q="B T H K", k="B T H K", v="B T H V",
+                                                     a=Arg("H", sign="nonpositive"), dt="B T H"),
+                      query="q", key="k", value="v", decay=Decay.scalar(log="a * (h + 1) * softplus(dt)"))
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 6, 2, 3, generator=g, dtype=torch.float64) for _ in range(3))
+    a = torch.tensor([-0.5, -float("inf")], dtype=torch.float64, requires_grad=True)
+    dt = torch.randn(1, 6, 2, generator=g, dtype=torch.float64).requires_grad_()
+    o, s = reference.run(spec, q, k, v, a, dt, output_final_state=True, dtype=torch.float64)
+    (o.sum() + s.sum()).backward()
+    assert torch.isfinite(a.grad).all() and torch.isfinite(dt.grad).all()
+    assert torch.equal(dt.grad[..., 1], torch.zeros_like(dt.grad[..., 1]))   # head 1 forgets every step
+    # head 1 keeps only the current token: o_t = (q_t . k_t) v_t
+    expect = (q[..., 1, :] * k[..., 1, :]).sum(-1, keepdim=True) * v[..., 1, :] * 3 ** -0.5
+    assert torch.allclose(o[..., 1, :], expect, atol=1e-12)
