@@ -76,6 +76,10 @@ def run(spec: Recurrence, *inputs, scale=None, initial_state=None, output_final_
 
 def run_bound(bound, dtype=torch.float32):
     spec = bound.spec
+    if bound.sizes["T"] == 0:   # nothing to step through: the ops' answer (empty o, the initial state)
+        from .runtime import no_tokens
+
+        return no_tokens(bound)
     roles = gates.evaluate(bound, dtype)
     if "log_decay" in roles:
         roles["log_decay"] = cut_where_forgotten(bound, roles["log_decay"], dtype)

@@ -19,7 +19,7 @@ import textwrap
 import pytest
 import torch
 
-from linattn_dsl import ops
+from linattn_dsl import ops, reference, registry
 from linattn_dsl.args import CHECK_ENV
 from linattn_dsl.spec import Arg, Decay, If, Recurrence, SpecError, Transition
 
@@ -233,6 +233,9 @@ def test_no_tokens(name, mode):
     assert all(x.grad is not None and x.grad.shape == x.shape and not x.grad.any() for x in args)
     o, s = op(*T0_CALLS[name](BF16), initial_state=h0.detach())
     assert o.dtype == BF16 and o.shape == (2, 0, H, V) and s is None
+    o_ref, s_ref = reference.run(registry.load(name), *T0_CALLS[name](F32), initial_state=h0.detach(),
+                                 output_final_state=True)   # the oracle answers T = 0 the same way
+    assert o_ref.shape == (2, 0, H, V) and torch.equal(s_ref, h0.detach())
 
 
 # ---- the spec language ----------------------------------------------------------------------------------------
