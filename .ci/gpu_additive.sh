@@ -3,7 +3,6 @@
 set -uo pipefail
 python3 -m pip install -q --no-deps .wheels/*.whl 2>&1 | tail -2
 # no build backend download on the GPU machine: make the package importable from the checkout instead
-for d in specs generated codegen_templates; do ln -sfn ../$d linattn_dsl/$d; done
 export PYTHONPATH=$PWD:$PWD/third_party/mamba:${PYTHONPATH:-}
 OUT=${OUT:-out}
 nvidia-smi --query-gpu=name --format=csv,noheader

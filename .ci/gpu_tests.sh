@@ -7,7 +7,6 @@
 #   run(command="bash .ci/gpu_tests.sh", carry=[".wheels", "third_party"])
 # Knobs: SUITES (test files), WORKERS (12), LIMIT (seconds for the whole pytest, 540).
 set -uo pipefail
-for d in specs generated codegen_templates; do ln -sfn ../$d linattn_dsl/$d; done
 export PYTHONPATH=$PWD:$PWD/third_party/mamba:${PYTHONPATH:-}
 OUT=${OUT:-out}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name --format=csv,noheader

@@ -7,8 +7,8 @@ generated modules), not only generated files (that is ``benchmarks/ab.py``).
 Each round runs one process per side (old, new, then new, old in the next round), each timing every op at
 every T (``do_bench`` medians, inputs of ``benchmarks/ops.py`` from this tree for both sides, bf16, B*T =
 32768). Printed: per op and T, the median over rounds of each side's fwd and fwd+bwd times, their ratio, and
-the first call (compile) time of the first round. A side's tree needs ``specs``, ``generated`` and
-``codegen_templates`` reachable from its ``linattn_dsl`` folder (links are made as ``gpu_run.sh`` does).
+the first call (compile) time of the first round. A tree from before ``specs``, ``generated`` and the
+templates moved into the package gets links to them from its ``linattn_dsl`` folder.
 """
 
 from __future__ import annotations
@@ -61,9 +61,9 @@ def _child(ops: list[str], Ts: list[int]) -> None:
 
 
 def _run_side(tree: Path, ops: list[str], Ts: list[int]) -> list[dict]:
-    for d in ("specs", "generated", "codegen_templates"):
+    for d in ("specs", "generated", "codegen_templates"):   # trees from before these moved into the package
         link = tree / "linattn_dsl" / d
-        if not link.exists():
+        if (tree / d).is_dir() and not link.exists():
             link.symlink_to(Path("..") / d)
     env = dict(os.environ, PYTHONPATH=str(tree.resolve()))
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", "--ops", *ops, "--T", *map(str, Ts)]

@@ -21,7 +21,11 @@ from pathlib import Path
 
 import torch
 
-from linattn_dsl import codegen, reference, registry, testing
+from linattn_dsl import reference
+
+from linattn_dsl.compiler import codegen, registry
+
+from linattn_dsl.reference import drawing as testing
 from linattn_dsl.cli import _import_file
 
 G_CONST = ('from linattn_dsl import Decay, Recurrence, Transition\n'

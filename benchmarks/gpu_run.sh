@@ -7,7 +7,6 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 S=$SECONDS
-for d in specs generated codegen_templates; do ln -sfn ../$d linattn_dsl/$d; done
 python3 -m pip install -q --no-index --no-deps --target /tmp/linattn_site .wheels/*.whl 2>&1 | tail -1
 export PYTHONPATH=$PWD:$PWD/third_party/mamba:/tmp/linattn_site
 export TRITON_CACHE_AUTOTUNING=1

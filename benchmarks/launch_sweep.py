@@ -23,7 +23,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-# every name a stage launch reads its override under (linattn_dsl.additive.launch_opts)
+# every name a stage launch reads its override under (linattn_dsl.runtime.additive.launch_opts)
 LAUNCH_NAMES = ("gate_fwd", "gate_bwd", "add_state_fwd", "add_state_bwd", "dv_bwd", "scores_fwd", "scores_fwd_pair",
                 "scores_diag", "scores_diag_pair", "ut_fwd", "state_fwd", "output_fwd",
                 "dv_bwd_local", "state_bwd", "dqk_bwd", "ut_bwd", "dqk_intra_bwd", "dqk_intra_bwd_pair",

@@ -26,6 +26,8 @@ case "${1:-}" in
       root=$(tree_of "$rev")
       if [ "$rev" != "." ] && [ ! -d "$root" ]; then
         mkdir -p "$root" && tar -xf ".wheels/rev_${rev//\//_}.tar" -C "$root"
+      fi
+      if [ -d "$root/specs" ]; then   # a revision from before specs/, generated/ moved into the package
         for d in specs generated codegen_templates; do ln -sfn "../$d" "$root/linattn_dsl/$d"; done
       fi
       for op in ${ops//,/ }; do

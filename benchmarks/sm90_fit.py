@@ -78,7 +78,11 @@ def record_launches(fn_call) -> list[dict]:
 def _record(spec_names, dims, dtypes, modes=("chunk",), T=80) -> list[dict]:
     import torch
 
-    from linattn_dsl import ops, registry, testing
+    from linattn_dsl import ops
+
+    from linattn_dsl.compiler import registry
+
+    from linattn_dsl.reference import drawing as testing
 
     out = []
     for name in spec_names:

@@ -33,7 +33,6 @@ if [ "${SETUP:-1}" != 0 ]; then  # SETUP=0: use the current environment as it is
     # third_party/mamba: mamba-ssm 2.3.2.post1's sources (its top-level __init__ emptied, GPU.md): FLA's Mamba2
     # runs mamba-ssm's Triton SSD through it, and falls back to a naive PyTorch path without it
     export PYTHONPATH=$PWD:$PWD/third_party/mamba:$SITE${PYTHONPATH:+:$PYTHONPATH}
-    for d in specs generated codegen_templates; do ln -sfn ../$d linattn_dsl/$d; done
 fi
 export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$HOME/.triton/cache}
 export TRITON_CACHE_AUTOTUNING=1  # every autotuner (FLA, mamba-ssm) keeps its results on disk

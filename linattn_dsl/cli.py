@@ -16,8 +16,9 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from . import codegen, evaluate, generate, registry
-from .spec import SpecError
+from . import evaluate, generate
+from .compiler import codegen, registry
+from .compiler.spec import SpecError
 from .train import cli as train_cli
 
 
@@ -94,7 +95,7 @@ def cmd_verify(args) -> int:
 
     import torch
 
-    from . import verify
+    from .reference import verify
 
     # the cheap checks first: a bad device or count fails before any code is generated
     verify.check_args(args.examples, args.max_t, args.device, ("--examples", "--max-t", "--device"))

@@ -21,7 +21,10 @@ from pathlib import Path
 
 import torch
 
-from . import codegen, ops, registry, testing, verify
+from . import ops
+from .compiler import codegen, registry
+from .reference import drawing as testing
+from .reference import verify
 
 
 def announce(step: int, text: str) -> None:

@@ -97,7 +97,7 @@ def test_dtype_policy_accepts_mixed_precision_parameters():
 
 
 def test_optional_inputs_follow_the_switches():
-    from linattn_dsl import registry
+    from linattn_dsl.compiler import registry
 
     kda = registry.load("kda")
     assert "A_log" not in kda.uses({"use_gate_in_kernel": False})

@@ -283,7 +283,7 @@ def test_cli_rejects(tmp_path, capsys, argv, message):
 def test_verify_on_cuda_without_a_gpu_refuses_before_generating(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr("tempfile.tempdir", str(tmp_path))  # where a generated spec would go
-    spec = ROOT / "specs" / "gla.py"
+    spec = ROOT / "linattn_dsl" / "specs" / "gla.py"
     code, err = run_cli(capsys, "verify", spec, "--device", "cuda")
     assert_error(code, err, r"--device: got 'cuda'; expected 'cpu', or 'cuda' on a machine with a CUDA GPU")
     assert list(tmp_path.iterdir()) == []

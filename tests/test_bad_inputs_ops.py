@@ -19,9 +19,11 @@ import textwrap
 import pytest
 import torch
 
-from linattn_dsl import ops, reference, registry
-from linattn_dsl.args import CHECK_ENV
-from linattn_dsl.spec import Arg, Decay, If, Recurrence, SpecError, Transition
+from linattn_dsl import ops, reference
+
+from linattn_dsl.compiler import registry
+from linattn_dsl.runtime.args import CHECK_ENV
+from linattn_dsl.compiler.spec import Arg, Decay, If, Recurrence, SpecError, Transition
 
 F32, BF16, F16, F64 = torch.float32, torch.bfloat16, torch.float16, torch.float64
 

@@ -4,7 +4,7 @@
 * the generated Triton kernels under TRITON_INTERPRET=1 (subprocess, so the flag does not leak),
   on targeted small cases: T = 1, a partial chunk, several chunks, varlen, grouped heads, initial state;
 * extreme gates (log-decay -20 per step) stay finite.
-Tolerances: fp32 1e-4 relative to the float64 oracle (see linattn_dsl.verify.TOLERANCE).
+Tolerances: fp32 1e-4 relative to the float64 oracle (see linattn_dsl.reference.verify.TOLERANCE).
 """
 
 import os
@@ -15,8 +15,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from linattn_dsl import ops, registry, testing, verify
-from linattn_dsl.spec import Decay, Recurrence
+from linattn_dsl import ops
+
+from linattn_dsl.compiler import registry
+
+from linattn_dsl.reference import drawing as testing, verify
+from linattn_dsl.compiler.spec import Decay, Recurrence
 
 ADDITIVE = ["retention", "gla", "mamba2"]
 HERE = Path(__file__).parent
@@ -30,7 +34,7 @@ def test_torch_twin_matches_oracle(name):
 
 def test_no_decay_additive_spec_lowers(tmp_path):
     # a spec outside the shipped ones: plain causal linear attention with a value gate
-    from linattn_dsl import codegen
+    from linattn_dsl.compiler import codegen
     from linattn_dsl.cli import _import_file
 
     src = tmp_path / "plain_la.py"
@@ -66,7 +70,7 @@ def test_interpreted_triton_kernels():
 def test_custom_constant_decay_with_parameter_gradient():
     spec = Recurrence(name="const_param", inputs=dict(q="B T H K", k="B T H K", v="B T H V", c="H"),
                       query="q", key="k", value="v", decay=Decay.constant(log="-exp(c)"))
-    from linattn_dsl import codegen
+    from linattn_dsl.compiler import codegen
     from linattn_dsl.cli import _import_file
     import tempfile
 
@@ -100,7 +104,7 @@ def test_launch_opts_defaults_and_overrides(monkeypatch):
     """LINATTN_LAUNCH (tuning runs) overrides warps (w), stages (s), the BK / BV blocks (k, v), RB (r, a
     launch's switch) and DOT (d, an operand type) of one named stage launch; other stages keep the defaults the
     host code gives."""
-    from linattn_dsl.additive import launch_opts
+    from linattn_dsl.runtime.additive import launch_opts
 
     monkeypatch.delenv("LINATTN_LAUNCH", raising=False)
     assert launch_opts("general_intra_bwd", dict(BK=16, num_warps=1)) == dict(BK=16, num_warps=1)
@@ -129,8 +133,8 @@ def test_launch_choices_follow_the_h100_sweep():
     backward 3 stages and the scalar-decay forward 2 once its programs fill every SM; half inputs with K <= 128
     take value blocks of 64 when the programs at 64 still cover every SM; fp32 keeps one stage; the output pass of
     vector decays takes value blocks of 128 (session 10)."""
-    from linattn_dsl.additive import _dqk_opts, _output_bv
-    from linattn_dsl.delta import _state_bv, _state_fwd_bv, _state_opts
+    from linattn_dsl.runtime.additive import _dqk_opts, _output_bv
+    from linattn_dsl.runtime.delta import _state_bv, _state_fwd_bv, _state_opts
 
     cpu = torch.device("cpu")   # counted as 132 SMs (an H100)
     assert _state_opts(1, 128, True, True, 128, cpu) == dict(num_warps=8, num_stages=2)

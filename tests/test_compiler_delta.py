@@ -6,7 +6,11 @@ states and every gradient; fp32 tolerance 1e-4 relative. GPU shapes: tests/test_
 import pytest
 import torch
 
-from linattn_dsl import codegen, ops, registry, testing, verify
+from linattn_dsl import ops
+
+from linattn_dsl.compiler import codegen, registry
+
+from linattn_dsl.reference import drawing as testing, verify
 from linattn_dsl.cli import _import_file
 
 DELTA = ["delta_rule", "gated_delta_rule", "kda"]
@@ -122,7 +126,8 @@ def test_drawn_delta_specs_under_the_triton_interpreter(tmp_path):
     script.write_text(textwrap.dedent(f"""
         import sys
         from pathlib import Path
-        from linattn_dsl import codegen, registry, verify
+        from linattn_dsl.compiler import codegen, registry
+        from linattn_dsl.reference import verify
         from linattn_dsl.cli import _import_file
         ok = True
         for i, src in enumerate({sources!r}):

@@ -14,7 +14,11 @@ from pathlib import Path
 
 import torch
 
-from linattn_dsl import codegen, ops, registry, testing, verify
+from linattn_dsl import ops
+
+from linattn_dsl.compiler import codegen, registry
+
+from linattn_dsl.reference import drawing as testing, verify
 
 HERE = Path(__file__).parent
 

@@ -9,7 +9,11 @@
 import pytest
 import torch
 
-from linattn_dsl import ops, registry, testing
+from linattn_dsl import ops
+
+from linattn_dsl.compiler import registry
+
+from linattn_dsl.reference import drawing as testing
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 ADDITIVE = ["retention", "gla", "mamba2"]

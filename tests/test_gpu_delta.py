@@ -9,7 +9,11 @@ import pytest
 import torch
 from test_gpu_additive import _to
 
-from linattn_dsl import ops, registry, testing
+from linattn_dsl import ops
+
+from linattn_dsl.compiler import registry
+
+from linattn_dsl.reference import drawing as testing
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 DELTA = ["delta_rule", "gated_delta_rule", "kda"]

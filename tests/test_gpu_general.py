@@ -11,7 +11,11 @@ machine).
 import pytest
 import torch
 
-from linattn_dsl import codegen, ops, registry, testing
+from linattn_dsl import ops
+
+from linattn_dsl.compiler import codegen, registry
+
+from linattn_dsl.reference import drawing as testing
 from linattn_dsl.cli import _import_file
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]

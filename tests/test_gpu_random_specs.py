@@ -17,7 +17,9 @@ import torch
 from hypothesis import HealthCheck, Phase, given, settings
 from test_random_specs import spec_sources
 
-from linattn_dsl import codegen, registry, verify
+from linattn_dsl.compiler import codegen, registry
+
+from linattn_dsl.reference import verify
 from linattn_dsl.cli import _import_file
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]

@@ -32,7 +32,8 @@ def test_non_editable_install_works(tmp_path):
                        capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
     code = ("import linattn_dsl, linattn_dsl.ops as o, linattn_dsl.specs.gla, linattn_dsl.generated.gla;"
-            "import linattn_dsl.codegen as c; assert 'site-packages' in linattn_dsl.__file__, linattn_dsl.__file__;"
+            "import linattn_dsl.compiler.codegen as c;"
+            "assert 'site-packages' in linattn_dsl.__file__, linattn_dsl.__file__;"
             "assert (c.template_dir() / 'op.py.j2').exists(); print(len(o.__all__))")
     r = subprocess.run([str(py), "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env)
     assert r.returncode == 0 and r.stdout.strip() == "14", r.stdout + r.stderr

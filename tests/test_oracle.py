@@ -4,8 +4,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from linattn_dsl import reference, registry, testing
-from linattn_dsl.spec import Decay, Recurrence, Transition
+from linattn_dsl import reference
+
+from linattn_dsl.compiler import registry
+
+from linattn_dsl.reference import drawing as testing
+from linattn_dsl.compiler.spec import Decay, Recurrence, Transition
 
 TOL = 1e-10
 shapes = st.fixed_dictionaries(dict(B=st.integers(1, 2), T=st.integers(1, 24), H=st.integers(1, 3),
@@ -168,7 +172,7 @@ def test_transition_kinds_of_family():
 def test_forgetting_step_has_zero_gradient_with_head_index_in_the_gate():
     """A log-decay of -inf (a reset) forgets the state exactly; the gate inputs' gradients there are 0, also
     when the expression's own derivative is infinite and when it reads the head index."""
-    from linattn_dsl.spec import Arg
+    from linattn_dsl.compiler.spec import Arg
 
     spec = Recurrence(name="reset_gate", inputs=dict(q="B T H K", k="B T H K", v="B T H V",
                                                      a=Arg("H", sign="nonpositive"), dt="B T H"),

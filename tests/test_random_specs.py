@@ -15,7 +15,9 @@ import textwrap
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from linattn_dsl import codegen, registry, verify
+from linattn_dsl.compiler import codegen, registry
+
+from linattn_dsl.reference import verify
 from linattn_dsl.cli import _import_file
 
 # inner expressions of one raw input (any sign)
@@ -111,7 +113,8 @@ def test_drawn_specs_under_the_triton_interpreter(tmp_path):
     script.write_text(textwrap.dedent(f"""
         import sys
         from pathlib import Path
-        from linattn_dsl import codegen, registry, verify
+        from linattn_dsl.compiler import codegen, registry
+        from linattn_dsl.reference import verify
         from linattn_dsl.cli import _import_file
         ok = True
         for i, src in enumerate({sources!r}):
@@ -155,7 +158,8 @@ import pytest  # noqa: E402
 _GENERAL_SCRIPT = """
 import sys
 from pathlib import Path
-from linattn_dsl import codegen, registry, verify
+from linattn_dsl.compiler import codegen, registry
+from linattn_dsl.reference import verify
 from linattn_dsl.cli import _import_file
 d = Path(sys.argv[1])
 spec = registry.load(str(d / "drawn.py"))

@@ -2,8 +2,8 @@
 
 import pytest
 
-from linattn_dsl import registry
-from linattn_dsl.spec import Arg, Decay, If, Recurrence, SpecError, Transition
+from linattn_dsl.compiler import registry
+from linattn_dsl.compiler.spec import Arg, Decay, If, Recurrence, SpecError, Transition
 
 BASE = dict(name="s", inputs=dict(q="B T H K", k="B T H K", v="B T H V"), query="q", key="k", value="v")
 

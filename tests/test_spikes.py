@@ -35,8 +35,12 @@ import torch
 from hypothesis import HealthCheck, Phase, given, seed, settings
 from hypothesis import strategies as st
 
-from linattn_dsl import codegen, reference, registry, testing, verify
-from linattn_dsl.args import bind
+from linattn_dsl import reference
+
+from linattn_dsl.compiler import codegen, registry
+
+from linattn_dsl.reference import drawing as testing, verify
+from linattn_dsl.runtime.args import bind
 
 TOL = 1e-4
 BT = 64   # the kernels' chunk size: spikes go on both sides of its boundaries

@@ -25,7 +25,11 @@ from unittest import mock
 import pytest
 import torch
 
-from linattn_dsl import registry, runtime, testing
+from linattn_dsl import runtime
+
+from linattn_dsl.compiler import registry
+
+from linattn_dsl.reference import drawing as testing
 
 HERE = Path(__file__).resolve()
 STAGE_TOL = 1e-4
@@ -75,7 +79,7 @@ def _recording(host, rec: dict, mod=None):
 
 def triton_stages(mod, bound, do: torch.Tensor, dht: torch.Tensor | None) -> dict:
     """twin.stages' quantities from the generated Triton kernels, by the host functions' own launches."""
-    from linattn_dsl import additive, delta, general
+    from linattn_dsl.runtime import additive, delta, general
 
     variant = mod.VARIANTS[tuple(sorted(bound.switches.items()))]
     gate, scale = variant.gate, bound.scale
@@ -211,7 +215,7 @@ def _drawn_source(transition: str, decay: str) -> str:
 
 
 def _cases(folder: Path) -> list[dict]:
-    from linattn_dsl import codegen
+    from linattn_dsl.compiler import codegen
 
     cases = []
     for i, (name, kw) in enumerate(SHIPPED):
@@ -264,7 +268,7 @@ def _flat(stages: dict) -> dict:
 def test_twin_stages_match_the_kernels(kernel_stages, label):
     """Each stage output of the twin (fp32) against the interpreted kernels' (fp32): within 2 STAGE_TOL of each
     other, and each within STAGE_TOL of the twin's float64 run of the same stages (the exact values)."""
-    from linattn_dsl import twin
+    from linattn_dsl.runtime import twin
 
     case, kernels = kernel_stages[label]
     mod = _module(case["spec"])

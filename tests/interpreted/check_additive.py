@@ -12,7 +12,11 @@ assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
 
 import torch  # noqa: E402
 
-from linattn_dsl import ops, registry, testing  # noqa: E402
+from linattn_dsl import ops  # noqa: E402
+
+from linattn_dsl.compiler import registry  # noqa: E402
+
+from linattn_dsl.reference import drawing as testing  # noqa: E402
 
 CASES = [  # (spec, draw_case keywords)
     ("retention", dict(B=1, T=1, heads=1, K=8, V=8)),

@@ -14,7 +14,11 @@ assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
 
 import torch  # noqa: E402
 
-from linattn_dsl import ops, reference, registry, testing  # noqa: E402
+from linattn_dsl import ops, reference  # noqa: E402
+
+from linattn_dsl.compiler import registry  # noqa: E402
+
+from linattn_dsl.reference import drawing as testing  # noqa: E402
 
 KDA_GATE = dict(use_gate_in_kernel=True, use_qk_l2norm_in_kernel=True)
 CASES = [  # (spec, draw_case keywords, modes)

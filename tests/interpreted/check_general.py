@@ -18,7 +18,11 @@ assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
 
 import torch  # noqa: E402
 
-from linattn_dsl import codegen, ops, reference, registry, testing  # noqa: E402
+from linattn_dsl import ops, reference  # noqa: E402
+
+from linattn_dsl.compiler import codegen, registry  # noqa: E402
+
+from linattn_dsl.reference import drawing as testing  # noqa: E402
 from linattn_dsl.cli import _import_file  # noqa: E402
 
 # one spec per decay kind besides RWKV7's vector decay, with the features the host must handle:

@@ -2,7 +2,7 @@
 
 S_t = diag(exp(w_t)) S_{t-1} + b_t (a_t^T S_{t-1}) + k_t v_t^T,  o_t = S_t^T r_t.
 """
-from linattn_dsl.spec import Arg, Decay, Recurrence, Transition
+from linattn_dsl.compiler.spec import Arg, Decay, Recurrence, Transition
 
 spec = Recurrence(
     name="rwkv7",

@@ -16,7 +16,7 @@ import re
 import torch
 import triton
 
-from . import gates as gates_mod
+from ..reference import roles as gates_mod
 from .args import Bound
 from .twin import fused_scale as _fused
 
@@ -483,7 +483,7 @@ class Prepared:
         if spec.resolve(bound.switches).qk_l2norm:
             # the fused norm (one Triton kernel per direction, fp32 inside): x / sqrt(sum x^2 + 1e-6), the
             # oracle's formula; eager, it was 5 ops per tensor each way, with their outputs kept for the backward
-            from .modules import l2_norm
+            from ..modules import l2_norm
             q, k = l2_norm(q), l2_norm(k)
         dtype = bound.out_dtype
         self.q = q.to(dtype).reshape(B * T, HQ, K).contiguous()

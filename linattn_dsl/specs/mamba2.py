@@ -3,7 +3,7 @@
 delta_t = softplus(dt_t + dt_bias),  S_t = exp(A delta_t) S_{t-1} + B_t (x_t delta_t)^T,
 y_t = S_t^T C_t + D x_t.  State [d_state N, head dim P] per head; B, C shared by groups of heads.
 """
-from linattn_dsl.spec import Arg, Decay, If, Recurrence
+from linattn_dsl.compiler.spec import Arg, Decay, If, Recurrence
 
 spec = Recurrence(
     name="mamba2",

@@ -2,7 +2,7 @@
 
 S_t = (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T,  o_t = S_t^T (scale q_t).
 """
-from linattn_dsl.spec import Recurrence, Transition
+from linattn_dsl.compiler.spec import Recurrence, Transition
 
 spec = Recurrence(
     name="delta_rule",

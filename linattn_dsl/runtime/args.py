@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .spec import BATCH, TIME, Recurrence
+from ..compiler.spec import BATCH, TIME, Recurrence
 
 # Head dims the generated kernels tile (one block of the key / value dim per program).
 MAX_HEAD_DIM = 256

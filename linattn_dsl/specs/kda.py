@@ -3,7 +3,7 @@
 S_t = (I - beta_t k_t k_t^T) diag(exp(g_t)) S_{t-1} + beta_t k_t v_t^T,  o_t = S_t^T (scale q_t);
 with use_gate_in_kernel, g_t = -exp(A_log) * softplus(g_raw_t + dt_bias).
 """
-from linattn_dsl.spec import Arg, Decay, If, Recurrence, Transition
+from linattn_dsl.compiler.spec import Arg, Decay, If, Recurrence, Transition
 
 spec = Recurrence(
     name="kda",

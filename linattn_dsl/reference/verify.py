@@ -15,8 +15,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from . import testing
-from .spec import Recurrence
+from . import drawing as testing
+from ..compiler.spec import Recurrence
 
 # Relative-error bounds against the float64 oracle, per dtype of the op's inputs: fp32 kernels sum
 # O(T) terms of O(1) values in fp32 (eps 1.2e-7), bf16 inputs are rounded at 2^-8 before any math.

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import jinja2
 
-from . import __version__, lowering, registry
+from .. import __version__
+from . import lowering, registry
 from .spec import Recurrence
 
 MODES = ("chunk", "fused_recurrent")
@@ -18,7 +19,7 @@ ADDITIVE_TEMPLATES = ("gate_fwd.py.j2", "gate_bwd.py.j2", "additive_fwd.py.j2", 
 
 
 def template_dir() -> Path:
-    return Path(str(resources.files("linattn_dsl.codegen_templates")))
+    return Path(str(resources.files("linattn_dsl.compiler.templates")))
 
 
 def default_out_dir() -> Path:
@@ -41,7 +42,7 @@ class Rendered:
 def _spec_ref(spec: Recurrence, builtin: bool) -> tuple[str, str]:
     """(how the generated module finds the spec, the source named in its header)."""
     if builtin:
-        return repr(spec.name), f"specs/{spec.name}.py"
+        return repr(spec.name), f"linattn_dsl/specs/{spec.name}.py"
     path = str(Path(registry.spec_path(spec)).resolve())
     return repr(path), Path(path).name
 

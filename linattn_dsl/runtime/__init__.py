@@ -7,10 +7,10 @@ from dataclasses import dataclass
 
 import torch
 
-from . import reference
+from .. import reference
 from .args import MAX_HEAD_DIM, Bound
 from .args import bind as _bind
-from .registry import load as load_spec
+from ..compiler.registry import load as load_spec
 
 __all__ = ["Gate", "Variant", "bind", "dispatch", "load_spec", "no_tokens", "on_triton"]
 

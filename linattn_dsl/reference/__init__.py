@@ -12,10 +12,10 @@ from __future__ import annotations
 import sympy as sp
 import torch
 
-from . import expr as ex
-from . import gates
-from .args import bind
-from .spec import Recurrence
+from ..compiler import expr as ex
+from ..compiler.spec import Recurrence
+from ..runtime.args import bind
+from . import roles as gates
 
 
 def step(S, q, k, v, g, beta, a, b, kind: str):
@@ -77,7 +77,7 @@ def run(spec: Recurrence, *inputs, scale=None, initial_state=None, output_final_
 def run_bound(bound, dtype=torch.float32):
     spec = bound.spec
     if bound.sizes["T"] == 0:   # nothing to step through: the ops' answer (empty o, the initial state)
-        from .runtime import no_tokens
+        from ..runtime import no_tokens
 
         return no_tokens(bound)
     roles = gates.evaluate(bound, dtype)

@@ -11,9 +11,9 @@ from functools import cache
 import sympy as sp
 import torch
 
-from . import expr as ex
-from .args import Bound
-from .spec import Recurrence
+from ..compiler import expr as ex
+from ..compiler.spec import Recurrence
+from ..runtime.args import Bound
 
 ROLE_SHAPES = {  # the full shape of each role, in the spec's head-dim symbols
     "query": ("B", "T", "HQ", "K"), "key": ("B", "T", "HQ", "K"), "value": ("B", "T", "H", "V"),

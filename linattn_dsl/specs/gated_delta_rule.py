@@ -2,7 +2,7 @@
 
 S_t = (I - beta_t k_t k_t^T) exp(g_t) S_{t-1} + beta_t k_t v_t^T,  o_t = S_t^T (scale q_t).
 """
-from linattn_dsl.spec import Arg, Decay, Recurrence, Transition
+from linattn_dsl.compiler.spec import Arg, Decay, Recurrence, Transition
 
 spec = Recurrence(
     name="gated_delta_rule",

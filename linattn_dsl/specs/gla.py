@@ -2,7 +2,7 @@
 
 S_t = diag(exp(g_t)) S_{t-1} + k_t v_t^T,  o_t = S_t^T (scale q_t),  g a per-channel log-decay <= 0.
 """
-from linattn_dsl.spec import Arg, Decay, Recurrence
+from linattn_dsl.compiler.spec import Arg, Decay, Recurrence
 
 spec = Recurrence(
     name="gla",

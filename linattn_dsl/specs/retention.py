@@ -2,7 +2,7 @@
 
 S_t = gamma_h S_{t-1} + k_t v_t^T,  o_t = S_t^T (q_t / sqrt(K)),  gamma_h = 1 - 2^(-5 - h).
 """
-from linattn_dsl.spec import Decay, Recurrence
+from linattn_dsl.compiler.spec import Decay, Recurrence
 
 spec = Recurrence(
     name="retention",

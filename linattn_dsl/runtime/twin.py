@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from . import gates as gates_mod
+from ..reference import roles as gates_mod
 from .args import Bound
 
 BT = 64   # the chunk size: additive.BT, the kernels'
@@ -366,7 +366,7 @@ class TwinChunk(torch.autograd.Function):
 def fused_scale(spec, key: tuple, what: str):
     """The additive form's fused value or skip scale of a call (sympy, simplified once per switches / optional
     inputs), shared by both backends."""
-    from . import lowering
+    from ..compiler import lowering
 
     cache = spec.__dict__.setdefault("_fused_cache", {})
     if (key, what) not in cache:
@@ -381,7 +381,7 @@ class Prepared:
     their expressions), the additive form's value and skip scales split off as the kernels fuse them."""
 
     def __init__(self, bound: Bound, variant, form: str, dtype: torch.dtype):
-        from .reference import l2_normalize
+        from ..reference import l2_normalize
 
         spec = bound.spec
         key = (tuple(sorted(bound.switches.items())), bound.present)
@@ -422,7 +422,7 @@ def _variant(mod, bound: Bound):
 def run_torch(mod, variant, bound: Bound, mode: str):
     """An op call on the generated PyTorch twin (CPU) of the spec's form: the chunk stages with their explicit
     backward; ``fused_recurrent`` runs the step form (the oracle's recurrence) in the compute dtype."""
-    from .reference import run_bound
+    from ..reference import run_bound
 
     dtype = compute_dtype(bound)
     if mode == "fused_recurrent":

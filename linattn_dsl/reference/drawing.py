@@ -11,9 +11,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import reference
-from .args import bind
-from .spec import Recurrence
+from .. import reference
+from ..compiler.spec import Recurrence
+from ..runtime.args import bind
 
 
 @dataclass
