@@ -4,7 +4,8 @@
 # kernels, one CPU core per compile: 12 workers share the 16 cores and the one card), verbose per test
 # (addopts' -q cancelled: a timeout still leaves every finished test's verdict in $OUT), alone on the card:
 # never beside FLA's autotuning, which made every test 3-4x slower.
-#   run(command="bash .ci/gpu_tests.sh", carry=[".wheels", "third_party"])
+# Run from the repository root on the GPU machine: `bash .ci/gpu_tests.sh` (third_party/mamba, when present, for
+# the mamba-ssm comparisons); results in $OUT/gpu_tests.txt.
 # Knobs: SUITES (test files), WORKERS (12), LIMIT (seconds for the whole pytest, 540).
 set -uo pipefail
 export PYTHONPATH=$PWD:$PWD/third_party/mamba:${PYTHONPATH:-}

@@ -1,11 +1,13 @@
 """A/B timing of one op from two generated modules in one process: a speed change is measured against its
 baseline on the same card in the same run, and the two are checked to agree.
 
-    git show HEAD~1:generated/rwkv7.py > ab_old.py        # the baseline (left untracked: the device copies it)
+    git show HEAD~1:linattn_dsl/generated/rwkv7.py > ab_old.py      # the baseline, any file name
     python -m benchmarks.ab rwkv7 --old ab_old.py [--T 16384 4096]
 
-The new side is the checkout's ``generated/<op>.py``. Inputs as in ``benchmarks/ops.py`` (bf16, B*T = 32768,
-H=16, D=128); timings are ``do_bench`` medians, old and new interleaved twice.
+The new side is the checkout's ``linattn_dsl/generated/<op>.py``. Both sides share this checkout's runtime; to
+compare whole trees (host code and templates too) use ``benchmarks/ab_trees.py``. Inputs as in
+``benchmarks/ops.py`` (bf16, B*T = 32768, H=16, D=128); timings are ``do_bench`` medians, old and new
+interleaved twice.
 """
 
 from __future__ import annotations

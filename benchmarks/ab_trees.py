@@ -60,17 +60,57 @@ def _child(ops: list[str], Ts: list[int]) -> None:
             torch.cuda.empty_cache()
 
 
-def _run_side(tree: Path, ops: list[str], Ts: list[int]) -> list[dict]:
+def _side_cmd(tree: Path, ops: list[str], Ts: list[int]) -> tuple[list[str], dict]:
     for d in ("specs", "generated", "codegen_templates"):   # trees from before these moved into the package
         link = tree / "linattn_dsl" / d
         if (tree / d).is_dir() and not link.exists():
             link.symlink_to(Path("..") / d)
     env = dict(os.environ, PYTHONPATH=str(tree.resolve()))
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", "--ops", *ops, "--T", *map(str, Ts)]
+    return [sys.executable, str(Path(__file__).resolve()), "--child", "--ops", *ops, "--T", *map(str, Ts)], env
+
+
+def _parse(tree: Path, rc: int, out: str, err: str) -> list[dict]:
+    if rc:
+        raise RuntimeError(f"{tree}: exit {rc}\n{err[-3000:]}")
+    return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+
+
+def _run_side(tree: Path, ops: list[str], Ts: list[int]) -> list[dict]:
+    cmd, env = _side_cmd(tree, ops, Ts)
     res = subprocess.run(cmd, env=env, cwd=str(tree), capture_output=True, text=True)
-    if res.returncode:
-        raise RuntimeError(f"{tree}: exit {res.returncode}\n{res.stderr[-3000:]}")
-    return [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
+    return _parse(tree, res.returncode, res.stdout, res.stderr)
+
+
+def _warm(trees: dict, ops: list[str], T: int) -> dict:
+    """Every (side, op) compiled at once, one process each (Triton's disk cache keeps the binaries for the rounds):
+    {(side, op): seconds of the first call, compile included, under the same contention on both sides}."""
+    procs = {}
+    for side, tree in trees.items():
+        for op in ops:
+            cmd, env = _side_cmd(tree, [op], [T])
+            procs[(side, op)] = (tree, subprocess.Popen(cmd, env=env, cwd=str(tree), stdout=subprocess.PIPE,
+                                                        stderr=subprocess.PIPE, text=True))
+    out = {}
+    for key, (tree, proc) in procs.items():
+        o, e = proc.communicate()
+        out[key] = _parse(tree, proc.returncode, o, e)[0]["first"]
+    return out
+
+
+def _table(a, rows: dict, warm: dict | None, file=sys.stdout) -> None:
+    """Per op and T: each side's median fwd and fwd+bwd over the rounds so far, new / old, and the first call."""
+    lines = [f"{'op':>18} {'T':>6} | old fwd / fwd+bwd ms | new fwd / fwd+bwd ms | new/old fwd, fwd+bwd | "
+             "first s old/new"]
+    for op in a.ops:
+        for T in a.T:
+            med = {s: {m: statistics.median(rd[(op, T)][m] for rd in rows[s]) for m in ("fwd", "fwd_bwd")}
+                   for s in rows}
+            first = {s: (warm[(s, op)] if warm and T == a.T[0] else rows[s][0][(op, T)]["first"]) for s in rows}
+            old, new = med["old"], med["new"]
+            lines.append(f"{op:>18} {T:>6} | {old['fwd']:8.3f} / {old['fwd_bwd']:8.3f} | {new['fwd']:8.3f} / "
+                         f"{new['fwd_bwd']:8.3f} | {new['fwd'] / old['fwd']:.3f}, {new['fwd_bwd'] / old['fwd_bwd']:.3f}"
+                         f" | {first['old']:.1f} / {first['new']:.1f}")
+    print("\n".join(lines), file=file, flush=True)
 
 
 def main(argv=None) -> int:
@@ -82,29 +122,27 @@ def main(argv=None) -> int:
     p.add_argument("--T", type=int, nargs="+", default=[4096, 16384])
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--out", type=Path, help="write every round's raw timings here (JSON)")
+    p.add_argument("--warm", action="store_true", help="compile every (side, op) first, all at once (the first-call "
+                   "column is then of these parallel compiles)")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.child:
         _child(a.ops, a.T)
         return 0
+    warm = _warm({"old": a.old, "new": a.new}, a.ops, a.T[0]) if a.warm else None
+    if warm:
+        print("warmed:", {f"{s}/{op}": round(t, 1) for (s, op), t in warm.items()}, file=sys.stderr, flush=True)
     rows: dict[str, list[dict]] = {"old": [], "new": []}
     for r in range(a.rounds):
         for side in (("old", "new") if r % 2 == 0 else ("new", "old")):
             rows[side].append({(x["op"], x["T"]): x for x in _run_side(getattr(a, side), a.ops, a.T)})
             print(f"round {r + 1} {side} done", file=sys.stderr, flush=True)
+        if r + 1 < a.rounds:   # the standing so far (a run cut short still leaves its medians)
+            _table(a, rows, warm, file=sys.stderr)
     if a.out:
         a.out.write_text(json.dumps({s: [{f"{k[0]}@{k[1]}": v for k, v in rd.items()} for rd in rs]
                                      for s, rs in rows.items()}, indent=1))
-    print(f"{'op':>18} {'T':>6} | old fwd / fwd+bwd ms | new fwd / fwd+bwd ms | new/old fwd, fwd+bwd | first s old/new")
-    for op in a.ops:
-        for T in a.T:
-            med = {s: {m: statistics.median(rd[(op, T)][m] for rd in rows[s]) for m in ("fwd", "fwd_bwd")}
-                   for s in rows}
-            first = {s: rows[s][0][(op, T)]["first"] for s in rows}
-            print(f"{op:>18} {T:>6} | {med['old']['fwd']:8.3f} / {med['old']['fwd_bwd']:8.3f} | "
-                  f"{med['new']['fwd']:8.3f} / {med['new']['fwd_bwd']:8.3f} | "
-                  f"{med['new']['fwd'] / med['old']['fwd']:.3f}, {med['new']['fwd_bwd'] / med['old']['fwd_bwd']:.3f} | "
-                  f"{first['old']:.1f} / {first['new']:.1f}")
+    _table(a, rows, warm)
     return 0
 
 

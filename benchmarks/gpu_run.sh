@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# On the GPU machine: make the checkout importable (no build backend there), install the carried FLA wheels
-# into /tmp/linattn_site, restore FLA's autotuning cache, then run each argument as one command line, in
-# order, each under its own `timeout` of STEP_LIMIT seconds (default 300), printing elapsed seconds.
-#   run(command="bash benchmarks/gpu_run.sh 'python3 -m benchmarks.launch_sweep --ops delta_rule,kda --out $OUT/s' \
-#       'python3 -m benchmarks.ops --ops delta_rule,kda --out $OUT/ops'", carry=[".wheels", "third_party"])
+# On a GPU machine with no build backend: make the checkout importable, install the wheels of the ignored
+# .wheels/ folder (FLA and its dependencies) into /tmp/linattn_site, restore FLA's autotuning cache, then run
+# each argument as one command line, in order, each under its own `timeout` of STEP_LIMIT seconds (default
+# 300), printing elapsed seconds. From the repository root, with .wheels and third_party copied there:
+#
+#   bash benchmarks/gpu_run.sh 'python3 -m benchmarks.launch_sweep --ops delta_rule,kda --out out/sweep' \
+#       'python3 -m benchmarks.ops --ops delta_rule,kda --out out/ops'
 set -uo pipefail
 cd "$(dirname "$0")/.."
 S=$SECONDS

@@ -2,8 +2,10 @@
 
     python -m benchmarks.launch_sweep --ops delta_rule,kda --T 16384
 
-Every override (``w2``, ``s3``, ``w8s1``, ...) is applied to all of an op's stage launches at once
-(``LINATTN_LAUNCH=name:override,...``); the kernels run one after the other, so each kernel's time depends
+Every override (``w2``, ``s3``, ``w8s1``, ...: w warps, s stages, k / v the key / value block, r RB, m maxnreg,
+d DOT) is applied to all of an op's stage launches at once (translated into ``LINATTN_LAUNCH``'s
+``stage:field=value`` entries of ``linattn_dsl.runtime.tuning``; k, v, r, d only for stages that have those
+fields); the kernels run one after the other, so each kernel's time depends
 only on its own override, and one profiled pass per override gives every kernel's number. Phase 1 compiles
 every (op, override) in parallel processes on a small input (Triton's disk cache keeps the binaries);
 phase 2 times them one process per op, alone on the card, the best of --reps profiled passes per kernel.
@@ -23,17 +25,31 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-# every name a stage launch reads its override under (linattn_dsl.runtime.additive.launch_opts)
-LAUNCH_NAMES = ("gate_fwd", "gate_bwd", "add_state_fwd", "add_state_bwd", "dv_bwd", "scores_fwd", "scores_fwd_pair",
-                "scores_diag", "scores_diag_pair", "ut_fwd", "state_fwd", "output_fwd",
-                "dv_bwd_local", "state_bwd", "dqk_bwd", "ut_bwd", "dqk_intra_bwd", "dqk_intra_bwd_pair",
-                "general_scores_fwd", "general_solve_fwd", "general_output_fwd", "general_state_fwd",
-                "general_state_bwd", "general_dmat_bwd", "general_dqk_bwd", "general_intra_bwd",
-                "general_intra_diag_bwd", "general_chunk_scores_fwd", "general_chunk_intra_bwd",
-                "dqk_chunk_intra_bwd")
+from linattn_dsl.runtime import tuning
+
+# every name a stage launch reads its override under: the tuning table's stages
+LAUNCH_NAMES = tuple(tuning.TABLE)
+LETTERS = {"w": "num_warps", "s": "num_stages", "m": "maxnreg", "k": "BK", "v": "BV", "r": "RB", "d": "DOT"}
+_PROBES = [tuning.Key(form, vector, 1, 128, 128, 128) for form in ("additive", "delta", "general")
+           for vector in (False, True)] + [tuning.Key("additive", False, 1, 128, 128, 128, value_scale=True)]
 # v16: the value block of the state kernels (the delta form's and the general form's): twice
 # the programs when few sequences x heads leave SMs idle
 OVERRIDES = ("-", "w1", "w2", "w4", "w8", "s1", "s2", "s3", "s4", "w2s1", "w8s1", "w8s2", "v16", "v16w4", "v16w8")
+
+
+def typed(name: str, short: str) -> str:
+    """One stage's shorthand override as a LINATTN_LAUNCH entry ("dqk_bwd", "w8s2" -> "dqk_bwd:num_warps=8,
+    num_stages=2"); block and switch letters (k, v, r, d) only where the stage's table entry has that field. ""
+    when nothing applies."""
+    own = set().union(*(tuning.TABLE[name](k) for k in _PROBES))
+    items = [f"{LETTERS[c]}={v}" for c, v in re.findall(r"([wsmkvrd])(\d+)", short) if c in "wsm" or LETTERS[c] in own]
+    return f"{name}:{','.join(items)}" if items else ""
+
+
+def to_env(short_env: str) -> str:
+    """``name:short,name:short`` (the sweep's notation, _best_env's result) as LINATTN_LAUNCH."""
+    entries = [typed(*item.split(":", 1)) for item in short_env.split(",") if item]
+    return ";".join(e for e in entries if e)
 
 
 def _env(override: str) -> str:
@@ -42,8 +58,8 @@ def _env(override: str) -> str:
     if override == "-":
         return ""
     if ":" in override:
-        return override.replace("+", ",")
-    return ",".join(f"{n}:{override}" for n in LAUNCH_NAMES)
+        return to_env(override.replace("+", ","))
+    return to_env(",".join(f"{n}:{override}" for n in LAUNCH_NAMES))
 
 
 def _fwd_bwd(op: str, T: int, tokens: int):
@@ -146,7 +162,7 @@ def _ab(op: str, T: int, env: str) -> dict:
     from triton.testing import do_bench
 
     out = {}
-    for side, e in (("default", ""), ("best", env), ("default", ""), ("best", env)):
+    for side, e in (("default", ""), ("best", to_env(env)), ("default", ""), ("best", to_env(env))):
         os.environ["LINATTN_LAUNCH"] = e
         step = _fwd_bwd(op, T, 32768)
         step()

@@ -53,6 +53,23 @@ FAMILY_OPS = {"retnet": "retention", "gla": "gla", "mamba2": "mamba2", "rwkv7": 
 BASE = {"340m": dict(hidden_size=1024, num_hidden_layers=24, vocab_size=32000),
         "small": dict(hidden_size=256, num_hidden_layers=2, vocab_size=1024),
         "tiny": dict(hidden_size=64, num_hidden_layers=2, vocab_size=512)}
+
+
+def _reduced(head_dim: int, state_size: int, rwkv7_ranks: tuple[int, int, int, int], kda_head_dim: int) -> dict:
+    """The small configs of every family: two heads (Mamba2 and RWKV7: heads of ``head_dim``), RWKV7's low-rank
+    widths (decay, gate, a, v) given."""
+    decay, gate, a, v = rwkv7_ranks
+    return {
+        "gla": dict(num_heads=2),
+        "retnet": dict(num_heads=2, hidden_ratio=2),
+        "mamba2": dict(head_dim=head_dim, state_size=state_size),
+        "rwkv7": dict(head_dim=head_dim, decay_low_rank_dim=decay, gate_low_rank_dim=gate, a_low_rank_dim=a,
+                      v_low_rank_dim=v),
+        "kda": dict(num_heads=2, head_dim=kda_head_dim),
+        "delta_net": dict(num_heads=2),
+    }
+
+
 FAMILY_KWARGS = {
     "340m": {
         "gla": dict(num_heads=4, expand_k=0.5, expand_v=1.0, hidden_ratio=4),
@@ -62,23 +79,10 @@ FAMILY_KWARGS = {
         "kda": dict(num_heads=8, head_dim=128),
         "delta_net": dict(num_heads=8),
     },
-    "small": {
-        "gla": dict(num_heads=2),
-        "retnet": dict(num_heads=2, hidden_ratio=2),
-        "mamba2": dict(head_dim=64, state_size=64),
-        "rwkv7": dict(head_dim=64, decay_low_rank_dim=16, gate_low_rank_dim=32, a_low_rank_dim=16, v_low_rank_dim=8),
-        "kda": dict(num_heads=2, head_dim=128),
-        "delta_net": dict(num_heads=2),
-    },
-    "tiny": {
-        "gla": dict(num_heads=2),
-        "retnet": dict(num_heads=2, hidden_ratio=2),
-        "mamba2": dict(head_dim=16, state_size=16),
-        "rwkv7": dict(head_dim=16, decay_low_rank_dim=8, gate_low_rank_dim=8, a_low_rank_dim=8, v_low_rank_dim=4),
-        "kda": dict(num_heads=2, head_dim=32),
-        "delta_net": dict(num_heads=2),
-    },
+    "small": _reduced(64, 64, (16, 32, 16, 8), 128),
+    "tiny": _reduced(16, 16, (8, 8, 8, 4), 32),
 }
+
 # FLA 0.6.0's classes (fla.models); its Mamba2 blocks have no MLP, so it gets twice the layers (as FLA's
 # own Mamba2 configs do) to come near the parameter count of ours (mixer + SwiGLU MLP per block)
 FLA_CLASSES = {"gla": ("GLAConfig", "GLAForCausalLM"), "retnet": ("RetNetConfig", "RetNetForCausalLM"),

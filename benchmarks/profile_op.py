@@ -1,7 +1,7 @@
 """Per-kernel CUDA times of one op's forward+backward (torch.profiler), for finding the slow stage.
 
     python -m benchmarks.profile_op delta_rule --T 4096
-    LINATTN_LAUNCH=general_intra_bwd:w4k64 python -m benchmarks.profile_op rwkv7 --T 16384 --brief
+    LINATTN_LAUNCH="general_intra_bwd:num_warps=4,BK=64" python -m benchmarks.profile_op rwkv7 --T 16384 --brief
 
 --brief prints one line: the launch override, each of our stage kernels (ms) and the total.
 """

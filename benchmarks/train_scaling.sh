@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
-# Issue 8 on a 2-GPU machine: DDP throughput scaling of `linattn train` on the ~340M GLA (configs/gla_340m.toml:
+# DDP throughput scaling on a 2-GPU machine of `linattn train` on the ~340M GLA (configs/gla_340m.toml:
 # batch 8 x 2048 tokens per process, bf16 autocast, AdamW). One card, then `torchrun --nproc_per_node 2`
 # (DDP through accelerate), STEPS steps each; prints tokens/s (all processes), tokens/s per GPU, peak memory
 # of rank 0 and the scaling ratio (target >= 1.8x). About 3 minutes.
 #
-#   run(command="bash benchmarks/train_scaling.sh", carry=[".whl", ".wheels", "third_party"], kind="nvidia-h100-x2", timeout_s=600)
+# On a machine with 2 GPUs, from the repository root, with the ignored folders .whl, .wheels (and third_party for
+# FLA=1) copied into the checkout (benchmarks/gpu_env.sh):
+#
+#   bash benchmarks/train_scaling.sh
+#   STEPS=300 FLA=1 bash benchmarks/train_scaling.sh
 #
 # FLA=1: also FLA's GLAForCausalLM through the same loop on one card (its first step compiles and autotunes for
-# minutes unless .wheels/triton_autotune.tar.gz from benchmarks/gpu_models.sh is carried). Knobs: STEPS (200),
+# minutes unless .wheels/triton_autotune.tar.gz from benchmarks/gpu_models.sh is there). Knobs: STEPS (200),
 # TRAIN_ARGS (more --section.key=value overrides), FLA_TIMEOUT (420), BF16_REDUCE (1: a third run, DDP
 # with the gradient all-reduce in bf16), DDP=1 (the torchrun run even without 2
 # GPUs: CPU processes over gloo, for checks), SETUP=0 (the current environment as it is).
@@ -15,29 +19,13 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 START=$SECONDS
-OUT=${OUT:-$PWD/out}
-mkdir -p "$OUT"
-RUNS=${RUNS:-/tmp/linattn_scaling}
-rm -rf "$RUNS"
-mkdir -p "$RUNS"
-export PYTHONUNBUFFERED=1
+RUNS=${RUNS:-/tmp/linattn_scaling}   # scratch for the runs, emptied first; results go to OUT
 # NVLink multicast stays off (the machine's own setting, repeated for the processes started here)
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 
-# --- setup: carried wheels, the package from the checkout (no build backend there: symlinks + PYTHONPATH)
-if [ "${SETUP:-1}" != 0 ]; then  # SETUP=0: use the current environment as it is (CPU checks)
-    SITE=/tmp/linattn_site
-    ls .whl/transformers-*.whl > /dev/null || echo "carry .whl, .wheels (and third_party for FLA=1)"
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
-        .whl/*.whl .wheels/*.whl 2>&1 | grep -vi "warning\|notice" | tail -3
-    # third_party/mamba: mamba-ssm 2.3.2.post1's sources (its top-level __init__ emptied, GPU.md): FLA's Mamba2
-    # runs mamba-ssm's Triton SSD through it, and falls back to a naive PyTorch path without it
-    export PYTHONPATH=$PWD:$PWD/third_party/mamba:$SITE${PYTHONPATH:+:$PYTHONPATH}
-fi
-export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$HOME/.triton/cache}
-export TRITON_CACHE_AUTOTUNING=1  # every autotuner (FLA, mamba-ssm) keeps its results on disk
-mkdir -p "$TRITON_CACHE_DIR"
-[ -f .wheels/triton_autotune.tar.gz ] && tar -xzf .wheels/triton_autotune.tar.gz -C "$TRITON_CACHE_DIR"
+# --- setup: carried wheels, the package from the checkout, Triton's autotuning cache
+# shellcheck source=benchmarks/gpu_env.sh
+. benchmarks/gpu_env.sh .whl/transformers-*.whl
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 NGPU=$(python3 -c "
 import torch, transformers, accelerate, linattn_dsl.models

@@ -1,11 +1,19 @@
 """linattn-dsl: a compiler for linear attention.
 
-A recurrence spec (:mod:`linattn_dsl.compiler.spec`) is lowered to chunked forward/backward math, rendered
-through Jinja stage templates into Triton kernels and a PyTorch twin, and exposed as ops
-(:mod:`linattn_dsl.ops`), layers and Hugging Face models.
+A recurrence spec (the spec language: :class:`Recurrence`, :class:`Arg`, :class:`Decay`, :class:`Transition`,
+:class:`If`) is lowered to chunked forward/backward math, rendered through Jinja stage templates into Triton
+kernels and a PyTorch twin (``linattn regen``), and exposed as ops (:mod:`linattn_dsl.ops`), layers and Hugging
+Face models. The spec language is loaded on first use, so that running the generated ops never imports the
+compiler (or sympy).
 """
-
-from .compiler.spec import Arg, Decay, If, Recurrence, SpecError, Transition
 
 __version__ = "0.1.0"
 __all__ = ["Arg", "Decay", "If", "Recurrence", "SpecError", "Transition", "__version__"]
+
+
+def __getattr__(name: str):
+    if name in __all__:
+        from .compiler import spec
+
+        return getattr(spec, name)
+    raise AttributeError(f"module 'linattn_dsl' has no attribute {name!r}")

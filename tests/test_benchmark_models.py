@@ -25,12 +25,7 @@ from linattn_dsl.models import FAMILIES as OURS  # noqa: E402
 HAS_FLA = importlib.util.find_spec("fla") is not None
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_340m_configs_have_the_advertised_shape():

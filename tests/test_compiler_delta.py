@@ -5,13 +5,13 @@ states and every gradient; fp32 tolerance 1e-4 relative. GPU shapes: tests/test_
 
 import pytest
 import torch
+from _helpers import assert_matches_oracle, regen, run_interpreted_check, verify_interpreted
 
 from linattn_dsl import ops
 
 from linattn_dsl.compiler import codegen, registry
 
 from linattn_dsl.reference import drawing as testing, verify
-from linattn_dsl.cli import _import_file
 
 DELTA = ["delta_rule", "gated_delta_rule", "kda"]
 
@@ -26,22 +26,17 @@ def test_torch_twin_matches_oracle(name):
 
 @pytest.mark.parametrize("name", DELTA)
 def test_extreme_gates_and_unit_keys_are_finite(name):
-    spec = registry.load(name)
-    case = testing.draw_case(spec, B=1, T=300, heads=2, K=16, V=8, log_decay_min=-20.0, seed=4)
-    errs = testing.compare(case, getattr(ops, f"chunk_{name}"))
-    assert all(e < 1e-4 for e in errs.values()), errs
+    assert_matches_oracle(registry.load(name), getattr(ops, f"chunk_{name}"), B=1, T=300, heads=2, K=16, V=8,
+                          log_decay_min=-20.0, seed=4)
 
 
 def test_beta_up_to_two_negative_eigenvalues(tmp_path):
     """beta = 2 sigmoid(b) lets I - beta k k^T have eigenvalue down to -1 (keys of norm 1)."""
-    src = tmp_path / "delta2.py"
-    src.write_text("from linattn_dsl import Decay, Recurrence, Transition\n"
-                   "spec = Recurrence(name='delta2', inputs=dict(q='B T H K', k='B T H K', v='B T H V', "
-                   "b='B T H', a='B T H'), query='q', key='k', value='v', qk_l2norm=True,\n"
-                   "    decay=Decay.scalar(log='-softplus(a)'), transition=Transition.delta(beta='2 * sigmoid(b)'))\n")
-    spec = registry.load(str(src))
-    codegen.regen([spec], tmp_path / "gen", builtin=False, index=False)
-    mod = _import_file(tmp_path / "gen" / "delta2.py")
+    spec, mod = regen(tmp_path, "delta2", "from linattn_dsl import Decay, Recurrence, Transition\n"
+                      "spec = Recurrence(name='delta2', inputs=dict(q='B T H K', k='B T H K', v='B T H V', "
+                      "b='B T H', a='B T H'), query='q', key='k', value='v', qk_l2norm=True,\n"
+                      "    decay=Decay.scalar(log='-softplus(a)'), "
+                      "transition=Transition.delta(beta='2 * sigmoid(b)'))\n")
     case = testing.draw_case(spec, B=2, T=200, heads=2, K=16, V=8, seed=2)
     case.tensors["b"] = torch.full_like(case.tensors["b"], 8.0)    # beta ~ 2: the hardest case
     errs = testing.compare(case, mod.chunk_delta2)
@@ -57,28 +52,20 @@ def test_gated_delta_rule_needed_no_template_change():
 
     import linattn_dsl
 
-    names = [codegen.templates_for(codegen.lowering.lower(registry.load(n)).form) for n in DELTA]
-    assert names[0] == names[1] == names[2]
-    roots = [codegen.template_dir(), Path(linattn_dsl.__file__).parent]
-    for root in roots:
-        for f in list(root.glob("*.j2")) + list(root.glob("*.py")):
-            assert "gated_delta" not in f.read_text(), f
+    specs = [registry.load(n) for n in DELTA]
+    names = {s.name: codegen.templates_for(codegen.lowering.lower(s).form, s.decay.kind == "vector") for s in specs}
+    assert names["delta_rule"] == names["gated_delta_rule"]   # kda adds only the per-channel decays' stages
+    assert set(names["gated_delta_rule"]) < set(names["kda"])
+    package = Path(linattn_dsl.__file__).parent
+    for f in [*codegen.template_dir().glob("*.j2"), *package.glob("*.py"), *(package / "runtime").glob("*.py"),
+              *(package / "compiler").glob("*.py")]:
+        assert "gated_delta" not in f.read_text(), f
 
 
 def test_interpreted_triton_kernels():
     """Runs tests/interpreted/check_delta.py with TRITON_INTERPRET=1 in a fresh interpreter: the
     generated delta-rule Triton stages (forward, backward, recurrent) against the float64 oracle."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    script = Path(__file__).parent / "interpreted" / "check_delta.py"
-    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=2400)
-    print(r.stdout[-4000:])
-    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
-    assert "cases passed" in r.stdout
+    run_interpreted_check("delta", timeout=2400)
 
 
 _DECAYS = {"none": "Decay.none()", "constant": "Decay.constant(log='-0.1 * (h + 1)')",
@@ -102,11 +89,6 @@ def test_drawn_delta_specs_under_the_triton_interpreter(tmp_path):
     """Delta-rule specs drawn by hypothesis over decay kind x beta expression x groups x q/k norm,
     regenerated into a temporary folder and verified through their generated Triton kernels
     (TRITON_INTERPRET=1, fresh process): the proof that a delta variant needs only a spec."""
-    import os
-    import subprocess
-    import sys
-    import textwrap
-
     from hypothesis import given, settings
     from hypothesis import strategies as st
 
@@ -122,29 +104,7 @@ def test_drawn_delta_specs_under_the_triton_interpreter(tmp_path):
     # every decay kind at least once, whatever hypothesis drew
     sources += [_delta_source(d, "sigmoid(bb)", d == "vector", False) for d in _DECAYS
                 if not any(_DECAYS[d] in s for s in sources)]
-    script = tmp_path / "run.py"
-    script.write_text(textwrap.dedent(f"""
-        import sys
-        from pathlib import Path
-        from linattn_dsl.compiler import codegen, registry
-        from linattn_dsl.reference import verify
-        from linattn_dsl.cli import _import_file
-        ok = True
-        for i, src in enumerate({sources!r}):
-            d = Path({str(tmp_path)!r}) / f"s{{i}}"
-            d.mkdir()
-            (d / "drawn.py").write_text(src)
-            spec = registry.load(str(d / "drawn.py"))
-            codegen.regen([spec], d / "gen", builtin=False, index=False)
-            mod = _import_file(d / "gen" / "drawn.py")
-            assert mod.FORM == "delta"
-            res = verify.verify(spec, mod, examples=2, max_T=70)
-            print(src, verify.table(res, 1e-4))
-            ok &= all(r.ok for r in res)
-        sys.exit(0 if ok else 1)
-    """))
-    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=2400,
-                       env=dict(os.environ, TRITON_INTERPRET="1"))
+    r = verify_interpreted(sources, tmp_path, timeout=2400, form="delta")
     print(r.stdout[-6000:])
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     assert r.stdout.count("triton-interpret") >= 2 * len(sources)

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import torch
+from _helpers import run_interpreted_check
 
 from linattn_dsl import ops
 
@@ -38,7 +39,7 @@ def test_rwkv7_extreme_decay_finite_and_exact():
 
 
 def test_general_form_reproduces_the_delta_rule():
-    """a = e^g k, b = -beta k, v -> beta v turns the general form into the delta rule (CHUNK_MATH.md)."""
+    """a = e^g k, b = -beta k, v -> beta v turns the general form into the delta rule (docs/chunk_math.md)."""
     kda = registry.load("kda")
     case = testing.draw_case(kda, B=1, T=70, heads=2, K=8, V=8, seed=3, dtype=torch.float64)
     q, k, v, g, beta = (case.tensors[n] for n in ("q", "k", "v", "g", "beta"))
@@ -50,22 +51,17 @@ def test_general_form_reproduces_the_delta_rule():
 
 
 def test_interpreted_triton_kernels():
-    """Runs tests/interpreted/check_general.py with TRITON_INTERPRET=1 in a fresh interpreter (~2 min)."""
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    r = subprocess.run([sys.executable, str(HERE / "interpreted" / "check_general.py")], capture_output=True,
-                       text=True, env=env, timeout=1200)
-    print(r.stdout[-4000:])
-    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
-    assert "cases passed" in r.stdout
+    """Runs tests/interpreted/check_general.py with TRITON_INTERPRET=1 in a fresh interpreter."""
+    run_interpreted_check("general", timeout=1200)
 
 
 
 def test_decay_input_gradients_precise_interpreted():
-    """The decay-input gradients of session 15's GPU failures (benchmarks/gate_grad_precision.py: a constant
-    decay through the general transition at T=260, dc 7.1e-4 then; -exp(c) at T=1, whose true dc is 0: 5.3e-4),
-    under the interpreter at the fp32 bound of 1e-4 (since the gate carry from the states: 2.1e-5 and 0)."""
+    """The decay-input gradients that once missed the fp32 bound on a GPU
+    (benchmarks/experiments/gate_grad_precision.py: a constant decay through the general transition at T=260;
+    -exp(c) at T=1, whose true dc is 0), under the interpreter at the fp32 bound of 1e-4."""
     env = dict(os.environ, TRITON_INTERPRET="1")
-    r = subprocess.run([sys.executable, "-m", "benchmarks.gate_grad_precision", "--check", "1e-4"],
+    r = subprocess.run([sys.executable, "-m", "benchmarks.experiments.gate_grad_precision", "--check", "1e-4"],
                        capture_output=True, text=True, env=env, timeout=600, cwd=HERE.parent)
     print(r.stdout)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]

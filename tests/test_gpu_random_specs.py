@@ -15,12 +15,10 @@ import os
 import pytest
 import torch
 from hypothesis import HealthCheck, Phase, given, settings
+from _helpers import regen
 from test_random_specs import spec_sources
 
-from linattn_dsl.compiler import codegen, registry
-
 from linattn_dsl.reference import verify
-from linattn_dsl.cli import _import_file
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 PER_KIND = int(os.environ.get("LINATTN_GPU_SPECS_PER_KIND", "2"))
@@ -51,10 +49,7 @@ def test_drawn_spec_on_gpu(transition, decay, index, tmp_path):
     sources = _draw(transition, decay, PER_KIND)
     assert index < len(sources), f"drew {len(sources)} distinct {transition}/{decay} specs, fewer than {PER_KIND}"
     source = sources[index]
-    (tmp_path / "drawn.py").write_text(source)
-    spec = registry.load(str(tmp_path / "drawn.py"))
-    codegen.regen([spec], tmp_path / "gen", builtin=False, index=False)
-    mod = _import_file(tmp_path / "gen" / "drawn.py")
+    spec, mod = regen(tmp_path, "drawn", source)
     res = verify.verify(spec, mod, examples=4, max_T=200, device="cuda", dims=(16, 32, 64))
     print(source, verify.table(res, 1e-4), sep="\n")
     assert all(r.ok for r in res), source + "\n" + verify.table(res, 1e-4)

@@ -36,13 +36,7 @@ NAMES = list(LAYERS)
 RECURRENT = [n for n in NAMES if not n.startswith(("attention", "rwkv7_ffn"))]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: intra-op threads only add synchronisation (50x slower on a loaded 2-core box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make(name: str, seed: int = 0):

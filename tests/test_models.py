@@ -43,13 +43,7 @@ TINY = {
 FAMILIES = list(TINY)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: intra-op threads only add synchronisation (50x slower on a loaded 2-core box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_config(family: str, **overrides):
@@ -249,8 +243,8 @@ def test_cache_batch_editing():
         cache3 = model(ids[:1], use_cache=True).cache
         cache3.batch_repeat_interleave(2)
         step3 = model(ids[[0, 0], -1:], cache=cache3).logits
-    # batches of 2 and 3 rows: the CPU's matmul kernels may block them differently (seen on a Xeon: 1.2e-6
-    # apart), so fp32 round-off, not exact equality, between the two batch sizes
+    # batches of 2 and 3 rows: the CPU's matmul kernels may block them differently, so fp32 round-off, not exact
+    # equality, between the two batch sizes
     torch.testing.assert_close(step, step2[:2], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(step3[0], step3[1], atol=0, rtol=0)
     with pytest.raises(NotImplementedError, match="crop"):

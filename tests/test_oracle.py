@@ -139,7 +139,7 @@ def test_grouped_heads_share_groups():
 
 
 def test_general_transition_reduces_to_delta_rule():
-    # a = exp(g) * k, b = -beta k, v -> beta v (CHUNK_MATH.md) turns the general form into the delta rule
+    # a = exp(g) * k, b = -beta k, v -> beta v (docs/chunk_math.md) turns the general form into the delta rule
     kda, rwkv = registry.load("kda"), registry.load("rwkv7")
     case = testing.draw_case(kda, B=1, T=9, heads=2, K=4, V=3, dtype=torch.float64)
     q, k, v, g, beta = (case.tensors[n] for n in ("q", "k", "v", "g", "beta"))

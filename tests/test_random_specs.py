@@ -7,18 +7,13 @@ against the oracle (generated PyTorch twin here; the generated Triton kernels un
 a subprocess for a few of them).
 """
 
-import os
-import subprocess
-import sys
 import textwrap
 
+from _helpers import regen, verify_interpreted
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from linattn_dsl.compiler import codegen, registry
-
 from linattn_dsl.reference import verify
-from linattn_dsl.cli import _import_file
 
 # inner expressions of one raw input (any sign)
 INNER = ["{x}", "{x} + 0.5", "2 * {x}", "{x} - {y}", "{x} * {y}", "sigmoid({x}) * {y}", "tanh({x})"]
@@ -94,11 +89,7 @@ def spec_sources(draw):
 @given(spec_sources(), st.integers(0, 10**6))
 def test_drawn_specs_lower_and_verify(tmp_path_factory, source, salt):
     d = tmp_path_factory.mktemp("spec")
-    path = d / "drawn.py"
-    path.write_text(source)
-    spec = registry.load(str(path))
-    codegen.regen([spec], d / "gen", builtin=False, index=False)
-    mod = _import_file(d / "gen" / "drawn.py")
+    spec, mod = regen(d, "drawn", source)
     assert mod.FORM == {"none": "additive", "delta": "delta", "general": "general"}[spec.transition.kind]
     res = verify.verify(spec, mod, examples=3, max_T=70)
     assert all(r.ok for r in res), source + "\n" + verify.table(res, 1e-4)
@@ -109,28 +100,7 @@ def test_drawn_specs_under_the_triton_interpreter(tmp_path):
     sources = []
     for seed in range(4):
         sources.append(_fixed_source(seed))
-    script = tmp_path / "run.py"
-    script.write_text(textwrap.dedent(f"""
-        import sys
-        from pathlib import Path
-        from linattn_dsl.compiler import codegen, registry
-        from linattn_dsl.reference import verify
-        from linattn_dsl.cli import _import_file
-        ok = True
-        for i, src in enumerate({sources!r}):
-            d = Path({str(tmp_path)!r}) / f"s{{i}}"
-            d.mkdir()
-            (d / "drawn.py").write_text(src)
-            spec = registry.load(str(d / "drawn.py"))
-            codegen.regen([spec], d / "gen", builtin=False, index=False)
-            mod = _import_file(d / "gen" / "drawn.py")
-            res = verify.verify(spec, mod, examples=2, max_T=70)
-            print(verify.table(res, 1e-4))
-            ok &= all(r.ok for r in res)
-        sys.exit(0 if ok else 1)
-    """))
-    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=1500,
-                       env=dict(os.environ, TRITON_INTERPRET="1"))
+    r = verify_interpreted(sources, tmp_path, timeout=1500)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     assert r.stdout.count("triton-interpret") >= 8
 
@@ -155,23 +125,6 @@ def _fixed_source(seed: int) -> str:
 # ---- issue 5: drawn specs of the general transition through the generated Triton kernels ---------------
 import pytest  # noqa: E402
 
-_GENERAL_SCRIPT = """
-import sys
-from pathlib import Path
-from linattn_dsl.compiler import codegen, registry
-from linattn_dsl.reference import verify
-from linattn_dsl.cli import _import_file
-d = Path(sys.argv[1])
-spec = registry.load(str(d / "drawn.py"))
-codegen.regen([spec], d / "gen", builtin=False, index=False)
-mod = _import_file(d / "gen" / "drawn.py")
-assert mod.FORM == "general", mod.FORM
-res = verify.verify(spec, mod, examples=1, max_T=40)
-print(verify.table(res, 1e-4))
-sys.exit(0 if all(r.ok for r in res) else 1)
-"""
-
-
 @pytest.mark.parametrize("decay", ["none", "constant", "scalar", "vector"])
 def test_drawn_general_specs_under_the_triton_interpreter(tmp_path_factory, decay):
     """One drawn general-transition spec per decay kind (hypothesis, derandomized) through the generated
@@ -185,9 +138,7 @@ def test_drawn_general_specs_under_the_triton_interpreter(tmp_path_factory, deca
         sources.append(source)
 
     draw()
-    d = tmp_path_factory.mktemp(f"general_{decay}")
-    (d / "drawn.py").write_text(sources[-1])
-    r = subprocess.run([sys.executable, "-c", _GENERAL_SCRIPT, str(d)], capture_output=True, text=True,
-                       timeout=900, env=dict(os.environ, TRITON_INTERPRET="1"))
+    r = verify_interpreted(sources[-1:], tmp_path_factory.mktemp(f"general_{decay}"), timeout=900, form="general",
+                           examples=1, max_T=40)
     assert r.returncode == 0, sources[-1] + "\n" + r.stdout[-4000:] + r.stderr[-4000:]
     assert r.stdout.count("triton-interpret") == 2

@@ -40,7 +40,6 @@ from linattn_dsl import reference
 from linattn_dsl.compiler import codegen, registry
 
 from linattn_dsl.reference import drawing as testing, verify
-from linattn_dsl.runtime.args import bind
 
 TOL = 1e-4
 BT = 64   # the kernels' chunk size: spikes go on both sides of its boundaries
@@ -162,7 +161,8 @@ def check_decay_spikes(subject: str, mode: str, data) -> None:
 def _oracle(case):
     t = {n: (x.double() if x is not None else None) for n, x in case.tensors.items()}
     h0 = case.initial_state.double() if case.initial_state is not None else None
-    return reference.run_bound(bind(case.spec, t, case.switches, case.scale, h0, True, case.cu_seqlens), torch.float64)
+    bound = reference.bind(case.spec, t, case.switches, case.scale, h0, True, case.cu_seqlens)
+    return reference.run_bound(case.spec, bound, torch.float64)
 
 
 def _finite_err(x: torch.Tensor, ref: torch.Tensor) -> float:

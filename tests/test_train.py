@@ -25,13 +25,7 @@ CORPUS = Path(linattn_dsl.__file__).parent / "data" / "shakespeare.jsonl"
 RESUME_ATOL = 1e-6
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: intra-op threads only add synchronisation (and one thread keeps runs bit-identical)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # one thread also keeps the runs bit-identical
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +38,7 @@ def text_file(tmp_path_factory) -> Path:
 
 
 def tiny(text_file: Path, dump: Path, **overrides) -> dict:
-    """A 2-layer GLA (hidden 64) on bytes, seq_len 64: about 20 ms a step on one thread."""
+    """A 2-layer GLA (hidden 64) on bytes, seq_len 64."""
     base = {
         "job.dump_folder": str(dump), "data.files": [str(text_file)], "tokenizer.kind": "byte",
         "model.hidden_size": 64, "model.num_hidden_layers": 2, "model.num_heads": 2,

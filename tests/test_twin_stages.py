@@ -54,8 +54,11 @@ class _Spy:
 
 @contextlib.contextmanager
 def _recording(host, rec: dict, mod=None):
-    """Patch the host module's dqk and gate_grads (and general_dv_bwd of ``mod``) to record what passes."""
-    dqk, gate_grads = getattr(host, "dqk", None), host.gate_grads
+    """Patch the shared host library's dqk and the form module's gate_grads (and general_dv_bwd of ``mod``) to
+    record what passes."""
+    from linattn_dsl.runtime import host as library
+
+    dqk, gate_grads = library.dqk, host.gate_grads
 
     def dqk_rec(*args, **kwargs):
         out = dqk(*args, **kwargs)
@@ -63,13 +66,12 @@ def _recording(host, rec: dict, mod=None):
         return out
 
     def gate_grads_rec(*args, **kwargs):
-        rec.update(dGpos=args[3], carry=kwargs.get("carry"))
+        rec.update(dGpos=args[3], carry=args[6])
         return gate_grads(*args, **kwargs)
 
     with contextlib.ExitStack() as stack:
         stack.enter_context(mock.patch.object(host, "gate_grads", gate_grads_rec))
-        if dqk is not None:
-            stack.enter_context(mock.patch.object(host, "dqk", dqk_rec))
+        stack.enter_context(mock.patch.object(library, "dqk", dqk_rec))
         if mod is not None:
             launches = []
             rec["dv_bwd"] = launches
@@ -79,7 +81,7 @@ def _recording(host, rec: dict, mod=None):
 
 def triton_stages(mod, bound, do: torch.Tensor, dht: torch.Tensor | None) -> dict:
     """twin.stages' quantities from the generated Triton kernels, by the host functions' own launches."""
-    from linattn_dsl.runtime import additive, delta, general
+    from linattn_dsl.runtime import additive, delta, general, host
 
     variant = mod.VARIANTS[tuple(sorted(bound.switches.items()))]
     gate, scale = variant.gate, bound.scale
@@ -90,36 +92,36 @@ def triton_stages(mod, bound, do: torch.Tensor, dht: torch.Tensor | None) -> dic
     out: dict = {}
     with torch.no_grad():
         if mod.FORM == "additive":
-            x = additive.Prepared(bound, variant)
-            G, h, ht, A = additive._forward_states(mod, gate, x.q, x.k, x.v, x.vs, x.gate_inputs, x.h0, x.L, scale,
-                                                   True)
-            o = additive._output(mod, gate, x.q, x.k, x.v, x.vs, x.sk, G, h, A, x.L, scale, torch.float32)
+            x = host.Prepared(mod, bound, variant)
+            G, h, ht, A = additive.forward_states(mod, gate, x.q, x.k, x.v, x.vs, x.gate_inputs, x.h0, x.L, scale,
+                                                  True)
+            o = host.output(mod, gate, x.q, x.k, x.v, x.vs, x.sk, G, h, A, x.L, scale, torch.float32)
             with _recording(additive, rec):
-                dq, dk, dv, dvs, dsk, dh0, grads = additive._backward(
-                    mod, gate, (x.q, x.k, x.v, x.vs, x.sk, x.gate_inputs, x.h0, G, h, ht, A), do, dht, x.L, scale,
+                (dq, dk, dv, dvs, dsk), dh0, grads = additive.backward(
+                    mod, gate, x.L, scale, (x.q, x.k, x.v, x.vs, x.sk), x.h0, x.gate_inputs, (G, h, A), do, dht,
                     True)
             out.update(dvs=dvs, dsk=dsk)
         elif mod.FORM == "delta":
-            x = additive.Prepared(bound, variant, fuse=False)
+            x = host.Prepared(mod, bound, variant, fuse=False)
             beta = torch.broadcast_to(x.roles["beta"].float(), (B, T, H)).reshape(B * T, H).contiguous()
-            G, P, Tm, w, h, vnew, ht, A, qg = delta._forward(mod, gate, x.q, x.k, x.v, beta, x.gate_inputs, x.h0,
-                                                             x.L, scale, True, want_qg=True)
-            o = additive._output(mod, gate, x.q, x.k, vnew, None, None, G, h, A, x.L, scale, torch.float32, qg=qg)
+            G, P, Tm, w, h, vnew, ht, A, qg = delta.forward_states(mod, gate, x.q, x.k, x.v, beta, x.gate_inputs,
+                                                                   x.h0, x.L, scale, True, want_qg=True)
+            o = host.output(mod, gate, x.q, x.k, vnew, None, None, G, h, A, x.L, scale, torch.float32, qg=qg)
             with _recording(delta, rec):
-                dq, dk, dv, dbeta, dh0, grads = delta._backward(
-                    mod, gate, (x.q, x.k, x.v, beta, x.gate_inputs, x.h0, G, P, Tm, w, h, vnew, ht, A), do, dht,
-                    x.L, scale, True)
+                (dq, dk, dv, dbeta), dh0, grads = delta.backward(
+                    mod, gate, x.L, scale, (x.q, x.k, x.v, beta), x.h0, x.gate_inputs, (G, P, Tm, w, h, vnew, A), do,
+                    dht, True)
             out.update(U=vnew, w=w, du=rec["du"], dbeta=dbeta)
         else:
-            x = additive.Prepared(bound, variant, fuse=False)
+            x = host.Prepared(mod, bound, variant, fuse=False)
             a, b = (x.roles[r].to(x.q.dtype).reshape(B * T, H, K).contiguous() for r in ("a", "b"))
-            st, ht = general._forward(mod, gate, x.q, x.k, x.v, a, b, x.gate_inputs, x.h0, x.L, scale, True,
-                                      output=True, for_bwd=True)
-            o = st["o"] if st["o"] is not None else general._output(mod, gate, x.q, x.v, st, x.L, scale)
+            st, ht = general.forward_states(mod, gate, x.q, x.k, x.v, a, b, x.gate_inputs, x.h0, x.L, scale, True)
+            o = general.output(mod, gate, x.q, x.v, st, x.L, scale)
             G, h = st["G"], st["h"]
             with _recording(general, rec, mod):
-                dq, dk, dv, da, db, dh0, grads = general._backward(mod, gate, x.q, x.k, x.v, a, b, x.gate_inputs,
-                                                                   x.h0, st, ht, do, dht, x.L, scale, True)
+                (dq, dk, dv, da, db), dh0, grads = general.backward(
+                    mod, gate, x.L, scale, (x.q, x.k, x.v, a, b), x.h0, x.gate_inputs,
+                    tuple(st[n] for n in general._SAVED), do, dht, True)
             rec["dhn"], dR = rec["dv_bwd"][0][4], rec["dv_bwd"][0][5]
             out.update(R=st["R"], dR=dR, da=da, db=db)
     out.update(G=G, h=h, ht=ht, o=o, dhn=rec["dhn"], dq=dq, dk=dk, dv=dv, dh0=dh0)
@@ -153,7 +155,7 @@ def _module(ref: str):
 
 
 def _bind(c: dict, mod):
-    return runtime.bind(mod.SPEC, c["tensors"], c["switches"], None, c["h0"], True, c["cu"])
+    return runtime.bind(mod.SIGNATURE, c["tensors"], c["switches"], None, c["h0"], True, c["cu"])
 
 
 def _case(spec_ref: str, spec, seed: int, fill: dict | None = None, final_grad: bool = True, **kw) -> dict:

@@ -10,12 +10,11 @@ from pathlib import Path
 import jinja2
 
 from .. import __version__
+from ..runtime.stages import FORMS, stages_of
 from . import lowering, registry
 from .spec import Recurrence
 
 MODES = ("chunk", "fused_recurrent")
-ADDITIVE_TEMPLATES = ("gate_fwd.py.j2", "gate_bwd.py.j2", "additive_fwd.py.j2", "additive_bwd.py.j2",
-                      "torch_common.py.j2", "torch_additive.py.j2")
 
 
 def template_dir() -> Path:
@@ -23,14 +22,17 @@ def template_dir() -> Path:
 
 
 def default_out_dir() -> Path:
-    import linattn_dsl.generated as g
+    """The package's generated/ folder, found without importing it (a stale or broken one must regenerate)."""
+    import importlib.util
 
-    return Path(list(g.__path__)[0])
+    return Path(list(importlib.util.find_spec("linattn_dsl.generated").submodule_search_locations)[0])
 
 
 def _env() -> jinja2.Environment:
-    return jinja2.Environment(loader=jinja2.FileSystemLoader(str(template_dir())), undefined=jinja2.StrictUndefined,
-                              trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True)
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(template_dir())), undefined=jinja2.StrictUndefined,
+                             trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True)
+    env.filters["pyrepr"] = repr
+    return env
 
 
 @dataclass
@@ -40,26 +42,40 @@ class Rendered:
 
 
 def _spec_ref(spec: Recurrence, builtin: bool) -> tuple[str, str]:
-    """(how the generated module finds the spec, the source named in its header)."""
+    """(where the spec's source may be found to check the generated module against it, the source named in
+    the header): the shipped spec's module, or a user spec file's path (a hint only: the module embeds its
+    spec and works without the file)."""
     if builtin:
-        return repr(spec.name), f"linattn_dsl/specs/{spec.name}.py"
+        return repr(("module", f"linattn_dsl.specs.{spec.name}")), f"linattn_dsl/specs/{spec.name}.py"
     path = str(Path(registry.spec_path(spec)).resolve())
-    return repr(path), Path(path).name
+    return repr(("file", path)), Path(path).name
 
 
-# the delta form reuses the additive stages (gate, state, scores, output, their backwards) with the corrected
-# values in place of v, plus its own transform stages (Triton and torch twin alike); the general form reuses
-# the additive Triton stages' helpers and has stages of its own
-DELTA_TEMPLATES = ("gate_fwd.py.j2", "gate_bwd.py.j2", "additive_fwd.py.j2", "additive_bwd.py.j2",
-                   "delta_fwd.py.j2", "delta_bwd.py.j2", "torch_common.py.j2", "torch_additive.py.j2",
-                   "torch_delta.py.j2")
-GENERAL_TEMPLATES = ("gate_fwd.py.j2", "gate_bwd.py.j2", "additive_fwd.py.j2", "additive_bwd.py.j2",
-                     "general_fwd.py.j2", "general_bwd.py.j2", "torch_common.py.j2", "torch_general.py.j2")
+def _code(rc) -> str:
+    """A lowering.RoleCode as the generated module's ``_rt.RoleCode(...)``."""
+    if rc is None:
+        return "None"
+    fn = ""
+    if rc.code is not None:
+        params = ", ".join(n if n == "h" else f"x_{n}" for n in rc.inputs)
+        fn = f", lambda {params}: {rc.code}"
+    return f"_rt.RoleCode({tuple(rc.inputs)!r}, {tuple(rc.layout)!r}{fn})"
 
 
-def templates_for(form: str) -> list[str]:
-    stages = {"additive": ADDITIVE_TEMPLATES, "delta": DELTA_TEMPLATES, "general": GENERAL_TEMPLATES}[form]
-    return ["prelude.py.j2", *stages, "op.py.j2"]
+def _role_sets(spec: Recurrence, plan) -> list[dict]:
+    out = []
+    for key, rs in lowering.role_sets(spec, plan).items():
+        roles = ", ".join(f"{r!r}: {_code(c)}" for r, c in rs["roles"].items())
+        out.append(dict(key=repr(key), roles="{" + roles + "}", value_scale=_code(rs["value_scale"]),
+                        skip_scale=_code(rs["skip_scale"]), qk_l2norm=rs["qk_l2norm"]))
+    return out
+
+
+def templates_for(form: str, vector: bool) -> list[str]:
+    """The templates of a spec's generated module: the prelude, its form's stages (runtime.stages), their PyTorch
+    twin and the ops."""
+    twin = FORMS[form].twin
+    return ["prelude.py.j2", *(f"{t}.py.j2" for t in (*stages_of(form, vector), *twin)), "op.py.j2"]
 
 
 def render(spec: Recurrence, builtin: bool = True) -> list[Rendered]:
@@ -67,7 +83,7 @@ def render(spec: Recurrence, builtin: bool = True) -> list[Rendered]:
     env = _env()
     ref, source_name = _spec_ref(spec, builtin)
     plan = lowering.lower(spec)
-    templates = templates_for(plan.form)
+    templates = templates_for(plan.form, spec.decay.kind == "vector")
     h = hashlib.sha256()
     h.update(__version__.encode())
     h.update(registry.spec_source(spec).encode())
@@ -96,13 +112,17 @@ def render(spec: Recurrence, builtin: bool = True) -> list[Rendered]:
     variants = [dict(key=repr(tuple(sorted(v.switches.items()))), switches_repr=repr(v.switches), gate=v.gate,
                      value_scale=v.value_scale is not None, skip_scale=v.skip_scale is not None)
                 for v in plan.variants]
-    ctx = dict(header=header, spec=spec, spec_ref=ref, modes=MODES, signature=signature, arg_doc=arg_doc,
+    source = registry.spec_source(spec)
+    ctx = dict(header=header, spec=spec, spec_ref=ref, spec_source=repr(source),
+               spec_sha=hashlib.sha256(source.encode()).hexdigest(),
+               signature_fields=lowering.signature_fields(spec), role_sets=_role_sets(spec, plan), modes=MODES,
+               signature=signature, arg_doc=arg_doc,
                hd=hd, scale_doc=scale_doc, value_input=spec.value_input, form=plan.form,
                gates=plan.gates, variants=variants,
                vector=spec.decay.kind == "vector", stages=[t.split(".")[0] for t in templates])
     parts = []
     for t in templates:
-        if t.startswith("gate_"):
+        if t == "gate.py.j2":
             parts += [env.get_template(t).render(ctx, gate=g) for g in plan.gates]
         else:
             parts.append(env.get_template(t).render(ctx))

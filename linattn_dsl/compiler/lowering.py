@@ -1,7 +1,7 @@
 """The lowering: from a spec to the plan of chunk stages and the hooks the stage templates inline.
 
 For each switch variant of a spec the plan fixes
-* which chunk form applies (CHUNK_MATH.md: additive for transition 'none'),
+* which chunk form applies (docs/chunk_math.md: additive for transition 'none'),
 * the gate stage: the log-decay expression printed as Triton and as torch code, with its symbolic
   derivative with respect to every raw input (sympy), and how each input is loaded at the decay's layout,
 * which roles are plain inputs and which are expressions evaluated before the core stages.
@@ -10,6 +10,7 @@ Absent optional inputs are passed as zeros, so variants differ only by switch va
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
 import sympy as sp
@@ -150,3 +151,68 @@ def lower(spec: Recurrence) -> Plan:
         variants.append(Variant(switches=dict(sw), gate=gate, plain_roles=plain,
                                 value_scale=value_scale(spec, roles.value), skip_scale=skip_scale(spec, roles)))
     return Plan(spec=spec, form=form, variants=variants, gates=list(gates.values()))
+
+
+# ---- what the runtime needs of a spec, as plain data and torch code (emitted into the generated module) ----
+def _present_sets(spec: Recurrence) -> list[tuple[str, ...]]:
+    names = list(spec.optional)
+    bits = itertools.product([False, True], repeat=len(names))
+    return [tuple(n for n, on in zip(names, b) if on) for b in bits]
+
+
+def signature_fields(spec: Recurrence) -> dict:
+    """The spec as the binder checks calls against it (``runtime.args.Signature``'s fields): names, dims, head
+    dims, switches, defaults, which inputs each switch setting reads, and the sign contracts per switch setting
+    and set of present optional inputs."""
+    variants = list(spec.variants()) if spec.switches else [{}]
+    return dict(
+        name=spec.name, args={n: spec.dims(n) for n in spec.args}, required=tuple(spec.inputs),
+        switches=dict(spec.switches), head_dims=dict(spec.head_dims), query=spec.query,
+        value_input=spec.value_input, scale=spec.scale, decay=spec.decay.kind, form=FORMS[spec.transition.kind],
+        uses={_switch_key(sw): tuple(n for n in spec.args if n in spec.uses(sw)) for sw in variants},
+        signs={(_switch_key(sw), p): spec.sign_contracts(sw, p) for sw in variants for p in _present_sets(spec)},
+    )
+
+
+def _switch_key(sw: dict) -> tuple:
+    return tuple(sorted(sw.items()))
+
+
+@dataclass
+class RoleCode:
+    """A role (or fused scale) of a call as torch code: ``code`` over the variables ``x_<input>`` (and ``h``,
+    the head index), the inputs it reads, and the dims of its value (broadcast from its inputs)."""
+
+    inputs: tuple
+    layout: tuple
+    code: str | None      # None: the role is the input itself
+
+
+def _role_code(spec: Recurrence, e: sp.Expr) -> RoleCode:
+    names = tuple(sorted(s.name for s in e.free_symbols))
+    layout = spec.layout(e)
+    if isinstance(e, sp.Symbol) and e.name != ex.HEAD_INDEX:
+        return RoleCode(names, layout, None)
+    code = ex.to_code(e, {n: (n if n == ex.HEAD_INDEX else f"x_{n}") for n in names}, ex.TORCH_FUNCS)
+    return RoleCode(names, layout, code)
+
+
+def role_sets(spec: Recurrence, plan: Plan) -> dict:
+    """Per switch setting and set of present optional inputs: the torch code of every role but the log-decay
+    (the gate stage's), the additive form's fused value / skip scales where the variant fuses them, and the
+    q/k L2 norm switch."""
+    out = {}
+    for v in plan.variants:
+        for present in _present_sets(spec):
+            roles = spec.resolve(v.switches, frozenset(present))
+            codes = {r: _role_code(spec, e) for r, e in roles.items() if r != "log_decay"}
+            vs = sk = None
+            if plan.form == "additive" and v.value_scale is not None:
+                e = value_scale(spec, roles.value)
+                vs = _role_code(spec, e) if e is not None else None
+            if plan.form == "additive" and v.skip_scale is not None:
+                e = skip_scale(spec, roles)
+                sk = _role_code(spec, e) if e is not None else None
+            out[(_switch_key(v.switches), present)] = dict(roles=codes, value_scale=vs, skip_scale=sk,
+                                                           qk_l2norm=roles.qk_l2norm)
+    return out

@@ -1,4 +1,5 @@
-"""Pieces every layer shares: op choice (chunk vs fused_recurrent), padding masks, RoPE, low-rank maps.
+"""Pieces every layer shares: the ``forward`` prologue, op choice (chunk vs fused_recurrent), padding masks,
+RoPE, low-rank maps, and the q / k / v projections, short convs and output norm of the multi-head layers.
 
 Layer state: each layer's ``forward(hidden_states, attention_mask=None, cache=None, use_cache=False, ...)``
 takes and returns its own state as a plain ``dict`` of tensors (``recurrent_state [N, H, K, V]`` fp32,
@@ -8,13 +9,15 @@ The model-level cache (:class:`linattn_dsl.models.cache.LinAttnCache`) keeps one
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from torch import nn
 
 from linattn_dsl import ops
-from linattn_dsl.modules import rotary_embedding, swiglu_linear
+from linattn_dsl.modules import FusedRMSNormGated, RMSNorm, ShortConvolution, rotary_embedding, swiglu_linear
 
-from ._checks import POSITIVE_INT, check_all
+from ._checks import POSITIVE_INT, check_all, check_inputs
 
 # Below this many tokens (and outside training) the step form is cheaper than the chunk plan.
 FUSED_RECURRENT_MAX_LEN = 64
@@ -51,6 +54,11 @@ def state_of(cache: dict | None, key: str):
     return None if cache is None else cache.get(key)
 
 
+def seen_tokens(cache: dict | None) -> int:
+    """How many tokens a RoPE layer's state has seen (0 without a cache)."""
+    return 0 if cache is None else cache.get("seen_tokens", 0)
+
+
 # ------------------------------------------------------------------ rotary position embedding
 
 
@@ -68,6 +76,93 @@ def default_position_ids(
         return torch.arange(past_len, past_len + seq_len, device=device)[None].expand(batch, -1)
     positions = attention_mask.long().cumsum(-1) - 1
     return positions.clamp_min(0)[:, -seq_len:]
+
+
+def positions_after_cache(position_ids: torch.Tensor | None, x: torch.Tensor, cache: dict | None,
+                          attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """``position_ids``, or by default the positions of ``x [B, T, ...]`` after the tokens ``cache`` has seen."""
+    if position_ids is not None:
+        return position_ids
+    return default_position_ids(x.shape[0], x.shape[1], seen_tokens(cache), attention_mask, x.device)
+
+
+# ------------------------------------------------------------------ layer bases
+
+
+class SequenceLayer(nn.Module):
+    """Base of the layers: :meth:`forward` checks the inputs and zeroes the left pads, :meth:`mix` holds the
+    layer's equations."""
+
+    hidden_size: int
+    zero_pads: ClassVar[bool] = True  # False: ``mix`` sees the pads as given (Attention masks them as keys)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        cache: dict | None = None,
+        use_cache: bool = False,
+        **kwargs,
+    ) -> tuple:
+        """``hidden_states [B, T, hidden]``, ``attention_mask [B, S]`` (1 = token, 0 = left pad) over the cached
+        and new tokens, ``cache``: this layer's state dict. Returns ``(out [B, T, hidden], new state or None)``.
+        Other keywords (``position_ids``, ``v_first``) go to :meth:`mix`, which ignores those it does not use."""
+        check_inputs(hidden_states, attention_mask, self.hidden_size)
+        x = apply_padding_mask(hidden_states, attention_mask) if self.zero_pads else hidden_states
+        return self.mix(x, attention_mask, cache, use_cache, **kwargs)
+
+    def mix(
+        self, x: torch.Tensor, attention_mask: torch.Tensor | None, cache: dict | None, use_cache: bool, **kwargs
+    ) -> tuple:
+        """The layer on checked inputs ``x [B, T, hidden]`` (pads zeroed unless ``zero_pads`` is False)."""
+        raise NotImplementedError
+
+
+class MultiHeadLayer(SequenceLayer):
+    """A layer with ``num_heads`` heads of queries and keys (``head_k_dim``) and values (``head_v_dim``), from
+    ``q_proj``, ``k_proj``, ``v_proj`` and optionally short convs (``q_conv1d``...), and a per-head output
+    norm before ``o_proj`` (RetNet, GLA, DeltaNet, KDA)."""
+
+    def _init_qkv(self, hidden_size: int, num_heads: int, head_k_dim: int, head_v_dim: int, mode: str | None) -> None:
+        """The sizes, the op ``mode`` and the ``q``, ``k``, ``v`` projections."""
+        self.hidden_size = hidden_size
+        self.num_heads = num_heads
+        self.head_k_dim, self.head_v_dim = head_k_dim, head_v_dim
+        self.key_dim = num_heads * head_k_dim
+        self.value_dim = num_heads * head_v_dim
+        self.mode = check_mode(mode)
+        self.q_proj = nn.Linear(hidden_size, self.key_dim, bias=False)
+        self.k_proj = nn.Linear(hidden_size, self.key_dim, bias=False)
+        self.v_proj = nn.Linear(hidden_size, self.value_dim, bias=False)
+
+    def _init_short_convs(self, conv_size: int) -> None:
+        self.q_conv1d = ShortConvolution(self.key_dim, conv_size, activation="silu")
+        self.k_conv1d = ShortConvolution(self.key_dim, conv_size, activation="silu")
+        self.v_conv1d = ShortConvolution(self.value_dim, conv_size, activation="silu")
+
+    def _output_norm(self, gated: bool, norm_eps: float) -> nn.Module:
+        """The per-head output norm: ``rms_norm(o) * swish(g_proj(x))`` (``g_proj`` made here) when ``gated``,
+        else a plain RMSNorm."""
+        if not gated:
+            return RMSNorm(self.head_v_dim, eps=norm_eps)
+        self.g_proj = nn.Linear(self.hidden_size, self.value_dim, bias=False)
+        return FusedRMSNormGated(self.head_v_dim, eps=norm_eps, activation="swish")
+
+    def _qkv(self, x: torch.Tensor, cache: dict | None, use_cache: bool, new_state: dict,
+             conv: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``q, k, v [B, T, dim]``: the projections of ``x``, with ``conv`` through their short convs (continuing
+        and storing conv states ``q``, ``k``, ``v``)."""
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if not conv:
+            return q, k, v
+        return (run_conv(self.q_conv1d, q, cache, "q", use_cache, new_state),
+                run_conv(self.k_conv1d, k, cache, "k", use_cache, new_state),
+                run_conv(self.v_conv1d, v, cache, "v", use_cache, new_state))
+
+    def _output(self, o: torch.Tensor, x: torch.Tensor, norm: nn.Module, gated: bool) -> torch.Tensor:
+        """``o_proj`` of ``norm(o [B, T, H, head_v_dim])``, gated by ``g_proj(x)`` when ``gated``."""
+        o = norm(o, split_heads(self.g_proj(x), self.head_v_dim)) if gated else norm(o)
+        return self.o_proj(o.reshape(*o.shape[:-2], self.value_dim))
 
 
 # ------------------------------------------------------------------ small building blocks

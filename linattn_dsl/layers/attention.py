@@ -12,17 +12,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._checks import POSITIVE, POSITIVE_INT, POSITIVE_INT_OR_NONE, check_all, check_inputs
-from ._utils import apply_rotary, default_position_ids, split_heads, state_of
+from ._checks import POSITIVE, POSITIVE_INT, POSITIVE_INT_OR_NONE, check_all
+from ._utils import SequenceLayer, apply_rotary, positions_after_cache, seen_tokens, split_heads, state_of
 
 
-class Attention(nn.Module):
+class Attention(SequenceLayer):
     """``[B, T, hidden] -> [B, T, hidden]`` through ``F.scaled_dot_product_attention``.
 
     State: ``attn_state = (k, v)``, each ``[B, S, num_kv_heads, head_dim]`` (RoPE applied), trimmed to
     the last ``window_size - 1`` tokens when a window is set; ``seen_tokens`` places RoPE when no
     ``position_ids`` are given.
     """
+
+    zero_pads = False  # pad keys are masked out; a pad query attends only itself
 
     def __init__(
         self,
@@ -53,22 +55,14 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(hidden_size, kv_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(hidden_size, hidden_size, bias=False)
 
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        cache: dict | None = None,
-        use_cache: bool = False,
-        position_ids: torch.Tensor | None = None,
-        **_,
+    def mix(
+        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None, cache: dict | None, use_cache: bool,
+        position_ids: torch.Tensor | None = None, **_,
     ) -> tuple[torch.Tensor, dict | None]:
-        """``attention_mask [B, S]`` (1 = token, 0 = pad) covers cached and new tokens."""
-        check_inputs(hidden_states, attention_mask, self.hidden_size)
+        """``position_ids [B, T]`` place RoPE (default: after the tokens the cache has seen)."""
         batch, seq_len, _ = hidden_states.shape
         past = state_of(cache, "attn_state")
-        seen = 0 if cache is None else cache.get("seen_tokens", 0)
-        if position_ids is None:
-            position_ids = default_position_ids(batch, seq_len, seen, attention_mask, hidden_states.device)
+        position_ids = positions_after_cache(position_ids, hidden_states, cache, attention_mask)
         q = apply_rotary(split_heads(self.q_proj(hidden_states), self.head_dim), position_ids, self.rope_theta)
         k = apply_rotary(split_heads(self.k_proj(hidden_states), self.head_dim), position_ids, self.rope_theta)
         v = split_heads(self.v_proj(hidden_states), self.head_dim)
@@ -93,7 +87,7 @@ class Attention(nn.Module):
             # Keep window_size - 1 past keys: with the next query itself that is a full window.
             start = max(0, k.shape[1] - (self.window_size - 1))
             k, v = k[:, start:], v[:, start:]
-        return out, {"attn_state": (k, v), "seen_tokens": seen + seq_len}
+        return out, {"attn_state": (k, v), "seen_tokens": seen_tokens(cache) + seq_len}
 
     def _mask(self, batch: int, seq_len: int, kv_len: int, attention_mask, device) -> torch.Tensor:
         """Boolean ``[B, 1, T, S]``: True where query ``i`` may attend key ``j``.

@@ -16,10 +16,10 @@ import math
 import torch
 from torch import nn
 
-from linattn_dsl.modules import FusedRMSNormGated, ShortConvolution
+from linattn_dsl.modules import FusedRMSNormGated
 
-from ._checks import POSITIVE, POSITIVE_INT, check_all, check_inputs
-from ._utils import LowRank, apply_padding_mask, check_mode, init_values, pick_op, run_conv, split_heads, state_of
+from ._checks import POSITIVE, POSITIVE_INT, check_all
+from ._utils import LowRank, MultiHeadLayer, init_values, pick_op, split_heads, state_of
 
 
 def kda_head_v_dim(head_dim: int, expand_v: float) -> int:
@@ -31,7 +31,7 @@ def kda_head_v_dim(head_dim: int, expand_v: float) -> int:
     return head_v_dim
 
 
-class KimiDeltaAttention(nn.Module):
+class KimiDeltaAttention(MultiHeadLayer):
     """``[B, T, hidden] -> [B, T, hidden]``; see the module docstring for the equations."""
 
     def __init__(
@@ -47,20 +47,8 @@ class KimiDeltaAttention(nn.Module):
         check_all({"hidden_size": POSITIVE_INT, "num_heads": POSITIVE_INT, "head_dim": POSITIVE_INT,
                    "expand_v": POSITIVE, "conv_size": POSITIVE_INT, "norm_eps": POSITIVE}, locals())
         super().__init__()
-        self.hidden_size = hidden_size
-        self.num_heads = num_heads
-        self.head_k_dim = head_dim
-        self.head_v_dim = kda_head_v_dim(head_dim, expand_v)
-        self.key_dim = num_heads * self.head_k_dim
-        self.value_dim = num_heads * self.head_v_dim
-        self.mode = check_mode(mode)
-
-        self.q_proj = nn.Linear(hidden_size, self.key_dim, bias=False)
-        self.k_proj = nn.Linear(hidden_size, self.key_dim, bias=False)
-        self.v_proj = nn.Linear(hidden_size, self.value_dim, bias=False)
-        self.q_conv1d = ShortConvolution(self.key_dim, conv_size, activation="silu")
-        self.k_conv1d = ShortConvolution(self.key_dim, conv_size, activation="silu")
-        self.v_conv1d = ShortConvolution(self.value_dim, conv_size, activation="silu")
+        self._init_qkv(hidden_size, num_heads, head_dim, kda_head_v_dim(head_dim, expand_v), mode)
+        self._init_short_convs(conv_size)
         self.f_proj = LowRank(hidden_size, self.key_dim, self.head_v_dim, bias=False)
         self.b_proj = nn.Linear(hidden_size, num_heads, bias=False)
         self.A_log = nn.Parameter(torch.empty(num_heads))
@@ -80,20 +68,11 @@ class KimiDeltaAttention(nn.Module):
             "dt_bias": dt + torch.log(-torch.expm1(-dt)),
         }
 
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        cache: dict | None = None,
-        use_cache: bool = False,
-        **_,
+    def mix(
+        self, x: torch.Tensor, attention_mask: torch.Tensor | None, cache: dict | None, use_cache: bool, **_
     ) -> tuple[torch.Tensor, dict | None]:
-        check_inputs(hidden_states, attention_mask, self.hidden_size)
-        x = apply_padding_mask(hidden_states, attention_mask)
         new_state: dict = {}
-        q = run_conv(self.q_conv1d, self.q_proj(x), cache, "q", use_cache, new_state)
-        k = run_conv(self.k_conv1d, self.k_proj(x), cache, "k", use_cache, new_state)
-        v = run_conv(self.v_conv1d, self.v_proj(x), cache, "v", use_cache, new_state)
+        q, k, v = self._qkv(x, cache, use_cache, new_state, conv=True)
         g_raw = self.f_proj(x)
         beta = torch.sigmoid(self.b_proj(x))
 
@@ -105,9 +84,5 @@ class KimiDeltaAttention(nn.Module):
             A_log=self.A_log, dt_bias=self.dt_bias.view(self.num_heads, self.head_k_dim),
             use_qk_l2norm_in_kernel=True, use_gate_in_kernel=True,
         )
-        o = self.o_norm(o, split_heads(self.g_proj(x), self.head_v_dim))
-        out = self.o_proj(o.reshape(*o.shape[:-2], self.value_dim))
-        if not use_cache:
-            return out, None
-        new_state["recurrent_state"] = recurrent_state
-        return out, new_state
+        out = self._output(o, x, self.o_norm, gated=True)
+        return out, ({**new_state, "recurrent_state": recurrent_state} if use_cache else None)

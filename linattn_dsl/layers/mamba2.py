@@ -17,8 +17,8 @@ from torch import nn
 
 from linattn_dsl.modules import RMSNorm, ShortConvolution
 
-from ._checks import POSITIVE, POSITIVE_INT, POSITIVE_INT_OR_NONE, check_all, check_inputs
-from ._utils import apply_padding_mask, check_mode, init_values, pick_op, run_conv, split_heads, state_of
+from ._checks import POSITIVE, POSITIVE_INT, POSITIVE_INT_OR_NONE, check_all
+from ._utils import SequenceLayer, apply_padding_mask, check_mode, init_values, pick_op, run_conv, split_heads, state_of
 
 
 def mamba2_num_heads(hidden_size: int, num_heads: int | None, head_dim: int, expand: int, n_groups: int,
@@ -37,7 +37,7 @@ def mamba2_num_heads(hidden_size: int, num_heads: int | None, head_dim: int, exp
     return num_heads
 
 
-class Mamba2(nn.Module):
+class Mamba2(SequenceLayer):
     """``[B, T, hidden] -> [B, T, hidden]``; ``num_heads * head_dim = expand * hidden`` (``d_inner``)."""
 
     def __init__(
@@ -98,16 +98,9 @@ class Mamba2(nn.Module):
             "dt_bias": dt + torch.log(-torch.expm1(-dt)),
         }
 
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        cache: dict | None = None,
-        use_cache: bool = False,
-        **_,
+    def mix(
+        self, x: torch.Tensor, attention_mask: torch.Tensor | None, cache: dict | None, use_cache: bool, **_
     ) -> tuple[torch.Tensor, dict | None]:
-        check_inputs(hidden_states, attention_mask, self.hidden_size)
-        x = apply_padding_mask(hidden_states, attention_mask)
         new_state: dict = {}
         z, xBC, dt = self.in_proj(x).split([self.d_inner, self.conv_dim, self.num_heads], dim=-1)
         # the conv bias makes pads nonzero again: mask after the conv too
@@ -125,7 +118,4 @@ class Mamba2(nn.Module):
         gated = y.reshape(*y.shape[:-2], self.d_inner) * F.silu(z)
         normed = self.norm(gated.unflatten(-1, (self.n_groups, -1))).flatten(-2) * self.norm_weight
         out = self.out_proj(normed)
-        if not use_cache:
-            return out, None
-        new_state["recurrent_state"] = recurrent_state
-        return out, new_state
+        return out, ({**new_state, "recurrent_state": recurrent_state} if use_cache else None)

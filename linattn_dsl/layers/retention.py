@@ -12,13 +12,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from linattn_dsl.modules import FusedRMSNormGated, RMSNorm
-
-from ._checks import POSITIVE, POSITIVE_INT, check_all, check_inputs, head_dims
-from ._utils import apply_padding_mask, apply_rotary, check_mode, default_position_ids, pick_op, split_heads, state_of
+from ._checks import POSITIVE, POSITIVE_INT, check_all, head_dims
+from ._utils import MultiHeadLayer, apply_rotary, pick_op, positions_after_cache, seen_tokens, split_heads, state_of
 
 
-class MultiScaleRetention(nn.Module):
+class MultiScaleRetention(MultiHeadLayer):
     """``[B, T, hidden] -> [B, T, hidden]``; see the module docstring for the equations."""
 
     def __init__(
@@ -35,55 +33,27 @@ class MultiScaleRetention(nn.Module):
         check_all({"hidden_size": POSITIVE_INT, "num_heads": POSITIVE_INT, "expand_k": POSITIVE, "expand_v": POSITIVE,
                    "rope_theta": POSITIVE, "norm_eps": POSITIVE}, locals())
         super().__init__()
-        self.hidden_size = hidden_size
-        self.num_heads = num_heads
-        self.head_k_dim, self.head_v_dim = head_dims(hidden_size, num_heads, expand_k, expand_v)
-        self.key_dim = self.head_k_dim * num_heads
-        self.value_dim = self.head_v_dim * num_heads
+        self._init_qkv(hidden_size, num_heads, *head_dims(hidden_size, num_heads, expand_k, expand_v), mode)
         self.rope_theta = rope_theta
-        self.mode = check_mode(mode)
-
-        self.q_proj = nn.Linear(hidden_size, self.key_dim, bias=False)
-        self.k_proj = nn.Linear(hidden_size, self.key_dim, bias=False)
-        self.v_proj = nn.Linear(hidden_size, self.value_dim, bias=False)
         self.use_output_gate = use_output_gate
-        if use_output_gate:
-            self.g_proj = nn.Linear(hidden_size, self.value_dim, bias=False)
-            self.g_norm = FusedRMSNormGated(self.head_v_dim, eps=norm_eps, activation="swish")
-        else:
-            self.g_norm = RMSNorm(self.head_v_dim, eps=norm_eps)
+        self.g_norm = self._output_norm(use_output_gate, norm_eps)
         self.o_proj = nn.Linear(self.value_dim, hidden_size, bias=False)
 
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        cache: dict | None = None,
-        use_cache: bool = False,
-        position_ids: torch.Tensor | None = None,
-        **_,
+    def mix(
+        self, x: torch.Tensor, attention_mask: torch.Tensor | None, cache: dict | None, use_cache: bool,
+        position_ids: torch.Tensor | None = None, **_,
     ) -> tuple[torch.Tensor, dict | None]:
         """``position_ids [B, T]`` place RoPE (default: after the tokens the state has seen)."""
-        check_inputs(hidden_states, attention_mask, self.hidden_size)
-        x = apply_padding_mask(hidden_states, attention_mask)
-        batch, seq_len, _ = x.shape
-        if position_ids is None:
-            past_len = 0 if cache is None else cache.get("seen_tokens", 0)
-            position_ids = default_position_ids(batch, seq_len, past_len, attention_mask, x.device)
+        position_ids = positions_after_cache(position_ids, x, cache, attention_mask)
         q = apply_rotary(split_heads(self.q_proj(x), self.head_k_dim), position_ids, self.rope_theta)
         k = apply_rotary(split_heads(self.k_proj(x), self.head_k_dim), position_ids, self.rope_theta)
         v = split_heads(self.v_proj(x), self.head_v_dim)
 
-        retention = pick_op("retention", seq_len, self.training, self.mode)
+        retention = pick_op("retention", x.shape[1], self.training, self.mode)
         o, recurrent_state = retention(
             q, k, v, initial_state=state_of(cache, "recurrent_state"), output_final_state=use_cache
         )
-        if self.use_output_gate:
-            o = self.g_norm(o, split_heads(self.g_proj(x), self.head_v_dim))
-        else:
-            o = self.g_norm(o)
-        out = self.o_proj(o.reshape(batch, seq_len, self.value_dim))
+        out = self._output(o, x, self.g_norm, self.use_output_gate)
         if not use_cache:
             return out, None
-        seen = (0 if cache is None else cache.get("seen_tokens", 0)) + seq_len
-        return out, {"recurrent_state": recurrent_state, "seen_tokens": seen}
+        return out, {"recurrent_state": recurrent_state, "seen_tokens": seen_tokens(cache) + x.shape[1]}

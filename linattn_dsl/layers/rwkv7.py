@@ -23,8 +23,8 @@ from torch import nn
 
 from linattn_dsl.modules import l2_norm
 
-from ._checks import NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT, POSITIVE_INT_OR_NONE, check, check_all, check_inputs
-from ._utils import LowRank, apply_padding_mask, check_mode, init_values, pick_op, split_heads, state_of
+from ._checks import NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT, POSITIVE_INT_OR_NONE, check, check_all
+from ._utils import LowRank, SequenceLayer, check_mode, init_values, pick_op, split_heads, state_of
 
 LOG_DECAY_SCALE = 0.6065306597126334  # exp(-0.5): the largest per-step log-decay magnitude
 
@@ -41,7 +41,7 @@ def rwkv7_num_heads(hidden_size: int, head_dim: int) -> int:
     return hidden_size // head_dim
 
 
-class RWKV7Attention(nn.Module):
+class RWKV7Attention(SequenceLayer):
     """RWKV7 time mixing, ``[B, T, hidden] -> [B, T, hidden]``.
 
     ``forward`` also takes and returns ``v_first [B, T, value_dim]``, the first layer's values
@@ -116,17 +116,10 @@ class RWKV7Attention(nn.Module):
             values["v_lora.up.bias"] = torch.ones(self.value_dim, device=device)
         return values
 
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        cache: dict | None = None,
-        use_cache: bool = False,
-        v_first: torch.Tensor | None = None,
-        **_,
+    def mix(
+        self, x: torch.Tensor, attention_mask: torch.Tensor | None, cache: dict | None, use_cache: bool,
+        v_first: torch.Tensor | None = None, **_,
     ) -> tuple[torch.Tensor, dict | None, torch.Tensor]:
-        check_inputs(hidden_states, attention_mask, self.hidden_size)
-        x = apply_padding_mask(hidden_states, attention_mask)
         delta = token_shift(x, state_of(cache, "shift_state")) - x
         mix_r, mix_w, mix_k, mix_v, mix_a, mix_g = (
             x + delta * mix for mix in (self.x_r, self.x_w, self.x_k, self.x_v, self.x_a, self.x_g)
@@ -163,7 +156,7 @@ class RWKV7Attention(nn.Module):
         return out, {"recurrent_state": recurrent_state, "shift_state": x[:, -1]}, v_first
 
 
-class RWKV7FeedForward(nn.Module):
+class RWKV7FeedForward(SequenceLayer):
     """RWKV7 channel mixing: ``W_value relu(W_key (x + (x_prev - x) * x_k))^2``; state ``ffn_shift_state``."""
 
     def __init__(self, hidden_size: int = 1024, intermediate_size: int | None = None) -> None:
@@ -180,16 +173,9 @@ class RWKV7FeedForward(nn.Module):
         ramp = torch.arange(self.hidden_size, device=self.x_k.device, dtype=torch.float32) / self.hidden_size
         return {"x_k": 1 - ramp**4}
 
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        cache: dict | None = None,
-        use_cache: bool = False,
-        **_,
+    def mix(
+        self, x: torch.Tensor, attention_mask: torch.Tensor | None, cache: dict | None, use_cache: bool, **_
     ) -> tuple[torch.Tensor, dict | None]:
-        check_inputs(hidden_states, attention_mask, self.hidden_size)
-        x = apply_padding_mask(hidden_states, attention_mask)
         mix_k = x + (token_shift(x, state_of(cache, "ffn_shift_state")) - x) * self.x_k
         out = self.value(F.relu(self.key(mix_k)).square())
         return out, ({"ffn_shift_state": x[:, -1]} if use_cache else None)

@@ -172,6 +172,8 @@ class LinAttnPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules: ClassVar[list[str]] = ["LinAttnBlock"]
     _skip_keys_device_placement: ClassVar[list[str]] = ["cache"]
+    # transformers' get/set_input_embeddings find ``embeddings`` here or on ``model``; the output ones ``lm_head``
+    _input_embed_layer = "embeddings"
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -226,12 +228,6 @@ class LinAttnModel(LinAttnPreTrainedModel):
         if type(self).build_mlp is not None:
             return type(self).build_mlp(config, layer_idx)
         return GatedMLP(config.hidden_size, config.intermediate_size)
-
-    def get_input_embeddings(self) -> nn.Embedding:
-        return self.embeddings
-
-    def set_input_embeddings(self, value: nn.Embedding) -> None:
-        self.embeddings = value
 
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
@@ -304,10 +300,14 @@ class LinAttnModel(LinAttnPreTrainedModel):
 class LinAttnForCausalLM(LinAttnPreTrainedModel, GenerationMixin):
     """``model`` + ``lm_head``. With ``labels`` while training (and ``fuse_linear_cross_entropy``),
     the loss comes from FusedLinearCrossEntropyLoss and no logits are built; otherwise logits and the
-    plain cross entropy."""
+    plain cross entropy. A family sets ``model_class``; ``config_class`` is that model's."""
 
     model_class: ClassVar[type] = LinAttnModel
     _tied_weights_keys: ClassVar[dict[str, str]] = {"lm_head.weight": "model.embeddings.weight"}
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.config_class = cls.model_class.config_class
 
     def __init__(self, config: LinAttnConfig) -> None:
         super().__init__(config)
@@ -319,18 +319,6 @@ class LinAttnForCausalLM(LinAttnPreTrainedModel, GenerationMixin):
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
         return False  # the model makes its own LinAttnCache
-
-    def get_input_embeddings(self) -> nn.Embedding:
-        return self.model.embeddings
-
-    def set_input_embeddings(self, value: nn.Embedding) -> None:
-        self.model.embeddings = value
-
-    def get_output_embeddings(self) -> nn.Linear:
-        return self.lm_head
-
-    def set_output_embeddings(self, value: nn.Linear) -> None:
-        self.lm_head = value
 
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(

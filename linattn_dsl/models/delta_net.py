@@ -39,5 +39,4 @@ class DeltaNetModel(LinAttnModel):
 
 
 class DeltaNetForCausalLM(LinAttnForCausalLM):
-    config_class = DeltaNetConfig
     model_class = DeltaNetModel

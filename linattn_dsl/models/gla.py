@@ -42,5 +42,4 @@ class GLAModel(LinAttnModel):
 
 
 class GLAForCausalLM(LinAttnForCausalLM):
-    config_class = GLAConfig
     model_class = GLAModel

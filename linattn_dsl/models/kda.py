@@ -34,5 +34,4 @@ class KDAModel(LinAttnModel):
 
 
 class KDAForCausalLM(LinAttnForCausalLM):
-    config_class = KDAConfig
     model_class = KDAModel

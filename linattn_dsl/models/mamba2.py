@@ -49,5 +49,4 @@ class Mamba2Model(LinAttnModel):
 
 
 class Mamba2ForCausalLM(LinAttnForCausalLM):
-    config_class = Mamba2Config
     model_class = Mamba2Model

@@ -36,5 +36,4 @@ class RetNetModel(LinAttnModel):
 
 
 class RetNetForCausalLM(LinAttnForCausalLM):
-    config_class = RetNetConfig
     model_class = RetNetModel

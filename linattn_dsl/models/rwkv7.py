@@ -52,5 +52,4 @@ class RWKV7Model(LinAttnModel):
 
 
 class RWKV7ForCausalLM(LinAttnForCausalLM):
-    config_class = RWKV7Config
     model_class = RWKV7Model

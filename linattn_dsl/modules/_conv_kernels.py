@@ -18,12 +18,10 @@ Backward, two passes (no saved activations; ``pre`` is recomputed from ``x``)::
     dx[t]      = sum_s weight[W-1-s] * dpre[t+s]           pass 2, over the t + s in t's sequence
 
 Storing ``dpre`` costs one extra write and read of an ``x``-sized tensor, but each pass is a streaming
-kernel with ``W`` shifted (L1/L2-hitting) loads. The single-kernel alternatives measured slower on an H100
-(1.35 and 1.71 ms fwd+bwd against 1.05 ms
-for these two passes, before their tiles were tuned):
-recomputing ``pre`` at the ``W`` tokens ``t + s`` (``W^2`` loads, which spilled registers at ``64 x 128``
-tiles) and shifting ``dpre`` inside a tile with ``tl.gather``. Offsets inside a tile are int32, relative to an
-int64 base pointer per tile.
+kernel with ``W`` shifted (L1/L2-hitting) loads; both single-kernel alternatives were slower: recomputing
+``pre`` at the ``W`` tokens ``t + s`` (``W^2`` loads, which spill registers at ``64 x 128`` tiles) and
+shifting ``dpre`` inside a tile with ``tl.gather``. Offsets inside a tile are int32, relative to an int64 base
+pointer per tile.
 """
 
 from __future__ import annotations
@@ -36,8 +34,21 @@ from ._triton_utils import interpreting
 
 
 @triton.jit
-def _seq_info(seq_idx_ptr, cu_ptr, t, valid, seqlen, VARLEN: tl.constexpr):
-    """``(seq, pos, end)`` of tokens ``t`` (int64 ``[BLOCK_T]``)."""
+def _channels(dim, EVEN_D: tl.constexpr, BLOCK_D: tl.constexpr):
+    """``(d, d_ok)``: this program's channels ``[BLOCK_D]`` and which of them are ``< dim``."""
+    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    if EVEN_D:
+        d_ok = tl.full([BLOCK_D], True, tl.int1)
+    else:
+        d_ok = d < dim
+    return d, d_ok
+
+
+@triton.jit
+def _tokens(seq_idx_ptr, cu_ptr, t0, rows, total, seqlen, VARLEN: tl.constexpr):
+    """``(t, valid, seq, pos, end)`` of the tokens ``t = t0 + rows`` (int64 ``[BLOCK_T]``), ``valid = t < total``."""
+    t = t0 + rows
+    valid = t < total
     if VARLEN:
         seq = tl.load(seq_idx_ptr + t, mask=valid, other=0).to(tl.int64)
         start = tl.load(cu_ptr + seq, mask=valid, other=0).to(tl.int64)
@@ -46,7 +57,7 @@ def _seq_info(seq_idx_ptr, cu_ptr, t, valid, seqlen, VARLEN: tl.constexpr):
         seq = t // seqlen
         start = seq * seqlen
         end = start + seqlen
-    return seq, t - start, end
+    return t, valid, seq, t - start, end
 
 
 @triton.jit
@@ -68,6 +79,21 @@ def _tap(x_base, cache_ptr, rows, d, d_ok, seq, pos, valid, dim,
 
 
 @triton.jit
+def _pre_activation(x_base, weight_ptr, bias_ptr, cache_ptr, rows, d, d_ok, seq, pos, valid, dim,
+                    WIDTH: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_CACHE: tl.constexpr,
+                    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    """``pre = sum_k weight[k] * tap(W-1-k) + bias``, fp32 ``[BLOCK_T, BLOCK_D]``."""
+    pre = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
+    for k in tl.static_range(WIDTH):
+        w_k = tl.load(weight_ptr + d * WIDTH + k, mask=d_ok, other=0.0).to(tl.float32)
+        pre += w_k[None, :] * _tap(x_base, cache_ptr, rows, d, d_ok, seq, pos, valid, dim, WIDTH - 1 - k,
+                                   WIDTH, HAS_CACHE)
+    if HAS_BIAS:
+        pre += tl.load(bias_ptr + d, mask=d_ok, other=0.0).to(tl.float32)[None, :]
+    return pre
+
+
+@triton.jit
 def _conv_fwd_kernel(
     x_ptr, weight_ptr, bias_ptr, cache_ptr, seq_idx_ptr, cu_ptr, y_ptr,
     total, dim, seqlen,
@@ -76,22 +102,10 @@ def _conv_fwd_kernel(
 ):
     t0 = tl.program_id(0).to(tl.int64) * BLOCK_T
     rows = tl.arange(0, BLOCK_T)
-    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    if EVEN_D:
-        d_ok = tl.full([BLOCK_D], True, tl.int1)
-    else:
-        d_ok = d < dim
-    t = t0 + rows
-    valid = t < total
-    seq, pos, end = _seq_info(seq_idx_ptr, cu_ptr, t, valid, seqlen, VARLEN)
-    x_base = x_ptr + t0 * dim
-    pre = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
-    for k in tl.static_range(WIDTH):
-        w_k = tl.load(weight_ptr + d * WIDTH + k, mask=d_ok, other=0.0).to(tl.float32)
-        pre += w_k[None, :] * _tap(x_base, cache_ptr, rows, d, d_ok, seq, pos, valid, dim, WIDTH - 1 - k,
-                                   WIDTH, HAS_CACHE)
-    if HAS_BIAS:
-        pre += tl.load(bias_ptr + d, mask=d_ok, other=0.0).to(tl.float32)[None, :]
+    d, d_ok = _channels(dim, EVEN_D, BLOCK_D)
+    t, valid, seq, pos, end = _tokens(seq_idx_ptr, cu_ptr, t0, rows, total, seqlen, VARLEN)
+    pre = _pre_activation(x_ptr + t0 * dim, weight_ptr, bias_ptr, cache_ptr, rows, d, d_ok, seq, pos, valid, dim,
+                          WIDTH, HAS_BIAS, HAS_CACHE, BLOCK_T, BLOCK_D)
     if SILU:
         pre = pre * tl.sigmoid(pre)
     offs = (rows * dim)[:, None] + d[None, :]
@@ -112,29 +126,18 @@ def _conv_bwd_dpre_kernel(
     interpreter)."""
     pid_t = tl.program_id(0)
     rows = tl.arange(0, BLOCK_T)
-    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    if EVEN_D:
-        d_ok = tl.full([BLOCK_D], True, tl.int1)
-    else:
-        d_ok = d < dim
+    d, d_ok = _channels(dim, EVEN_D, BLOCK_D)
     taps = tl.arange(0, W_POW2)
     dweight = tl.zeros([W_POW2, BLOCK_D], dtype=tl.float32)
     dbias = tl.zeros([BLOCK_D], dtype=tl.float32)
     for i in range(N_SUB):
         t0 = (pid_t.to(tl.int64) * N_SUB + i) * BLOCK_T
-        t = t0 + rows
-        valid = t < total
-        seq, pos, end = _seq_info(seq_idx_ptr, cu_ptr, t, valid, seqlen, VARLEN)
+        t, valid, seq, pos, end = _tokens(seq_idx_ptr, cu_ptr, t0, rows, total, seqlen, VARLEN)
         x_base = x_ptr + t0 * dim
         offs = (rows * dim)[:, None] + d[None, :]
         mask = valid[:, None] & d_ok[None, :]
-        pre = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
-        for k in tl.static_range(WIDTH):
-            w_k = tl.load(weight_ptr + d * WIDTH + k, mask=d_ok, other=0.0).to(tl.float32)
-            pre += w_k[None, :] * _tap(x_base, cache_ptr, rows, d, d_ok, seq, pos, valid, dim, WIDTH - 1 - k,
-                                       WIDTH, HAS_CACHE)
-        if HAS_BIAS:
-            pre += tl.load(bias_ptr + d, mask=d_ok, other=0.0).to(tl.float32)[None, :]
+        pre = _pre_activation(x_base, weight_ptr, bias_ptr, cache_ptr, rows, d, d_ok, seq, pos, valid, dim,
+                              WIDTH, HAS_BIAS, HAS_CACHE, BLOCK_T, BLOCK_D)
         dpre = tl.load(dy_ptr + t0 * dim + offs, mask=mask, other=0.0).to(tl.float32)
         if SILU:
             sig = tl.sigmoid(pre)
@@ -168,14 +171,8 @@ def _conv_bwd_dx_kernel(
     """``dx[t] = sum_s weight[W-1-s] * dpre[t+s]`` over the ``t + s`` in ``t``'s sequence."""
     t0 = tl.program_id(0).to(tl.int64) * BLOCK_T
     rows = tl.arange(0, BLOCK_T)
-    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    if EVEN_D:
-        d_ok = tl.full([BLOCK_D], True, tl.int1)
-    else:
-        d_ok = d < dim
-    t = t0 + rows
-    valid = t < total
-    seq, pos, end = _seq_info(seq_idx_ptr, cu_ptr, t, valid, seqlen, VARLEN)
+    d, d_ok = _channels(dim, EVEN_D, BLOCK_D)
+    t, valid, seq, pos, end = _tokens(seq_idx_ptr, cu_ptr, t0, rows, total, seqlen, VARLEN)
     dx = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
     for s in tl.static_range(WIDTH):
         w_s = tl.load(weight_ptr + d * WIDTH + (WIDTH - 1 - s), mask=d_ok, other=0.0).to(tl.float32)
@@ -188,10 +185,9 @@ def _conv_bwd_dx_kernel(
 
 
 # (BLOCK_T, BLOCK_D, num_warps) of the forward and the backward's dx pass; the dpre pass also has the number
-# of time tiles per program. Picked by a sweep at [8 * 4096, 2048] bf16, W=4 (NVIDIA H200, triton 3.6; see
-# BENCHMARKS.md): BLOCK_D = 8 * 32 * num_warps keeps a tile's rows inside each thread, so the dpre pass's
-# per-tile sums over tokens need no shuffles or cross-warp reductions ([16, 128] tiles
-# made that pass 2.6x slower: 700 vs 267 us).
+# of time tiles per program. Tuned at [8 * 4096, 2048] bf16, W=4: BLOCK_D = 8 * 32 * num_warps keeps a tile's
+# rows inside each thread, so the dpre pass's per-tile sums over tokens need no shuffles or cross-warp
+# reductions.
 FWD_CONFIG = (4, 1024, 4)
 BWD_DPRE_CONFIG = (4, 1024, 4, 8)
 BWD_DX_CONFIG = (16, 128, 4)

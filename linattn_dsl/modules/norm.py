@@ -28,15 +28,8 @@ def _gate_torch(g: torch.Tensor, activation: str) -> torch.Tensor:
 
 
 def _norm_torch(
-    x: torch.Tensor,
-    weight: torch.Tensor | None,
-    eps: float,
-    *,
-    mean: bool = True,
-    residual: torch.Tensor | None = None,
-    gate: torch.Tensor | None = None,
-    activation: str = "swish",
-    group_size: int | None = None,
+    x: torch.Tensor, weight: torch.Tensor | None, eps: float, mean: bool, residual: torch.Tensor | None,
+    gate: torch.Tensor | None, activation: str, group_size: int | None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(normed, x + residual or None)``; ``mean`` picks RMS (mean of squares) vs L2 (sum)."""
     out_dtype = x.dtype
@@ -72,16 +65,12 @@ def _norm(
     activation: str = "swish",
     group_size: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(normed, x + residual or None)``: the Triton kernels on CUDA, :func:`_norm_torch` elsewhere."""
     if use_triton(x):
         from ._norm_kernels import norm_triton
 
-        return norm_triton(
-            x, weight, eps, mean=mean, residual=residual, gate=gate, activation=activation,
-            group_size=group_size,
-        )
-    return _norm_torch(
-        x, weight, eps, mean=mean, residual=residual, gate=gate, activation=activation, group_size=group_size
-    )
+        return norm_triton(x, weight, eps, mean, residual, gate, activation, group_size)
+    return _norm_torch(x, weight, eps, mean, residual, gate, activation, group_size)
 
 
 def _check_like(name: str, t: torch.Tensor, x: torch.Tensor) -> None:

@@ -13,33 +13,21 @@ import sympy as sp
 import torch
 
 from ..compiler import expr as ex
+from ..compiler import lowering
 from ..compiler.spec import Recurrence
-from ..runtime.args import bind
+from ..runtime.args import Bound, Signature
+from ..runtime.args import bind as _bind
+from ..runtime.twin import step
 from . import roles as gates
 
 
-def step(S, q, k, v, g, beta, a, b, kind: str):
-    """One token for every head: ``S [.., K, V]``, ``q, k, a, b, g [.., K]``, ``v [.., V]``, ``beta [..]``."""
-    decayed = torch.exp(g)[..., None] * S if g is not None else S
-    if kind == "none":
-        S = decayed + k[..., :, None] * v[..., None, :]
-    elif kind == "delta":   # S = (I - beta k k^T) D S + beta k v^T = D S + beta k (v - k^T D S)^T
-        correction = v - torch.einsum("...k,...kv->...v", k, decayed)
-        S = decayed + (beta[..., None, None] * k[..., :, None]) * correction[..., None, :]
-    else:                   # general: S = D S + b (a^T S) + k v^T, with a acting on the undecayed S
-        S = decayed + b[..., :, None] * torch.einsum("...k,...kv->...v", a, S)[..., None, :] \
-            + k[..., :, None] * v[..., None, :]
-    return S, torch.einsum("...k,...kv->...v", q, S)
-
-
-def cut_where_forgotten(bound, g: torch.Tensor, dtype) -> torch.Tensor:
+def cut_where_forgotten(spec: Recurrence, bound, g: torch.Tensor, dtype) -> torch.Tensor:
     """The log-decay role ``g`` again, its inputs cut from autograd where it is -inf (the state forgotten).
     There its gradient is 0 (exp(g) g' -> 0), but autograd would form 0 * inf = NaN wherever the expression's
     own derivative is infinite too (Mamba2's A * softplus(dt) at A = -inf: d/d dt = A * sigmoid(dt))."""
     forgotten = torch.isneginf(g.detach())
     if not g.requires_grad or not forgotten.any():
         return g
-    spec = bound.spec
     e = spec.resolve(bound.switches, bound.present).log_decay
     names, fn = gates._compile(e)
     # every input broadcast to the decay's layout, so that each position has its own copy to cut
@@ -47,9 +35,9 @@ def cut_where_forgotten(bound, g: torch.Tensor, dtype) -> torch.Tensor:
     full = []
     for n in names:
         if n == ex.HEAD_INDEX:   # the head index is no input: nothing to cut
-            full.append(gates.evaluate_expr(bound, sp.Symbol(n), shape, dtype))
+            full.append(gates.evaluate_expr(spec, bound, sp.Symbol(n), shape, dtype))
         else:
-            x = gates.evaluate_expr(bound, spec.symbols[n], shape, dtype)
+            x = gates.evaluate_expr(spec, bound, spec.symbols[n], shape, dtype)
             full.append(torch.where(forgotten, x.detach(), x))
     return fn(*full)
 
@@ -71,18 +59,32 @@ def run(spec: Recurrence, *inputs, scale=None, initial_state=None, output_final_
             raise ValueError(f"{k}: not an argument of {spec.name}")
         tensors[k] = keywords.pop(k)
     bound = bind(spec, tensors, switches, scale, initial_state, output_final_state, cu_seqlens)
-    return run_bound(bound, dtype)
+    return run_bound(spec, bound, dtype)
 
 
-def run_bound(bound, dtype=torch.float32):
-    spec = bound.spec
+def signature(spec: Recurrence) -> Signature:
+    """The binder's view of ``spec`` (what a generated module carries as ``SIGNATURE``)."""
+    cache = spec.__dict__.setdefault("_signature", [])
+    if not cache:
+        cache.append(Signature(**lowering.signature_fields(spec)))
+    return cache[0]
+
+
+def bind(spec: Recurrence, tensors: dict, switches: dict | None = None, scale=None, initial_state=None,
+         output_final_state: bool = False, cu_seqlens=None) -> Bound:
+    """Check an op call on ``spec`` as its ops do (``runtime.args.bind``)."""
+    return _bind(signature(spec), tensors, switches, scale, initial_state, output_final_state, cu_seqlens)
+
+
+def run_bound(spec: Recurrence, bound: Bound, dtype=torch.float32):
+    """The oracle on a bound call of ``spec``."""
     if bound.sizes["T"] == 0:   # nothing to step through: the ops' answer (empty o, the initial state)
         from ..runtime import no_tokens
 
         return no_tokens(bound)
-    roles = gates.evaluate(bound, dtype)
+    roles = gates.evaluate(spec, bound, dtype)
     if "log_decay" in roles:
-        roles["log_decay"] = cut_where_forgotten(bound, roles["log_decay"], dtype)
+        roles["log_decay"] = cut_where_forgotten(spec, bound, roles["log_decay"], dtype)
     H, HQ = bound.size("H"), bound.size("HQ")
     B, T, K, V = bound.sizes["B"], bound.sizes["T"], bound.size("K"), bound.size("V")
     q, k = roles["query"], roles["key"]

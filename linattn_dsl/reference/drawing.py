@@ -13,7 +13,6 @@ import torch
 
 from .. import reference
 from ..compiler.spec import Recurrence
-from ..runtime.args import bind
 
 
 @dataclass
@@ -140,8 +139,8 @@ def compare(case: Case, op, *, grads: bool = True, op_dtype: torch.dtype | None 
 
     ref_t, ref_h0 = leafs(torch.float64)
     ref_h0 = None if ref_h0 is None else ref_h0.detach().double().requires_grad_(grads)
-    bound = bind(spec, ref_t, case.switches, case.scale, ref_h0, True, case.cu_seqlens)
-    o_ref, s_ref = reference.run_bound(bound, torch.float64)
+    bound = reference.bind(spec, ref_t, case.switches, case.scale, ref_h0, True, case.cu_seqlens)
+    o_ref, s_ref = reference.run_bound(spec, bound, torch.float64)
 
     op_t, op_h0 = leafs(op_dtype or next(x.dtype for x in case.tensors.values() if x is not None))
     o, s = case.call(op, op_t, op_h0)

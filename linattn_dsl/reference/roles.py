@@ -14,6 +14,7 @@ import torch
 from ..compiler import expr as ex
 from ..compiler.spec import Recurrence
 from ..runtime.args import Bound
+from ..runtime.roles import RoleCode, evaluate_code
 
 ROLE_SHAPES = {  # the full shape of each role, in the spec's head-dim symbols
     "query": ("B", "T", "HQ", "K"), "key": ("B", "T", "HQ", "K"), "value": ("B", "T", "H", "V"),
@@ -37,43 +38,26 @@ def role_shape(spec: Recurrence, role: str, sizes: dict) -> tuple[int, ...]:
     return tuple(sizes[hd.get(s, s)] for s in syms)
 
 
-def evaluate(bound: Bound, dtype: torch.dtype | None = None, exclude: tuple = ()) -> dict[str, torch.Tensor]:
+def evaluate(spec: Recurrence, bound: Bound, dtype: torch.dtype | None = None,
+             exclude: tuple = ()) -> dict[str, torch.Tensor]:
     """Every role of the bound call (but those in ``exclude``) as a tensor of its full shape (see
     ROLE_SHAPES), in ``dtype`` (default: each role's natural promotion of its inputs)."""
-    spec = bound.spec
     roles = spec.resolve(bound.switches, bound.present)
     out = {}
     for role, e in roles.items():
         if role not in exclude:
             syms = DECAY_SHAPES[spec.decay.kind] if role == "log_decay" else ROLE_SHAPES[role]
-            out[role] = evaluate_expr(bound, e, syms, dtype)
+            out[role] = evaluate_expr(spec, bound, e, syms, dtype)
     return out
 
 
-def evaluate_expr(bound: Bound, e: sp.Expr, syms: tuple, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """``e`` on the bound call's tensors, broadcast to the shape of ``syms`` (e.g. ("B", "T", "H"))."""
-    spec = bound.spec
-    target = [spec.head_dims.get(s, s) for s in syms]
-    if isinstance(e, sp.Symbol) and bound.tensors.get(e.name) is not None and spec.dims(e.name) == tuple(target):
-        t = bound.tensors[e.name]   # an input of the role's own shape (most roles): the tensor itself
-        return t if dtype is None else t.to(dtype)
-    layout = spec.layout(e)
-    names, fn = _compile(e)
-    vals = []
-    for n in names:
-        if n == ex.HEAD_INDEX:
-            t = torch.arange(bound.size("H"), device=bound.device, dtype=torch.float64)
-            dims = (spec.head_dims["H"],)
-        else:
-            t, dims = bound.tensors[n], spec.dims(n)
-            if t is None:   # an absent optional input is zero
-                t = torch.zeros([bound.sizes[d] for d in dims], device=bound.device, dtype=torch.float32)
-        if dtype is not None:
-            t = t.to(dtype)
-        vals.append(t.reshape([bound.sizes[d] if d in dims else 1 for d in layout]))
-    full = tuple(bound.sizes[d] for d in target)
-    val = fn(*vals)
-    if not isinstance(val, torch.Tensor):
-        val = torch.tensor(float(val), device=bound.device, dtype=dtype or torch.float32)
-    # the layout is a sub-sequence of the target dims: insert size-1 dims, then broadcast
-    return val.reshape([bound.sizes[d] if d in layout else 1 for d in target]).expand(full)
+def evaluate_expr(spec: Recurrence, bound: Bound, e: sp.Expr, syms: tuple,
+                  dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``e`` on the bound call's tensors, broadcast to the shape of ``syms`` (e.g. ("B", "T", "H")): the
+    expression compiled here from sympy, its inputs lined up and broadcast as the runtime does it."""
+    if isinstance(e, sp.Symbol) and e.name != ex.HEAD_INDEX:
+        code = RoleCode((e.name,), spec.layout(e))
+    else:
+        names, fn = _compile(e)
+        code = RoleCode(tuple(names), spec.layout(e), fn)
+    return evaluate_code(bound, code, syms, dtype)

@@ -1,18 +1,27 @@
-"""What generated op modules call: spec loading, argument binding, backend dispatch."""
+"""What generated op modules call: argument binding, backend dispatch, and the plain data they are made of.
+
+Nothing here imports the compiler or sympy: a generated module carries everything its ops need (its
+``SIGNATURE``, ``ROLES``, ``GATES``, ``VARIANTS`` and kernels), decided at ``linattn regen``."""
 
 from __future__ import annotations
 
+import hashlib
+import importlib
+import importlib.util
 import os
+import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
-from .. import reference
-from .args import MAX_HEAD_DIM, Bound
+from .args import MAX_HEAD_DIM, Bound, Signature
 from .args import bind as _bind
-from ..compiler.registry import load as load_spec
+from .roles import RoleCode, RoleSet
+from .stages import FORMS
 
-__all__ = ["Gate", "Variant", "bind", "dispatch", "load_spec", "no_tokens", "on_triton"]
+__all__ = ["Gate", "Module", "RoleCode", "RoleSet", "Signature", "Variant", "bind", "dispatch", "no_tokens",
+           "on_triton", "warn_if_stale"]
 
 
 @dataclass(frozen=True)
@@ -24,6 +33,10 @@ class Gate:
     inputs: list
     input_layouts: dict       # input -> token_feature | token | head | head_feature
     grads: list               # inputs with a generated derivative
+    fwd: object = None        # the stage's kernels: gate_fwd_<tag>, gate_bwd_<tag> (Triton) and their torch twins
+    bwd: object = None
+    fwd_torch: object = None
+    bwd_torch: object = None
 
 
 @dataclass(frozen=True)
@@ -32,6 +45,46 @@ class Variant:
     gate: Gate
     value_scale: bool = False   # value = x * s(token, head): fused into the stage kernels
     skip_scale: bool = False    # skip = x * d(token, head): fused into the output stage
+
+
+class Module:
+    """A generated module's namespace as the hosts read it (``mod.state_fwd``, ``mod.FORM``): a view of its
+    globals (live: a patched kernel is seen), so a generated module works imported from any folder, registered
+    in ``sys.modules`` or not."""
+
+    def __init__(self, namespace: dict):
+        self._namespace = namespace
+
+    def __getattr__(self, name: str):
+        try:
+            return self._namespace[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+_WARNED: set = set()
+
+
+def warn_if_stale(module: str, sha256: str, source: tuple) -> None:
+    """Called by a generated module on import: where its spec's source is at hand (the shipped spec's module, or
+    the user's spec file at the path it was generated from) and no longer matches what was generated, say so
+    once. The module keeps working from what it embeds."""
+    kind, where = source
+    try:
+        if kind == "module":
+            found = importlib.util.find_spec(where)
+            path = Path(found.origin) if found is not None and found.origin else None
+        else:
+            path = Path(where)
+        if path is None or not path.is_file():
+            return
+        text = path.read_text()
+    except (OSError, ImportError, ValueError):
+        return
+    if hashlib.sha256(text.encode()).hexdigest() != sha256 and module not in _WARNED:
+        _WARNED.add(module)
+        warnings.warn(f"{module}: generated from an earlier version of its spec ({path}); it runs what it was "
+                      "generated from. Run `linattn regen` to bring it up to date.", stacklevel=3)
 
 
 def on_triton(bound: Bound) -> bool:
@@ -90,25 +143,16 @@ def no_tokens(bound: Bound):
     return o, (ht if bound.output_final_state else None)
 
 
-def dispatch(mode: str, bound: Bound, mod):
-    """Run a bound op call on the backend for its device: the generated Triton kernels on CUDA (or on
-    CPU under TRITON_INTERPRET=1), the generated PyTorch twin on CPU. Each form's host module
-    (additive.py, delta.py, general.py) launches its stages. A call without tokens (T = 0) is answered
-    here, before any backend."""
+def dispatch(mode: str, bound: Bound, mod: Module):
+    """Run a bound op call on the backend for its device: the generated Triton kernels on CUDA (or on CPU under
+    TRITON_INTERPRET=1), the generated PyTorch twin on CPU. Each chunk form's host module (additive.py, delta.py,
+    general.py) launches its stages. A call without tokens (T = 0) is answered here, before any backend."""
     if bound.sizes["T"] == 0:
         return no_tokens(bound)
-    form = getattr(mod, "FORM", None)
     variant = mod.VARIANTS[tuple(sorted(bound.switches.items()))]
-    if form == "additive":
-        from . import additive as host
-    elif form == "delta":
-        from . import delta as host
-    elif form == "general":
-        from . import general as host
-    else:
-        return reference.run_bound(bound)
-    if on_triton(bound):
-        return host.run_triton(mod, variant, bound, mode)
-    from . import twin
+    if not on_triton(bound):
+        from . import twin
 
-    return twin.run_torch(mod, variant, bound, mode)
+        return twin.run_torch(mod, variant, bound, mode)
+    host = importlib.import_module(f"{__name__}.{FORMS[mod.FORM].host}")
+    return host.run_triton(mod, variant, bound, mode)

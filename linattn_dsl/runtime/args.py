@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..compiler.spec import BATCH, TIME, Recurrence
+BATCH, TIME = "B", "T"   # the batch and time dims every spec names so
 
 # Head dims the generated kernels tile (one block of the key / value dim per program).
 MAX_HEAD_DIM = 256
@@ -42,12 +42,59 @@ _VIOLATES = {
 }
 
 
+@dataclass(frozen=True)
+class Signature:
+    """What the binder knows of a spec: plain data, decided at ``linattn regen`` and emitted into the generated
+    module (``SIGNATURE``); the oracle builds one from a spec the same way (``compiler.lowering.signature_fields``).
+
+    ``args``: every tensor input's dims, in the op's argument order (required first); ``uses``: per switch
+    setting (sorted items), the inputs the roles read; ``signs``: per switch setting and tuple of present optional
+    inputs, the inputs whose declared sign the roles rely on."""
+
+    name: str
+    args: dict
+    required: tuple
+    switches: dict
+    head_dims: dict
+    query: str
+    value_input: str
+    scale: float | None
+    decay: str
+    form: str
+    uses: dict
+    signs: dict
+
+    @property
+    def inputs(self) -> tuple:
+        return self.required
+
+    @property
+    def optional(self) -> tuple:
+        return tuple(n for n in self.args if n not in self.required)
+
+    def dims(self, name: str) -> tuple:
+        return tuple(self.args[name])
+
+    def variants(self):
+        """Every combination of switch values, as dicts."""
+        return [dict(k) for k in self.uses]
+
+    def key(self, switches: dict) -> tuple:
+        return tuple(sorted(switches.items()))
+
+    def reads(self, switches: dict) -> tuple:
+        return self.uses[self.key(switches)]
+
+    def sign_contracts(self, switches: dict, present: frozenset) -> dict:
+        return self.signs[(self.key(switches), tuple(n for n in self.optional if n in present))]
+
+
 @dataclass
 class Bound:
     """An op call with its arguments checked: tensors by input name (absent optionals are None),
     switch values, sizes of every shape symbol, the resolved scale and the state arguments."""
 
-    spec: Recurrence
+    spec: Signature
     tensors: dict
     switches: dict
     sizes: dict
@@ -81,7 +128,7 @@ def _fmt(shape) -> str:
     return "[" + ", ".join(str(s) for s in shape) + "]"
 
 
-def bind(spec: Recurrence, tensors: dict, switches: dict | None = None, scale: float | None = None,
+def bind(spec: Signature, tensors: dict, switches: dict | None = None, scale: float | None = None,
          initial_state: torch.Tensor | None = None, output_final_state: bool = False,
          cu_seqlens: torch.Tensor | None = None, max_head_dim: int | None = None) -> Bound:
     """Check every argument of an op on ``spec``; return the :class:`Bound` call."""
@@ -179,12 +226,12 @@ def bind(spec: Recurrence, tensors: dict, switches: dict | None = None, scale: f
     return bound
 
 
-def _token_dtype(spec: Recurrence, tensors: dict) -> torch.dtype:
+def _token_dtype(spec: Signature, tensors: dict) -> torch.dtype:
     """The dtype of the per-token inputs (checked to be one by :func:`_check_dtypes`)."""
     return next(tensors[n].dtype for n in spec.args if spec.dims(n)[:2] == (BATCH, TIME) and tensors.get(n) is not None)
 
 
-def _check_dtypes(spec: Recurrence, tensors: dict) -> None:
+def _check_dtypes(spec: Signature, tensors: dict) -> None:
     """One dtype for the per-token inputs; per-head parameters in float32 or that dtype."""
     given = [n for n in spec.args if tensors.get(n) is not None]
     token = [n for n in given if spec.dims(n)[:2] == (BATCH, TIME)]
@@ -201,15 +248,15 @@ def _check_dtypes(spec: Recurrence, tensors: dict) -> None:
                              f"{token[0]}), got {tensors[n].dtype}")
 
 
-def _check_used(spec: Recurrence, tensors: dict, sw: dict) -> None:
+def _check_used(spec: Signature, tensors: dict, sw: dict) -> None:
     """An optional input passed while the roles under the given switches do not read it is an error
     (it would be silently ignored)."""
-    used = spec.uses(sw)
+    used = spec.reads(sw)
     for n in spec.optional:
         if tensors.get(n) is None or n in used:
             continue
         # the nearest switch settings under which the input is read, to say what the caller may have meant
-        alts = [v for v in spec.variants() if n in spec.uses(v)]
+        alts = [v for v in spec.variants() if n in spec.reads(v)]
         if not alts:
             raise ValueError(f"{n}: passed, but {spec.name} reads it under no setting of its switches; pass {n}=None")
         best = min(alts, key=lambda v: sum(v[k] != sw[k] for k in v))

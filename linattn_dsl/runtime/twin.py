@@ -1,7 +1,7 @@
 """The CPU backend: a spec's generated PyTorch twin, launched stage by stage as the Triton host modules launch
 the kernels (additive.py, delta.py, general.py), with an explicit backward per chunk form.
 
-The stages are the torch functions generated from codegen_templates/torch_*.py.j2 (named after the Triton
+The stages are the torch functions generated from compiler/templates/torch_*.py.j2 (named after the Triton
 stages they mirror, with a ``_torch`` suffix); this module chunks the tensors, wires the stages together and
 wraps them as ``torch.autograd.Function``s:
 
@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from ..reference import roles as gates_mod
+from . import roles as roles_mod
 from .args import Bound
 
 BT = 64   # the chunk size: additive.BT, the kernels'
@@ -130,7 +130,7 @@ class _Call:
     def log_decay(self, gate_inputs) -> torch.Tensor:
         """g [B, T, H, W] (W = K vector, 1 scalar): gate_fwd's expression, floored."""
         xs, head = self._gate_args(gate_inputs)
-        g = getattr(self.mod, f"gate_fwd_torch_{self.gate.tag}")(*xs, head)
+        g = self.gate.fwd_torch(*xs, head)
         if self.vector:
             return g.expand(self.B, self.T, self.H, self.K)
         return g.expand(self.B, self.T, self.H)[..., None]
@@ -140,7 +140,7 @@ class _Call:
         xs, head = self._gate_args(gate_inputs)
         if not self.vector:
             dg = dg[..., 0]
-        ds = getattr(self.mod, f"gate_bwd_torch_{self.gate.tag}")(*xs, head, dg)
+        ds = self.gate.bwd_torch(*xs, head, dg)
         return [d.sum_to_size(x.shape).reshape(t.shape).to(t.dtype) for d, x, t in zip(ds, xs, gate_inputs)]
 
     # ---- non-finite inputs ----------------------------------------------------------------------------
@@ -363,48 +363,37 @@ class TwinChunk(torch.autograd.Function):
 
 
 # ---- preparing a bound call ----------------------------------------------------------------------------
-def fused_scale(spec, key: tuple, what: str):
-    """The additive form's fused value or skip scale of a call (sympy, simplified once per switches / optional
-    inputs), shared by both backends."""
-    from ..compiler import lowering
-
-    cache = spec.__dict__.setdefault("_fused_cache", {})
-    if (key, what) not in cache:
-        roles = spec.resolve(dict(key[0]), key[1])
-        cache[(key, what)] = lowering.value_scale(spec, roles.value) if what == "value" else \
-            lowering.skip_scale(spec, roles)
-    return cache[(key, what)]
-
-
 class Prepared:
-    """An op call's tensors as the twin's stages take them ([B, T, ...]): roles evaluated (autograd carries
-    their expressions), the additive form's value and skip scales split off as the kernels fuse them."""
+    """An op call's tensors as the twin's stages take them ([B, T, ...]): roles evaluated from the generated
+    module's role code (autograd carries them), the additive form's value and skip scales split off as the
+    kernels fuse them."""
 
-    def __init__(self, bound: Bound, variant, form: str, dtype: torch.dtype):
-        from ..reference import l2_normalize
-
+    def __init__(self, mod, bound: Bound, variant, form: str, dtype: torch.dtype):
+        rs = roles_mod.role_set(mod, bound)
         spec = bound.spec
-        key = (tuple(sorted(bound.switches.items())), bound.present)
         fuse = form == "additive"
-        scale_expr = fused_scale(spec, key, "value") if fuse and variant.value_scale else None
-        skip_expr = fused_scale(spec, key, "skip") if fuse and variant.skip_scale else None
-        exclude = ("log_decay",) + (("value",) if scale_expr is not None else ()) \
-            + (("skip",) if skip_expr is not None else ())
-        roles = gates_mod.evaluate(bound, exclude=exclude)
+        vs = rs.value_scale if fuse and variant.value_scale else None
+        sk = rs.skip_scale if fuse and variant.skip_scale else None
+        exclude = (("value",) if vs is not None else ()) + (("skip",) if sk is not None else ())
+        # the step form evaluates its roles in the compute dtype (as the oracle does); the chunk stages cast them
+        roles = roles_mod.evaluate(bound, rs, exclude, dtype if form == "recurrent" else None)
         B, T, H = bound.sizes["B"], bound.sizes["T"], bound.size("H")
-        if scale_expr is not None:
+        if vs is not None:
             roles["value"] = bound.tensors[spec.value_input]
         q, k = roles["query"], roles["key"]
-        if spec.resolve(bound.switches).qk_l2norm:
+        if rs.qk_l2norm:
             q, k = l2_normalize(q), l2_normalize(k)
         self.q, self.k, self.v = q, k, roles["value"]
         if form == "additive":
-            self.extras = [None if e is None else gates_mod.evaluate_expr(bound, e, ("B", "T", "H"), dtype)
-                           for e in (scale_expr, skip_expr)]
+            self.extras = [None if c is None else roles_mod.evaluate_code(bound, c, roles_mod.SCALE_SHAPE, dtype)
+                           for c in (vs, sk)]
         elif form == "delta":
             self.extras = [torch.broadcast_to(roles["beta"], (B, T, H))]
-        else:
+        elif form == "general":
             self.extras = [roles["a"], roles["b"]]
+        else:
+            self.extras = []
+        self.roles = roles
         self.skip = roles.get("skip")
         self.h0 = bound.initial_state
         gate = variant.gate
@@ -415,22 +404,77 @@ class Prepared:
                 [bound.sizes[d] for d in spec.dims(n)], device=bound.device, dtype=dtype))
 
 
+def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """x / sqrt(sum x^2 + eps) over the head dim (the kernels' fused norm)."""
+    return x / torch.sqrt((x * x).sum(-1, keepdim=True) + eps)
+
+
+def step(S, q, k, v, g, beta, a, b, kind: str):
+    """One token of every head: ``S [.., K, V]``, ``q, k, a, b, g [.., K]``, ``v [.., V]``, ``beta [..]``;
+    returns the new state and ``o = S^T q``. ``kind``: the transition ('none', 'delta', 'general')."""
+    decayed = torch.exp(g)[..., None] * S if g is not None else S
+    if kind == "none":
+        S = decayed + k[..., :, None] * v[..., None, :]
+    elif kind == "delta":   # S = (I - beta k k^T) D S + beta k v^T = D S + beta k (v - k^T D S)^T
+        correction = v - torch.einsum("...k,...kv->...v", k, decayed)
+        S = decayed + (beta[..., None, None] * k[..., :, None]) * correction[..., None, :]
+    else:                   # general: S = D S + b (a^T S) + k v^T, with a acting on the undecayed S
+        S = decayed + b[..., :, None] * torch.einsum("...k,...kv->...v", a, S)[..., None, :] \
+            + k[..., :, None] * v[..., None, :]
+    return S, torch.einsum("...k,...kv->...v", q, S)
+
+
+TRANSITIONS = {"additive": "none", "delta": "delta", "general": "general"}
+
+
+def recurrent(mod, variant, bound: Bound, dtype: torch.dtype):
+    """``fused_recurrent`` on the CPU: the step form, token by token in ``dtype`` (autograd differentiates it),
+    the log-decay from the gate's torch code (floored as every backend floors it)."""
+    x = Prepared(mod, bound, variant, "recurrent", dtype)
+    c = _Call(mod, variant.gate, bound, dtype)
+    H, HQ, K, V = c.H, c.HQ, c.K, c.V
+    B, T = c.B, c.T
+    q = (x.q.to(dtype) * bound.scale).repeat_interleave(H // HQ, dim=2)   # head h uses group h // (H / HQ)
+    k = x.k.to(dtype).repeat_interleave(H // HQ, dim=2)
+    v = x.v.to(dtype)
+    g = None
+    if bound.spec.decay != "none":
+        g = c.log_decay([t for t in x.gate_inputs]).to(dtype)
+        g = g if c.vector else g.expand(B, T, H, K)
+    roles = {r: x.roles[r].to(dtype) for r in ("beta", "a", "b") if r in x.roles}
+    spans = [(i, 0, T) for i in range(B)] if bound.cu_seqlens is None else \
+        [(0, s, e) for s, e in zip(bound.cu_seqlens.tolist(), bound.cu_seqlens.tolist()[1:])]
+    kind = TRANSITIONS[mod.FORM]
+    outs, finals = [], []
+    for n, (i, start, end) in enumerate(spans):
+        S = bound.initial_state[n].to(dtype) if bound.initial_state is not None else \
+            torch.zeros(H, K, V, dtype=dtype, device=bound.device)
+        for t in range(start, end):
+            at = (lambda r: None if r not in roles else roles[r][i, t])  # noqa: E731
+            S, o_t = step(S, q[i, t], k[i, t], v[i, t], None if g is None else g[i, t], at("beta"), at("a"),
+                          at("b"), kind)
+            outs.append(o_t)
+        finals.append(S)
+    o = torch.stack(outs).reshape(B, T, H, V)
+    if x.skip is not None:
+        o = o + x.skip.to(dtype)
+    return o.to(bound.out_dtype), (torch.stack(finals) if bound.output_final_state else None)
+
+
 def _variant(mod, bound: Bound):
     return mod.VARIANTS[tuple(sorted(bound.switches.items()))]
 
 
 def run_torch(mod, variant, bound: Bound, mode: str):
     """An op call on the generated PyTorch twin (CPU) of the spec's form: the chunk stages with their explicit
-    backward; ``fused_recurrent`` runs the step form (the oracle's recurrence) in the compute dtype."""
-    from ..reference import run_bound
-
+    backward; ``fused_recurrent`` runs the step form in the compute dtype."""
     dtype = compute_dtype(bound)
-    if mode == "fused_recurrent":
-        o, ht = run_bound(bound, dtype)
-        return o, ht
-    x = Prepared(bound, variant, mod.FORM, dtype)
-    c = _Call(mod, variant.gate, bound, dtype)
-    o, ht = TwinChunk.apply(c, mod.FORM, len(x.extras), x.q, x.k, x.v, *x.extras, x.h0, *x.gate_inputs)
+    with torch.autocast(bound.device.type, enabled=False):
+        if mode == "fused_recurrent":
+            return recurrent(mod, variant, bound, dtype)
+        x = Prepared(mod, bound, variant, mod.FORM, dtype)
+        c = _Call(mod, variant.gate, bound, dtype)
+        o, ht = TwinChunk.apply(c, mod.FORM, len(x.extras), x.q, x.k, x.v, *x.extras, x.h0, *x.gate_inputs)
     if x.skip is not None:
         o = o + x.skip
     return o.to(bound.out_dtype), (ht if bound.output_final_state else None)
@@ -458,7 +502,7 @@ def stages(mod, bound: Bound, do: torch.Tensor, dht: torch.Tensor | None = None)
     form = mod.FORM
     dtype = compute_dtype(bound)
     with torch.no_grad():
-        x = Prepared(bound, variant, form, dtype)
+        x = Prepared(mod, bound, variant, form, dtype)
         c = _Call(mod, variant.gate, bound, dtype)
         xc, st = _forward(c, form, x.q, x.k, x.v, x.extras, x.h0, x.gate_inputs)
         gr = _backward(c, form, xc, st, do, dht, True)

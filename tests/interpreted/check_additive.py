@@ -7,6 +7,7 @@ case at these sizes. Exits non-zero listing every case whose relative error exce
 
 import os
 import sys
+from pathlib import Path
 
 assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
 
@@ -17,6 +18,9 @@ from linattn_dsl import ops  # noqa: E402
 from linattn_dsl.compiler import registry  # noqa: E402
 
 from linattn_dsl.reference import drawing as testing  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for _helpers
+from _helpers import draw_case_as, check_expanded_dht, record  # noqa: E402
 
 CASES = [  # (spec, draw_case keywords)
     ("retention", dict(B=1, T=1, heads=1, K=8, V=8)),
@@ -42,46 +46,22 @@ def main() -> int:
         for dtype, tol in ((torch.float32, 1e-4), (torch.float16, 2e-2)):
             if dtype == torch.float16 and kw.get("T", 0) > 70:
                 continue
-            case = testing.draw_case(spec, seed=n, **kw)
-            case.tensors = {k: (v.to(dtype) if v is not None and v.dim() >= 3 else v) for k, v in case.tensors.items()}
+            case = draw_case_as(spec, dtype, seed=n, **kw)
             for mode in ("chunk", "fused_recurrent"):
                 n += 1
                 errs = testing.compare(case, getattr(ops, f"{mode}_{name}"))
-                bad = {k: f"{e:.2e}" for k, e in errs.items() if not e <= tol}
-                worst = max(errs.values())
-                print(f"{mode}_{name:<10} {str(dtype):<14} {kw}  worst {worst:.2e}" + (f"  FAIL {bad}" if bad else ""))
-                if bad:
-                    failures.append((name, mode, kw, bad))
-    # the gate backward's two forms (gate_bwd r1: one program per sequence walks its chunks; r0: three passes
-    # parallel over chunks), whichever the card's size picks for the cases above
-    for walk in ("r1", "r0"):
-        os.environ["LINATTN_LAUNCH"] = f"gate_bwd:{walk}"
-        for name, kw in (("gla", dict(seqlens=[5, 64, 11], heads=2, K=8, V=8)),
-                         ("gla", dict(seqlens=[1090, 70], heads=1, K=8, V=4)),
-                         ("mamba2", dict(seqlens=[30, 1, 50], heads=2, groups=1, K=8, V=8, optional_present=False))):
-            n += 1
-            case = testing.draw_case(registry.load(name), seed=n, **kw)
-            errs = testing.compare(case, getattr(ops, f"chunk_{name}"))
-            bad = {k: f"{e:.2e}" for k, e in errs.items() if not e <= 1e-4}
-            print(f"chunk_{name:<10} gate_bwd:{walk} {kw}  worst {max(errs.values()):.2e}"
-                  + (f"  FAIL {bad}" if bad else ""))
-            if bad:
-                failures.append((name, walk, kw, bad))
-        del os.environ["LINATTN_LAUNCH"]
+                record(failures, f"{mode}_{name:<10} {str(dtype):<14} {kw}", errs, tol, (name, mode, kw))
+    # the gate backward's running sums inside chunks from each chunk's carry, over packed sequences of many chunks
+    for name, kw in (("gla", dict(seqlens=[5, 64, 11], heads=2, K=8, V=8)),
+                     ("gla", dict(seqlens=[1090, 70], heads=1, K=8, V=4)),
+                     ("mamba2", dict(seqlens=[30, 1, 50], heads=2, groups=1, K=8, V=8, optional_present=False))):
+        n += 1
+        case = testing.draw_case(registry.load(name), seed=n, **kw)
+        errs = testing.compare(case, getattr(ops, f"chunk_{name}"))
+        record(failures, f"chunk_{name:<10} {kw}", errs, 1e-4, (name, kw))
     # autograd hands the kernels an expanded (stride-0) gradient of the final state for `s.sum()`
-    spec = registry.load("gla")
-    case = testing.draw_case(spec, B=1, T=40, heads=2, K=16, V=16, seed=7)
-    grads = []
-    for op in (lambda *a, **kw: __import__("linattn_dsl.reference").reference.run(spec, *a, **kw), ops.chunk_gla):
-        leaves = {k_: v_.detach().clone().requires_grad_() for k_, v_ in case.tensors.items()}
-        o, s_ = case.call(op, leaves)
-        (o.sum() + s_.sum()).backward()
-        grads.append([leaves[k_].grad for k_ in sorted(leaves)])
     n += 1
-    err = max(testing.rel_err(a, b) for a, b in zip(grads[1], grads[0]))
-    print(f"chunk_gla with expanded d(final_state): worst {err:.2e}")
-    if not err <= 1e-4:
-        failures.append(("gla", "chunk", "expanded dht", err))
+    check_expanded_dht(failures, "gla", ops.chunk_gla, B=1, T=40, heads=2, K=16, V=16)
     print(f"{n - len(failures)} of {n} cases passed")
     return 1 if failures else 0
 

@@ -20,22 +20,18 @@ import torch  # noqa: E402
 
 from linattn_dsl import ops, reference  # noqa: E402
 
-from linattn_dsl.compiler import codegen, registry  # noqa: E402
+from linattn_dsl.compiler import registry  # noqa: E402
 
 from linattn_dsl.reference import drawing as testing  # noqa: E402
-from linattn_dsl.cli import _import_file  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for _helpers
+from _helpers import G_CONST, G_NONE, draw_case_as, check_expanded_dht, record, regen  # noqa: E402
 
 # one spec per decay kind besides RWKV7's vector decay, with the features the host must handle:
 # gate expressions, value gates, grouped q/k heads, skip terms, scale, q/k L2 norm
 SPECS = {
-    "g_none": 'from linattn_dsl import Recurrence, Transition\n'
-              'spec = Recurrence(name="g_none", inputs=dict(q="B T H K", k="B T H K", v="B T H V", aa="B T H K", '
-              'bq="B T H K"), query="q", key="k", value="v", transition=Transition.general(a="aa", b="bq"))\n',
-    "g_const": 'from linattn_dsl import Decay, Recurrence, Transition\n'
-               'spec = Recurrence(name="g_const", inputs=dict(q="B T HK K", k="B T HK K", v="B T H V", aa="B T H K", '
-               'bq="B T H K", c="H"), optional=dict(D="H"), skip="D * v", query="q", key="k", value="v", '
-               'decay=Decay.constant(log="-softplus(c) - 0.01"), scale=0.3, '
-               'transition=Transition.general(a="aa", b="bq"))\n',
+    "g_none": G_NONE,
+    "g_const": G_CONST,
     "g_scalar": 'from linattn_dsl import Arg, Decay, Recurrence, Transition\n'
                 'spec = Recurrence(name="g_scalar", inputs=dict(q="B T HK K", k="B T HK K", v="B T H V", x="B T H", '
                 'y="B T H", A=Arg("H", sign="nonpositive"), aa="B T H K", bq="B T H K"), query="q", key="k", '
@@ -74,27 +70,23 @@ DTYPES = {"fp32": (torch.float32, 1e-4), "fp16": (torch.float16, 2e-2)}
 # launch switches whose other side the defaults do not take in CASES: general_scores_fwd launched (r1; the default
 # r0 leaves steeper chunks to general_chunk_scores_fwd), the solve inside the chunk scores kernel (r1); chunk
 # mode, on CASES[i] for these i (partial chunks in fp32 and fp16, mild full chunks)
-SWITCHES = [("general_scores_fwd:r1", (1, 6)), ("general_solve_fwd:r1", (12, 13))]
+# launch overrides a tuning run may set (LINATTN_LAUNCH): other key blocks and sub-blocks per program than the table's
+SWITCHES = [("general_chunk_intra_bwd:BK=16;general_intra_bwd:RB=1,BK=16;general_intra_diag_bwd:RB=2", (1, 6)),
+            ("general_solve_fwd:BK=16;general_chunk_scores_fwd:FBK=32", (12, 13))]
 
 
 def _ops(tmp: Path) -> dict:
     """name -> (spec, chunk op, fused_recurrent op)."""
     out = {"rwkv7": (registry.load("rwkv7"), ops.chunk_rwkv7, ops.fused_recurrent_rwkv7)}
     for name, src in SPECS.items():
-        path = tmp / f"{name}.py"
-        path.write_text(src)
-        spec = registry.load(str(path))
-        codegen.regen([spec], tmp / "gen", builtin=False, index=False)
-        mod = _import_file(tmp / "gen" / f"{name}.py")
+        spec, mod = regen(tmp, name, src)
         assert mod.FORM == "general", (name, mod.FORM)
         out[name] = (spec, getattr(mod, f"chunk_{name}"), getattr(mod, f"fused_recurrent_{name}"))
     return out
 
 
 def _draw(spec, kw: dict, dt: str, seed: int):
-    case = testing.draw_case(spec, seed=seed, **kw)
-    case.tensors = {k: (v.to(DTYPES[dt][0]) if v is not None and v.dim() >= 3 else v) for k, v in case.tensors.items()}
-    return case
+    return draw_case_as(spec, DTYPES[dt][0], seed, **kw)
 
 
 def _check(label: str, name: str, spec, case, op, kw: dict, dt: str, grads: bool, failures: list) -> None:
@@ -105,12 +97,7 @@ def _check(label: str, name: str, spec, case, op, kw: dict, dt: str, grads: bool
         # per-head parameters sum terms of both signs over every token: half-precision
         # operands do not bound their relative error; they are checked in fp32
         errs = {k: e for k, e in errs.items() if k[1:] not in spec.args or spec.dims(k[1:])[:2] == ("B", "T")}
-    bad = {k: f"{e:.2e}" for k, e in errs.items() if not e <= tol}
-    worst = max(errs, key=errs.get)
-    print(f"{label:<16} {name:<9} {dt:<5} {kw}  worst {worst} {errs[worst]:.2e}" + (f"  FAIL {bad}" if bad else ""),
-          flush=True)
-    if bad:
-        failures.append((name, label, kw, bad))
+    record(failures, f"{label:<16} {name:<9} {dt:<5} {kw}", errs, tol, (name, label, kw))
 
 
 def main() -> int:
@@ -135,33 +122,20 @@ def main() -> int:
                     _check(launch, name, spec, _draw(spec, kw, dt, seed=100 + i), chunk, kw, dt, True, failures)
             del os.environ["LINATTN_LAUNCH"]
     # autograd hands the kernels an expanded (stride-0) gradient of the final state for `s.sum()`
-    spec = registry.load("rwkv7")
-    case = testing.draw_case(spec, B=1, T=20, heads=1, K=16, V=16, seed=7)
-    grads = []
-    for op in (lambda *a, **kw: reference.run(spec, *a, **kw), ops.chunk_rwkv7):
-        leaves = {k_: v_.detach().clone().requires_grad_() for k_, v_ in case.tensors.items()}
-        o, s_ = case.call(op, leaves)
-        (o.sum() + s_.sum()).backward()
-        grads.append([leaves[k_].grad for k_ in sorted(leaves)])
     n += 1
-    err = max(testing.rel_err(a, b) for a, b in zip(grads[1], grads[0]))
-    print(f"chunk_rwkv7 with expanded d(final_state): worst {err:.2e}")
-    if not err <= 1e-4:
-        failures.append(("rwkv7", "chunk", "expanded dht", err))
-    # under torch.no_grad the forward skips what only the backward reads (Tm; h too when the state pass forms
-    # the output): the output and final state must not change, at the defaults and with the fused forward
+    check_expanded_dht(failures, "rwkv7", ops.chunk_rwkv7, B=1, T=20, heads=1, K=16, V=16)
+    spec = registry.load("rwkv7")
+    # under torch.no_grad the forward skips what only the backward reads (Tm): the output and final state must
+    # not change
     case = testing.draw_case(spec, B=1, T=150, heads=2, K=16, V=8, log_decay_min=-0.5, seed=11)
     o_ref, s_ref = case.call(lambda *a, **kw: reference.run(spec, *a, **kw))
-    for launch in ("", "general_state_fwd:r1,general_solve_fwd:r1,general_scores_fwd:r0"):
-        os.environ["LINATTN_LAUNCH"] = launch
-        with torch.no_grad():
-            o, s_ = case.call(ops.chunk_rwkv7)
-        del os.environ["LINATTN_LAUNCH"]
-        n += 1
-        err = max(testing.rel_err(o, o_ref), testing.rel_err(s_, s_ref))
-        print(f"chunk_rwkv7 under no_grad, LINATTN_LAUNCH={launch!r}: worst {err:.2e}")
-        if not err <= 1e-4:
-            failures.append(("rwkv7", "chunk", f"no_grad {launch}", err))
+    with torch.no_grad():
+        o, s_ = case.call(ops.chunk_rwkv7)
+    n += 1
+    err = max(testing.rel_err(o, o_ref), testing.rel_err(s_, s_ref))
+    print(f"chunk_rwkv7 under no_grad: worst {err:.2e}")
+    if not err <= 1e-4:
+        failures.append(("rwkv7", "chunk", "no_grad", err))
     print(f"{n - len(failures)} of {n} cases passed ({time.time() - t0:.0f} s)")
     return 1 if failures else 0
 

@@ -1,6 +1,5 @@
-"""The planned fix of the decay-input gradients' precision (session 15), checked numerically before any kernel
-changes: the additive (no-transition) chunk form with a vector decay, one head, in fp32, against float64
-autograd through the step-by-step recurrence.
+"""Two ways of forming a decay's gradient in the backward, compared in fp32 against float64 autograd through
+the step-by-step recurrence: the additive chunk form with a vector decay, one head.
 
 The per-step log-decay gradient dg_t (t in chunk c, local cumulative log-decay G, pairs P_ij = q_i k_j E[G_i - G_j]
 (do_i . v_j) per channel, h_c the state entering the chunk, dh_{c+1} the gradient of the state leaving it):
@@ -8,20 +7,17 @@ The per-step log-decay gradient dg_t (t in chunk c, local cumulative log-decay G
     dg_t = sum_{i >= t > j} P_ij + sum_{i >= t} X_i + sum_{j < t} Y_j + Z_c
     X_i = q_i E[G_i] (h_c do_i),  Y_j = k_j E[G_n - G_j] (dh_{c+1} v_j),  Z_c = E[G_n] sum_v h_c dh_{c+1}
 
-* identity (what the kernels do now): dGpos_i = q_i dq_i - k_i dk_i (every intra pair, the diagonal included,
-  in both), reverse running sum over the whole sequence, plus dfinal = sum_v h_T dht;
+* identity: dGpos_i = q_i dq_i - k_i dk_i (every intra pair, the diagonal included, in both), a reverse running
+  sum over the whole sequence, plus dfinal = sum_v h_T dht;
 * direct: the same per position but with strict intra pairs (the diagonal P_ii is in both q dq and k dk and
   cancels exactly only if left out of both), a reverse running sum inside the chunk only, plus the chunk's
-  carry sum_j Y_j + Z_c formed from the states.
+  gate carry sum_j Y_j + Z_c formed from the states.
 
-    python -m benchmarks.gate_direct_form
+The kernels and the PyTorch twin use the direct form (docs/chunk_math.md, "Backward"). Prints, per case, the
+largest error of each form per step and summed over steps and channels (what a per-head decay's gradient is),
+relative to max(|truth|, 1e-2), over 3 seeds:
 
-Session 15's run (max over 3 seeds; relative to max(|truth|, 1e-2)): T=1 without an initial state (true dg = 0):
-identity 9.5e-5 per step (1.5e-4 summed), direct 0; the sum over t and channels (a per-head decay's gradient) at
-T=260, log-decays down to -0.5: identity 1.0e-4, direct 6.6e-6; T=4096, down to -0.01: 2.4e-5 vs 4.0e-7.
-In the kernels (every form): dqk_bwd / general_dqk_bwd form the carry (CARRY), the intra kernels leave the
-diagonal out of dGpos, gate_bwd sums inside chunks (additive.gate_grads' ``carry``). For the general transition
-the next chunk's first-row (a da) term moves into the carry; for the delta rule the values are the corrected ones.
+    python -m benchmarks.experiments.gate_direct_form
 """
 
 import torch

@@ -1,17 +1,17 @@
 #!/usr/bin/env bash
-# Per-kernel profiles of several git revisions in one GPU call: the A/B of a kernel change, each revision's
-# stage kernels timed by `benchmarks.profile_op --brief` on the same card in the same call.
+# Per-kernel profiles of several git revisions on one GPU machine: the A/B of a kernel change, each revision's
+# stage kernels timed by `benchmarks.profile_op --brief` on the same card, one after another.
 #
-# Here (before the call): pack each revision as an importable tree into the carried, ignored .wheels/
-#     bash benchmarks/prof_revs.sh pack main exp/my-change
-# There (inside benchmarks/gpu_run.sh, which sets PYTHONPATH and the FLA wheels up):
-#     run(command="bash benchmarks/gpu_run.sh 'bash benchmarks/prof_revs.sh run rwkv7,kda main exp/my-change . main'",
-#         carry=[".wheels", "third_party"])
+# In a git checkout, pack each revision as an importable tree into the ignored .wheels/ folder:
+#     bash benchmarks/experiments/prof_revs.sh pack main exp/my-change
+# On the GPU machine (a copy of the checkout with .wheels/; benchmarks/gpu_run.sh sets PYTHONPATH and the FLA
+# wheels up):
+#     bash benchmarks/gpu_run.sh 'bash benchmarks/experiments/prof_revs.sh run rwkv7,kda main exp/my-change . main'
 # `run OPS REV...` profiles each op (comma-separated) at T (env, default 16384) for each revision in order;
-# "." is the working tree as carried. Listing the baseline first and last shows the card's drift.
+# "." is the working tree. Listing the baseline first and last shows the card's drift.
 # LINATTN_LAUNCH passes through (launch overrides of a sweep).
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 tree_of() { [ "$1" = "." ] && echo "$PWD" || echo "/tmp/rev_${1//\//_}"; }
 case "${1:-}" in
   pack)

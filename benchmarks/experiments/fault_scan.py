@@ -1,7 +1,7 @@
 """Which stage launch faults under a launch override: each launch name alone with the override, in a fresh
 process (a device fault leaves the CUDA context unusable), one small fwd+bwd, synchronised per launch.
 
-    python -m benchmarks.fault_scan rwkv7 s1
+    python -m benchmarks.experiments.fault_scan rwkv7 s1
 
 Prints one line per launch name the op runs: ``ok``, or the child's return code and the last line of its
 error. A sweep's ``error`` entry (benchmarks/launch_sweep.py) names only the override; this names the launch.
@@ -15,7 +15,7 @@ import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
-from benchmarks.launch_sweep import LAUNCH_NAMES
+from benchmarks.launch_sweep import LAUNCH_NAMES, typed
 
 
 def _child(op: str, T: int) -> int:
@@ -40,8 +40,8 @@ def main(argv=None) -> int:
         return _child(args.op, args.T)
 
     def run(name):
-        env = dict(os.environ, LINATTN_LAUNCH=f"{name}:{args.override}", CUDA_LAUNCH_BLOCKING="1")
-        r = subprocess.run([sys.executable, "-m", "benchmarks.fault_scan", args.op, args.override, "--T",
+        env = dict(os.environ, LINATTN_LAUNCH=typed(name, args.override), CUDA_LAUNCH_BLOCKING="1")
+        r = subprocess.run([sys.executable, "-m", "benchmarks.experiments.fault_scan", args.op, args.override, "--T",
                             str(args.T), "--child"], capture_output=True, text=True, env=env)
         tail = [line for line in r.stderr.strip().splitlines() if line.strip()][-1:] if r.returncode else []
         return name, r.returncode, tail[0][:200] if tail else ""

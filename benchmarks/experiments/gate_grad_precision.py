@@ -2,15 +2,14 @@
 step-by-step oracle (autograd through the recurrence in fp32) on the same case: if the fp32 oracle is close
 and ours is not, the precision is lost in our backward, not in the case's conditioning.
 
-    TRITON_INTERPRET=1 python -m benchmarks.gate_grad_precision            # CPU, the Triton interpreter
-    python -m benchmarks.gate_grad_precision --device cuda                   # the compiled kernels
-    ... --check 1e-4                                                         # exit 1 if ours is worse (CI)
+    TRITON_INTERPRET=1 python -m benchmarks.experiments.gate_grad_precision      # CPU, the Triton interpreter
+    python -m benchmarks.experiments.gate_grad_precision --device cuda             # the compiled kernels
+    ... --check 1e-4                                                               # exit 1 if ours is worse
 
-Cases: the GPU suite's failures of session 15 (tests/test_gpu_general.py's g_const spec with log-decays down
-to -0.5 at T=260; a constant decay -exp(c) at T=1 without an initial state, whose true dc is exactly 0).
-Then the cumulative log-decay's gradient was q dq - k dk (+ the low-rank terms) per position, summed over the
-whole sequence: g_const dc 7.1e-4, n_const 5.3e-4 (interpreter). Since session 16 each chunk's sum over later
-positions is formed from the states (the gate carry): 2.1e-5 and 0.
+Cases: a constant decay through the general transition (``g_const``: log-decays down to -0.5 at T=260, where
+a decay gradient summed over the whole sequence loses precision), and a constant decay -exp(c) at T=1 without
+an initial state, whose true dc is exactly 0. ``tests/test_compiler_general.py`` runs it with ``--check 1e-4``
+under the interpreter.
 """
 
 from __future__ import annotations
@@ -22,11 +21,9 @@ from pathlib import Path
 import torch
 
 from linattn_dsl import reference
-
-from linattn_dsl.compiler import codegen, registry
-
-from linattn_dsl.reference import drawing as testing
 from linattn_dsl.cli import _import_file
+from linattn_dsl.compiler import codegen, registry
+from linattn_dsl.reference import drawing as testing
 
 G_CONST = ('from linattn_dsl import Decay, Recurrence, Transition\n'
            'spec = Recurrence(name="g_const", inputs=dict(q="B T HK K", k="B T HK K", v="B T H V", aa="B T H K", '

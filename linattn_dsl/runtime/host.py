@@ -1,0 +1,348 @@
+"""The host library every chunk form shares: chunk bookkeeping, preparing a call's tensors, and the stages the
+forms have in common (the gate stage forward and backward, the vector decays' scores, the additive output, dq / dk
+of the additive stages). Each form's own module (additive.py, delta.py, general.py) wires them with its own
+stages into its autograd Function. Launch configurations come from tuning.py.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import triton
+
+from . import roles as roles_mod
+from . import tuning
+from .args import Bound
+from .tuning import BC, BT, half_kind, pow2
+
+# scores_diag's fast form: a diagonal sub-block whose decay across it (nats, any channel) is at most this goes
+# through its first row as reference (its right factors up to E[60] ~ 1e26: finite in fp32 products)
+DIAG_SPAN = 60.0
+
+
+def diag_span(half: int) -> float:
+    """The decay across a sub-block (nats) up to which its own pairs go through a reference row, for products
+    whose operands are in the inputs' type: E[8] for fp16 (its range ends near E[11]), DIAG_SPAN otherwise."""
+    return 8.0 if half == 2 else DIAG_SPAN
+
+
+@functools.lru_cache(maxsize=64)
+def _dense_tables(B: int, T: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(cu, chunk_offsets, chunk_indices)`` of ``B`` sequences of ``T`` tokens: pure functions of the shape,
+    kept (read-only: kernels only read them), so repeated calls of one shape (every decoding step) launch
+    none of their ~9 small ops."""
+    n_per = -(-T // BT)
+    cu = torch.arange(0, (B + 1) * T, T, dtype=torch.int64, device=device)
+    offsets = torch.arange(0, (B + 1) * n_per, n_per, dtype=torch.int64, device=device)[: B + 1]
+    seq = torch.arange(B, device=device).repeat_interleave(n_per)
+    within = torch.arange(n_per, device=device).repeat(B)
+    return cu, offsets, torch.stack([seq, within], 1).to(torch.int64).contiguous()
+
+
+class Layout:
+    """Sequence bookkeeping shared by every stage: flattened rows, chunk offsets and indices."""
+
+    def __init__(self, B: int, T: int, cu_seqlens: torch.Tensor | None, device):
+        if cu_seqlens is None:
+            self.cu, self.chunk_offsets, self.chunk_indices = _dense_tables(B, T, torch.device(device))
+            self.N = B
+            self.NT = B * -(-T // BT)
+        else:
+            self.cu = cu_seqlens.to(torch.int64)
+            lens = self.cu[1:] - self.cu[:-1]
+            n_chunks = (lens + BT - 1) // BT
+            self.N = lens.numel()
+            self.chunk_offsets = torch.cat([n_chunks.new_zeros(1), n_chunks.cumsum(0)])
+            self.NT = int(self.chunk_offsets[-1].item())
+            seq = torch.arange(self.N, device=device).repeat_interleave(n_chunks)
+            within = torch.arange(self.NT, device=device) - self.chunk_offsets[seq]
+            self.chunk_indices = torch.stack([seq, within], 1).to(torch.int64).contiguous()
+
+
+def gate_inputs_of(bound: Bound, gate) -> list[torch.Tensor]:
+    """Raw inputs of the log-decay expression, contiguous; absent optionals as zeros."""
+    out = []
+    for n in gate.inputs:
+        t = bound.tensors[n]
+        if t is None:
+            t = torch.zeros([bound.sizes[d] for d in bound.spec.dims(n)], device=bound.device, dtype=torch.float32)
+        out.append(t.contiguous())
+    return out
+
+
+def launch_key(mod, gate, q: torch.Tensor, V: int, L: Layout, H: int, value_scale: bool = False) -> tuning.Key:
+    """The tuning table's key of a call's launches: its form, decay kind, dtype, head dims and sequences x heads."""
+    return tuning.key(mod.FORM, gate.kind == "vector", q.dtype, q.shape[-1], V, L.N * H, q.device, value_scale)
+
+
+def run_gate(mod, gate, inputs, L: Layout, H: int, K: int, rows: int, cumsum: bool) -> torch.Tensor:
+    vector = gate.kind == "vector"
+    shape = (rows, H, K) if vector else (rows, H)
+    G = torch.empty(shape, dtype=torch.float32, device=L.cu.device)
+    o = tuning.launch("gate_fwd", tuning.Key(mod.FORM, vector, 0, K, 0))
+    grid = (triton.cdiv(K, o["BK"]) if vector else 1, L.NT, H)
+    gate.fwd[grid](*inputs, G, L.cu, L.chunk_indices, H, K=K, BT=BT, VECTOR=vector, CUMSUM=cumsum, **o)
+    return G
+
+
+def step_form(mod, gate, L: Layout, scale, store_final, stage: str, kernel, q, k, v, middle: tuple, h0, gate_inputs,
+              value_scale: bool = False, **flags):
+    """A form's step form (fused_recurrent), one program per value block, sequence and head: ``kernel(q, k, v,
+    *middle, g, o, h0, ht, ...)`` with the per-step log-decay g from gate_fwd; ``middle`` the form's own per-token
+    tensors (None: a feature off, its pointer unread). Returns (o, final state)."""
+    rows, HQ, K = q.shape
+    H, V = v.shape[1], v.shape[2]
+    g = run_gate(mod, gate, gate_inputs, L, H, K, rows, cumsum=False)
+    o = torch.empty(rows, H, V, dtype=v.dtype, device=q.device)
+    ht = torch.empty(L.N, H, K, V, dtype=torch.float32, device=q.device) if store_final else None
+    opts = tuning.launch(stage, launch_key(mod, gate, q, V, L, H, value_scale))
+    kernel[(triton.cdiv(V, opts["BV"]), L.N * H)](q, k, v, *(or_dummy(t, g) for t in middle), g, o, h0, ht, L.cu, scale,
+                                                  H, HQ, K=K, V=V, VECTOR=gate.kind == "vector", USE_H0=h0 is not None,
+                                                  STORE_FINAL=store_final, **flags, **opts)
+    return o, ht
+
+
+def vector_scores(mod, q, k, G, A, P, kg, L, scale, H, HQ, K, half, qg=None, ke=None, tk: tuning.Key = None):
+    """A (and, the delta form, P = the keys' own scores, and kg) of a vector decay in two launches:
+    scores_fwd, the sub-blocks below the diagonal as products through reference rows, and scores_diag, the
+    diagonal sub-blocks, one program per sub-block and head (which also writes qg = Q * E[G] for output_fwd and
+    ke = K * E[G] for ut_fwd when given)."""
+    pair = P is not None
+    tk = tk or tuning.key(mod.FORM, True, q.dtype, K, 0)
+    mod.scores_fwd[(BT // BC - 1, L.NT, H)](q, k, G, A, or_dummy(P, A), L.cu, L.chunk_indices, scale, H, HQ, K=K,
+                                            BT=BT, BC=BC, HALF=half, PAIR=pair,
+                                            **tuning.launch("scores_fwd_pair" if pair else "scores_fwd", tk))
+    # one program per diagonal sub-block and head; SPAN: the largest decay across a sub-block (nats, per
+    # channel) taken through its first row (right factors up to E[SPAN] in fp32); steeper blocks go per column
+    mod.scores_diag[(BT // BC, L.NT, H)](q, k, G, A, or_dummy(P, A), or_dummy(kg, A), or_dummy(qg, A), or_dummy(ke, A),
+                                         L.cu, L.chunk_indices, scale, H, HQ, K=K, BT=BT, BC=BC, SPAN=DIAG_SPAN,
+                                         DOT=int(half == 1), PAIR=pair, KG=kg is not None, QG=qg is not None,
+                                         KE=ke is not None,
+                                         **tuning.launch("scores_diag_pair" if pair else "scores_diag", tk))
+
+
+def or_dummy(x, dummy):
+    """A pointer argument that a disabled feature never reads."""
+    return dummy if x is None else x
+
+
+def decays(mod) -> bool:
+    """Whether the spec of a generated module has a decay: without one (the delta rule) G is all zeros and the
+    forward kernels (DECAY=False) neither read it nor form its factors."""
+    return mod.SIGNATURE.decay != "none"
+
+
+def output(mod, gate, q, k, v, vs, sk, G, h, A, L, scale, out_dtype, qg=None):
+    """o of the chunk form; qg (vector decays): scores_diag's Q * E[G], read instead of q and G."""
+    rows, HQ, K = q.shape
+    H, V = v.shape[1], v.shape[2]
+    o = torch.empty(rows, H, V, dtype=out_dtype, device=q.device)
+    opts = tuning.launch("output_fwd", launch_key(mod, gate, q, V, L, H, vs is not None))
+    mod.output_fwd[(triton.cdiv(V, opts["BV"]), L.NT, H)](
+        or_dummy(qg, q), k, v, or_dummy(vs, G), or_dummy(sk, G), G, h, or_dummy(A, G), o, L.cu, L.chunk_indices,
+        scale, H, HQ, K=K, V=V, BT=BT, VECTOR=gate.kind == "vector", HALF=half_kind(q.dtype), VSCALE=vs is not None,
+        SKIP=sk is not None, QG=qg is not None, DECAY=decays(mod), **opts)
+    return o
+
+
+def intra_pairs(mod, q, k, G, dA, dP, dq, dk, dk2, dGpos, L, H, HQ, K, pair: bool, tk: tuning.Key):
+    """The intra-chunk pair terms of dq, dk (and, ``pair``, the delta form's P's) of vector decays, in two
+    launches: dqk_chunk_intra_bwd for the chunks whose decay across the whole chunk is <= DIAG_SPAN, as
+    whole-chunk products, then dqk_intra_bwd for the steeper chunks, sub-block by sub-block."""
+    o = tuning.launch("dqk_chunk_intra_bwd", tk)
+    mod.dqk_chunk_intra_bwd[(triton.cdiv(K, o["BK"]), L.NT, H)](
+        q, k, G, dA, dP, dq, dk, dk2, dGpos, L.cu, L.chunk_indices, H, HQ, K=K, BT=BT, PAIR=pair, CSPAN=DIAG_SPAN,
+        **o)
+    o = tuning.launch("dqk_intra_bwd_pair" if pair else "dqk_intra_bwd", tk)
+    mod.dqk_intra_bwd[(triton.cdiv(K, o["BK"]), L.NT * (BT // BC // o["RB"]), H)](
+        q, k, G, dA, dP, dq, dk, dk2, dGpos, L.cu, L.chunk_indices, H, HQ, K=K, BT=BT, BC=BC, HALF=half_kind(q.dtype),
+        PAIR=pair, CSPAN=DIAG_SPAN, **o)
+
+
+def dqk(mod, gate, q, k, v, vs, G, h, do, dhn, A, L, scale, du=None, dw=None, defer_intra=False, carry=False):
+    """dq, dk (inputs' dtype, groups summed) and dGpos = q dq - k dk (fp32, per value head, [rows, H(, K)];
+    the intra pairs without their diagonal) of the additive form with values ``v`` (times ``vs``), states ``h``
+    and state gradients ``dhn``; with ``du``, also fills ``dw`` = du h^T (the delta form). ``defer_intra``
+    (vector decays, the delta form): (dq, dk, dA) instead, the inter-chunk parts (fp32, per value head) and the
+    intra-chunk scores' gradient, for the delta form's dqk_intra_bwd to finish together with its own
+    intra-chunk part. ``carry``: also (last) each chunk's gate carry formed from the states, gate_grads'
+    ``carry`` (fp32 [chunks, H, K] for vector decays, [chunks, H, key blocks] for scalar ones):
+    sum_j k_j dk_j(state terms) + E[G_n] sum_v h dhn, the sum of dGpos over every later position (the delta
+    form's too: its values v are then the corrected ones, U' = U - W h)."""
+    rows, HQ, K = q.shape
+    H, V = v.shape[1], v.shape[2]
+    vector = gate.kind == "vector"
+    half = half_kind(q.dtype)
+    BV = pow2(V)
+    tk = launch_key(mod, gate, q, V, L, H, vs is not None)
+    o = tuning.launch("dqk_bwd", tk)
+    NK = triton.cdiv(K, o["BK"])
+    carry = torch.empty(L.NT, H, K if vector else NK, dtype=torch.float32, device=q.device) if carry else None
+    if vector:
+        dq = torch.empty(rows, H, K, dtype=torch.float32, device=q.device)
+        dk = torch.empty_like(dq)
+        dA = torch.empty(rows, H, BT, dtype=torch.float32, device=q.device)
+        dGpos = torch.empty(rows, H, K, dtype=torch.float32, device=q.device)
+    else:   # groups are summed in the kernel, in the inputs' dtype
+        dq, dk = torch.empty_like(q), torch.empty_like(k)
+        dA = dq
+        dGpos = torch.empty(rows, H, NK, dtype=torch.float32, device=q.device)
+    mod.dqk_bwd[(NK, L.NT, H if vector else HQ)](
+        q, k, v, or_dummy(vs, G), G, h, do, dhn, dq, dk, dA, dGpos, or_dummy(du, G), or_dummy(dw, G),
+        or_dummy(carry, G), L.cu, L.chunk_indices, scale, H, HQ, K=K, V=V, BT=BT, BV=BV, VECTOR=vector, HALF=half,
+        VSCALE=vs is not None, DELTA=du is not None, NG=1 if vector else H // HQ, CARRY=carry is not None, **o)
+    if vector and defer_intra:
+        return (dq, dk, dA, carry) if carry is not None else (dq, dk, dA)
+    if vector:
+        intra_pairs(mod, q, k, G, dA, dA, dq, dk, dk, dGpos, L, H, HQ, K, False, tk)
+        dq, dk = group_sum(dq, HQ).to(q.dtype), group_sum(dk, HQ).to(k.dtype)
+    else:
+        dGpos = dGpos.sum(-1)
+    return (dq, dk, dGpos, carry) if carry is not None else (dq, dk, dGpos)
+
+
+def group_sum(x: torch.Tensor, HQ: int) -> torch.Tensor:
+    """[rows, H, K] per value head -> [rows, HQ, K]: the value heads of a q/k head summed."""
+    rows, H, K = x.shape
+    return x if H == HQ else x.view(rows, HQ, H // HQ, K).sum(2)
+
+
+def gate_grads(mod, gate, gate_inputs, dGpos, L, K, carry) -> list:
+    """Gradients of the log-decay's raw inputs (gate_bwd: the reverse running sum, then the spec's derivatives)
+    from dGpos (the cumulative log-decay's gradient per position, [rows, H(, K)]) and ``carry`` (dqk's: each
+    chunk's sum over every later position formed from the states, [chunks, H, K] for vector decays, [chunks, H,
+    key blocks] for scalar ones), so the running sums stay inside chunks (a running sum over the whole sequence
+    rounds more as it grows: a per-head decay's gradient 1.0e-4 off vs 6.6e-6 at T=260)."""
+    if not gate.grads:
+        return [None] * len(gate_inputs)
+    vector = gate.kind == "vector"
+    H = dGpos.shape[1]
+    bufs = _grad_buffers(gate, gate_inputs, dGpos)
+    o = tuning.launch("gate_bwd", tuning.Key(mod.FORM, vector, 0, K, 0))
+    gate.bwd[(triton.cdiv(K, o["BK"]) if vector else 1, L.NT, H)](
+        *gate_inputs, *bufs, dGpos.contiguous(), carry if vector else carry.sum(-1).contiguous(), L.cu,
+        L.chunk_indices, H, K=K, BT=BT, VECTOR=vector, **o)
+    return [_reduce_to(bufs[i], gate.input_layouts[n], vector).reshape(gate_inputs[i].shape).to(
+        gate_inputs[i].dtype) for i, n in enumerate(gate.inputs)]
+
+
+def _grad_buffers(gate, gate_inputs, dGpos: torch.Tensor) -> list[torch.Tensor]:
+    """gate_bwd's outputs, one per input at the decay's layout (dGpos's shape): in the input's own dtype where
+    that layout is the input's (gate_bwd's store rounds, as a cast would, and no cast kernel follows), fp32 where
+    the host still sums them down to the input's shape."""
+    vector = gate.kind == "vector"
+    own = "token_feature" if vector else "token"
+    return [torch.empty(dGpos.shape, dtype=x.dtype if gate.input_layouts[n] == own else torch.float32,
+                        device=dGpos.device) for n, x in zip(gate.inputs, gate_inputs)]
+
+
+def _reduce_to(buf: torch.Tensor, layout: str, vector: bool) -> torch.Tensor:
+    """Sum a gradient written at the decay's layout ([rows, H(, K)]) down to an input's layout."""
+    if layout == "token_feature":
+        return buf
+    if layout == "token":
+        return buf.sum(-1) if vector else buf
+    if layout == "head":
+        return buf.sum(0).sum(-1) if vector else buf.sum(0)
+    return buf.sum(0)   # head_feature
+
+
+class Prepared:
+    """An op call's tensors as the stages take them: rows flattened, roles evaluated, dtypes set."""
+
+    def __init__(self, mod, bound: Bound, variant, fuse: bool = True):
+        spec = bound.spec
+        rs = roles_mod.role_set(mod, bound)
+        vs = rs.value_scale if fuse and variant.value_scale else None
+        sk = rs.skip_scale if fuse and variant.skip_scale else None
+        exclude = (("value",) if vs is not None else ()) + (("skip",) if sk is not None else ())
+        roles = roles_mod.evaluate(bound, rs, exclude)
+        B, T = bound.sizes["B"], bound.sizes["T"]
+        H, HQ, K, V = bound.size("H"), bound.size("HQ"), bound.size("K"), bound.size("V")
+        self.vs = None
+        if vs is not None:   # value = x * vs: the kernels scale x as they load it
+            roles["value"] = bound.tensors[spec.value_input]
+            self.vs = roles_mod.evaluate_code(bound, vs, roles_mod.SCALE_SHAPE, torch.float32).reshape(B * T, H)
+            self.vs = self.vs.contiguous()
+        self.sk = None
+        if sk is not None:    # o += x * sk: added by the output stage
+            self.sk = roles_mod.evaluate_code(bound, sk, roles_mod.SCALE_SHAPE, torch.float32).reshape(
+                B * T, H).contiguous()
+        q, k = roles["query"], roles["key"]
+        if rs.qk_l2norm:
+            # the fused norm (one Triton kernel per direction, fp32 inside): x / sqrt(sum x^2 + 1e-6), the
+            # oracle's formula; eager, it was 5 ops per tensor each way, with their outputs kept for the backward
+            from ..modules import l2_norm
+            q, k = l2_norm(q), l2_norm(k)
+        dtype = bound.out_dtype
+        self.q = q.to(dtype).reshape(B * T, HQ, K).contiguous()
+        self.k = k.to(dtype).reshape(B * T, HQ, K).contiguous()
+        self.v = roles["value"].to(dtype).reshape(B * T, H, V).contiguous()
+        self.roles, self.shape = roles, (B, T, H, V)
+        self.L = Layout(B, T, bound.cu_seqlens, self.q.device)
+        self.h0 = bound.initial_state.float().contiguous() if bound.initial_state is not None else None
+        self.gate_inputs = gate_inputs_of(bound, variant.gate)
+
+    def finish(self, bound: Bound, o: torch.Tensor, ht):
+        o = o.reshape(self.shape)
+        if "skip" in self.roles:
+            o = o + self.roles["skip"].to(o.dtype)
+        return o, (ht if bound.output_final_state else None)
+
+
+
+
+@dataclass(frozen=True)
+class Form:
+    """A chunk form's host functions, as ChunkFunction calls them:
+
+    * ``forward(mod, gate, L, scale, store_final, tensors, h0, gate_inputs, for_bwd) -> (o, ht, saved)``;
+    * ``recurrent(mod, gate, L, scale, store_final, tensors, h0, gate_inputs) -> (o, ht)``, the step form;
+    * ``backward(mod, gate, L, scale, tensors, h0, gate_inputs, saved, do, dht, need_gate_grads) -> (grads of
+      tensors, dh0, grads of gate inputs)``, ``saved`` None after the step form (the chunk states recomputed).
+    """
+
+    forward: object
+    recurrent: object
+    backward: object
+
+
+class ChunkFunction(torch.autograd.Function):
+    """(form tensors ..., h0, *gate inputs) -> (o, final state) of one chunk form: its forward (or step form) and
+    its backward, on the rows-flattened tensors."""
+
+    @staticmethod
+    def forward(ctx, form, mod, gate, L, scale, store_final, recurrent, for_bwd, n, *args):
+        tensors, h0, gate_inputs = args[:n], args[n], list(args[n + 1:])
+        if recurrent:
+            o, ht = form.recurrent(mod, gate, L, scale, store_final, tensors, h0, gate_inputs)
+            saved = ()
+        else:
+            o, ht, saved = form.forward(mod, gate, L, scale, store_final, tensors, h0, gate_inputs, for_bwd)
+        ctx.form, ctx.mod, ctx.gate, ctx.L, ctx.scale, ctx.recurrent = form, mod, gate, L, scale, recurrent
+        ctx.n, ctx.n_gate = n, len(gate_inputs)
+        ctx.save_for_backward(*args, *saved)
+        return o, ht
+
+    @staticmethod
+    def backward(ctx, do, dht):
+        t = ctx.saved_tensors
+        n, m = ctx.n, ctx.n_gate
+        tensors, h0, gate_inputs = t[:n], t[n], list(t[n + 1:n + 1 + m])
+        saved = None if ctx.recurrent else t[n + 1 + m:]
+        if dht is not None:   # autograd may hand over an expanded (stride-0) tensor
+            dht = dht.contiguous()
+        grads, dh0, dgate = ctx.form.backward(ctx.mod, ctx.gate, ctx.L, ctx.scale, tensors, h0, gate_inputs, saved,
+                                              do, dht, any(ctx.needs_input_grad[9 + n + 1:]))
+        return (None,) * 9 + (*grads, dh0, *dgate)
+
+
+def run_chunk(form: Form, mod, variant, bound: Bound, mode: str, tensors: tuple, x: Prepared):
+    """A prepared call through ChunkFunction: (o, final state), rows-flattened."""
+    args = (*tensors, x.h0, *x.gate_inputs)
+    # a gradient will be asked for (else a forward may skip what only the backward reads)
+    for_bwd = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args)
+    return ChunkFunction.apply(form, mod, variant.gate, x.L, bound.scale, bound.output_final_state,
+                               mode == "fused_recurrent", for_bwd, len(tensors), *args)
