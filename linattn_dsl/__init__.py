@@ -8,10 +8,16 @@ compiler (or sympy).
 """
 
 __version__ = "0.1.0"
-__all__ = ["Arg", "Decay", "If", "Recurrence", "SpecError", "Transition", "__version__"]
+__all__ = ["Arg", "Decay", "If", "Layer", "NormKey", "Param", "Proj", "Recurrence", "SpecError", "Transition",
+           "__version__"]
+_LAYER = ("Layer", "NormKey", "Param", "Proj")
 
 
 def __getattr__(name: str):
+    if name in _LAYER:
+        from .compiler import layer
+
+        return getattr(layer, name)
     if name in __all__:
         from .compiler import spec
 

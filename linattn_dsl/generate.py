@@ -32,15 +32,17 @@ def check_model_dir(model_dir: str | Path) -> Path:
 
 def load(model_dir: str | Path, device: str | None = None) -> tuple[Any, Any]:
     """(model in eval mode, tokenizer) from a ``save_pretrained`` folder; ``linattn_dsl.models`` is imported
-    first so that ``model_type`` ``linattn_*`` resolves. A file that cannot be read raises
+    first so that ``model_type`` ``linattn_*`` resolves (a model from a spec registers the spec its config
+    records). A file that cannot be read raises
     :class:`~linattn_dsl.train.checkpoint.CheckpointError` naming it."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    import linattn_dsl.models  # noqa: F401  (registers the model types)
+    import linattn_dsl.models
     from linattn_dsl.train import checkpoint
 
     path = check_model_dir(model_dir)
+    linattn_dsl.models.spec_model.register_saved(path)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         model = AutoModelForCausalLM.from_pretrained(path).to(device).eval()

@@ -33,15 +33,15 @@ def test_fp32_vs_oracle(name, mode):
         assert all(e < 1e-4 for e in errs.values()), (kw, errs)
 
 
-# launch choices a sweep may adopt (benchmarks/launch_sweep.py): the diagonal sub-blocks' key blocks and warps
-# (scores_diag_pair: KDA's; scores_diag: GLA's, the additive form's, checked here with it), the whole-chunk
-# backward's blocks or r0 (off: every chunk to dqk_intra_bwd), gate_bwd's three passes, dqk_intra_bwd's four
-# sub-blocks per program; log-decays down to -20 per step send every full sub-block to scores_diag's per-column
-# form (its span > DIAG_SPAN)
+# launch overrides a tuning run may set (LINATTN_LAUNCH, runtime/tuning.py): the diagonal sub-blocks' key blocks and
+# warps (scores_diag_pair: KDA's; scores_diag: GLA's, the additive form's, checked here with it), the whole-chunk
+# backward's blocks, dqk_intra_bwd's sub-blocks per program; log-decays down to -20 per step send every full
+# sub-block to scores_diag's per-column form (its span > DIAG_SPAN)
 @pytest.mark.parametrize("name", ["kda", "gla"])
-@pytest.mark.parametrize("launch", ["scores_diag_pair:k128w4,scores_diag:k32w1,dqk_chunk_intra_bwd:k64w8",
-                                    "scores_diag_pair:k32w1,scores_diag:k128w4,dqk_chunk_intra_bwd:r0,gate_bwd:r0,"
-                                    "dqk_intra_bwd_pair:r4,dqk_intra_bwd:r4"])
+@pytest.mark.parametrize("launch", ["scores_diag_pair:BK=128,num_warps=4;scores_diag:BK=32,num_warps=1;"
+                                    "dqk_chunk_intra_bwd:BK=64,num_warps=8",
+                                    "scores_diag_pair:BK=32,num_warps=1;scores_diag:BK=128,num_warps=4;"
+                                    "dqk_intra_bwd_pair:RB=1;dqk_intra_bwd:RB=2"])
 def test_launch_variants_vs_oracle(name, launch, monkeypatch):
     monkeypatch.setenv("LINATTN_LAUNCH", launch)
     spec = registry.load(name)

@@ -37,6 +37,7 @@ def _from_module(mod, where: str) -> Recurrence:
     if not isinstance(spec, Recurrence):
         raise SpecNotFound(f"{where} defines no `spec = Recurrence(...)`")
     object.__setattr__(spec, "_source_path", mod.__file__)
+    object.__setattr__(spec, "_layer", getattr(mod, "layer", None))   # the file's layer declaration, if any
     return spec
 
 

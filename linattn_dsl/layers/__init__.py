@@ -14,6 +14,7 @@ from .kda import KimiDeltaAttention
 from .mamba2 import Mamba2
 from .retention import MultiScaleRetention
 from .rwkv7 import RWKV7Attention, RWKV7FeedForward
+from .spec_layer import SpecLayer
 
 __all__ = [
     "Attention",
@@ -24,4 +25,5 @@ __all__ = [
     "MultiScaleRetention",
     "RWKV7Attention",
     "RWKV7FeedForward",
+    "SpecLayer",
 ]

@@ -1,7 +1,8 @@
 """Hugging Face models: ``<Family>Config``, ``<Family>Model``, ``<Family>ForCausalLM`` per family.
 
 Importing this package registers every family with ``AutoConfig`` / ``AutoModel`` /
-``AutoModelForCausalLM`` under ``model_type`` ``linattn_<family>``.
+``AutoModelForCausalLM`` under ``model_type`` ``linattn_<family>``; :func:`register_spec` registers a model for
+any spec (:mod:`.spec_model`), :func:`from_pretrained` loads a saved one in a fresh process.
 """
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
@@ -14,6 +15,7 @@ from .kda import KDAConfig, KDAForCausalLM, KDAModel
 from .mamba2 import Mamba2Config, Mamba2ForCausalLM, Mamba2Model
 from .retnet import RetNetConfig, RetNetForCausalLM, RetNetModel
 from .rwkv7 import RWKV7Config, RWKV7ForCausalLM, RWKV7Model
+from .spec_model import SpecConfig, from_pretrained, register_spec
 
 FAMILIES = {
     "retnet": (RetNetConfig, RetNetModel, RetNetForCausalLM),
@@ -53,4 +55,7 @@ __all__ = [
     "RetNetConfig",
     "RetNetForCausalLM",
     "RetNetModel",
+    "SpecConfig",
+    "from_pretrained",
+    "register_spec",
 ]

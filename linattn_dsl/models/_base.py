@@ -132,14 +132,16 @@ class LinAttnBlock(GradientCheckpointingLayer):
     """Pre-norm block: ``h = x + mixer(norm(x))``, ``out = h + mlp(norm(h))``.
 
     ``mixer`` and ``mlp`` both return ``(out, state dict or None)``; the block's state is their union
-    (keys do not collide). ``v_first`` carries RWKV7's first-layer value to later layers.
+    (keys do not collide). ``v_first`` carries RWKV7's first-layer value to later layers. ``mlp=None``: a
+    mixer-only block, ``out = x + mixer(norm(x))``.
     """
 
-    def __init__(self, config: LinAttnConfig, mixer: nn.Module, mlp: nn.Module) -> None:
+    def __init__(self, config: LinAttnConfig, mixer: nn.Module, mlp: nn.Module | None) -> None:
         super().__init__()
         self.attn_norm = RMSNorm(config.hidden_size, eps=config.norm_eps)
         self.mixer = mixer
-        self.mlp_norm = RMSNorm(config.hidden_size, eps=config.norm_eps)
+        if mlp is not None:
+            self.mlp_norm = RMSNorm(config.hidden_size, eps=config.norm_eps)
         self.mlp = mlp
 
     def forward(
@@ -159,6 +161,8 @@ class LinAttnBlock(GradientCheckpointingLayer):
             out, mixer_state, v_first = mixed
         else:
             out, mixer_state = mixed
+        if self.mlp is None:
+            return hidden_states + out, (mixer_state if use_cache else None), v_first
         normed, residual = self.mlp_norm(out, hidden_states, prenorm=True)
         out, mlp_state = self.mlp(normed, attention_mask=attention_mask, cache=cache, use_cache=use_cache)
         if not use_cache:

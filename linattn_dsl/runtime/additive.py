@@ -20,11 +20,7 @@ from .host import BT, gate_grads, or_dummy
 
 def forward_states(mod, gate, q, k, v, vs, gate_inputs, h0, L, scale, store_final):
     """gate_fwd, state_fwd and (vector) scores_fwd + scores_diag: what both the output and the backward need."""
-    rows, HQ, K = q.shape
-    H, V = v.shape[1], v.shape[2]
-    vector = gate.kind == "vector"
-    half = tuning.half_kind(q.dtype)
-    tk = host.launch_key(mod, gate, q, V, L, H, vs is not None)
+    rows, HQ, K, H, V, vector, half, _, tk = host.sizes(mod, gate, q, v, L, vs is not None)
     G = host.run_gate(mod, gate, gate_inputs, L, H, K, rows, cumsum=True)
     h = torch.empty(L.NT, H, K, V, dtype=torch.float32 if half == 0 else q.dtype, device=q.device)
     ht = torch.empty(L.N, H, K, V, dtype=torch.float32, device=q.device) if store_final else None
@@ -64,11 +60,7 @@ def backward(mod, gate, L, scale, tensors, h0, gate_inputs, saved, do, dht, need
         G, h, _, A = forward_states(mod, gate, q, k, v, vs, gate_inputs, h0, L, scale, False)
     else:
         G, h, A = saved
-    rows, HQ, K = q.shape
-    H, V = v.shape[1], v.shape[2]
-    vector = gate.kind == "vector"
-    half = tuning.half_kind(q.dtype)
-    tk = host.launch_key(mod, gate, q, V, L, H, vs is not None)
+    rows, HQ, K, H, V, vector, half, _, tk = host.sizes(mod, gate, q, v, L, vs is not None)
     do = do.contiguous()
     dhn = torch.empty_like(h)
     dh0 = torch.empty(L.N, H, K, V, dtype=torch.float32, device=q.device) if h0 is not None else None

@@ -27,12 +27,7 @@ MAX_K = 256
 
 def forward_states(mod, gate, q, k, v, beta, gate_inputs, h0, L: host.Layout, scale, store_final, want_qg=False):
     """Every forward stage but the output: (G, P, Tm, w, h, vnew, ht, A, qg)."""
-    rows, HQ, K = q.shape
-    H, V = v.shape[1], v.shape[2]
-    vector = gate.kind == "vector"
-    half = tuning.half_kind(q.dtype)
-    dev = q.device
-    tk = host.launch_key(mod, gate, q, V, L, H)
+    rows, HQ, K, H, V, vector, half, dev, tk = host.sizes(mod, gate, q, v, L)
     G = host.run_gate(mod, gate, gate_inputs, L, H, K, rows, cumsum=True)
     store = q.dtype if half else torch.float32
     P = A = None
@@ -85,12 +80,7 @@ def backward(mod, gate, L, scale, tensors, h0, gate_inputs, saved, do, dht, need
         G, P, Tm, w, h, vnew, _, A, _ = forward_states(mod, gate, q, k, v, beta, gate_inputs, h0, L, scale, False)
     else:
         G, P, Tm, w, h, vnew, A = saved
-    rows, HQ, K = q.shape
-    H, V = v.shape[1], v.shape[2]
-    vector = gate.kind == "vector"
-    half = tuning.half_kind(q.dtype)
-    dev = q.device
-    tk = host.launch_key(mod, gate, q, V, L, H)
+    rows, HQ, K, H, V, vector, half, dev, tk = host.sizes(mod, gate, q, v, L)
     do = do.contiguous()
     store = q.dtype if half else torch.float32
     # dvl = A^T dO: the intra-chunk part of dU

@@ -27,12 +27,7 @@ def forward_states(mod, gate, q, k, v, a, b, gate_inputs, h0, L, scale, store_fi
     """Every forward stage but the output: what the output and the backward need. Intermediates that the later
     stages only use as matrix-product operands are kept in the inputs' half type (if any). Without ``for_bwd`` (no
     gradient wanted) what only the backward reads (Tm) is not written."""
-    rows, HQ, K = q.shape
-    H, V = v.shape[1], v.shape[2]
-    vector = gate.kind == "vector"
-    half = tuning.half_kind(q.dtype)
-    dev = q.device
-    tk = host.launch_key(mod, gate, q, V, L, H)
+    rows, HQ, K, H, V, vector, half, dev, tk = host.sizes(mod, gate, q, v, L)
     sd = torch.float32 if half == 0 else q.dtype
     G = host.run_gate(mod, gate, gate_inputs, L, H, K, rows, cumsum=True)
     Aqk, Aqb = (torch.empty(rows, H, BT, dtype=sd, device=dev) for _ in range(2))
@@ -99,12 +94,7 @@ def backward(mod, gate, L, scale, tensors, h0, gate_inputs, saved, do, dht, need
         st, _ = forward_states(mod, gate, q, k, v, a, b, gate_inputs, h0, L, scale, False)
     else:
         st = dict(zip(_SAVED, saved))
-    rows, HQ, K = q.shape
-    H, V = v.shape[1], v.shape[2]
-    vector = gate.kind == "vector"
-    half = tuning.half_kind(q.dtype)
-    dev = q.device
-    tk = host.launch_key(mod, gate, q, V, L, H)
+    rows, HQ, K, H, V, vector, half, dev, tk = host.sizes(mod, gate, q, v, L)
     G, h = st["G"], st["h"]
     do = do.contiguous()
     dhn = torch.empty_like(h)

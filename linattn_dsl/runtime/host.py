@@ -77,6 +77,14 @@ def launch_key(mod, gate, q: torch.Tensor, V: int, L: Layout, H: int, value_scal
     return tuning.key(mod.FORM, gate.kind == "vector", q.dtype, q.shape[-1], V, L.N * H, q.device, value_scale)
 
 
+def sizes(mod, gate, q: torch.Tensor, v: torch.Tensor, L: Layout, value_scale: bool = False) -> tuple:
+    """What every stage of a call reads: (rows, HQ, K, H, V, vector decay, half kind, device, launch key)."""
+    rows, HQ, K = q.shape
+    H, V = v.shape[1], v.shape[2]
+    return (rows, HQ, K, H, V, gate.kind == "vector", half_kind(q.dtype), q.device,
+            launch_key(mod, gate, q, V, L, H, value_scale))
+
+
 def run_gate(mod, gate, inputs, L: Layout, H: int, K: int, rows: int, cumsum: bool) -> torch.Tensor:
     vector = gate.kind == "vector"
     shape = (rows, H, K) if vector else (rows, H)

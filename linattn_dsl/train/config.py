@@ -3,7 +3,8 @@
 Sections and keys (defaults in :data:`SCHEMA`)::
 
     [job]          dump_folder, seed
-    [model]        family = "gla" | "retnet" | ... , then any field of that family's config (hybrids: attn)
+    [model]        family = "gla" | "retnet" | ... , or spec = "path/to/my_spec.py" (a model registered from any
+                   spec: linattn_dsl.models.register_spec), then any field of that config (hybrids: attn)
     [tokenizer]    kind = "byte" | "bpe" | "pretrained", path, vocab_size (bpe)
     [data]         files (text or jsonl), text_field, val_fraction
     [training]     steps, seq_len, batch_size, gradient_accumulation_steps, max_norm, mixed_precision,
@@ -18,8 +19,8 @@ Sections and keys (defaults in :data:`SCHEMA`)::
 Every value is checked (unknown key, wrong type, missing file) before any work starts; the error names
 the dotted key or the path.
 
-Paths (``job.dump_folder``, ``data.files``, ``tokenizer.path``): one written in the config file is relative
-to the config file's folder; one given on the command line (or a default) is relative to the current
+Paths (``job.dump_folder``, ``data.files``, ``tokenizer.path``, ``model.spec``): one written in the config file is
+relative to the config file's folder; one given on the command line (or a default) is relative to the current
 directory, as any command-line path is.
 """
 
@@ -37,6 +38,7 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
 from linattn_dsl.models import FAMILIES, LinAttnConfig
+from linattn_dsl.models import spec_model
 
 
 class ConfigError(ValueError):
@@ -72,7 +74,7 @@ CHOICES = {
 }
 POSITIVE = {("training", k) for k in ("steps", "seq_len", "batch_size", "gradient_accumulation_steps")} | {
     ("optimizer", "lr"), ("tokenizer", "vocab_size"), ("metrics", "log_freq")}
-PATHS = (("job", "dump_folder"), ("data", "files"), ("tokenizer", "path"))
+PATHS = (("job", "dump_folder"), ("data", "files"), ("tokenizer", "path"), ("model", "spec"))
 NON_NEGATIVE = {("training", "eval_interval"), ("training", "eval_batches"), ("lr_scheduler", "warmup_steps"),
                 ("checkpoint", "interval"), ("checkpoint", "keep_latest_k"), ("optimizer", "weight_decay"),
                 ("training", "max_norm"), ("lr_scheduler", "lr_min")}
@@ -84,10 +86,32 @@ def defaults() -> dict[str, dict[str, Any]]:
     return cfg
 
 
-def model_fields(family: str) -> dict[str, str]:
-    """Config fields a user may set for ``family``: name -> type string."""
-    config_class = FAMILIES[family][0]
-    fields: dict[str, str] = {}
+MODEL_KEYS = ("family", "spec")   # which model: not fields of its config
+
+
+def model_classes(model: dict[str, Any]) -> tuple:
+    """(Config, Model, ForCausalLM) of ``cfg["model"]``: its ``spec`` registered (once), else its ``family``."""
+    if model.get("spec") is not None:
+        from linattn_dsl.compiler.registry import SpecNotFound
+        from linattn_dsl.compiler.spec import SpecError
+
+        try:
+            return spec_model.classes(spec_model.register_spec(model["spec"]))
+        except (SpecNotFound, SpecError, ValueError) as e:
+            raise ConfigError(f"model.spec: {e}") from None
+    return FAMILIES[model["family"]]
+
+
+def model_name(model: dict[str, Any]) -> str:
+    """What a checkpoint records as the model's kind: the family, or the registered spec's model_type."""
+    return model_classes(model)[0].model_type if model.get("spec") is not None else model["family"]
+
+
+def model_fields(family_or_model) -> dict[str, str]:
+    """Config fields a user may set for a family (or a ``cfg["model"]`` dict): name -> type string."""
+    config_class = (model_classes(family_or_model)[0] if isinstance(family_or_model, dict)
+                    else FAMILIES[family_or_model][0])
+    fields: dict[str, str] = {"spec_source": "None"} if issubclass(config_class, spec_model.SpecConfig) else {}
     for cls in reversed(config_class.__mro__):
         if issubclass(cls, LinAttnConfig):
             fields.update({k: v for k, v in cls.__dict__.get("__annotations__", {}).items()
@@ -224,19 +248,28 @@ def validate(cfg: dict[str, dict[str, Any]]) -> None:
 
 
 def validate_model(model: dict[str, Any]) -> None:
-    family = model.get("family")
-    if family not in FAMILIES:
-        raise ConfigError(f"model.family: expected one of {sorted(FAMILIES)}, got {family!r}")
-    fields = model_fields(family)
+    spec = model.get("spec")
+    if spec is not None:
+        if not isinstance(spec, str) or not Path(spec).is_file():
+            raise ConfigError(f"model.spec: expected the path of a spec file, got {spec!r}"
+                              + (" (no such file)" if isinstance(spec, str) else ""))
+        family = model_name(model)
+    else:
+        family = model.get("family")
+        if family not in FAMILIES:
+            raise ConfigError(f"model.family: expected one of {sorted(FAMILIES)}, got {family!r}")
+    fields = model_fields(model)
+    fields.pop("spec_source", None)
     for key, value in model.items():
-        if key == "family":
+        if key in MODEL_KEYS:
             continue
         if key not in fields:
-            raise ConfigError(f"model.{key}: unknown key for family {family!r}; expected one of {sorted(fields)}")
+            what = f"family {family!r}" if spec is None else f"the model of spec {spec!r}"
+            raise ConfigError(f"model.{key}: unknown key for {what}; expected one of {sorted(fields)}")
         if not type_ok(value, fields[key]):
             raise ConfigError(f"model.{key}: expected {fields[key]}, got {value!r}")
     try:  # the family's own checks (sizes, heads that must divide, hybrid attn layers...): "field: ..." messages
-        FAMILIES[family][0](**{k: v for k, v in model.items() if k != "family"})
+        model_classes(model)[0](**{k: v for k, v in model.items() if k not in MODEL_KEYS})
     except (ValueError, TypeError) as e:
         field = re.match(r"[a-z_][\w.]*: ", str(e))  # messages start with the field they name
         raise ConfigError(f"model.{e}" if field else f"model: {e}") from None

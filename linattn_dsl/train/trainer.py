@@ -32,10 +32,8 @@ from accelerate import Accelerator
 from accelerate.utils import DDPCommunicationHookType, DistributedDataParallelKwargs, DistributedType, set_seed
 from tqdm.auto import tqdm
 
-from linattn_dsl.models import FAMILIES
-
 from . import checkpoint, data, report
-from .config import ConfigError, model_fields
+from .config import MODEL_KEYS, ConfigError, model_classes, model_fields, model_name
 from .tokenizer import byte_tokenizer, load_pretrained, train_bpe
 
 
@@ -115,8 +113,8 @@ def build_tokenizer(cfg: dict[str, Any], saved: Path, reuse: bool):
 
 def build_model_config(cfg: dict[str, Any], tokenizer):
     """The family's config from ``cfg["model"]``, with the vocabulary and special tokens of ``tokenizer``."""
-    kwargs = {k: v for k, v in cfg["model"].items() if k != "family"}
-    config_class = FAMILIES[cfg["model"]["family"]][0]
+    kwargs = {k: v for k, v in cfg["model"].items() if k not in MODEL_KEYS}
+    config_class = model_classes(cfg["model"])[0]
     vocab = kwargs.setdefault("vocab_size", len(tokenizer))
     if vocab < len(tokenizer):
         raise ConfigError(f"model.vocab_size: {vocab} is smaller than the tokenizer's {len(tokenizer)} tokens")
@@ -127,12 +125,13 @@ def build_model_config(cfg: dict[str, Any], tokenizer):
 
 
 def build_model(cfg: dict[str, Any], tokenizer) -> torch.nn.Module:
-    return FAMILIES[cfg["model"]["family"]][2](build_model_config(cfg, tokenizer))
+    return model_classes(cfg["model"])[2](build_model_config(cfg, tokenizer))
 
 
-def model_settings(family: str, config) -> dict[str, Any]:
-    """What a checkpoint records of its model: the family and every config field a user may set (as JSON)."""
-    settings = {"family": family, **{k: getattr(config, k) for k in model_fields(family)}}
+def model_settings(model: dict[str, Any], config) -> dict[str, Any]:
+    """What a checkpoint records of its model: the family (or the spec's model type; the spec's source is one of
+    its fields) and every config field a user may set (as JSON)."""
+    settings = {"family": model_name(model), **{k: getattr(config, k) for k in model_fields(model)}}
     return json.loads(json.dumps(settings, default=str))
 
 
@@ -228,7 +227,7 @@ def train(cfg: dict[str, Any], resume: bool = False, on_step: Callable[[int, dic
     with accelerator.main_process_first():
         tokenizer = build_tokenizer(cfg, dump / "tokenizer", reuse=resume)
     if model_factory is None:  # a changed model fails here, before the data is read
-        settings = model_settings(cfg["model"]["family"], build_model_config(cfg, tokenizer))
+        settings = model_settings(cfg["model"], build_model_config(cfg, tokenizer))
         if last is not None:
             check_same_model(saved.get("model"), settings, last)
     if main:

@@ -1,0 +1,212 @@
+"""A model from any spec (linattn_dsl.models.register_spec): the layer derived from the spec alone or declared in
+its file, registered with the Auto classes; loss and backward, greedy generation equal to the argmax of the full
+forward, decoding with the cache equal to the full forward, left padding, save / load in a fresh process, training
+through `linattn train --model.spec`, and clear errors for bad declarations."""
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, Phase, given, settings
+from test_random_specs import spec_sources
+from transformers import AutoConfig, AutoModelForCausalLM
+
+import linattn_dsl.models as M
+from linattn_dsl.compiler.spec import SpecError
+from linattn_dsl.models import spec_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+VOCAB = 61
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv(spec_model.CACHE_ENV, str(tmp_path_factory.getbasetemp() / "linattn_cache"))
+
+
+def _write(folder: Path, name: str, source: str) -> Path:
+    path = folder / f"{name}.py"
+    path.write_text(textwrap.dedent(source))
+    return path
+
+
+def _tiny(model_type: str, **kw):
+    cfg = AutoConfig.for_model(model_type, vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_heads=2,
+                               initializer_range=0.3, **kw)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(cfg).eval()
+
+
+def _check_model(model) -> None:
+    """Loss and backward; greedy generate == argmax of the full forward; the cache continues the full forward."""
+    ids = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(1))
+    model.train()
+    loss = model(ids, labels=ids).loss
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
+    model.eval()
+    with torch.no_grad():
+        out = model.generate(ids[:, :6], max_new_tokens=10, do_sample=False)
+        assert torch.equal(model(out).logits[:, 5:-1].argmax(-1), out[:, 6:])
+        full = model(ids).logits
+        step = model(ids[:, :16], use_cache=True)
+        cache, pieces = step.cache, [step.logits]
+        for t in range(16, 24):   # token by token: the fused_recurrent op and the conv / state caches
+            step = model(ids[:, t:t + 1], cache=cache, use_cache=True)
+            cache = step.cache
+            pieces.append(step.logits)
+        torch.testing.assert_close(torch.cat(pieces, 1), full, atol=2e-4, rtol=2e-4)
+
+
+_COUNTER = iter(range(10**6))
+
+
+@settings(max_examples=5, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck),
+          phases=[Phase.explicit, Phase.reuse, Phase.generate])
+@given(spec_sources())
+def test_default_layer_of_drawn_specs(tmp_path_factory, source):
+    name = f"drawn_model_{next(_COUNTER)}"
+    path = _write(tmp_path_factory.mktemp("spec"), name, source.replace('name="drawn"', f'name="{name}"'))
+    model_type = M.register_spec(path)
+    assert model_type == f"linattn_{name}"
+    assert M.register_spec(path) == model_type   # the same source again: the same type
+    _check_model(_tiny(model_type))
+
+
+DECLARED = '''
+    from linattn_dsl import Arg, Decay, Layer, NormKey, Param, Proj, Recurrence, Transition
+
+    spec = Recurrence(
+        name="rwkvish",
+        inputs=dict(r="B T H K", w="B T H K", k="B T H K", v="B T H V", a="B T H K", b="B T H K"),
+        optional=dict(D="H"),
+        query="r", key="k", value="v", skip="D * v",
+        decay=Decay.vector(log="-exp(-0.5) * sigmoid(w)"),
+        transition=Transition.general(a="a", b="b"),
+    )
+    layer = Layer(
+        inputs=dict(r=Proj(conv=True), w=Proj(rank=8, bias=True), k=Proj(conv=True, activation="identity"),
+                    a=NormKey(sign=-1), b=NormKey(sign=1), D=Param(init="ones")),
+        qk_norm=None, output_gate="sigmoid", mlp=False, name="my_rwkvish",
+    )
+'''
+
+
+def test_declared_layer_saves_and_loads_in_a_fresh_process(tmp_path):
+    path = _write(tmp_path, "rwkvish", DECLARED)
+    model_type = M.register_spec(str(path))
+    assert model_type == "linattn_my_rwkvish"
+    model = _tiny(model_type)
+    keys = set(model.state_dict())
+    mixer = "model.layers.0.mixer."
+    assert {mixer + k for k in ("proj.r.weight", "conv.r.weight", "proj.w.down.weight", "proj.w.up.bias",
+                                "proj.kk.weight", "proj.b.weight", "param.D", "g_proj.weight")} <= keys
+    assert not any(".mlp." in k for k in keys)   # mixer-only blocks
+    assert torch.equal(model.model.layers[0].mixer.param["D"], torch.ones(2))
+    _check_model(model)
+    model.save_pretrained(tmp_path / "saved")
+    assert json.loads((tmp_path / "saved" / "config.json").read_text())["spec_source"] == path.read_text()
+    ids = torch.randint(0, VOCAB, (2, 20), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.save((ids, model(ids).logits), tmp_path / "ref.pt")
+    path.unlink()   # the saved folder carries the spec
+    code = textwrap.dedent(f"""
+        import os, torch
+        os.environ["{spec_model.CACHE_ENV}"] = {str(tmp_path / "fresh_cache")!r}
+        import linattn_dsl.models as M
+        model = M.from_pretrained({str(tmp_path / "saved")!r}).eval()
+        ids, ref = torch.load({str(tmp_path / "ref.pt")!r})
+        with torch.no_grad():
+            torch.testing.assert_close(model(ids).logits, ref)
+        print("ok", type(model).__name__)
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "ok MyRwkvishForCausalLM" in r.stdout, r.stdout + r.stderr[-3000:]
+
+
+GDN = '''
+    from linattn_dsl import Arg, Decay, Recurrence, Transition
+    spec = Recurrence(name="plain_gdn", inputs=dict(q="B T H K", k="B T H K", v="B T H V",
+                      g=Arg("B T H", sign="nonpositive"), beta="B T H"),
+                      query="q", key="k", value="v", decay=Decay.scalar(log="g"),
+                      transition=Transition.delta(beta="beta"))
+'''
+
+
+def test_default_derivation_is_role_aware(tmp_path):
+    """A bare non-positive log-decay gets logsigmoid / 16, a bare beta a sigmoid, q / k of the delta rule their L2
+    norm in the layer (the spec has no switch for it)."""
+    from linattn_dsl.compiler import layer, registry
+
+    plan = layer.plan(registry.load(str(_write(tmp_path, "plain_gdn", GDN))))
+    assert plan["inputs"]["g"]["transform"] == "logsigmoid" and plan["inputs"]["g"]["scale"] == 1 / 16
+    assert plan["inputs"]["beta"]["transform"] == "sigmoid"
+    assert plan["inputs"]["q"]["transform"] is None and plan["qk_l2norm"] and (plan["query"], plan["key"]) == ("q", "k")
+    kda = layer.plan(registry.load("kda"))   # a q/k-norm switch: switched on instead
+    assert kda["switches"]["use_qk_l2norm_in_kernel"] and not kda["qk_l2norm"]
+    mamba2 = layer.plan(registry.load("mamba2"))   # A <= 0 per head: -exp of a learned log
+    assert mamba2["inputs"]["A"] == dict(dims=["H"], kind="param", init="log_uniform", transform="-exp")
+
+
+def test_left_padding_matches_one_prompt_at_a_time(tmp_path):
+    model_type = M.register_spec(_write(tmp_path, "plain_gdn", GDN))
+    model = _tiny(model_type)
+    a = torch.randint(0, VOCAB, (1, 9), generator=torch.Generator().manual_seed(3))
+    b = torch.randint(0, VOCAB, (1, 6), generator=torch.Generator().manual_seed(4))
+    batch = torch.cat([a, torch.cat([torch.zeros(1, 3, dtype=torch.long), b], 1)])
+    mask = torch.ones_like(batch)
+    mask[1, :3] = 0
+    with torch.no_grad():   # min_new_tokens: no sequence stops early at the end-of-text token
+        out = model.generate(batch, attention_mask=mask, max_new_tokens=6, min_new_tokens=6, do_sample=False)
+        alone = [model.generate(x, max_new_tokens=6, min_new_tokens=6, do_sample=False) for x in (a, b)]
+    assert torch.equal(out[0, 9:], alone[0][0, 9:]) and torch.equal(out[1, 9:], alone[1][0, 6:])
+
+
+@pytest.mark.parametrize("source,field", [
+    (GDN + "    from linattn_dsl import Layer, Proj\n    layer = Layer(inputs=dict(x=Proj()))\n", "layer.inputs.x"),
+    (GDN + "    from linattn_dsl import Layer, Proj\n    layer = Layer(inputs=dict(g=Proj(transform='cube')))\n",
+     "layer.inputs.g.transform"),
+    (GDN + "    from linattn_dsl import Layer, Param\n    layer = Layer(inputs=dict(q=Param()))\n", "layer.inputs.q"),
+    (GDN + "    from linattn_dsl import Layer, Proj\n    layer = Layer(inputs=dict(q=Proj(activation='gelu')))\n",
+     "layer.inputs.q.activation"),
+    (GDN + "    from linattn_dsl import Layer\n    layer = Layer(output_gate='tanh')\n", "layer.output_gate"),
+])
+def test_bad_declarations_name_the_field(tmp_path, source, field):
+    with pytest.raises(SpecError, match=field.replace(".", r"\.")):
+        M.register_spec(_write(tmp_path, "plain_gdn", source))
+
+
+def test_a_registered_name_with_another_spec_is_refused(tmp_path):
+    M.register_spec(_write(tmp_path, "plain_gdn", GDN))
+    other = tmp_path / "other"
+    other.mkdir()
+    with pytest.raises(ValueError, match="already registered"):
+        M.register_spec(_write(other, "plain_gdn", GDN.replace("beta=\"beta\"", "beta=\"sigmoid(beta)\"")))
+    with pytest.raises(ValueError, match="already registered"):
+        M.register_spec("gla")   # the shipped family keeps its own model
+
+
+def test_train_from_a_spec_file(tmp_path):
+    from linattn_dsl.train import trainer
+    from linattn_dsl.train.config import load_config
+
+    corpus = Path(M.__file__).parents[1] / "data" / "shakespeare.jsonl"
+    text = tmp_path / "hamlet.txt"
+    text.write_text(json.loads(corpus.read_text().splitlines()[0])["text"][:30_000])
+    spec = _write(tmp_path, "plain_gdn", GDN)
+    cfg = load_config(None, [("job.dump_folder", str(tmp_path / "run")), ("data.files", [str(text)]),
+                             ("tokenizer.kind", "byte"), ("model.spec", str(spec)), ("model.hidden_size", 64),
+                             ("model.num_hidden_layers", 2), ("model.num_heads", 2), ("training.seq_len", 64),
+                             ("training.batch_size", 4), ("training.steps", 20), ("optimizer.lr", 3e-3),
+                             ("lr_scheduler.warmup_steps", 2), ("metrics.plot", False), ("training.eval_batches", 2)])
+    result = trainer.train(cfg, progress=False)
+    losses = [result.losses[s] for s in sorted(result.losses)]
+    assert len(losses) == 20 and sum(losses[-4:]) / 4 < sum(losses[:4]) / 4 - 0.5, losses
+    saved = json.loads((result.final_dir / "config.json").read_text())
+    assert saved["model_type"] == "linattn_plain_gdn" and "plain_gdn" in saved["spec_source"]
