@@ -1,4 +1,4 @@
-"""The `linattn` command: list, show, regen, verify, demo, train, generate, eval.
+"""The `linattn` command: list, show, new, regen, verify, demo, train, generate, eval.
 
 Errors the user can act on (a bad argument, config, file or checkpoint: ``ValueError`` / ``OSError``) print
 one ``linattn: error: ...`` line and exit 2. The commands that load models (train, generate, eval, demo)
@@ -132,6 +132,65 @@ def _import_file(path: Path):
     return mod
 
 
+NEW_SPEC = '''"""{name}: a recurrence spec with the layer that feeds it (written by `linattn new`; edit freely).
+
+    S_t = diag(exp(g_t)) S_{{t-1}} + beta_t k_t (v_t - k_t^T diag(exp(g_t)) S_{{t-1}})^T    o_t = S_t^T (scale q_t)
+
+Next: `linattn show {file}`, `linattn verify {file}`, `linattn regen {file} --out gen/` (the ops
+chunk_{name} / fused_recurrent_{name}), and a model: `linattn train --model.spec {file}`, or
+`linattn_dsl.models.register_spec("{file}")` (docs/adding_a_spec.md).
+"""
+from linattn_dsl import Arg, Decay, Layer, Param, Proj, Recurrence, Transition
+
+spec = Recurrence(
+    name="{name}",
+    # every input's shape in symbols: B batch, T time, H value heads, HK q/k heads (they group), K / V head dims
+    inputs=dict(q="B T HK K", k="B T HK K", v="B T H V",
+                a="B T H",                       # the decay's logit, per token and head
+                beta="B T H"),                   # the delta rule's write strength, before its sigmoid
+    optional=dict(dt_bias="H"),                  # None at call time means 0
+    query="q", key="k", value="v",
+    # Decay.none() / .constant(log=...) per head / .scalar(log=...) per token / .vector(log=...) per channel;
+    # the log-decay must be provably <= 0 (sympy checks it)
+    decay=Decay.scalar(log="-softplus(a + dt_bias)"),
+    # Transition.none() (additive), .delta(beta=...), .general(a=..., b=...)
+    transition=Transition.delta(beta="sigmoid(beta)"),
+    qk_l2norm=True,
+)
+
+# How a token-mixing layer feeds the op: every input the declaration leaves out gets the default derived from
+# the spec (linattn_dsl.compiler.layer); delete this block to use the default for all of them.
+layer = Layer(
+    inputs=dict(
+        q=Proj(conv=True),                       # W x, then a short causal conv (config.conv_size) and silu
+        k=Proj(conv=True),
+        v=Proj(conv=True),
+        a=Proj(),                                # a plain projection (rank=16 for a low-rank one, bias=True)
+        beta=Proj(),
+        dt_bias=Param(init="zeros"),             # a learned per-head parameter: zeros, ones, normal, log_uniform
+    ),
+    output_gate="swish",                         # rms_norm(o) * swish(W_g x) per head; "sigmoid"; None
+    mlp=True,                                    # a SwiGLU MLP after the mixer in every block; False: mixer only
+    name="{name}",                               # the model type: linattn_{name}
+)
+'''
+
+
+def cmd_new(args) -> int:
+    if not args.name.isidentifier():
+        print(f"linattn new: NAME must be an identifier (the spec's and the model's name), got {args.name!r}",
+              file=sys.stderr)
+        return 2
+    path = Path(args.out or f"{args.name}.py")
+    if path.exists():
+        print(f"linattn new: {path} exists; not overwritten (give --out another path)", file=sys.stderr)
+        return 1
+    path.write_text(NEW_SPEC.format(name=args.name, file=path.as_posix()))
+    print(f"wrote {path}: a Gated-DeltaNet-like spec {args.name!r} with its layer declaration; see its docstring "
+          "for what to run next")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -158,6 +217,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="cpu", help="cpu (the PyTorch twin, or the Triton kernels under "
                    "TRITON_INTERPRET=1) or cuda (the compiled Triton kernels)")
     s.set_defaults(fn=cmd_verify)
+    s = sub.add_parser("new", help="write a commented spec file with a layer declaration to start from")
+    s.add_argument("name", help="the spec's name (an identifier)")
+    s.add_argument("--out", default=None, help="the file to write (default: NAME.py)")
+    s.set_defaults(fn=cmd_new)
     s = sub.add_parser("demo", help="the main job: regenerate, verify, run a tiny model on CPU")
     s.add_argument("--out", default="linattn_demo", help="folder for the demo's artefacts")
     s.add_argument("--quick", action="store_true", help="a shorter run (used by the tests)")

@@ -210,3 +210,15 @@ def test_train_from_a_spec_file(tmp_path):
     assert len(losses) == 20 and sum(losses[-4:]) / 4 < sum(losses[:4]) / 4 - 0.5, losses
     saved = json.loads((result.final_dir / "config.json").read_text())
     assert saved["model_type"] == "linattn_plain_gdn" and "plain_gdn" in saved["spec_source"]
+
+
+def test_linattn_new_writes_a_spec_that_becomes_a_model(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "linattn_dsl.cli", "new", "started", "--out", str(tmp_path / "s.py")],
+                       capture_output=True, text=True)
+    assert r.returncode == 0 and (tmp_path / "s.py").is_file(), r.stderr
+    again = subprocess.run([sys.executable, "-m", "linattn_dsl.cli", "new", "started", "--out",
+                            str(tmp_path / "s.py")], capture_output=True, text=True)
+    assert again.returncode == 1 and "exists" in again.stderr
+    model_type = M.register_spec(tmp_path / "s.py")
+    assert model_type == "linattn_started"
+    _check_model(_tiny(model_type, num_qk_heads=1))
