@@ -355,6 +355,8 @@ def test_shipped_configs_validate():
     # relative to the file, as its comment says: runs/ at the top of the repository, from any directory
     assert Path(tiny_cpu["job"]["dump_folder"]).resolve() == root.parent / "runs" / "tiny_cpu"
     assert Path(tiny_cpu["data"]["files"][0]).resolve() == root.parent / "linattn_dsl" / "data" / "shakespeare.jsonl"
+    samba = load_config(root / "samba_cpu.toml")   # Mamba2 blocks with sliding-window attention between them
+    assert samba["model"]["family"] == "mamba2" and samba["model"]["attn"]["window_size"] == 64
     gpu = load_config(root / "gla_340m_gpu.toml")
     model, training = gpu["model"], gpu["training"]
     assert (model["hidden_size"], model["num_hidden_layers"], training["seq_len"]) == (1024, 24, 2048)
