@@ -34,6 +34,8 @@ TINY = {
     "rwkv7": (M.RWKV7Config, RWKV7_TINY),
     "kda": (M.KDAConfig, dict(num_heads=2, head_dim=16)),
     "delta_net": (M.DeltaNetConfig, dict(num_heads=2)),
+    # declared in its spec file, built by SpecLayer; grouped q/k heads
+    "gated_deltanet": (M.FAMILIES["gated_deltanet"][0], dict(num_heads=2, num_qk_heads=1)),
     # hybrids: softmax attention with grouped KV heads; a sliding window before RWKV7's first layer
     "gla_hybrid": (M.GLAConfig, dict(num_heads=2, use_short_conv=True,
                                      attn={"layers": [1], "num_heads": 4, "num_kv_heads": 2})),

@@ -39,7 +39,7 @@ from .spec import BATCH, TIME, Recurrence, SpecError
 TRANSFORMS = ("sigmoid", "logsigmoid", "softplus", "-softplus", "exp", "-exp", "silu", "relu", "elu+1", "l2norm",
               "tanh")
 ACTIVATIONS = ("silu", "relu", "identity")
-INITS = ("zeros", "ones", "normal", "log_uniform")
+INITS = ("zeros", "ones", "normal", "log_uniform", "a_log", "dt_bias")
 OUTPUT_GATES = ("swish", "sigmoid")
 
 
@@ -61,8 +61,9 @@ class Proj:
 @dataclass(frozen=True)
 class Param:
     """A learned parameter of the input's own shape (per head, per head and channel), initialised by ``init``
-    (zeros, ones, normal(0, 0.02), log_uniform: log U(0.5, 4)) and used through ``transform`` (None, ``exp``,
-    ``-exp``, ``softplus``, ...)."""
+    (zeros, ones, normal(0, 0.02), log_uniform: log U(0.5, 4); Mamba's a_log: log U(1, 16), and dt_bias: the
+    inverse softplus of dt log-uniform in [0.001, 0.1]) and used through ``transform`` (None, ``exp``, ``-exp``,
+    ``softplus``, ...)."""
 
     init: str = "zeros"
     transform: str | None = None

@@ -97,7 +97,9 @@ class SpecLayer(MultiHeadLayer):
         init_values(self)
 
     def special_init(self) -> dict:
-        """The parameters' declared initialisers (zeros are the default): ones, normal(0, 0.02), log U(0.5, 4)."""
+        """The parameters' declared initialisers (zeros are the default): ones, normal(0, 0.02), log U(0.5, 4),
+        Mamba's ``A_log`` (log U(1, 16)) and ``dt_bias`` (softplus^-1 of dt log-uniform in [0.001, 0.1], floored
+        at 1e-4)."""
         out = {}
         for name, src in self.plan["inputs"].items():
             if src["kind"] != "param" or src["init"] == "zeros":
@@ -107,6 +109,12 @@ class SpecLayer(MultiHeadLayer):
                 out[f"param.{name}"] = torch.ones_like(p)
             elif src["init"] == "normal":
                 out[f"param.{name}"] = torch.randn_like(p) * 0.02
+            elif src["init"] == "a_log":
+                out[f"param.{name}"] = torch.empty_like(p).uniform_(1.0, 16.0).log()
+            elif src["init"] == "dt_bias":
+                dt = torch.exp(torch.rand_like(p) * (math.log(0.1) - math.log(0.001)) + math.log(0.001))
+                dt = dt.clamp_min(1e-4)
+                out[f"param.{name}"] = dt + torch.log(-torch.expm1(-dt))
             else:
                 out[f"param.{name}"] = torch.empty_like(p).uniform_(0.5, 4.0).log()
         return out

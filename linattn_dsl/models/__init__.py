@@ -1,7 +1,8 @@
 """Hugging Face models: ``<Family>Config``, ``<Family>Model``, ``<Family>ForCausalLM`` per family.
 
 Importing this package registers every family with ``AutoConfig`` / ``AutoModel`` /
-``AutoModelForCausalLM`` under ``model_type`` ``linattn_<family>``; :func:`register_spec` registers a model for
+``AutoModelForCausalLM`` under ``model_type`` ``linattn_<family>`` (``linattn_gated_deltanet`` through its spec
+file's layer declaration); :func:`register_spec` registers a model for
 any spec (:mod:`.spec_model`), :func:`from_pretrained` loads a saved one in a fresh process.
 """
 
@@ -15,6 +16,7 @@ from .kda import KDAConfig, KDAForCausalLM, KDAModel
 from .mamba2 import Mamba2Config, Mamba2ForCausalLM, Mamba2Model
 from .retnet import RetNetConfig, RetNetForCausalLM, RetNetModel
 from .rwkv7 import RWKV7Config, RWKV7ForCausalLM, RWKV7Model
+from . import spec_model
 from .spec_model import SpecConfig, from_pretrained, register_spec
 
 FAMILIES = {
@@ -30,6 +32,9 @@ for _config, _model, _lm in FAMILIES.values():
     AutoConfig.register(_config.model_type, _config, exist_ok=True)
     AutoModel.register(_config, _model, exist_ok=True)
     AutoModelForCausalLM.register(_config, _lm, exist_ok=True)
+
+# families declared in their spec file (the layer built from its declaration: linattn_dsl.layers.SpecLayer)
+FAMILIES["gated_deltanet"] = spec_model.classes(register_spec("gated_delta_rule"))
 
 __all__ = [
     "FAMILIES",

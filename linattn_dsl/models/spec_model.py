@@ -76,10 +76,22 @@ def _load_spec_module(source: str, name_hint: str):
     return module, sha
 
 
+def _shipped(name: str):
+    """The generated module of a shipped spec (no compiling: ``linattn_dsl.generated`` holds it), or None."""
+    if not isinstance(name, str) or not name.isidentifier():
+        return None
+    if importlib.util.find_spec(f"linattn_dsl.specs.{name}") is None:
+        return None
+    return importlib.import_module(f"linattn_dsl.generated.{name}")
+
+
 def register_spec(spec_or_path) -> str:
     """Register a model for a spec: a spec file's path, a shipped spec's name, or a ``Recurrence`` loaded from a
     file. Returns its ``model_type`` (``linattn_<name>``, the layer declaration's name or the spec's). Registering
     the same source again returns the same type; another spec under a registered name is a ValueError."""
+    shipped = _shipped(spec_or_path)
+    if shipped is not None:   # compiled already, into linattn_dsl/generated/
+        return _register_module(shipped, shipped.SPEC_SOURCE)
     from linattn_dsl.compiler import registry
     from linattn_dsl.compiler.spec import Recurrence
 
@@ -99,7 +111,18 @@ def _register_source(source: str, hint: str) -> str:
     for model_type, (known, _) in REGISTERED.items():
         if known == sha:
             return model_type
+    shipped = _shipped(hint)
+    if shipped is not None and shipped.SPEC_SHA256 == sha:   # a shipped spec's source: its generated module
+        return _register_module(shipped, source)
     module, sha = _load_spec_module(source, hint)
+    return _register_module(module, source)
+
+
+def _register_module(module, source: str) -> str:
+    sha = hashlib.sha256(source.encode()).hexdigest()
+    for model_type, (known, _) in REGISTERED.items():
+        if known == sha:
+            return model_type
     plan = module.LAYER
     model_type = f"linattn_{plan['name']}"
     if model_type in REGISTERED or model_type in _taken():
