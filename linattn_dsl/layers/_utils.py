@@ -90,8 +90,9 @@ def positions_after_cache(position_ids: torch.Tensor | None, x: torch.Tensor, ca
 
 
 class SequenceLayer(nn.Module):
-    """Base of the layers: :meth:`forward` checks the inputs and zeroes the left pads, :meth:`mix` holds the
-    layer's equations."""
+    """Base of the layers: :meth:`forward` checks the inputs and zeroes the left pads, then calls the subclass's
+    ``mix(x, attention_mask, cache, use_cache, **kwargs) -> (out, state or None)``, the layer's equations on checked
+    inputs ``x [B, T, hidden]`` (pads zeroed unless ``zero_pads`` is False)."""
 
     hidden_size: int
     zero_pads: ClassVar[bool] = True  # False: ``mix`` sees the pads as given (Attention masks them as keys)
@@ -110,12 +111,6 @@ class SequenceLayer(nn.Module):
         check_inputs(hidden_states, attention_mask, self.hidden_size)
         x = apply_padding_mask(hidden_states, attention_mask) if self.zero_pads else hidden_states
         return self.mix(x, attention_mask, cache, use_cache, **kwargs)
-
-    def mix(
-        self, x: torch.Tensor, attention_mask: torch.Tensor | None, cache: dict | None, use_cache: bool, **kwargs
-    ) -> tuple:
-        """The layer on checked inputs ``x [B, T, hidden]`` (pads zeroed unless ``zero_pads`` is False)."""
-        raise NotImplementedError
 
 
 class MultiHeadLayer(SequenceLayer):
