@@ -17,7 +17,7 @@ from ..compiler import lowering
 from ..compiler.spec import Recurrence
 from ..runtime.args import Bound, Signature
 from ..runtime.args import bind as _bind
-from ..runtime.twin import step
+from ..runtime.twin import l2_normalize, step
 from . import roles as gates
 
 
@@ -40,10 +40,6 @@ def cut_where_forgotten(spec: Recurrence, bound, g: torch.Tensor, dtype) -> torc
             x = gates.evaluate_expr(spec, bound, spec.symbols[n], shape, dtype)
             full.append(torch.where(forgotten, x.detach(), x))
     return fn(*full)
-
-
-def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    return x / torch.sqrt((x * x).sum(-1, keepdim=True) + eps)
 
 
 def run(spec: Recurrence, *inputs, scale=None, initial_state=None, output_final_state=False,

@@ -14,13 +14,8 @@ import torch
 from ..compiler import expr as ex
 from ..compiler.spec import Recurrence
 from ..runtime.args import Bound
-from ..runtime.roles import RoleCode, evaluate_code
+from ..runtime.roles import ROLE_SHAPES, RoleCode, evaluate_code
 
-ROLE_SHAPES = {  # the full shape of each role, in the spec's head-dim symbols
-    "query": ("B", "T", "HQ", "K"), "key": ("B", "T", "HQ", "K"), "value": ("B", "T", "H", "V"),
-    "beta": ("B", "T", "H"), "a": ("B", "T", "H", "K"), "b": ("B", "T", "H", "K"),
-    "skip": ("B", "T", "H", "V"),
-}
 DECAY_SHAPES = {"constant": ("H",), "scalar": ("B", "T", "H"), "vector": ("B", "T", "H", "K")}
 
 
