@@ -16,7 +16,7 @@ import triton
 
 from . import host, tuning
 from .args import Bound
-from .host import BT, gate_grads, or_dummy
+from .host import BT, gate_grads, launch
 
 def forward_states(mod, gate, q, k, v, vs, gate_inputs, h0, L, scale, store_final):
     """gate_fwd, state_fwd and (vector) scores_fwd + scores_diag: what both the output and the backward need."""
@@ -25,10 +25,10 @@ def forward_states(mod, gate, q, k, v, vs, gate_inputs, h0, L, scale, store_fina
     h = torch.empty(L.NT, H, K, V, dtype=torch.float32 if half == 0 else q.dtype, device=q.device)
     ht = torch.empty(L.N, H, K, V, dtype=torch.float32, device=q.device) if store_final else None
     o = tuning.launch("add_state_fwd", tk)
-    mod.state_fwd[(triton.cdiv(K, o["BK"]), triton.cdiv(V, o["BV"]), L.N * H)](
-        k, v, or_dummy(vs, G), G, h, h0, ht, G, G, L.cu, L.chunk_offsets, H, HQ, K=K, V=V, BT=BT, VECTOR=vector,
-        USE_H0=h0 is not None, STORE_FINAL=store_final, HALF=half, VSCALE=vs is not None, DELTA=False, KG=False,
-        DECAY=host.decays(mod), **o)
+    launch(mod.state_fwd, (triton.cdiv(K, o["BK"]), triton.cdiv(V, o["BV"]), L.N * H), G, k=k, v=v, vs=vs, G=G, h=h,
+           h0=h0, ht=ht, w=None, vnew=None, **L.seqs, H=H, HQ=HQ, K=K, V=V, BT=BT, VECTOR=vector,
+           USE_H0=h0 is not None, STORE_FINAL=store_final, HALF=half, VSCALE=vs is not None, DELTA=False, KG=False,
+           DECAY=host.decays(mod), **o)
     A = None
     if vector:
         # in the inputs' half type when they have one: its readers (output_fwd, dv_bwd) round it to that type for
@@ -49,8 +49,9 @@ def forward(mod, gate, L, scale, store_final, tensors, h0, gate_inputs, for_bwd=
 def recurrent(mod, gate, L, scale, store_final, tensors, h0, gate_inputs):
     """The step form: (o, final state)."""
     q, k, v, vs, sk = tensors
-    return host.step_form(mod, gate, L, scale, store_final, "recurrent_fwd", mod.recurrent_fwd, q, k, v, (vs, sk), h0,
-                          gate_inputs, vs is not None, VSCALE=vs is not None, SKIP=sk is not None)
+    return host.step_form(mod, gate, L, scale, store_final, "recurrent_fwd", mod.recurrent_fwd, q, k, v,
+                          dict(vs=vs, sk=sk), h0, gate_inputs, vs is not None, VSCALE=vs is not None,
+                          SKIP=sk is not None)
 
 
 def backward(mod, gate, L, scale, tensors, h0, gate_inputs, saved, do, dht, need_gate_grads):
@@ -65,17 +66,17 @@ def backward(mod, gate, L, scale, tensors, h0, gate_inputs, saved, do, dht, need
     dhn = torch.empty_like(h)
     dh0 = torch.empty(L.N, H, K, V, dtype=torch.float32, device=q.device) if h0 is not None else None
     o = tuning.launch("add_state_bwd", tk)
-    mod.state_bwd[(triton.cdiv(K, o["BK"]), triton.cdiv(V, o["BV"]), L.N * H)](
-        q, q, q, G, do, do, do, dht, dhn, dh0, L.cu, L.chunk_offsets, scale, H, HQ, K=K, V=V, BT=BT, VECTOR=vector,
-        USE_DHT=dht is not None, STORE_DH0=h0 is not None, HALF=half, DELTA=False, **o)
+    launch(mod.state_bwd, (triton.cdiv(K, o["BK"]), triton.cdiv(V, o["BV"]), L.N * H), G, q=q, k=None, w=None, G=G,
+           do=do, dvl=None, du=None, dht=dht, dhn=dhn, dh0=dh0, **L.seqs, scale=scale, H=H, HQ=HQ, K=K, V=V, BT=BT,
+           VECTOR=vector, USE_DHT=dht is not None, STORE_DH0=h0 is not None, HALF=half, DELTA=False, **o)
     dv = torch.empty_like(v)
     o = tuning.launch("dv_bwd", tk)
     NV = triton.cdiv(V, o["BV"])
     dvs = torch.empty(rows, H, NV, dtype=torch.float32, device=q.device) if vs is not None else None
     dsk = torch.empty(rows, H, NV, dtype=torch.float32, device=q.device) if sk is not None else None
-    mod.dv_bwd[(NV, L.NT, H)](q, k, v, or_dummy(vs, G), or_dummy(dvs, G), or_dummy(sk, G), or_dummy(dsk, G), G,
-                              or_dummy(A, G), do, dhn, dv, L.cu, L.chunk_indices, scale, H, HQ, K=K, V=V, BT=BT,
-                              VECTOR=vector, HALF=half, VSCALE=vs is not None, SKIP=sk is not None, LOCAL=False, **o)
+    launch(mod.dv_bwd, (NV, L.NT, H), G, q=q, k=k, v=v, vs=vs, dvs=dvs, sk=sk, dsk=dsk, G=G, A=A, do=do, dhn=dhn,
+           dv=dv, **L.chunks, scale=scale, H=H, HQ=HQ, K=K, V=V, BT=BT, VECTOR=vector, HALF=half,
+           VSCALE=vs is not None, SKIP=sk is not None, LOCAL=False, **o)
     # with each chunk's gate carry formed from the states (precise; see host.gate_grads)
     carry = need_gate_grads and bool(gate.grads)
     dq, dk, dGpos, *c = host.dqk(mod, gate, q, k, v, vs, G, h, do, dhn, A, L, scale, carry=carry)

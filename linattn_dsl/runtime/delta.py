@@ -20,7 +20,7 @@ import triton
 
 from . import host, tuning
 from .args import Bound
-from .host import BC, BT, gate_grads, group_sum, or_dummy
+from .host import BC, BT, gate_grads, group_sum, launch
 
 MAX_K = 256
 
@@ -49,18 +49,18 @@ def forward_states(mod, gate, q, k, v, beta, gate_inputs, h0, L: host.Layout, sc
     Tm = torch.empty(rows, H, BT, dtype=store if vector else torch.float32, device=dev)
     w = torch.empty(rows, H, K, dtype=store, device=dev)
     u1 = torch.empty(rows, H, V, dtype=store, device=dev)
-    mod.ut_fwd[(L.NT, H)](or_dummy(ke, k), v, beta, G, or_dummy(P, G), Tm, w, u1, L.cu, L.chunk_indices, H, HQ, K=K,
-                          V=V, BT=BT, BC=BC, VECTOR=vector, HALF=half, KE=vector, DECAY=host.decays(mod),
-                          **tuning.launch("ut_fwd", tk))
+    launch(mod.ut_fwd, (L.NT, H), G, k=k if ke is None else ke, v=v, beta=beta, G=G, P=P, Tm=Tm, w=w, u=u1,
+           **L.chunks, H=H, HQ=HQ, K=K, V=V, BT=BT, BC=BC, VECTOR=vector, HALF=half, KE=vector,
+           DECAY=host.decays(mod), **tuning.launch("ut_fwd", tk))
     del ke
     h = torch.empty(L.NT, H, K, V, dtype=store, device=dev)
     ht = torch.empty(L.N, H, K, V, dtype=torch.float32, device=dev) if store_final else None
     vnew = torch.empty_like(u1)
     o = tuning.launch("state_fwd", tk)
-    mod.state_fwd[(1, triton.cdiv(V, o["BV"]), L.N * H)](
-        or_dummy(kg, k), u1, G, G, h, h0, ht, w, vnew, L.cu, L.chunk_offsets, H, HQ, K=K, V=V, BT=BT, VECTOR=vector,
-        USE_H0=h0 is not None, STORE_FINAL=store_final, HALF=half, VSCALE=False, DELTA=True, KG=vector,
-        DECAY=host.decays(mod), **o)
+    launch(mod.state_fwd, (1, triton.cdiv(V, o["BV"]), L.N * H), G, k=k if kg is None else kg, v=u1, vs=None, G=G,
+           h=h, h0=h0, ht=ht, w=w, vnew=vnew, **L.seqs, H=H, HQ=HQ, K=K, V=V, BT=BT, VECTOR=vector,
+           USE_H0=h0 is not None, STORE_FINAL=store_final, HALF=half, VSCALE=False, DELTA=True, KG=vector,
+           DECAY=host.decays(mod), **o)
     return G, P, Tm, w, h, vnew, ht, A, qg
 
 
@@ -86,16 +86,16 @@ def backward(mod, gate, L, scale, tensors, h0, gate_inputs, saved, do, dht, need
     # dvl = A^T dO: the intra-chunk part of dU
     dvl = torch.empty(rows, H, V, dtype=store, device=dev)
     ol = tuning.launch("dv_bwd_local", tk)
-    mod.dv_bwd[(triton.cdiv(V, ol["BV"]), L.NT, H)](q, k, vnew, G, G, G, G, G, or_dummy(A, G), do, G, dvl, L.cu,
-                                                    L.chunk_indices, scale, H, HQ, K=K, V=V, BT=BT, VECTOR=vector,
-                                                    HALF=half, VSCALE=False, SKIP=False, LOCAL=True, **ol)
+    launch(mod.dv_bwd, (triton.cdiv(V, ol["BV"]), L.NT, H), G, q=q, k=k, v=vnew, vs=None, dvs=None, sk=None,
+           dsk=None, G=G, A=A, do=do, dhn=None, dv=dvl, **L.chunks, scale=scale, H=H, HQ=HQ, K=K, V=V, BT=BT,
+           VECTOR=vector, HALF=half, VSCALE=False, SKIP=False, LOCAL=True, **ol)
     dhn = torch.empty_like(h)
     du = torch.empty(rows, H, V, dtype=store, device=dev)
     dh0 = torch.empty(L.N, H, K, V, dtype=torch.float32, device=dev) if h0 is not None else None
     o = tuning.launch("state_bwd", tk)
-    mod.state_bwd[(1, triton.cdiv(V, o["BV"]), L.N * H)](
-        q, k, w, G, do, dvl, du, dht, dhn, dh0, L.cu, L.chunk_offsets, scale, H, HQ, K=K, V=V, BT=BT, VECTOR=vector,
-        USE_DHT=dht is not None, STORE_DH0=h0 is not None, HALF=half, DELTA=True, **o)
+    launch(mod.state_bwd, (1, triton.cdiv(V, o["BV"]), L.N * H), G, q=q, k=k, w=w, G=G, do=do, dvl=dvl, du=du,
+           dht=dht, dhn=dhn, dh0=dh0, **L.seqs, scale=scale, H=H, HQ=HQ, K=K, V=V, BT=BT, VECTOR=vector,
+           USE_DHT=dht is not None, STORE_DH0=h0 is not None, HALF=half, DELTA=True, **o)
     del dvl
     dw = torch.empty(rows, H, K, dtype=store, device=dev)
     # vector decays: dqk leaves the inter-chunk parts of dq, dk and dA; dqk_intra_bwd finishes them below
@@ -109,9 +109,9 @@ def backward(mod, gate, L, scale, tensors, h0, gate_inputs, saved, do, dht, need
     dbeta = torch.empty(rows, H, dtype=torch.float32, device=dev)
     dP = torch.empty(rows, H, BT, dtype=torch.float32, device=dev) if vector else None
     gpos = torch.empty(rows, H, *((K,) if vector else ()), dtype=torch.float32, device=dev)   # dGpos's UT part
-    mod.ut_bwd[(L.NT, H)](k, v, beta, G, or_dummy(P, G), Tm, vnew, du, dw, dk_ut, dk_add if fold else G, dv, dbeta,
-                          or_dummy(dP, G), gpos, L.cu, L.chunk_indices, H, HQ, K=K, V=V, BT=BT, VECTOR=vector,
-                          HALF=half, ADD=fold, **tuning.launch("ut_bwd", tk))
+    launch(mod.ut_bwd, (L.NT, H), G, k=k, v=v, beta=beta, G=G, P=P, Tm=Tm, u=vnew, du=du, dw=dw, dk=dk_ut,
+           dka=dk_add if fold else None, dv=dv, dbeta=dbeta, dP=dP, dGpos=gpos, **L.chunks, H=H, HQ=HQ, K=K, V=V,
+           BT=BT, VECTOR=vector, HALF=half, ADD=fold, **tuning.launch("ut_bwd", tk))
     if vector:   # the intra-chunk parts of A (q, k) and P (k, k) in one pass, every sum done in the kernel
         host.intra_pairs(mod, q, k, G, dA_or_dGpos, dP, dq, dk_add, dk_ut, gpos, L, H, HQ, K, True, tk)
         dq, dk, dGpos = group_sum(dq, HQ).to(q.dtype), group_sum(dk_ut, HQ).to(k.dtype), gpos
@@ -126,7 +126,7 @@ def recurrent(mod, gate, L, scale, store_final, tensors, h0, gate_inputs):
     """The step form: (o, final state)."""
     q, k, v, beta = tensors
     return host.step_form(mod, gate, L, scale, store_final, "recurrent_delta_fwd", mod.recurrent_delta_fwd, q, k, v,
-                          (beta,), h0, gate_inputs)
+                          dict(beta=beta), h0, gate_inputs)
 
 
 def run_triton(mod, variant, bound: Bound, mode: str):

@@ -60,6 +60,16 @@ class Layout:
             within = torch.arange(self.NT, device=device) - self.chunk_offsets[seq]
             self.chunk_indices = torch.stack([seq, within], 1).to(torch.int64).contiguous()
 
+    @property
+    def chunks(self) -> dict:
+        """The offsets a stage with one program per chunk reads: the sequences' and each chunk's (sequence, index)."""
+        return {"cu_seqlens": self.cu, "chunk_indices": self.chunk_indices}
+
+    @property
+    def seqs(self) -> dict:
+        """The offsets a stage with one program per sequence reads (the state stages): the tokens' and chunks'."""
+        return {"cu_seqlens": self.cu, "chunk_offsets": self.chunk_offsets}
+
 
 def gate_inputs_of(bound: Bound, gate) -> list[torch.Tensor]:
     """Raw inputs of the log-decay expression, contiguous; absent optionals as zeros."""
@@ -91,24 +101,30 @@ def run_gate(mod, gate, inputs, L: Layout, H: int, K: int, rows: int, cumsum: bo
     G = torch.empty(shape, dtype=torch.float32, device=L.cu.device)
     o = tuning.launch("gate_fwd", tuning.Key(mod.FORM, vector, 0, K, 0))
     grid = (triton.cdiv(K, o["BK"]) if vector else 1, L.NT, H)
-    gate.fwd[grid](*inputs, G, L.cu, L.chunk_indices, H, K=K, BT=BT, VECTOR=vector, CUMSUM=cumsum, **o)
+    launch(gate.fwd, grid, G, **_named(gate.inputs, inputs), G=G, **L.chunks, H=H, K=K, BT=BT, VECTOR=vector,
+           CUMSUM=cumsum, **o)
     return G
+
+
+def _named(names, tensors) -> dict:
+    """A gate kernel's input pointers by name (its parameters are the spec's input names, ``<name>_ptr``)."""
+    return {f"{n}_ptr": t for n, t in zip(names, tensors)}
 
 
 def step_form(mod, gate, L: Layout, scale, store_final, stage: str, kernel, q, k, v, middle: tuple, h0, gate_inputs,
               value_scale: bool = False, **flags):
     """A form's step form (fused_recurrent), one program per value block, sequence and head: ``kernel(q, k, v,
-    *middle, g, o, h0, ht, ...)`` with the per-step log-decay g from gate_fwd; ``middle`` the form's own per-token
-    tensors (None: a feature off, its pointer unread). Returns (o, final state)."""
+    **middle, g, o, h0, ht, ...)`` with the per-step log-decay g from gate_fwd; ``middle`` the form's own per-token
+    tensors by name (None: a feature off, its pointer unread). Returns (o, final state)."""
     rows, HQ, K = q.shape
     H, V = v.shape[1], v.shape[2]
     g = run_gate(mod, gate, gate_inputs, L, H, K, rows, cumsum=False)
     o = torch.empty(rows, H, V, dtype=v.dtype, device=q.device)
     ht = torch.empty(L.N, H, K, V, dtype=torch.float32, device=q.device) if store_final else None
     opts = tuning.launch(stage, launch_key(mod, gate, q, V, L, H, value_scale))
-    kernel[(triton.cdiv(V, opts["BV"]), L.N * H)](q, k, v, *(or_dummy(t, g) for t in middle), g, o, h0, ht, L.cu, scale,
-                                                  H, HQ, K=K, V=V, VECTOR=gate.kind == "vector", USE_H0=h0 is not None,
-                                                  STORE_FINAL=store_final, **flags, **opts)
+    launch(kernel, (triton.cdiv(V, opts["BV"]), L.N * H), g, q=q, k=k, v=v, **middle, g=g, o=o, h0=h0, ht=ht,
+           cu_seqlens=L.cu, scale=scale, H=H, HQ=HQ, K=K, V=V, VECTOR=gate.kind == "vector", USE_H0=h0 is not None,
+           STORE_FINAL=store_final, **flags, **opts)
     return o, ht
 
 
@@ -119,21 +135,22 @@ def vector_scores(mod, q, k, G, A, P, kg, L, scale, H, HQ, K, half, qg=None, ke=
     ke = K * E[G] for ut_fwd when given)."""
     pair = P is not None
     tk = tk or tuning.key(mod.FORM, True, q.dtype, K, 0)
-    mod.scores_fwd[(BT // BC - 1, L.NT, H)](q, k, G, A, or_dummy(P, A), L.cu, L.chunk_indices, scale, H, HQ, K=K,
-                                            BT=BT, BC=BC, HALF=half, PAIR=pair,
-                                            **tuning.launch("scores_fwd_pair" if pair else "scores_fwd", tk))
+    launch(mod.scores_fwd, (BT // BC - 1, L.NT, H), A, q=q, k=k, G=G, A=A, P=P, **L.chunks, scale=scale, H=H,
+           HQ=HQ, K=K, BT=BT, BC=BC, HALF=half, PAIR=pair,
+           **tuning.launch("scores_fwd_pair" if pair else "scores_fwd", tk))
     # one program per diagonal sub-block and head; SPAN: the largest decay across a sub-block (nats, per
     # channel) taken through its first row (right factors up to E[SPAN] in fp32); steeper blocks go per column
-    mod.scores_diag[(BT // BC, L.NT, H)](q, k, G, A, or_dummy(P, A), or_dummy(kg, A), or_dummy(qg, A), or_dummy(ke, A),
-                                         L.cu, L.chunk_indices, scale, H, HQ, K=K, BT=BT, BC=BC, SPAN=DIAG_SPAN,
-                                         DOT=int(half == 1), PAIR=pair, KG=kg is not None, QG=qg is not None,
-                                         KE=ke is not None,
-                                         **tuning.launch("scores_diag_pair" if pair else "scores_diag", tk))
+    launch(mod.scores_diag, (BT // BC, L.NT, H), A, q=q, k=k, G=G, A=A, P=P, kg=kg, qg=qg, ke=ke, **L.chunks,
+           scale=scale, H=H, HQ=HQ, K=K, BT=BT, BC=BC, SPAN=DIAG_SPAN, DOT=int(half == 1), PAIR=pair,
+           KG=kg is not None, QG=qg is not None, KE=ke is not None,
+           **tuning.launch("scores_diag_pair" if pair else "scores_diag", tk))
 
 
-def or_dummy(x, dummy):
-    """A pointer argument that a disabled feature never reads."""
-    return dummy if x is None else x
+def launch(kernel, grid, dummy: torch.Tensor, **args) -> None:
+    """One stage's launch, every argument named as in its kernel's signature: the stage's tensors, the layout's
+    offsets (``Layout.chunks`` / ``Layout.seqs``), sizes, feature switches and the tuning table's options. A
+    pointer left None (a feature that is off, never read) is passed as ``dummy``."""
+    kernel[grid](**{n: dummy if a is None else a for n, a in args.items()})
 
 
 def decays(mod) -> bool:
@@ -148,10 +165,10 @@ def output(mod, gate, q, k, v, vs, sk, G, h, A, L, scale, out_dtype, qg=None):
     H, V = v.shape[1], v.shape[2]
     o = torch.empty(rows, H, V, dtype=out_dtype, device=q.device)
     opts = tuning.launch("output_fwd", launch_key(mod, gate, q, V, L, H, vs is not None))
-    mod.output_fwd[(triton.cdiv(V, opts["BV"]), L.NT, H)](
-        or_dummy(qg, q), k, v, or_dummy(vs, G), or_dummy(sk, G), G, h, or_dummy(A, G), o, L.cu, L.chunk_indices,
-        scale, H, HQ, K=K, V=V, BT=BT, VECTOR=gate.kind == "vector", HALF=half_kind(q.dtype), VSCALE=vs is not None,
-        SKIP=sk is not None, QG=qg is not None, DECAY=decays(mod), **opts)
+    launch(mod.output_fwd, (triton.cdiv(V, opts["BV"]), L.NT, H), G, q=q if qg is None else qg, k=k, v=v, vs=vs,
+           sk=sk, G=G, h=h, A=A, o=o, **L.chunks, scale=scale, H=H, HQ=HQ, K=K, V=V, BT=BT,
+           VECTOR=gate.kind == "vector", HALF=half_kind(q.dtype), VSCALE=vs is not None, SKIP=sk is not None,
+           QG=qg is not None, DECAY=decays(mod), **opts)
     return o
 
 
@@ -160,13 +177,12 @@ def intra_pairs(mod, q, k, G, dA, dP, dq, dk, dk2, dGpos, L, H, HQ, K, pair: boo
     launches: dqk_chunk_intra_bwd for the chunks whose decay across the whole chunk is <= DIAG_SPAN, as
     whole-chunk products, then dqk_intra_bwd for the steeper chunks, sub-block by sub-block."""
     o = tuning.launch("dqk_chunk_intra_bwd", tk)
-    mod.dqk_chunk_intra_bwd[(triton.cdiv(K, o["BK"]), L.NT, H)](
-        q, k, G, dA, dP, dq, dk, dk2, dGpos, L.cu, L.chunk_indices, H, HQ, K=K, BT=BT, PAIR=pair, CSPAN=DIAG_SPAN,
-        **o)
+    pairs = dict(q=q, k=k, G=G, dA=dA, dP=dP, dq=dq, dk=dk, dk2=dk2, dGpos=dGpos, **L.chunks, H=H, HQ=HQ, K=K, BT=BT,
+                 PAIR=pair, CSPAN=DIAG_SPAN)
+    launch(mod.dqk_chunk_intra_bwd, (triton.cdiv(K, o["BK"]), L.NT, H), G, **pairs, **o)
     o = tuning.launch("dqk_intra_bwd_pair" if pair else "dqk_intra_bwd", tk)
-    mod.dqk_intra_bwd[(triton.cdiv(K, o["BK"]), L.NT * (BT // BC // o["RB"]), H)](
-        q, k, G, dA, dP, dq, dk, dk2, dGpos, L.cu, L.chunk_indices, H, HQ, K=K, BT=BT, BC=BC, HALF=half_kind(q.dtype),
-        PAIR=pair, CSPAN=DIAG_SPAN, **o)
+    launch(mod.dqk_intra_bwd, (triton.cdiv(K, o["BK"]), L.NT * (BT // BC // o["RB"]), H), G, **pairs, BC=BC,
+           HALF=half_kind(q.dtype), **o)
 
 
 def dqk(mod, gate, q, k, v, vs, G, h, do, dhn, A, L, scale, du=None, dw=None, defer_intra=False, carry=False):
@@ -197,10 +213,10 @@ def dqk(mod, gate, q, k, v, vs, G, h, do, dhn, A, L, scale, du=None, dw=None, de
         dq, dk = torch.empty_like(q), torch.empty_like(k)
         dA = dq
         dGpos = torch.empty(rows, H, NK, dtype=torch.float32, device=q.device)
-    mod.dqk_bwd[(NK, L.NT, H if vector else HQ)](
-        q, k, v, or_dummy(vs, G), G, h, do, dhn, dq, dk, dA, dGpos, or_dummy(du, G), or_dummy(dw, G),
-        or_dummy(carry, G), L.cu, L.chunk_indices, scale, H, HQ, K=K, V=V, BT=BT, BV=BV, VECTOR=vector, HALF=half,
-        VSCALE=vs is not None, DELTA=du is not None, NG=1 if vector else H // HQ, CARRY=carry is not None, **o)
+    launch(mod.dqk_bwd, (NK, L.NT, H if vector else HQ), G, q=q, k=k, v=v, vs=vs, G=G, h=h, do=do, dhn=dhn, dq=dq,
+           dk=dk, dA=dA, dGpos=dGpos, du=du, dw=dw, carry=carry, **L.chunks, scale=scale, H=H, HQ=HQ, K=K, V=V,
+           BT=BT, BV=BV, VECTOR=vector, HALF=half, VSCALE=vs is not None, DELTA=du is not None,
+           NG=1 if vector else H // HQ, CARRY=carry is not None, **o)
     if vector and defer_intra:
         return (dq, dk, dA, carry) if carry is not None else (dq, dk, dA)
     if vector:
@@ -229,9 +245,10 @@ def gate_grads(mod, gate, gate_inputs, dGpos, L, K, carry) -> list:
     H = dGpos.shape[1]
     bufs = _grad_buffers(gate, gate_inputs, dGpos)
     o = tuning.launch("gate_bwd", tuning.Key(mod.FORM, vector, 0, K, 0))
-    gate.bwd[(triton.cdiv(K, o["BK"]) if vector else 1, L.NT, H)](
-        *gate_inputs, *bufs, dGpos.contiguous(), carry if vector else carry.sum(-1).contiguous(), L.cu,
-        L.chunk_indices, H, K=K, BT=BT, VECTOR=vector, **o)
+    grads = {f"d_{n}_ptr": b for n, b in zip(gate.inputs, bufs) if n in gate.grads}
+    launch(gate.bwd, (triton.cdiv(K, o["BK"]) if vector else 1, L.NT, H), dGpos, **_named(gate.inputs, gate_inputs),
+           **grads, dGpos=dGpos.contiguous(), carry=carry if vector else carry.sum(-1).contiguous(), **L.chunks,
+           H=H, K=K, BT=BT, VECTOR=vector, **o)
     return [_reduce_to(bufs[i], gate.input_layouts[n], vector).reshape(gate_inputs[i].shape).to(
         gate_inputs[i].dtype) for i, n in enumerate(gate.inputs)]
 
