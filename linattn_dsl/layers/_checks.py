@@ -121,3 +121,37 @@ def check_attention_mask(attention_mask: torch.Tensor | None, batch: int, seq_le
         cols = f">= {seq_len}" if longest is None else f"{seq_len}" if longest == seq_len else f"{seq_len}..{longest}"
         raise ValueError(f"attention_mask: expected shape [{batch}, {cols}] ([batch, cached + new tokens]), "
                          f"got {list(attention_mask.shape)}")
+
+
+def check_cu_seqlens(cu_seqlens: Any, batch: int, seq_len: int) -> None:
+    """``cu_seqlens``: None, or the offsets ``[N + 1]`` (int32 / int64) of ``N`` documents packed into one row
+    of ``seq_len`` tokens (FlashAttention's convention): ``0 = c_0 < c_1 < ... < c_N = seq_len``, batch size 1."""
+    if cu_seqlens is None:
+        return
+    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.ndim != 1 or cu_seqlens.numel() < 2 \
+            or cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"cu_seqlens: expected an int32 / int64 tensor [N + 1] of document offsets (N >= 1), "
+                         f"got {describe(cu_seqlens)}")
+    if batch != 1:
+        raise ValueError(f"cu_seqlens: expected the documents packed into one row (batch size 1, inputs "
+                         f"[1, total tokens]), got batch size {batch}")
+    offsets = cu_seqlens.tolist()
+    if offsets[0] != 0 or offsets[-1] != seq_len or any(b <= a for a, b in zip(offsets, offsets[1:])):
+        shown = offsets if len(offsets) <= 12 else [*offsets[:6], "...", *offsets[-6:]]
+        raise ValueError(f"cu_seqlens: expected strictly increasing offsets from 0 to seq_len={seq_len} (no empty "
+                         f"document), got {shown}")
+
+
+def check_packed(cu_seqlens: torch.Tensor | None, attention_mask: torch.Tensor | None, cache: Any,
+                 use_cache: bool) -> None:
+    """What packed documents (``cu_seqlens``, checked) exclude: padding (documents need none) and a decoding
+    cache (the cache holds one state per batch row, a packed row holds several documents)."""
+    if cu_seqlens is None:
+        return
+    if isinstance(attention_mask, torch.Tensor) and not bool(attention_mask.all()):
+        raise ValueError(f"attention_mask: expected none (or all ones) with cu_seqlens (packed documents need no "
+                         f"padding), got {int((attention_mask == 0).sum())} padded positions")
+    if cache is not None or use_cache:
+        raise ValueError(f"cache / use_cache: expected no cache and use_cache=False with cu_seqlens (a cache holds "
+                         f"one state per batch row; a packed row holds several documents), got "
+                         f"cache={type(cache).__name__ if cache is not None else None}, use_cache={use_cache}")

@@ -5,6 +5,11 @@ Layer state: each layer's ``forward(hidden_states, attention_mask=None, cache=No
 takes and returns its own state as a plain ``dict`` of tensors (``recurrent_state [N, H, K, V]`` fp32,
 ``conv_state`` (a dict of ``[N, D, W]`` conv states), ``shift_state [N, D]``, ``attn_state (k, v)``).
 The model-level cache (:class:`linattn_dsl.models.cache.LinAttnCache`) keeps one such dict per layer.
+
+Packed documents: ``forward(..., cu_seqlens=[N + 1] offsets)`` with ``hidden_states [1, total, hidden]`` runs
+``N`` documents laid end to end as separate sequences (FlashAttention's convention): the ops, the short convs,
+the token shifts and attention all restart at each offset, so no state crosses a document boundary. Packed
+documents take no padding mask and no cache (:func:`._checks.check_packed`).
 """
 
 from __future__ import annotations
@@ -16,8 +21,9 @@ from torch import nn
 
 from linattn_dsl import ops
 from linattn_dsl.modules import FusedRMSNormGated, RMSNorm, ShortConvolution, rotary_embedding, swiglu_linear
+from linattn_dsl.modules.conv import _packed_positions
 
-from ._checks import POSITIVE_INT, check_all, check_inputs
+from ._checks import POSITIVE_INT, check_all, check_cu_seqlens, check_inputs, check_packed
 
 # Below this many tokens (and outside training) the step form is cheaper than the chunk plan.
 FUSED_RECURRENT_MAX_LEN = 64
@@ -78,11 +84,19 @@ def default_position_ids(
     return positions.clamp_min(0)[:, -seq_len:]
 
 
+def document_positions(cu_seqlens: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """``[1, T]`` positions of packed documents (offsets ``cu_seqlens [N + 1]``): each restarts at 0."""
+    return _packed_positions(cu_seqlens.to(torch.int64), seq_len)[1][None]
+
+
 def positions_after_cache(position_ids: torch.Tensor | None, x: torch.Tensor, cache: dict | None,
-                          attention_mask: torch.Tensor | None) -> torch.Tensor:
-    """``position_ids``, or by default the positions of ``x [B, T, ...]`` after the tokens ``cache`` has seen."""
+                          attention_mask: torch.Tensor | None, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+    """``position_ids``, or by default the positions of ``x [B, T, ...]`` after the tokens ``cache`` has seen
+    (with ``cu_seqlens``: within each packed document)."""
     if position_ids is not None:
         return position_ids
+    if cu_seqlens is not None:
+        return document_positions(cu_seqlens, x.shape[1])
     return default_position_ids(x.shape[0], x.shape[1], seen_tokens(cache), attention_mask, x.device)
 
 
@@ -91,8 +105,8 @@ def positions_after_cache(position_ids: torch.Tensor | None, x: torch.Tensor, ca
 
 class SequenceLayer(nn.Module):
     """Base of the layers: :meth:`forward` checks the inputs and zeroes the left pads, then calls the subclass's
-    ``mix(x, attention_mask, cache, use_cache, **kwargs) -> (out, state or None)``, the layer's equations on checked
-    inputs ``x [B, T, hidden]`` (pads zeroed unless ``zero_pads`` is False)."""
+    ``mix(x, attention_mask, cache, use_cache, cu_seqlens=..., **kwargs) -> (out, state or None)``, the layer's
+    equations on checked inputs ``x [B, T, hidden]`` (pads zeroed unless ``zero_pads`` is False)."""
 
     hidden_size: int
     zero_pads: ClassVar[bool] = True  # False: ``mix`` sees the pads as given (Attention masks them as keys)
@@ -103,14 +117,20 @@ class SequenceLayer(nn.Module):
         attention_mask: torch.Tensor | None = None,
         cache: dict | None = None,
         use_cache: bool = False,
+        cu_seqlens: torch.Tensor | None = None,
         **kwargs,
     ) -> tuple:
         """``hidden_states [B, T, hidden]``, ``attention_mask [B, S]`` (1 = token, 0 = left pad) over the cached
         and new tokens, ``cache``: this layer's state dict. Returns ``(out [B, T, hidden], new state or None)``.
+        ``cu_seqlens [N + 1]`` (int, with ``B == 1``): offsets of packed documents, run as separate sequences.
         Other keywords (``position_ids``, ``v_first``) go to :meth:`mix`, which ignores those it does not use."""
         check_inputs(hidden_states, attention_mask, self.hidden_size)
+        check_cu_seqlens(cu_seqlens, hidden_states.shape[0], hidden_states.shape[1])
+        check_packed(cu_seqlens, attention_mask, cache, use_cache)
+        if cu_seqlens is not None:
+            attention_mask = None  # all ones (checked): nothing to mask
         x = apply_padding_mask(hidden_states, attention_mask) if self.zero_pads else hidden_states
-        return self.mix(x, attention_mask, cache, use_cache, **kwargs)
+        return self.mix(x, attention_mask, cache, use_cache, cu_seqlens=cu_seqlens, **kwargs)
 
 
 class MultiHeadLayer(SequenceLayer):
@@ -143,16 +163,16 @@ class MultiHeadLayer(SequenceLayer):
         self.g_proj = nn.Linear(self.hidden_size, self.value_dim, bias=False)
         return FusedRMSNormGated(self.head_v_dim, eps=norm_eps, activation="swish")
 
-    def _qkv(self, x: torch.Tensor, cache: dict | None, use_cache: bool, new_state: dict,
-             conv: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _qkv(self, x: torch.Tensor, cache: dict | None, use_cache: bool, new_state: dict, conv: bool,
+             cu_seqlens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``q, k, v [B, T, dim]``: the projections of ``x``, with ``conv`` through their short convs (continuing
-        and storing conv states ``q``, ``k``, ``v``)."""
+        and storing conv states ``q``, ``k``, ``v``; restarting at each packed document of ``cu_seqlens``)."""
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         if not conv:
             return q, k, v
-        return (run_conv(self.q_conv1d, q, cache, "q", use_cache, new_state),
-                run_conv(self.k_conv1d, k, cache, "k", use_cache, new_state),
-                run_conv(self.v_conv1d, v, cache, "v", use_cache, new_state))
+        return (run_conv(self.q_conv1d, q, cache, "q", use_cache, new_state, cu_seqlens),
+                run_conv(self.k_conv1d, k, cache, "k", use_cache, new_state, cu_seqlens),
+                run_conv(self.v_conv1d, v, cache, "v", use_cache, new_state, cu_seqlens))
 
     def _output(self, o: torch.Tensor, x: torch.Tensor, norm: nn.Module, gated: bool) -> torch.Tensor:
         """``o_proj`` of ``norm(o [B, T, H, head_v_dim])``, gated by ``g_proj(x)`` when ``gated``."""
@@ -205,11 +225,13 @@ def split_heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
     return x.reshape(*x.shape[:-1], -1, head_dim)
 
 
-def run_conv(conv, x: torch.Tensor, cache: dict | None, key: str, use_cache: bool, new_state: dict):
-    """Short conv over ``x [B, T, D]`` continuing ``cache['conv_state'][key]``; stores its new state."""
+def run_conv(conv, x: torch.Tensor, cache: dict | None, key: str, use_cache: bool, new_state: dict,
+             cu_seqlens: torch.Tensor | None = None):
+    """Short conv over ``x [B, T, D]`` continuing ``cache['conv_state'][key]``; stores its new state. With
+    ``cu_seqlens`` each packed document starts from zeros."""
     conv_state = state_of(cache, "conv_state")
     prev = None if conv_state is None else conv_state.get(key)
-    y, final = conv(x, cache=prev, output_final_state=use_cache)
+    y, final = conv(x, cache=prev, output_final_state=use_cache, cu_seqlens=cu_seqlens)
     if use_cache:
         new_state.setdefault("conv_state", {})[key] = final
     return y

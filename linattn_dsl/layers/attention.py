@@ -4,6 +4,9 @@
     q, k = rope(q), rope(k)
     o_i = softmax_j<=i(q_i k_j^T / sqrt(d) + mask_ij) v_j,   mask: causal, left padding, window
     out = W_o o
+
+Packed documents (``cu_seqlens``): each document attends only within itself, RoPE positions restart at 0 in
+each, and the window counts within the document.
 """
 
 from __future__ import annotations
@@ -57,15 +60,19 @@ class Attention(SequenceLayer):
 
     def mix(
         self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None, cache: dict | None, use_cache: bool,
-        position_ids: torch.Tensor | None = None, **_,
+        position_ids: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None, **_,
     ) -> tuple[torch.Tensor, dict | None]:
-        """``position_ids [B, T]`` place RoPE (default: after the tokens the cache has seen)."""
+        """``position_ids [B, T]`` place RoPE (default: after the tokens the cache has seen, or within each packed
+        document of ``cu_seqlens``)."""
         batch, seq_len, _ = hidden_states.shape
         past = state_of(cache, "attn_state")
-        position_ids = positions_after_cache(position_ids, hidden_states, cache, attention_mask)
+        position_ids = positions_after_cache(position_ids, hidden_states, cache, attention_mask, cu_seqlens)
         q = apply_rotary(split_heads(self.q_proj(hidden_states), self.head_dim), position_ids, self.rope_theta)
         k = apply_rotary(split_heads(self.k_proj(hidden_states), self.head_dim), position_ids, self.rope_theta)
         v = split_heads(self.v_proj(hidden_states), self.head_dim)
+        if cu_seqlens is not None:  # no cache and no padding (checked by forward)
+            o = self._packed_attention(q, k, v, cu_seqlens)
+            return self.o_proj(o.reshape(batch, seq_len, self.hidden_size)), None
         if past is not None:
             k = torch.cat([past[0], k], dim=1)
             v = torch.cat([past[1], v], dim=1)
@@ -88,6 +95,18 @@ class Attention(SequenceLayer):
             start = max(0, k.shape[1] - (self.window_size - 1))
             k, v = k[:, start:], v[:, start:]
         return out, {"attn_state": (k, v), "seen_tokens": seen_tokens(cache) + seq_len}
+
+    def _packed_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                          cu_seqlens: torch.Tensor) -> torch.Tensor:
+        """``o [1, T, num_heads, head_dim]`` of packed documents (``q [1, T, H, D]``, ``k, v [1, T, H_kv, D]``):
+        one causal SDPA per document, so memory grows with the documents' lengths, not with ``T ** 2``."""
+        outs = []
+        for start, end in zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist()):
+            q_doc, k_doc, v_doc = (t[:, start:end].transpose(1, 2) for t in (q, k, v))
+            mask = None if self.window_size is None else self._mask(1, end - start, end - start, None, q.device)
+            outs.append(F.scaled_dot_product_attention(q_doc, k_doc, v_doc, attn_mask=mask, is_causal=mask is None,
+                                                       enable_gqa=self.num_kv_heads != self.num_heads))
+        return torch.cat(outs, dim=2).transpose(1, 2)
 
     def _mask(self, batch: int, seq_len: int, kv_len: int, attention_mask, device) -> torch.Tensor:
         """Boolean ``[B, 1, T, S]``: True where query ``i`` may attend key ``j``.

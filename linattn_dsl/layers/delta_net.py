@@ -48,10 +48,11 @@ class DeltaNet(MultiHeadLayer):
         self.o_proj = nn.Linear(self.value_dim, hidden_size, bias=False)
 
     def mix(
-        self, x: torch.Tensor, attention_mask: torch.Tensor | None, cache: dict | None, use_cache: bool, **_
+        self, x: torch.Tensor, attention_mask: torch.Tensor | None, cache: dict | None, use_cache: bool,
+        cu_seqlens: torch.Tensor | None = None, **_,
     ) -> tuple[torch.Tensor, dict | None]:
         new_state: dict = {}
-        q, k, v = self._qkv(x, cache, use_cache, new_state, conv=self.use_short_conv)
+        q, k, v = self._qkv(x, cache, use_cache, new_state, conv=self.use_short_conv, cu_seqlens=cu_seqlens)
         if not self.use_short_conv:  # the silu the convs would end in
             q, k, v = F.silu(q), F.silu(k), F.silu(v)
         if self.use_beta:
@@ -63,7 +64,7 @@ class DeltaNet(MultiHeadLayer):
         o, recurrent_state = delta_rule(
             split_heads(q, self.head_k_dim), split_heads(k, self.head_k_dim), split_heads(v, self.head_v_dim),
             beta, initial_state=state_of(cache, "recurrent_state"), output_final_state=use_cache,
-            use_qk_l2norm_in_kernel=True,
+            use_qk_l2norm_in_kernel=True, cu_seqlens=cu_seqlens,
         )
         out = self._output(o, x, self.o_norm, self.use_gate)
         return out, ({**new_state, "recurrent_state": recurrent_state} if use_cache else None)

@@ -49,10 +49,11 @@ class GatedLinearAttention(MultiHeadLayer):
         self.o_proj = nn.Linear(self.value_dim, hidden_size, bias=False)
 
     def mix(
-        self, x: torch.Tensor, attention_mask: torch.Tensor | None, cache: dict | None, use_cache: bool, **_
+        self, x: torch.Tensor, attention_mask: torch.Tensor | None, cache: dict | None, use_cache: bool,
+        cu_seqlens: torch.Tensor | None = None, **_,
     ) -> tuple[torch.Tensor, dict | None]:
         new_state: dict = {}
-        q, k, v = self._qkv(x, cache, use_cache, new_state, conv=self.use_short_conv)
+        q, k, v = self._qkv(x, cache, use_cache, new_state, conv=self.use_short_conv, cu_seqlens=cu_seqlens)
         log_decay = F.logsigmoid(self.gk_proj(x)) / self.gate_logit_normalizer
 
         gla = pick_op("gla", x.shape[1], self.training, self.mode)
@@ -63,6 +64,7 @@ class GatedLinearAttention(MultiHeadLayer):
             split_heads(log_decay, self.head_k_dim),
             initial_state=state_of(cache, "recurrent_state"),
             output_final_state=use_cache,
+            cu_seqlens=cu_seqlens,
         )
         out = self._output(o, x, self.g_norm, self.use_output_gate)
         return out, ({**new_state, "recurrent_state": recurrent_state} if use_cache else None)

@@ -69,10 +69,11 @@ class KimiDeltaAttention(MultiHeadLayer):
         }
 
     def mix(
-        self, x: torch.Tensor, attention_mask: torch.Tensor | None, cache: dict | None, use_cache: bool, **_
+        self, x: torch.Tensor, attention_mask: torch.Tensor | None, cache: dict | None, use_cache: bool,
+        cu_seqlens: torch.Tensor | None = None, **_,
     ) -> tuple[torch.Tensor, dict | None]:
         new_state: dict = {}
-        q, k, v = self._qkv(x, cache, use_cache, new_state, conv=True)
+        q, k, v = self._qkv(x, cache, use_cache, new_state, conv=True, cu_seqlens=cu_seqlens)
         g_raw = self.f_proj(x)
         beta = torch.sigmoid(self.b_proj(x))
 
@@ -82,7 +83,7 @@ class KimiDeltaAttention(MultiHeadLayer):
             split_heads(g_raw, self.head_k_dim), beta,
             initial_state=state_of(cache, "recurrent_state"), output_final_state=use_cache,
             A_log=self.A_log, dt_bias=self.dt_bias.view(self.num_heads, self.head_k_dim),
-            use_qk_l2norm_in_kernel=True, use_gate_in_kernel=True,
+            use_qk_l2norm_in_kernel=True, use_gate_in_kernel=True, cu_seqlens=cu_seqlens,
         )
         out = self._output(o, x, self.o_norm, gated=True)
         return out, ({**new_state, "recurrent_state": recurrent_state} if use_cache else None)

@@ -99,12 +99,14 @@ class Mamba2(SequenceLayer):
         }
 
     def mix(
-        self, x: torch.Tensor, attention_mask: torch.Tensor | None, cache: dict | None, use_cache: bool, **_
+        self, x: torch.Tensor, attention_mask: torch.Tensor | None, cache: dict | None, use_cache: bool,
+        cu_seqlens: torch.Tensor | None = None, **_,
     ) -> tuple[torch.Tensor, dict | None]:
         new_state: dict = {}
         z, xBC, dt = self.in_proj(x).split([self.d_inner, self.conv_dim, self.num_heads], dim=-1)
         # the conv bias makes pads nonzero again: mask after the conv too
-        xBC = apply_padding_mask(run_conv(self.conv1d, xBC, cache, "xBC", use_cache, new_state), attention_mask)
+        xBC = run_conv(self.conv1d, xBC, cache, "xBC", use_cache, new_state, cu_seqlens)
+        xBC = apply_padding_mask(xBC, attention_mask)
         x_ssm, B, C = xBC.split([self.d_inner, self.n_groups * self.state_size,
                                  self.n_groups * self.state_size], dim=-1)
 
@@ -113,7 +115,7 @@ class Mamba2(SequenceLayer):
             split_heads(x_ssm, self.head_dim), dt, -torch.exp(self.A_log),
             split_heads(B, self.state_size), split_heads(C, self.state_size),
             initial_state=state_of(cache, "recurrent_state"), output_final_state=use_cache,
-            D=self.D, dt_bias=self.dt_bias, dt_softplus=True,
+            D=self.D, dt_bias=self.dt_bias, dt_softplus=True, cu_seqlens=cu_seqlens,
         )
         gated = y.reshape(*y.shape[:-2], self.d_inner) * F.silu(z)
         normed = self.norm(gated.unflatten(-1, (self.n_groups, -1))).flatten(-2) * self.norm_weight

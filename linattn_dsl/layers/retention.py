@@ -41,17 +41,19 @@ class MultiScaleRetention(MultiHeadLayer):
 
     def mix(
         self, x: torch.Tensor, attention_mask: torch.Tensor | None, cache: dict | None, use_cache: bool,
-        position_ids: torch.Tensor | None = None, **_,
+        position_ids: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None, **_,
     ) -> tuple[torch.Tensor, dict | None]:
-        """``position_ids [B, T]`` place RoPE (default: after the tokens the state has seen)."""
-        position_ids = positions_after_cache(position_ids, x, cache, attention_mask)
+        """``position_ids [B, T]`` place RoPE (default: after the tokens the state has seen, or within each packed
+        document of ``cu_seqlens``)."""
+        position_ids = positions_after_cache(position_ids, x, cache, attention_mask, cu_seqlens)
         q = apply_rotary(split_heads(self.q_proj(x), self.head_k_dim), position_ids, self.rope_theta)
         k = apply_rotary(split_heads(self.k_proj(x), self.head_k_dim), position_ids, self.rope_theta)
         v = split_heads(self.v_proj(x), self.head_v_dim)
 
         retention = pick_op("retention", x.shape[1], self.training, self.mode)
         o, recurrent_state = retention(
-            q, k, v, initial_state=state_of(cache, "recurrent_state"), output_final_state=use_cache
+            q, k, v, initial_state=state_of(cache, "recurrent_state"), output_final_state=use_cache,
+            cu_seqlens=cu_seqlens,
         )
         out = self._output(o, x, self.g_norm, self.use_output_gate)
         if not use_cache:

@@ -29,10 +29,15 @@ from ._utils import LowRank, SequenceLayer, check_mode, init_values, pick_op, sp
 LOG_DECAY_SCALE = 0.6065306597126334  # exp(-0.5): the largest per-step log-decay magnitude
 
 
-def token_shift(x: torch.Tensor, previous: torch.Tensor | None) -> torch.Tensor:
-    """``x [B, T, D]`` shifted one step right: row ``t`` holds ``x[t - 1]`` (``previous [B, D]`` or 0 at t = 0)."""
+def token_shift(x: torch.Tensor, previous: torch.Tensor | None,
+                cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+    """``x [B, T, D]`` shifted one step right: row ``t`` holds ``x[t - 1]`` (``previous [B, D]`` or 0 at t = 0).
+    With ``cu_seqlens [N + 1]`` (``B == 1``, no ``previous``) the first token of each packed document sees 0."""
     first = x.new_zeros(x.shape[0], 1, x.shape[2]) if previous is None else previous[:, None].to(x.dtype)
-    return torch.cat([first, x[:, :-1]], dim=1)
+    shifted = torch.cat([first, x[:, :-1]], dim=1)
+    if cu_seqlens is not None:
+        shifted = shifted.index_fill(1, cu_seqlens[:-1].to(torch.int64), 0.0)
+    return shifted
 
 
 def rwkv7_num_heads(hidden_size: int, head_dim: int) -> int:
@@ -118,9 +123,9 @@ class RWKV7Attention(SequenceLayer):
 
     def mix(
         self, x: torch.Tensor, attention_mask: torch.Tensor | None, cache: dict | None, use_cache: bool,
-        v_first: torch.Tensor | None = None, **_,
+        v_first: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None, **_,
     ) -> tuple[torch.Tensor, dict | None, torch.Tensor]:
-        delta = token_shift(x, state_of(cache, "shift_state")) - x
+        delta = token_shift(x, state_of(cache, "shift_state"), cu_seqlens) - x
         mix_r, mix_w, mix_k, mix_v, mix_a, mix_g = (
             x + delta * mix for mix in (self.x_r, self.x_w, self.x_k, self.x_v, self.x_a, self.x_g)
         )
@@ -146,7 +151,7 @@ class RWKV7Attention(SequenceLayer):
         r, log_decay, k, v, kk, a_rate = (t.to(r.dtype) for t in (r, log_decay, k, v, kk, a_rate))
         o, recurrent_state = rwkv7(
             r, split_heads(log_decay, self.head_dim), k, v, -kk, kk * a_rate,
-            initial_state=state_of(cache, "recurrent_state"), output_final_state=use_cache,
+            initial_state=state_of(cache, "recurrent_state"), output_final_state=use_cache, cu_seqlens=cu_seqlens,
         )
         o = self.g_norm(o.reshape(-1, self.value_dim)).reshape(o.shape)
         bonus = (r * k * self.r_k).sum(-1, keepdim=True) * v
@@ -174,8 +179,9 @@ class RWKV7FeedForward(SequenceLayer):
         return {"x_k": 1 - ramp**4}
 
     def mix(
-        self, x: torch.Tensor, attention_mask: torch.Tensor | None, cache: dict | None, use_cache: bool, **_
+        self, x: torch.Tensor, attention_mask: torch.Tensor | None, cache: dict | None, use_cache: bool,
+        cu_seqlens: torch.Tensor | None = None, **_,
     ) -> tuple[torch.Tensor, dict | None]:
-        mix_k = x + (token_shift(x, state_of(cache, "ffn_shift_state")) - x) * self.x_k
+        mix_k = x + (token_shift(x, state_of(cache, "ffn_shift_state"), cu_seqlens) - x) * self.x_k
         out = self.value(F.relu(self.key(mix_k)).square())
         return out, ({"ffn_shift_state": x[:, -1]} if use_cache else None)

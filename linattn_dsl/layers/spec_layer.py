@@ -120,7 +120,7 @@ class SpecLayer(MultiHeadLayer):
         return out
 
     def _input(self, name: str, src: dict, x: torch.Tensor, cache, use_cache: bool, new_state: dict,
-               kk: list) -> torch.Tensor:
+               kk: list, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
         B, T = x.shape[:2]
         shape = [self.sizes[d] for d in src["dims"] if d not in ("B", "T")]
         if src["kind"] == "param":
@@ -135,15 +135,15 @@ class SpecLayer(MultiHeadLayer):
             return kk[0] * torch.sigmoid(self.proj[name](x).reshape(B, T, *shape))
         y = self.proj[name](x)
         if name in self.conv:
-            y = run_conv(self.conv[name], y, cache, name, use_cache, new_state)
+            y = run_conv(self.conv[name], y, cache, name, use_cache, new_state, cu_seqlens)
         y = _TRANSFORMS[src["transform"]](y.reshape(B, T, *shape))
         return y * src["scale"] if src["scale"] != 1.0 else y
 
     def mix(self, x: torch.Tensor, attention_mask: torch.Tensor | None, cache: dict | None, use_cache: bool,
-            **_) -> tuple[torch.Tensor, dict | None]:
+            cu_seqlens: torch.Tensor | None = None, **_) -> tuple[torch.Tensor, dict | None]:
         new_state: dict = {}
         kk: list = []
-        inputs = {n: self._input(n, src, x, cache, use_cache, new_state, kk)
+        inputs = {n: self._input(n, src, x, cache, use_cache, new_state, kk, cu_seqlens)
                   for n, src in self.plan["inputs"].items()}
         if self.plan["qk_l2norm"]:
             for n in {self.plan["query"], self.plan["key"]} - {None}:
@@ -154,7 +154,7 @@ class SpecLayer(MultiHeadLayer):
         optional = {n: t for n, t in inputs.items() if n not in self.plan["required"]}
         o, recurrent_state = self._ops[mode](*required, **optional, **self.plan["switches"],
                                              initial_state=state_of(cache, "recurrent_state"),
-                                             output_final_state=use_cache)
+                                             output_final_state=use_cache, cu_seqlens=cu_seqlens)
         if self.plan["output_gate"] is not None:
             o = self.o_norm(o, self.g_proj(x).reshape(*o.shape))
         elif self.plan["output_norm"]:

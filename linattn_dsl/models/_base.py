@@ -1,5 +1,11 @@
 """What every family shares: the config base (with the hybrid ``attn`` field), the pre-norm block, the
 backbone and the causal LM head. A family file only adds its config fields and its mixer.
+
+Packed documents: ``forward(input_ids [1, T], cu_seqlens=[N + 1] offsets)`` runs ``N`` documents laid end to end
+as separate sequences (FlashAttention's and FLA's convention): every layer restarts its state, convs, token
+shifts and attention at each offset, default positions restart at 0 in each document, and with ``labels`` the
+target of each document's last token (the next document's first token) is ignored. Packed documents are for
+training and scoring: no padding mask, no cache (``use_cache`` defaults to False with them; True is an error).
 """
 
 from __future__ import annotations
@@ -18,9 +24,9 @@ from transformers.utils.deprecation import deprecate_kwarg
 from linattn_dsl.layers import Attention
 from linattn_dsl.layers._checks import (
     BOOL, NON_NEGATIVE, POSITIVE, POSITIVE_INT, POSITIVE_INT_OR_NONE, check_all, check_attention_mask,
-    check_hidden_states, check_input_ids, check_position_ids, describe,
+    check_cu_seqlens, check_hidden_states, check_input_ids, check_packed, check_position_ids, describe,
 )
-from linattn_dsl.layers._utils import GatedMLP, default_position_ids
+from linattn_dsl.layers._utils import GatedMLP, default_position_ids, document_positions
 from linattn_dsl.modules import FusedLinearCrossEntropyLoss, RMSNorm, ShortConvolution
 
 from .cache import LinAttnCache
@@ -133,7 +139,7 @@ class LinAttnBlock(GradientCheckpointingLayer):
 
     ``mixer`` and ``mlp`` both return ``(out, state dict or None)``; the block's state is their union
     (keys do not collide). ``v_first`` carries RWKV7's first-layer value to later layers. ``mlp=None``: a
-    mixer-only block, ``out = x + mixer(norm(x))``.
+    mixer-only block, ``out = x + mixer(norm(x))``. ``cu_seqlens`` (packed documents) reaches both.
     """
 
     def __init__(self, config: LinAttnConfig, mixer: nn.Module, mlp: nn.Module | None) -> None:
@@ -152,10 +158,11 @@ class LinAttnBlock(GradientCheckpointingLayer):
         cache: dict | None = None,
         use_cache: bool = False,
         position_ids: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict | None, torch.Tensor | None]:
         mixed = self.mixer(
             self.attn_norm(hidden_states), attention_mask=attention_mask, cache=cache, use_cache=use_cache,
-            position_ids=position_ids, v_first=v_first,
+            position_ids=position_ids, v_first=v_first, cu_seqlens=cu_seqlens,
         )
         if getattr(self.mixer, "returns_v_first", False):
             out, mixer_state, v_first = mixed
@@ -164,7 +171,8 @@ class LinAttnBlock(GradientCheckpointingLayer):
         if self.mlp is None:
             return hidden_states + out, (mixer_state if use_cache else None), v_first
         normed, residual = self.mlp_norm(out, hidden_states, prenorm=True)
-        out, mlp_state = self.mlp(normed, attention_mask=attention_mask, cache=cache, use_cache=use_cache)
+        out, mlp_state = self.mlp(normed, attention_mask=attention_mask, cache=cache, use_cache=use_cache,
+                                  cu_seqlens=cu_seqlens)
         if not use_cache:
             return residual + out, None, v_first
         return residual + out, {**(mixer_state or {}), **(mlp_state or {})}, v_first
@@ -244,10 +252,12 @@ class LinAttnModel(LinAttnPreTrainedModel):
         position_ids: torch.LongTensor | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        cu_seqlens: torch.Tensor | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast | tuple:
         """``input_ids [B, T]`` (or ``inputs_embeds [B, T, hidden]``); ``attention_mask [B, S]`` over the
-        cached and new tokens (0 = left pad); ``cache`` from an earlier call continues the sequences."""
+        cached and new tokens (0 = left pad); ``cache`` from an earlier call continues the sequences.
+        ``cu_seqlens [N + 1]`` (int32 / int64, with ``B == 1``): offsets of packed documents (module docstring)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("input_ids / inputs_embeds: expected exactly one of them")
         if input_ids is not None:
@@ -260,9 +270,11 @@ class LinAttnModel(LinAttnPreTrainedModel):
                                 else self.config.output_hidden_states)
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         if use_cache is None:
-            use_cache = self.config.use_cache and not self.training
+            use_cache = self.config.use_cache and not self.training and cu_seqlens is None
+        batch, seq_len = (input_ids if inputs_embeds is None else inputs_embeds).shape[:2]
+        check_cu_seqlens(cu_seqlens, batch, seq_len)
+        check_packed(cu_seqlens, attention_mask, cache, use_cache)
         hidden_states = self.embeddings(input_ids) if inputs_embeds is None else inputs_embeds
-        batch, seq_len = hidden_states.shape[:2]
         if use_cache and cache is None:
             cache = LinAttnCache(len(self.layers))
         past_len = cache.get_seq_length() if cache is not None else 0
@@ -274,7 +286,9 @@ class LinAttnModel(LinAttnPreTrainedModel):
             # a mask of the new tokens only: the cached ones were real tokens as far as it says
             missing = past_len + seq_len - attention_mask.shape[1]
             attention_mask = torch.cat([attention_mask.new_ones(batch, missing), attention_mask], dim=1)
-        if position_ids is None:
+        if position_ids is None and cu_seqlens is not None:
+            position_ids = document_positions(cu_seqlens, seq_len)
+        elif position_ids is None:
             position_ids = default_position_ids(batch, seq_len, past_len, attention_mask, hidden_states.device)
 
         all_hidden_states = () if output_hidden_states else None
@@ -285,7 +299,7 @@ class LinAttnModel(LinAttnPreTrainedModel):
             hidden_states, state, v_first = block(
                 hidden_states, v_first, attention_mask=attention_mask,
                 cache=cache[layer_idx] if cache is not None else None, use_cache=use_cache,
-                position_ids=position_ids,
+                position_ids=position_ids, cu_seqlens=cu_seqlens,
             )
             if use_cache:
                 cache[layer_idx] = state
@@ -338,11 +352,13 @@ class LinAttnForCausalLM(LinAttnPreTrainedModel, GenerationMixin):
         return_dict: bool | None = None,
         logits_to_keep: int = 0,
         num_items_in_batch: int | torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast | tuple:
         """``labels [B, T]`` are the input ids (shifted inside; -100 ignored). ``logits_to_keep=n`` keeps
         the logits of the last ``n`` positions only (0: all). ``num_items_in_batch`` (HF Trainer, gradient
-        accumulation): the loss is summed and divided by it."""
+        accumulation): the loss is summed and divided by it. ``cu_seqlens``: packed documents (module docstring);
+        the loss then leaves out the targets that cross a document boundary."""
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         inputs = input_ids if input_ids is not None else inputs_embeds
         if labels is not None and isinstance(inputs, torch.Tensor) and \
@@ -352,9 +368,13 @@ class LinAttnForCausalLM(LinAttnPreTrainedModel, GenerationMixin):
         outputs = self.model(
             input_ids=input_ids, attention_mask=attention_mask, cache=cache, inputs_embeds=inputs_embeds,
             use_cache=use_cache, position_ids=position_ids, output_hidden_states=output_hidden_states,
-            return_dict=True,
+            return_dict=True, cu_seqlens=cu_seqlens,
         )
         hidden_states = outputs.last_hidden_state
+        if labels is not None and cu_seqlens is not None:
+            # labels[c_i] (a document's first token) is the target of the previous document's last token
+            starts = cu_seqlens[1:-1].to(device=labels.device, dtype=torch.int64)
+            labels = labels.index_fill(1, starts, -100)
         loss, logits = None, None
         fused = labels is not None and self.training and self.config.fuse_linear_cross_entropy
         if fused:

@@ -6,7 +6,8 @@ Sections and keys (defaults in :data:`SCHEMA`)::
     [model]        family = "gla" | "retnet" | ... , or spec = "path/to/my_spec.py" (a model registered from any
                    spec: linattn_dsl.models.register_spec), then any field of that config (hybrids: attn)
     [tokenizer]    kind = "byte" | "bpe" | "pretrained", path, vocab_size (bpe)
-    [data]         files (text or jsonl), text_field, val_fraction
+    [data]         files (text or jsonl), text_field, val_fraction, packed_documents (each batch as one packed
+                   row with cu_seqlens: documents, EOS-ended, and blocks are separate sequences to the model)
     [training]     steps, seq_len, batch_size, gradient_accumulation_steps, max_norm, mixed_precision,
                    mixed_precision_reduce (the dtype of DDP's gradient all-reduce: float32, or bfloat16 to
                    send half the bytes; DDP only: under FSDP the accelerate config file sets the reduce
@@ -49,7 +50,8 @@ class ConfigError(ValueError):
 SCHEMA: dict[str, dict[str, tuple[str, Any]]] = {
     "job": {"dump_folder": ("str", "runs/linattn"), "seed": ("int", 42)},
     "tokenizer": {"kind": ("str", "byte"), "path": ("str | None", None), "vocab_size": ("int", 2048)},
-    "data": {"files": ("list[str]", []), "text_field": ("str", "text"), "val_fraction": ("float", 0.05)},
+    "data": {"files": ("list[str]", []), "text_field": ("str", "text"), "val_fraction": ("float", 0.05),
+             "packed_documents": ("bool", False)},
     "training": {
         "steps": ("int", 100), "seq_len": ("int", 128), "batch_size": ("int", 8),
         "gradient_accumulation_steps": ("int", 1), "max_norm": ("float", 1.0), "mixed_precision": ("str", "bf16"),

@@ -3,6 +3,11 @@ blocks, split off a held-out set, and serve batches in a deterministic order tha
 
 A ``.jsonl`` file holds one document per line (``{"text": ...}``, field set by ``data.text_field``); any
 other file is one document of plain text.
+
+With ``data.packed_documents`` a micro-batch goes to the model as one packed row with ``cu_seqlens``
+(:func:`model_inputs`): each document (ending at its EOS) and each block's start is a sequence of its own, so no
+state, convolution, token shift or attention crosses a document boundary, and the model ignores the target
+across each boundary (the token after an EOS is not predicted from the document before it).
 """
 
 from __future__ import annotations
@@ -54,6 +59,25 @@ def split(blocks: torch.Tensor, val_fraction: float, seed: int) -> tuple[torch.T
     if n_val >= len(blocks):
         raise ValueError(f"data.val_fraction: {val_fraction} leaves no training block out of {len(blocks)}")
     return blocks[perm[n_val:]], blocks[perm[:n_val]]
+
+
+def pack_rows(rows: torch.Tensor, eos_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Blocks ``[B, T]`` as one packed row: ``(input_ids [1, B * T], cu_seqlens [N + 1] int32)``, a document
+    ending after each ``eos_token_id`` and at each block's end (a block may start or end inside a document)."""
+    batch, seq_len = rows.shape
+    after_eos = (rows.reshape(-1) == eos_token_id).nonzero().reshape(-1) + 1
+    block_ends = torch.arange(batch + 1, device=rows.device) * seq_len
+    cu_seqlens = torch.unique(torch.cat([block_ends, after_eos]))  # sorted; an EOS ending a block counts once
+    return rows.reshape(1, -1), cu_seqlens.to(torch.int32)
+
+
+def model_inputs(rows: torch.Tensor, eos_token_id: int | None = None) -> dict[str, torch.Tensor]:
+    """The model's inputs for blocks ``[B, T]``: ``{"input_ids": rows}``, or with ``eos_token_id``
+    (``data.packed_documents``) one packed row and its ``cu_seqlens`` (:func:`pack_rows`)."""
+    if eos_token_id is None:
+        return {"input_ids": rows}
+    input_ids, cu_seqlens = pack_rows(rows, eos_token_id)
+    return {"input_ids": input_ids, "cu_seqlens": cu_seqlens}
 
 
 class BlockSampler:

@@ -4,9 +4,11 @@ its own slice of each global batch (:class:`~linattn_dsl.train.data.BlockSampler
 
 Per optimiser step: ``gradient_accumulation_steps`` micro-batches (gradients synchronised on the last
 only), bf16 autocast on CUDA, gradient clipping to ``training.max_norm``, a step skipped when the loss or
-gradient norm is not finite, AdamW, warmup + cosine schedule. Checkpoints (atomic, :mod:`.checkpoint`)
-hold everything a resumed run needs to reproduce the losses of an uninterrupted one, and the model's settings:
-``--resume`` with other settings stops before any work, naming the fields that differ.
+gradient norm is not finite, AdamW, warmup + cosine schedule. With ``data.packed_documents`` each micro-batch
+(and each held-out batch) is one packed row with ``cu_seqlens`` (:func:`~linattn_dsl.train.data.model_inputs`).
+Checkpoints (atomic, :mod:`.checkpoint`) hold everything a resumed run needs to reproduce the losses of an
+uninterrupted one, and the model's settings: ``--resume`` with other settings stops before any work, naming the
+fields that differ.
 
 Throughput and memory: every step's wall time is kept (the loss's ``.item()`` synchronises each step);
 ``train_summary.json`` in the dump folder (and :class:`TrainResult`) gives the steady tokens/s (all
@@ -17,6 +19,7 @@ CUDA memory of the main process.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import math
 import os
@@ -157,9 +160,25 @@ def build_optimizer(cfg: dict[str, Any], model: torch.nn.Module) -> torch.optim.
                              **impl[o["implementation"]])
 
 
+def packing_eos(cfg: dict[str, Any], tokenizer, model: torch.nn.Module, custom_model: bool) -> int | None:
+    """The EOS id that ends documents when ``data.packed_documents`` is on (None when off): the model must take
+    ``cu_seqlens`` by name (a ``model_factory`` model that swallowed it in ``**kwargs`` would train across
+    documents unnoticed)."""
+    if not cfg["data"]["packed_documents"]:
+        return None
+    if tokenizer.eos_token_id is None:
+        raise ConfigError("data.packed_documents: the tokenizer has no EOS token to end documents with")
+    if custom_model and "cu_seqlens" not in inspect.signature(model.forward).parameters:
+        raise ConfigError(f"data.packed_documents: the model from model_factory ({type(model).__name__}) takes no "
+                          "cu_seqlens keyword; expected a model that runs packed documents")
+    return tokenizer.eos_token_id
+
+
 @torch.no_grad()
-def evaluate_loss(model, val: torch.Tensor, batch_size: int, max_batches: int, accelerator: Accelerator) -> float:
-    """Mean held-out cross-entropy over up to ``max_batches`` batches (split across processes).
+def evaluate_loss(model, val: torch.Tensor, batch_size: int, max_batches: int, accelerator: Accelerator,
+                  eos_token_id: int | None = None) -> float:
+    """Mean held-out cross-entropy over up to ``max_batches`` batches (split across processes); with
+    ``eos_token_id`` each batch is packed (:func:`~linattn_dsl.train.data.model_inputs`).
 
     Every process runs the same number of forwards (one with no batch of its own repeats the first,
     weighted 0): a wrapped model's forward may be collective (DDP's buffer broadcast, FSDP's all-gather),
@@ -174,8 +193,9 @@ def evaluate_loss(model, val: torch.Tensor, batch_size: int, max_batches: int, a
         index = i * world + rank
         weight = 1.0 if index < len(batches) else 0.0
         batch = batches[index if index < len(batches) else 0].to(accelerator.device)
+        inputs = data.model_inputs(batch, eos_token_id)
         with accelerator.autocast():
-            loss = model(input_ids=batch, labels=batch, use_cache=False).loss
+            loss = model(**inputs, labels=inputs["input_ids"], use_cache=False).loss
         blocks = weight * len(batch)
         total += torch.stack([loss.float() * blocks, torch.tensor(blocks, device=total.device)])
     total = accelerator.reduce(total, "sum")
@@ -238,6 +258,7 @@ def train(cfg: dict[str, Any], resume: bool = False, on_step: Callable[[int, dic
                                 accelerator.process_index, accelerator.num_processes)
 
     model = build_model(cfg, tokenizer) if model_factory is None else model_factory(cfg, tokenizer)
+    eos = packing_eos(cfg, tokenizer, model, model_factory is not None)
     num_params = sum(p.numel() for p in model.parameters())
     if t_cfg["activation_checkpointing"]:
         model.activation_checkpointing_enable()
@@ -273,10 +294,10 @@ def train(cfg: dict[str, Any], resume: bool = False, on_step: Callable[[int, dic
         t0 = time.perf_counter()
         loss_sum = torch.zeros((), device=accelerator.device)
         for micro in range(accum):
-            batch = sampler.next_batch().to(accelerator.device)
+            inputs = data.model_inputs(sampler.next_batch().to(accelerator.device), eos)
             sync = micro == accum - 1
             with (contextlib.nullcontext() if sync else accelerator.no_sync(model)), accelerator.autocast():
-                loss = model(input_ids=batch, labels=batch, use_cache=False).loss
+                loss = model(**inputs, labels=inputs["input_ids"], use_cache=False).loss
             accelerator.backward(loss / accum)
             loss_sum += loss.detach().float()
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), t_cfg["max_norm"] or float("inf"))
@@ -301,7 +322,7 @@ def train(cfg: dict[str, Any], resume: bool = False, on_step: Callable[[int, dic
         interval = t_cfg["eval_interval"]
         if len(val_blocks) and (step == t_cfg["steps"] or (interval and step % interval == 0)):
             record["val_loss"] = evaluate_loss(model, val_blocks, t_cfg["batch_size"], t_cfg["eval_batches"],
-                                               accelerator)
+                                               accelerator, eos)
             result.val_loss = record["val_loss"]
         if main and (step % cfg["metrics"]["log_freq"] == 0 or "val_loss" in record or step == t_cfg["steps"]):
             log.write(record)
