@@ -197,6 +197,14 @@ def cmd_demo(args) -> int:
     return run_demo(args)
 
 
+def cmd_convert(args) -> int:
+    from .models.convert import convert_fla
+
+    dst = convert_fla(args.from_fla, args.dst)
+    print(f"wrote {dst}: load it with linattn_dsl.models.from_pretrained({str(dst)!r})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="linattn", description="linattn-dsl: a compiler for linear attention")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -225,6 +233,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="linattn_demo", help="folder for the demo's artefacts")
     s.add_argument("--quick", action="store_true", help="a shorter run (used by the tests)")
     s.set_defaults(fn=cmd_demo)
+    s = sub.add_parser("convert", help="convert a checkpoint saved by FLA (flash-linear-attention) into ours")
+    s.add_argument("--from-fla", required=True, metavar="SRC", dest="from_fla",
+                   help="a folder saved by FLA's save_pretrained (config.json + safetensors)")
+    s.add_argument("dst", metavar="DST", help="the folder to write (AutoModelForCausalLM.from_pretrained loads it)")
+    s.set_defaults(fn=cmd_convert)
     train_cli.register(sub)  # train, generate, eval: each module registers and runs its own subcommand
     generate.register(sub)
     evaluate.register(sub)
