@@ -97,6 +97,23 @@ def _warm(trees: dict, ops: list[str], T: int) -> dict:
     return out
 
 
+def _cold(trees: dict, ops: list[str], T: int) -> dict:
+    """{(side, op): seconds of the first call with an empty Triton cache}, one process at a time (no contention),
+    sides alternating per op."""
+    import tempfile
+
+    out = {}
+    for i, op in enumerate(ops):
+        for side in (list(trees) if i % 2 == 0 else list(trees)[::-1]):
+            cmd, env = _side_cmd(trees[side], [op], [T])
+            with tempfile.TemporaryDirectory() as cache:
+                res = subprocess.run(cmd, env=dict(env, TRITON_CACHE_DIR=cache), cwd=str(trees[side]),
+                                     capture_output=True, text=True)
+            out[(side, op)] = _parse(trees[side], res.returncode, res.stdout, res.stderr)[0]["first"]
+            print(f"cold {side} {op}: {out[(side, op)]:.1f} s", file=sys.stderr, flush=True)
+    return out
+
+
 def _table(a, rows: dict, warm: dict | None, file=sys.stdout) -> None:
     """Per op and T: each side's median fwd and fwd+bwd over the rounds so far, new / old, and the first call."""
     lines = [f"{'op':>18} {'T':>6} | old fwd / fwd+bwd ms | new fwd / fwd+bwd ms | new/old fwd, fwd+bwd | "
@@ -124,10 +141,18 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, help="write every round's raw timings here (JSON)")
     p.add_argument("--warm", action="store_true", help="compile every (side, op) first, all at once (the first-call "
                    "column is then of these parallel compiles)")
+    p.add_argument("--cold", action="store_true", help="only the first call of every (side, op) with an empty Triton "
+                   "cache, one process at a time, then exit")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.child:
         _child(a.ops, a.T)
+        return 0
+    if a.cold:
+        cold = _cold({"old": a.old, "new": a.new}, a.ops, a.T[0])
+        print(f"{'op':>18} | first call s, empty cache: old / new")
+        for op in a.ops:
+            print(f"{op:>18} | {cold[('old', op)]:6.1f} / {cold[('new', op)]:6.1f}")
         return 0
     warm = _warm({"old": a.old, "new": a.new}, a.ops, a.T[0]) if a.warm else None
     if warm:
