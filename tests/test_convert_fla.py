@@ -22,22 +22,18 @@ from transformers import AutoModelForCausalLM
 
 import linattn_dsl.models  # noqa: F401  (registers our model types with the Auto classes)
 from linattn_dsl.cli import main as linattn
-from linattn_dsl.models.convert import (
-    build_config, convert_fla, family_of, map_checkpoint, our_classes, read_fla,
-)
+from linattn_dsl.models.convert import convert_fla
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures" / "fla"
 TOLERANCE = dict(atol=1e-4, rtol=1e-4)  # fp32, FLA's kernels against ours
 
-# fixture -> our model_type: the families that convert exactly
+# fixture -> our model_type: every family converts exactly
 EXACT = {
     "gla": "linattn_gla", "gla_hybrid": "linattn_gla", "retnet": "linattn_retnet", "kda": "linattn_kda",
     "delta_net": "linattn_delta_net", "gated_deltanet": "linattn_gated_deltanet",
-    "gated_deltanet_gva": "linattn_gated_deltanet",
+    "gated_deltanet_gva": "linattn_gated_deltanet", "mamba2": "linattn_mamba2", "rwkv7": "linattn_rwkv7",
 }
-# fixture -> a word of the reason it cannot be converted yet: FLA's block layout, which our configs cannot express
-BLOCKED = {"mamba2": "mixer-only", "rwkv7": "LayerNorm"}
 
 
 def expected(name: str) -> dict[str, torch.Tensor]:
@@ -106,61 +102,31 @@ def test_sharded_bf16_checkpoint(tmp_path, one_thread):
     assert (logits(model, want["input_ids"]).float() - want["logits"]).abs().max() < 0.1  # bf16 weights
 
 
-# ------------------------------------------------------------------ families our configs cannot express yet
+# ------------------------------------------------------------------ FLA's block layouts
 
 
-@pytest.mark.parametrize("name", sorted(BLOCKED))
-def test_blocked_family_raises_naming_it(name, tmp_path):
-    with pytest.raises(ValueError, match=rf"FLA {name}: cannot convert exactly yet: .*{BLOCKED[name]}"):
-        convert_fla(FIXTURES / name, tmp_path / "ours")
-    assert not (tmp_path / "ours").exists()
+def test_mamba2_blocks_are_mixer_only(tmp_path):
+    model = AutoModelForCausalLM.from_pretrained(convert_fla(FIXTURES / "mamba2", tmp_path / "ours"))
+    assert model.config.use_mlp is False
+    assert all(block.mlp is None and not hasattr(block, "mlp_norm") for block in model.model.layers)
 
 
-def blocked_model(name: str) -> tuple[nn.Module, dict[str, torch.Tensor]]:
-    """Our model for a blocked fixture (every parameter mapped but the block layout ignored) and the mapped
-    state dict."""
-    fla_config, state = read_fla(FIXTURES / name)
-    fields, mapped = map_checkpoint(fla_config, state, blocked=False)
-    family = family_of(fla_config)
-    return our_classes(family)[2](build_config(family, fields)).eval(), mapped
+def test_rwkv7_layer_norms_and_pre_norm(tmp_path):
+    model = AutoModelForCausalLM.from_pretrained(convert_fla(FIXTURES / "rwkv7", tmp_path / "ours"))
+    assert model.config.norm_type == "layer" and model.config.pre_norm is True
+    first, second = model.model.layers
+    assert isinstance(first.pre_norm, nn.LayerNorm) and second.pre_norm is None
+    for norm in (first.pre_norm, first.attn_norm, second.mlp_norm, model.model.norm):
+        assert isinstance(norm, nn.LayerNorm) and norm.eps == 1e-5   # FLA's norm_eps for all of them
 
 
-def test_mamba2_converts_exactly_with_mixer_only_blocks(one_thread):
-    # what our Mamba2 lacks is only a switch for mixer-only blocks: without each block's MLP, the logits match
-    model, mapped = blocked_model("mamba2")
-    for block in model.model.layers:
-        block.mlp = None   # LinAttnBlock with mlp=None: out = x + mixer(norm(x))
-        del block.mlp_norm
-    model.load_state_dict(mapped, strict=True)
-    want = expected("mamba2")
-    torch.testing.assert_close(logits(model, want["input_ids"]), want["logits"], **TOLERANCE)
-
-
-class LayerNormWithResidual(nn.LayerNorm):
-    """LayerNorm called like our RMSNorm: ``norm(x, residual, prenorm=True) -> (norm(x + residual), x + residual)``."""
-
-    def forward(self, x, residual=None, prenorm=False):
-        if residual is not None:
-            x = x + residual
-        out = super().forward(x)
-        return (out, x) if prenorm else out
-
-
-def test_rwkv7_converts_exactly_with_layer_norms(one_thread):
-    # what our RWKV7 lacks is only FLA's block norms: LayerNorms with a bias, and a pre-norm at layer 0; with them
-    # put in, the mapped mixers and channel mixes give FLA's logits
-    model, mapped = blocked_model("rwkv7")
-    config = model.config
-    layer_norm = lambda: LayerNormWithResidual(config.hidden_size, eps=config.norm_eps)
-    for block in model.model.layers:
-        block.attn_norm, block.mlp_norm = layer_norm(), layer_norm()
-    model.model.norm = layer_norm()
-    first = model.model.layers[0]
-    first.pre_norm = layer_norm()
-    first.register_forward_pre_hook(lambda block, args: (block.pre_norm(args[0]), *args[1:]))
-    model.load_state_dict(mapped, strict=True)
-    want = expected("rwkv7")
-    torch.testing.assert_close(logits(model, want["input_ids"]), want["logits"], **TOLERANCE)
+def test_rwkv7_without_norm_first(tmp_path):
+    # FLA's norm_first=False: no layer-0 pre_norm in its checkpoint, none in ours
+    src = fla_copy("rwkv7", tmp_path, {"norm_first": False})
+    state = load_file(src / "model.safetensors")
+    save_file({k: v for k, v in state.items() if ".pre_norm." not in k}, src / "model.safetensors")
+    model = AutoModelForCausalLM.from_pretrained(convert_fla(src, tmp_path / "ours"))
+    assert model.config.pre_norm is False and model.model.layers[0].pre_norm is None
 
 
 # ------------------------------------------------------------------ bad input
@@ -200,6 +166,8 @@ def test_dst_must_differ_from_src(tmp_path):
     ("kda", {"safe_gate": True}, "safe_gate=True"),
     ("delta_net", {"qk_norm": "sum"}, "qk_norm='sum'"),
     ("gated_deltanet", {"use_gate": False}, "use_gate=False"),
+    ("mamba2", {"norm_before_gate": True}, "norm_before_gate=True"),
+    ("rwkv7", {"norm_bias": False}, "norm_bias=False"),
     ("gla_hybrid", {"attn": {"layers": [1], "num_heads": 4, "qkv_bias": True}}, "qkv_bias"),
     ("gla_hybrid", {"attn": [{"layers": [0], "num_heads": 4}, {"layers": [1], "num_heads": 2}]},
      "2 attention settings"),

@@ -378,3 +378,88 @@ def test_training_step_under_bf16_autocast(family):
     assert torch.isfinite(loss)
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)
+
+
+# ---------------------------------------------------------------- block layouts: mixer-only, LayerNorm, pre-norm
+
+# name -> (family, config overrides): Mamba2 as in the paper and FLA (mixer-only blocks); RWKV7 as in RWKV-7 and
+# FLA (LayerNorms and a pre-norm on the embeddings in layer 0), also with softmax attention at layer 0
+LAYOUTS = {
+    "mamba2_mixer_only": ("mamba2", dict(use_mlp=False)),
+    "rwkv7_layer_norms": ("rwkv7", dict(norm_type="layer", pre_norm=True)),
+    "rwkv7_hybrid_layer_norms": ("rwkv7_hybrid", dict(norm_type="layer", pre_norm=True)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(LAYOUTS))
+def test_block_layouts_generate_and_cache(name):
+    family, overrides = LAYOUTS[name]
+    model = make_model(family, **overrides)
+    ids = prompt(2, 7)
+    out = greedy(model, ids, new_tokens=6)
+    with torch.no_grad():
+        full = model(out, use_cache=False).logits
+        # the prompt in one call, then one token per call with the returned cache
+        first = model(out[:, :7], use_cache=True)
+        steps, cache = [first.logits], first.cache
+        for t in range(7, out.shape[1]):
+            step = model(out[:, t:t + 1], cache=cache, use_cache=True)
+            steps.append(step.logits)
+            cache = step.cache
+    assert torch.equal(out[:, 7:], full[:, 6:-1].argmax(-1))
+    assert len(set(out[:, 7:].flatten().tolist())) > 2
+    torch.testing.assert_close(torch.cat(steps, 1), full, atol=LOGIT_ATOL, rtol=0)
+
+
+def test_block_layout_parameters():
+    # defaults keep the state dict names of earlier checkpoints: RMSNorm weights, an MLP per block, no pre-norm
+    for family in ("mamba2", "rwkv7"):
+        names = set(make_model(family).state_dict())
+        assert "model.layers.0.mlp_norm.weight" in names and "model.norm.weight" in names
+        assert not any(".pre_norm." in n or n.endswith(("attn_norm.bias", "mlp_norm.bias")) for n in names), family
+        assert "model.norm.bias" not in names
+    mixer_only = make_model("mamba2", use_mlp=False)
+    assert all(block.mlp is None and not hasattr(block, "mlp_norm") for block in mixer_only.model.layers)
+    assert not any(".mlp" in n for n in mixer_only.state_dict())
+    layer_norms = make_model("rwkv7", norm_type="layer", pre_norm=True)
+    names = set(layer_norms.state_dict())
+    for norm in ("layers.0.pre_norm", "layers.0.attn_norm", "layers.1.mlp_norm", "norm"):
+        assert {f"model.{norm}.weight", f"model.{norm}.bias"} <= names, norm
+    assert "model.layers.1.pre_norm.weight" not in names   # layer 0 only
+    assert isinstance(layer_norms.model.norm, torch.nn.LayerNorm)
+    assert layer_norms.model.norm.eps == layer_norms.config.norm_eps
+
+
+def test_pre_norm_feeds_the_residual():
+    # layer 0 sees pre_norm(embeddings) as its input and its residual: with the mixer's and the channel mix's output
+    # projections zeroed (both add nothing), the hidden state after layer 0 is exactly the pre-normed embeddings
+    model = make_model("rwkv7", norm_type="layer", pre_norm=True)
+    block = model.model.layers[0]
+    with torch.no_grad():
+        block.mixer.o_proj.weight.zero_()
+        block.mlp.value.weight.zero_()
+        ids = prompt(1, 5)
+        hidden = model.model(ids, output_hidden_states=True, use_cache=False).hidden_states
+        torch.testing.assert_close(hidden[1], block.pre_norm(model.model.embeddings(ids)), atol=0, rtol=0)
+        assert not torch.equal(hidden[0], hidden[1])
+
+
+@pytest.mark.parametrize("family, field, value", [
+    ("rwkv7", "norm_type", "batch"),
+    ("gla", "norm_type", None),
+    ("rwkv7", "pre_norm", 1),
+    ("mamba2", "use_mlp", "no"),
+])
+def test_bad_block_layout_fields_raise(family, field, value):
+    with pytest.raises(ValueError, match=rf"^{field}: expected"):
+        make_config(family, **{field: value})
+
+
+def test_block_layout_fields_round_trip(tmp_path):
+    model = make_model("mamba2", use_mlp=False)
+    model.save_pretrained(tmp_path / "mamba2")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "mamba2").eval()
+    assert again.config.use_mlp is False and again.model.layers[0].mlp is None
+    config = make_config("rwkv7", norm_type="layer", pre_norm=True)
+    assert type(config).from_dict(config.to_dict()).norm_type == "layer"
+    assert type(config).from_dict(config.to_dict()).pre_norm is True

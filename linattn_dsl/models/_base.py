@@ -32,6 +32,7 @@ from linattn_dsl.modules import FusedLinearCrossEntropyLoss, RMSNorm, ShortConvo
 from .cache import LinAttnCache
 
 ATTN_KEYS = ("layers", "num_heads", "num_kv_heads", "window_size", "rope_theta")
+NORM_TYPES = ("rms", "layer")
 
 
 def validate_attn(attn: dict | None, num_hidden_layers: int, hidden_size: int, num_heads: int) -> dict | None:
@@ -87,7 +88,8 @@ class LinAttnConfig(PreTrainedConfig):
 
     Checked at construction (and so by ``from_pretrained`` / ``from_dict``), each failure a ``ValueError``
     naming the field: every entry of ``field_rules`` of the class and its bases (a family adds its own),
-    then the family's cross-field sizes (:meth:`check_sizes`), the hybrid ``attn`` field and the token ids.
+    ``norm_type`` (one of :data:`NORM_TYPES`), then the family's cross-field sizes (:meth:`check_sizes`), the
+    hybrid ``attn`` field and the token ids.
     """
 
     model_type: ClassVar[str] = ""
@@ -95,7 +97,7 @@ class LinAttnConfig(PreTrainedConfig):
         "vocab_size": POSITIVE_INT, "hidden_size": POSITIVE_INT, "num_hidden_layers": POSITIVE_INT,
         "num_heads": POSITIVE_INT, "intermediate_size": POSITIVE_INT_OR_NONE, "hidden_ratio": POSITIVE_INT,
         "norm_eps": POSITIVE, "initializer_range": NON_NEGATIVE, "tie_word_embeddings": BOOL, "use_cache": BOOL,
-        "fuse_linear_cross_entropy": BOOL,
+        "fuse_linear_cross_entropy": BOOL, "pre_norm": BOOL,
     }
     vocab_size: int = 32000
     hidden_size: int = 1024
@@ -104,6 +106,11 @@ class LinAttnConfig(PreTrainedConfig):
     intermediate_size: int | None = None
     hidden_ratio: int = 4
     norm_eps: float = 1e-6
+    # the blocks' and the final norm: "rms" (RMSNorm, a weight) or "layer" (LayerNorm, a weight and a bias)
+    norm_type: str = "rms"
+    # an extra norm (of norm_type) on the embeddings' output inside layer 0, before its attn_norm; it also feeds
+    # layer 0's residual (RWKV's ln0, FLA's norm_first)
+    pre_norm: bool = False
     initializer_range: float = 0.02
     tie_word_embeddings: bool = False
     use_cache: bool = True
@@ -118,6 +125,8 @@ class LinAttnConfig(PreTrainedConfig):
         for cls in reversed(type(self).__mro__):  # a family's rule for a field replaces the base's
             rules.update(cls.__dict__.get("field_rules", {}))
         check_all(rules, {name: getattr(self, name) for name in rules})
+        if self.norm_type not in NORM_TYPES:
+            raise ValueError(f"norm_type: expected one of {NORM_TYPES}, got {self.norm_type!r}")
         self.check_sizes()
         if self.intermediate_size is None:
             # SwiGLU's 2/3 of hidden_ratio * hidden, rounded up to a multiple of 256
@@ -134,20 +143,46 @@ class LinAttnConfig(PreTrainedConfig):
         return self.attn is not None and layer_idx in self.attn["layers"]
 
 
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm (weight and bias) called as :class:`~linattn_dsl.modules.RMSNorm` is: ``forward(x, residual=None,
+    prenorm=False)`` normalises ``x + residual`` (summed in fp32) and, with ``prenorm``, also returns that sum (in
+    residual's dtype; ``x`` when no residual is given). Statistics in fp32; the output has x's dtype."""
+
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None, prenorm: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        summed = x if residual is None else x.float() + residual.float()
+        y = nn.functional.layer_norm(summed.float(), self.normalized_shape, self.weight.float(),
+                                     None if self.bias is None else self.bias.float(), self.eps).to(x.dtype)
+        if not prenorm:
+            return y
+        return y, (x if residual is None else summed.to(residual.dtype))
+
+
+def block_norm(config: LinAttnConfig) -> nn.Module:
+    """A norm of the blocks and the final one, of ``config.norm_type``."""
+    if config.norm_type == "layer":
+        return LayerNorm(config.hidden_size, eps=config.norm_eps)
+    return RMSNorm(config.hidden_size, eps=config.norm_eps)
+
+
 class LinAttnBlock(GradientCheckpointingLayer):
     """Pre-norm block: ``h = x + mixer(norm(x))``, ``out = h + mlp(norm(h))``.
 
     ``mixer`` and ``mlp`` both return ``(out, state dict or None)``; the block's state is their union
     (keys do not collide). ``v_first`` carries RWKV7's first-layer value to later layers. ``mlp=None``: a
     mixer-only block, ``out = x + mixer(norm(x))``. ``cu_seqlens`` (packed documents) reaches both.
+    ``pre_norm`` (layer 0 of a ``config.pre_norm`` model): ``x`` is replaced by ``pre_norm(x)`` first, so the
+    residual stream starts from the normed embeddings. The norms are of ``config.norm_type``.
     """
 
-    def __init__(self, config: LinAttnConfig, mixer: nn.Module, mlp: nn.Module | None) -> None:
+    def __init__(self, config: LinAttnConfig, mixer: nn.Module, mlp: nn.Module | None, pre_norm: bool = False) -> None:
         super().__init__()
-        self.attn_norm = RMSNorm(config.hidden_size, eps=config.norm_eps)
+        self.pre_norm = block_norm(config) if pre_norm else None
+        self.attn_norm = block_norm(config)
         self.mixer = mixer
         if mlp is not None:
-            self.mlp_norm = RMSNorm(config.hidden_size, eps=config.norm_eps)
+            self.mlp_norm = block_norm(config)
         self.mlp = mlp
 
     def forward(
@@ -160,6 +195,8 @@ class LinAttnBlock(GradientCheckpointingLayer):
         position_ids: torch.Tensor | None = None,
         cu_seqlens: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict | None, torch.Tensor | None]:
+        if self.pre_norm is not None:
+            hidden_states = self.pre_norm(hidden_states)
         mixed = self.mixer(
             self.attn_norm(hidden_states), attention_mask=attention_mask, cache=cache, use_cache=use_cache,
             position_ids=position_ids, v_first=v_first, cu_seqlens=cu_seqlens,
@@ -213,8 +250,9 @@ class LinAttnPreTrainedModel(PreTrainedModel):
 
 
 class LinAttnModel(LinAttnPreTrainedModel):
-    """Embeddings, ``num_hidden_layers`` blocks, final RMSNorm. A family sets ``build_mixer`` (and may
-    set ``build_mlp``): ``(config, layer_idx) -> nn.Module``."""
+    """Embeddings, ``num_hidden_layers`` blocks, final norm (of ``config.norm_type``). A family sets
+    ``build_mixer`` (and may set ``build_mlp``): ``(config, layer_idx) -> nn.Module``; ``build_mlp`` may return
+    None for mixer-only blocks."""
 
     build_mixer: ClassVar[Any] = None
     build_mlp: ClassVar[Any] = None
@@ -223,10 +261,10 @@ class LinAttnModel(LinAttnPreTrainedModel):
         super().__init__(config)
         self.embeddings = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
         self.layers = nn.ModuleList(
-            LinAttnBlock(config, self._mixer(config, i), self._mlp(config, i))
+            LinAttnBlock(config, self._mixer(config, i), self._mlp(config, i), pre_norm=config.pre_norm and i == 0)
             for i in range(config.num_hidden_layers)
         )
-        self.norm = RMSNorm(config.hidden_size, eps=config.norm_eps)
+        self.norm = block_norm(config)
         self.post_init()
 
     def _mixer(self, config: LinAttnConfig, layer_idx: int) -> nn.Module:

@@ -5,10 +5,11 @@ or its shards), maps the config fields and the parameter names, checks every ten
 config builds (names and shapes, nothing left over on either side), and writes ``dst``, a folder
 ``AutoModelForCausalLM.from_pretrained`` loads (model_type ``linattn_<family>``). Tensors keep their dtype.
 
-One :class:`Family` table per FLA model_type says how: the config fields, the parameter renames inside the token
-mixer, the FLA options our layers do not have (each a :class:`Require`; FLA's defaults all pass), and, for a family
-whose FLA block layout ours cannot express, why it is ``blocked``. A checkpoint that cannot be converted exactly
-raises ``ValueError`` naming the family and the reason; nothing is loaded approximately.
+One :class:`Family` table per FLA model_type says how: the config fields (FLA's block layouts included: Mamba2's
+mixer-only blocks are ``use_mlp=False``, RWKV7's LayerNorms and layer-0 pre-norm ``norm_type="layer"``,
+``pre_norm=True``), the parameter renames inside the token mixer, and the FLA options our layers do not have (each a
+:class:`Require`; FLA's defaults all pass). A checkpoint that cannot be converted exactly raises ``ValueError``
+naming the family and the reason; nothing is loaded approximately.
 
 Parameter names, FLA -> ours (``<p>`` is FLA's backbone attribute, ``model`` or ``backbone``)::
 
@@ -67,7 +68,7 @@ class Family:
     ``config``: our field -> FLA's field name, or a function of FLA's config (dict). ``block``: FLA's submodule of a
     block -> ours. ``mixer``: inside a linear-attention mixer, FLA's parameter name or module path -> ours (the
     longest matching module path wins; unmatched names stay). ``mlp_weight``: our parameter whose first dimension is
-    ``intermediate_size``. ``blocked``: why this family cannot be converted exactly yet (None: it can)."""
+    ``intermediate_size``."""
 
     ours: str
     config: dict[str, str | Callable[[dict], Any]]
@@ -78,7 +79,6 @@ class Family:
                                                            "mlp_norm": "mlp_norm", "mlp": "mlp"})
     mixer: dict[str, str] = field(default_factory=dict)
     mlp_weight: str | None = "mlp.gate_proj.weight"
-    blocked: str | None = None
 
 
 # options every FLA family with a SwiGLU MLP shares
@@ -116,7 +116,9 @@ FAMILIES: dict[str, Family] = {
         config={"num_heads": "num_heads", "head_dim": "head_dim", "state_size": "state_size", "expand": "expand",
                 "n_groups": "n_groups", "conv_kernel": "conv_kernel", "use_conv_bias": "use_conv_bias",
                 "use_bias": "use_bias", "time_step_min": "dt_min", "time_step_max": "dt_max",
-                "time_step_floor": "dt_init_floor"},
+                "time_step_floor": "dt_init_floor",
+                # FLA's Mamba2 blocks are mixer-only: x + mixer(norm(x))
+                "use_mlp": lambda c: False},
         requires=(Require("rmsnorm", equals(True), "true", "our Mamba2 always has its gated RMSNorm", True),
                   Require("norm_before_gate", equals(False), "false", "our Mamba2 gates before the norm", False),
                   Require("D_has_hdim", equals(False), "false", "our Mamba2's D is one value per head", False),
@@ -128,27 +130,27 @@ FAMILIES: dict[str, Family] = {
         block={"norm": "attn_norm", "mixer": "mixer"},
         mixer={"norm.weight": "norm_weight"},
         mlp_weight=None,
-        blocked=("FLA's Mamba2 blocks are mixer-only (h = x + mixer(norm(x)), no MLP, no mlp_norm); our Mamba2Config "
-                 "always builds a SwiGLU MLP per block and has no field to leave it out"),
     ),
     "rwkv7": Family(
         ours="rwkv7",
         config={"head_dim": "head_dim", "decay_low_rank_dim": "decay_low_rank_dim",
                 "gate_low_rank_dim": "gate_low_rank_dim", "a_low_rank_dim": "a_low_rank_dim",
-                "v_low_rank_dim": "v_low_rank_dim"},
+                "v_low_rank_dim": "v_low_rank_dim",
+                # FLA's RWKV7 blocks and final norm are LayerNorms (eps norm_eps); norm_first (default true) adds
+                # a LayerNorm on the embeddings inside layer 0 that also feeds its residual
+                "norm_type": lambda c: "layer", "pre_norm": lambda c: c.get("norm_first", True)},
         requires=(Require("hidden_act", equals("sqrelu"), "'sqrelu'", "our RWKV7 channel mix is relu^2", "sqrelu"),
                   Require("value_dim", lambda v, c: v is None or set(v if isinstance(v, list) else [v])
                           == {c.get("hidden_size")}, "None or hidden_size", "our RWKV7 has value_dim = hidden_size"),
                   # FLA gives layer 0 the value residual's source; ours gives it to the first RWKV7 layer
                   Require("attn", lambda v, c: v is None or 0 not in _attn_layers(v), "no attention at layer 0",
-                          "our RWKV7 takes v_first from the first RWKV7 layer, FLA from layer 0")),
-        block={"attn": "mixer", "attn_norm": "attn_norm", "ffn_norm": "mlp_norm", "ffn": "mlp"},
+                          "our RWKV7 takes v_first from the first RWKV7 layer, FLA from layer 0"),
+                  Require("norm_bias", equals(True), "true", "our LayerNorms always have a bias", True)),
+        block={"pre_norm": "pre_norm", "attn": "mixer", "attn_norm": "attn_norm", "ffn_norm": "mlp_norm",
+               "ffn": "mlp"},
         mixer={f"{lora}.lora.{i}": f"{lora}.{part}" for lora in ("w_lora", "v_lora", "a_lora", "g_lora")
                for i, part in ((0, "down"), (2, "up"))},
         mlp_weight="mlp.key.weight",
-        blocked=("FLA's RWKV7 blocks use LayerNorm (mean-centred, with a bias) for attn_norm, ffn_norm and the final "
-                 "norm, and layer 0 has an extra pre_norm LayerNorm (norm_first); our RWKV7Config has RMSNorm block "
-                 "norms only, with no LayerNorm or pre-norm switch"),
     ),
     "kda": Family(
         ours="kda",
@@ -253,16 +255,13 @@ def family_of(fla_config: dict) -> Family:
     return FAMILIES[model_type]
 
 
-def check_supported(family: Family, fla_config: dict, blocked: bool = True) -> None:
-    """ValueError listing every FLA option of this checkpoint our model lacks (and the block layout when
-    ``blocked`` and the family is blocked)."""
+def check_supported(family: Family, fla_config: dict) -> None:
+    """ValueError listing every FLA option of this checkpoint our model lacks."""
     name = fla_config["model_type"]
     problems = [f"{r.field}={fla_config.get(r.field, r.default)!r} (expected {r.expected}: {r.why})"
                 for r in family.requires if not r.ok(fla_config.get(r.field, r.default), fla_config)]
     if problems:
         raise ValueError(f"FLA {name}: cannot convert exactly: " + "; ".join(problems))
-    if blocked and family.blocked:
-        raise ValueError(f"FLA {name}: cannot convert exactly yet: {family.blocked}")
 
 
 def attn_config(fla_config: dict) -> dict | None:
@@ -333,15 +332,15 @@ def our_state(family: Family, fla_config: dict, state: dict[str, torch.Tensor]) 
 
 
 def check_state(model_type: str, state: dict[str, torch.Tensor], expected: dict[str, torch.Size],
-                tied: bool, strict: bool = True) -> dict[str, torch.Tensor]:
+                tied: bool) -> dict[str, torch.Tensor]:
     """``state`` fitted to ``expected`` (our model's parameter shapes): singleton dimensions dropped where that is
     the only difference (RWKV7's ``[1, 1, D]`` mixes), the tied ``lm_head.weight`` left to the embeddings.
-    ValueError listing missing names, names with no place (both only when ``strict``), and shapes that differ."""
+    ValueError listing missing names, names with no place in our model, and shapes that differ."""
     if tied:
         state = {k: v for k, v in state.items() if k != "lm_head.weight"}
         expected = {k: v for k, v in expected.items() if k != "lm_head.weight"}
-    missing = sorted(set(expected) - set(state)) if strict else []
-    unexpected = sorted(set(state) - set(expected)) if strict else []
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
     fitted, wrong = {}, []
     for key in sorted(state):
         tensor, shape = state[key], expected.get(key, state[key].shape)
@@ -377,17 +376,14 @@ def expected_shapes(family: Family, fields: dict) -> dict[str, torch.Size]:
     return {key: tensor.shape for key, tensor in model.state_dict().items()}
 
 
-def map_checkpoint(fla_config: dict, state: dict[str, torch.Tensor],
-                   blocked: bool = True) -> tuple[dict, dict[str, torch.Tensor]]:
-    """Our config fields and state dict for an FLA checkpoint (ValueError when it cannot be converted exactly).
-    ``blocked=False`` skips a family's block-layout blocker only: for tests of the rest of its mapping."""
+def map_checkpoint(fla_config: dict, state: dict[str, torch.Tensor]) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Our config fields and state dict for an FLA checkpoint (ValueError when it cannot be converted exactly)."""
     family = family_of(fla_config)
-    check_supported(family, fla_config, blocked)
+    check_supported(family, fla_config)
     mapped = our_state(family, fla_config, state)
     fields = our_config(family, fla_config, mapped)
-    # a blocked family's blocks have parts ours lacks (and the reverse): fit the shapes of the rest only
     mapped = check_state(fla_config["model_type"], mapped, expected_shapes(family, fields),
-                         bool(fields.get("tie_word_embeddings")), strict=not family.blocked)
+                         bool(fields.get("tie_word_embeddings")))
     return fields, mapped
 
 

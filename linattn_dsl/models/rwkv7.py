@@ -1,6 +1,8 @@
 """RWKV7: time-mixing blocks (:class:`linattn_dsl.layers.RWKV7Attention`) with RWKV7's channel-mix FFN.
 
 The first RWKV7 layer (the first index not in ``attn.layers``) provides the value residual ``v_first``.
+``norm_type="layer", pre_norm=True`` (fields of every config) give RWKV-7's own layout, FLA's too: LayerNorms with a
+bias in the blocks and at the end, and one more on the embeddings inside layer 0 (RWKV's ``ln0``).
 """
 
 from __future__ import annotations
