@@ -3,8 +3,9 @@
 * fp32 kernels vs the float64 oracle with per-step log-decays of -inf, -1e30, -1e4 and -50 at the first
   token, on both sides of a chunk boundary, inside a chunk (one channel only) and at the last token:
   outputs, final states and every gradient within 1e-4 relative (the op tests' fp32 bound);
-* bf16 at T=4096: a NaN or inf at token t changes no output before t, bit for bit against the same call
-  without it, and nothing of the other sequence (its outputs and final state).
+* bf16 at T=4096: a NaN or inf at token t changes no output before t and nothing of the other sequence (its
+  outputs and final state), bit for bit against the same call without it; the rows of t's own chunk before it
+  are recomputed by the chunk form's containment pass (the step form) and agree to bf16 rounding (2e-2).
 """
 
 import pytest
@@ -15,6 +16,7 @@ from linattn_dsl import ops
 from linattn_dsl.compiler import registry
 
 from linattn_dsl.reference import drawing as testing
+from linattn_dsl.runtime.tuning import BT
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 # the plain log-decay input of each shipped spec that takes one per token
@@ -48,12 +50,6 @@ def test_decay_spikes_vs_oracle(name, mode):
     assert all(e < 1e-4 for e in errs.values()), errs
 
 
-# The chunk kernels' causal products (A @ V, the UT transform, the general solve) let 0 * NaN reach rows before
-# the bad token inside its chunk (every spec's v; k and gates of the delta and general forms): expected failures
-# until the fix in benchmarks/experiments/nan_contain.patch is adopted.
-CHUNK_LEAK = pytest.mark.xfail(reason="chunk forward kernels: 0 * NaN in causal products", strict=False)
-
-
 def _poison_targets():
     """(spec, input, value) for each spec: NaN in its value input, inf in its key input, NaN in the raw input of its
     log-decay (Mamba2's dt, which also scales the values); specs without a per-token gate input have two."""
@@ -69,9 +65,7 @@ def _poison_targets():
 
 @pytest.mark.parametrize("name, target, value", _poison_targets())
 @pytest.mark.parametrize("mode", ["chunk", "fused_recurrent"])
-def test_nonfinite_stays_where_it_is(name, target, value, mode, request):
-    if mode == "chunk":
-        request.applymarker(CHUNK_LEAK)
+def test_nonfinite_stays_where_it_is(name, target, value, mode):
     spec = registry.load(name)
     case = _cuda(testing.draw_case(spec, B=2, T=4096, heads=4, K=128, V=128, seed=5), torch.bfloat16)
     op = getattr(ops, f"{mode}_{name}")
@@ -81,6 +75,9 @@ def test_nonfinite_stays_where_it_is(name, target, value, mode, request):
     poisoned[target] = case.tensors[target].clone()
     poisoned[target][0, t0] = float(value)
     o, s = case.call(op, poisoned)
-    assert torch.equal(o[0, :t0], clean_o[0, :t0]), f"{target} at token {t0} changed earlier outputs"
+    start = t0 - t0 % BT   # t0's chunk: its earlier rows come from the containment pass in the chunk form
+    assert torch.equal(o[0, :start], clean_o[0, :start]), f"{target} at token {t0} changed earlier chunks"
+    near, ref = o[0, start:t0].float(), clean_o[0, start:t0].float()
+    assert torch.isfinite(near).all() and (near - ref).norm() <= 2e-2 * ref.norm(), f"{target}: rows {start}..{t0}"
     assert torch.equal(o[1], clean_o[1]) and torch.equal(s[1], clean_s[1]), "another sequence changed"
     assert not torch.isfinite(o[0, t0:]).all()

@@ -11,8 +11,7 @@ Hypothesis places, in small calls (T up to 150, head dims 16 or 32, one to three
   every output before t must match the oracle, so must every output and final state the oracle has finite
   (a query's NaN spoils one output; -inf in a log-decay or in Mamba2's dt spoils none), none the oracle has
   non-finite may come out finite (a NaN dropped), and the other sequences' outputs and final states must be
-  bit for bit those of the same call without it. The chunk kernels do not hold the first part yet
-  (CHUNK_LEAK below).
+  bit for bit those of the same call without it.
 Backends: the generated Triton kernels under TRITON_INTERPRET=1 (chunk and fused_recurrent, a fresh process
 each: the flag must be set before the kernels are imported) and the CPU twin (chunk, this process). Also
 bf16 inputs under the interpreter against the oracle at the bf16 bound (verify.TOLERANCE, 5e-2).
@@ -255,15 +254,11 @@ def main(mode: str, prop: str) -> int:
 
 
 HERE = Path(__file__).parent
-# The chunk kernels let a non-finite value reach the outputs before it inside its chunk: every whole-chunk
-# product with a triangular operand (output_fwd's A @ V; the delta form's UT transform, W and U'; the general
-# form's solve, Mak, Wa and R) forms 0 * NaN for the pairs above the diagonal.
-CHUNK_LEAK = pytest.mark.xfail(reason="chunk kernels: 0 * NaN in whole-chunk triangular products", strict=False)
 
 
 @pytest.mark.parametrize("mode, prop", [
-    ("chunk", "spikes"), ("fused_recurrent", "spikes"), pytest.param("chunk", "nonfinite", marks=CHUNK_LEAK),
-    ("fused_recurrent", "nonfinite"), ("chunk", "bf16"), ("fused_recurrent", "bf16")])
+    ("chunk", "spikes"), ("fused_recurrent", "spikes"), ("chunk", "nonfinite"), ("fused_recurrent", "nonfinite"),
+    ("chunk", "bf16"), ("fused_recurrent", "bf16")])
 def test_interpreted_triton(mode, prop):
     """The generated Triton kernels under TRITON_INTERPRET=1, in a fresh process."""
     env = dict(os.environ, TRITON_INTERPRET="1")

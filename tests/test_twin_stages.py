@@ -37,7 +37,7 @@ STAGE_TOL = 1e-4
 
 # ---- the kernels' stages (run under TRITON_INTERPRET=1) ----------------------------------------------
 class _Spy:
-    """A kernel whose launches record their arguments (after the launch: the buffers are filled)."""
+    """A kernel whose launches record their (named) arguments (after the launch: the buffers are filled)."""
 
     def __init__(self, kernel, sink: list):
         self.kernel, self.sink = kernel, sink
@@ -47,7 +47,7 @@ class _Spy:
 
         def run(*args, **kwargs):
             out = launch(*args, **kwargs)
-            self.sink.append(args)
+            self.sink.append(kwargs)
             return out
         return run
 
@@ -95,7 +95,7 @@ def triton_stages(mod, bound, do: torch.Tensor, dht: torch.Tensor | None) -> dic
             x = host.Prepared(mod, bound, variant)
             G, h, ht, A = additive.forward_states(mod, gate, x.q, x.k, x.v, x.vs, x.gate_inputs, x.h0, x.L, scale,
                                                   True)
-            o = host.output(mod, gate, x.q, x.k, x.v, x.vs, x.sk, G, h, A, x.L, scale, torch.float32)
+            o, _ = host.output(mod, gate, x.q, x.k, x.v, x.vs, x.sk, G, h, A, x.L, scale, torch.float32)
             with _recording(additive, rec):
                 (dq, dk, dv, dvs, dsk), dh0, grads = additive.backward(
                     mod, gate, x.L, scale, (x.q, x.k, x.v, x.vs, x.sk), x.h0, x.gate_inputs, (G, h, A), do, dht,
@@ -106,7 +106,7 @@ def triton_stages(mod, bound, do: torch.Tensor, dht: torch.Tensor | None) -> dic
             beta = torch.broadcast_to(x.roles["beta"].float(), (B, T, H)).reshape(B * T, H).contiguous()
             G, P, Tm, w, h, vnew, ht, A, qg = delta.forward_states(mod, gate, x.q, x.k, x.v, beta, x.gate_inputs,
                                                                    x.h0, x.L, scale, True, want_qg=True)
-            o = host.output(mod, gate, x.q, x.k, vnew, None, None, G, h, A, x.L, scale, torch.float32, qg=qg)
+            o, _ = host.output(mod, gate, x.q, x.k, vnew, None, None, G, h, A, x.L, scale, torch.float32, qg=qg)
             with _recording(delta, rec):
                 (dq, dk, dv, dbeta), dh0, grads = delta.backward(
                     mod, gate, x.L, scale, (x.q, x.k, x.v, beta), x.h0, x.gate_inputs, (G, P, Tm, w, h, vnew, A), do,
@@ -116,13 +116,13 @@ def triton_stages(mod, bound, do: torch.Tensor, dht: torch.Tensor | None) -> dic
             x = host.Prepared(mod, bound, variant, fuse=False)
             a, b = (x.roles[r].to(x.q.dtype).reshape(B * T, H, K).contiguous() for r in ("a", "b"))
             st, ht = general.forward_states(mod, gate, x.q, x.k, x.v, a, b, x.gate_inputs, x.h0, x.L, scale, True)
-            o = general.output(mod, gate, x.q, x.v, st, x.L, scale)
+            o, _ = general.output(mod, gate, x.q, x.v, st, x.L, scale)
             G, h = st["G"], st["h"]
             with _recording(general, rec, mod):
                 (dq, dk, dv, da, db), dh0, grads = general.backward(
                     mod, gate, x.L, scale, (x.q, x.k, x.v, a, b), x.h0, x.gate_inputs,
                     tuple(st[n] for n in general._SAVED), do, dht, True)
-            rec["dhn"], dR = rec["dv_bwd"][0][4], rec["dv_bwd"][0][5]
+            rec["dhn"], dR = rec["dv_bwd"][0]["dhn"], rec["dv_bwd"][0]["dR"]
             out.update(R=st["R"], dR=dR, da=da, db=db)
     out.update(G=G, h=h, ht=ht, o=o, dhn=rec["dhn"], dq=dq, dk=dk, dv=dv, dh0=dh0)
     if gate.grads:

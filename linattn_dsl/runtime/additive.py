@@ -42,16 +42,20 @@ def forward(mod, gate, L, scale, store_final, tensors, h0, gate_inputs, for_bwd=
     """(o, final state, what the backward keeps)."""
     q, k, v, vs, sk = tensors
     G, h, ht, A = forward_states(mod, gate, q, k, v, vs, gate_inputs, h0, L, scale, store_final)
-    o = host.output(mod, gate, q, k, v, vs, sk, G, h, A, L, scale, v.dtype)
+    o, bad = host.output(mod, gate, q, k, v, vs, sk, G, h, A, L, scale, v.dtype)
+    host.contain(mod, gate, L, scale, _step(mod, tensors), G, h, o, bad)
     return o, ht, (G, h, A)
+
+
+def _step(mod, tensors) -> host.Step:
+    q, k, v, vs, sk = tensors
+    return host.Step("recurrent_fwd", mod.recurrent_fwd, q, k, v, dict(vs=vs, sk=sk), vs is not None,
+                     dict(VSCALE=vs is not None, SKIP=sk is not None))
 
 
 def recurrent(mod, gate, L, scale, store_final, tensors, h0, gate_inputs):
     """The step form: (o, final state)."""
-    q, k, v, vs, sk = tensors
-    return host.step_form(mod, gate, L, scale, store_final, "recurrent_fwd", mod.recurrent_fwd, q, k, v,
-                          dict(vs=vs, sk=sk), h0, gate_inputs, vs is not None, VSCALE=vs is not None,
-                          SKIP=sk is not None)
+    return host.step_form(mod, gate, L, scale, store_final, _step(mod, tensors), h0, gate_inputs)
 
 
 def backward(mod, gate, L, scale, tensors, h0, gate_inputs, saved, do, dht, need_gate_grads):

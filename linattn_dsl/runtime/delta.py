@@ -69,7 +69,8 @@ def forward(mod, gate, L, scale, store_final, tensors, h0, gate_inputs, for_bwd=
     q, k, v, beta = tensors
     G, P, Tm, w, h, vnew, ht, A, qg = forward_states(mod, gate, q, k, v, beta, gate_inputs, h0, L, scale, store_final,
                                                      want_qg=True)
-    o = host.output(mod, gate, q, k, vnew, None, None, G, h, A, L, scale, v.dtype, qg=qg)
+    o, bad = host.output(mod, gate, q, k, vnew, None, None, G, h, A, L, scale, v.dtype, qg=qg)
+    host.contain(mod, gate, L, scale, _step(mod, tensors), G, h, o, bad)
     return o, ht, (G, P, Tm, w, h, vnew, A)
 
 
@@ -122,11 +123,14 @@ def backward(mod, gate, L, scale, tensors, h0, gate_inputs, saved, do, dht, need
     return (dq, dk, dv, dbeta.to(beta.dtype)), dh0, dgate
 
 
+def _step(mod, tensors) -> host.Step:
+    q, k, v, beta = tensors
+    return host.Step("recurrent_delta_fwd", mod.recurrent_delta_fwd, q, k, v, dict(beta=beta))
+
+
 def recurrent(mod, gate, L, scale, store_final, tensors, h0, gate_inputs):
     """The step form: (o, final state)."""
-    q, k, v, beta = tensors
-    return host.step_form(mod, gate, L, scale, store_final, "recurrent_delta_fwd", mod.recurrent_delta_fwd, q, k, v,
-                          dict(beta=beta), h0, gate_inputs)
+    return host.step_form(mod, gate, L, scale, store_final, _step(mod, tensors), h0, gate_inputs)
 
 
 def run_triton(mod, variant, bound: Bound, mode: str):

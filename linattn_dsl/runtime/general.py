@@ -60,29 +60,35 @@ def forward_states(mod, gate, q, k, v, a, b, gate_inputs, h0, L, scale, store_fi
 
 
 def output(mod, gate, q, v, st, L, scale):
+    """(o, which of its tiles hold a non-finite value: host.contain's input)."""
     rows, HQ, K = q.shape
     H, V = v.shape[1], v.shape[2]
     o = torch.empty(rows, H, V, dtype=v.dtype, device=q.device)
     oo = tuning.launch("general_output_fwd", host.launch_key(mod, gate, q, V, L, H))
+    bad = torch.empty(L.NT, H, triton.cdiv(V, oo["BV"]), dtype=torch.int8, device=q.device)
     launch(mod.general_output_fwd, (triton.cdiv(V, oo["BV"]), L.NT, H), o, qg=st["qg"], v=v, h=st["h"], R=st["R"],
-           Aqk=st["Aqk"], Aqb=st["Aqb"], o=o, **L.chunks, scale=scale, H=H, K=K, V=V, BT=BT,
+           Aqk=st["Aqk"], Aqb=st["Aqb"], o=o, bad=bad, **L.chunks, scale=scale, H=H, K=K, V=V, BT=BT,
            HALF=tuning.half_kind(q.dtype), **oo)
-    return o
+    return o, bad
 
 
 def forward(mod, gate, L, scale, store_final, tensors, h0, gate_inputs, for_bwd=True):
     """(o, final state, what the backward keeps: nothing without ``for_bwd``)."""
     q, k, v, a, b = tensors
     st, ht = forward_states(mod, gate, q, k, v, a, b, gate_inputs, h0, L, scale, store_final, for_bwd=for_bwd)
-    o = output(mod, gate, q, v, st, L, scale)
+    o, bad = output(mod, gate, q, v, st, L, scale)
+    host.contain(mod, gate, L, scale, _step(mod, tensors), st["G"], st["h"], o, bad)
     return o, ht, (tuple(st[n] for n in _SAVED) if for_bwd else ())
+
+
+def _step(mod, tensors) -> host.Step:
+    q, k, v, a, b = tensors
+    return host.Step("general_recurrent_fwd", mod.general_recurrent_fwd, q, k, v, dict(a=a, b=b))
 
 
 def recurrent(mod, gate, L, scale, store_final, tensors, h0, gate_inputs):
     """The step form: (o, final state)."""
-    q, k, v, a, b = tensors
-    return host.step_form(mod, gate, L, scale, store_final, "general_recurrent_fwd", mod.general_recurrent_fwd, q, k,
-                          v, dict(a=a, b=b), h0, gate_inputs)
+    return host.step_form(mod, gate, L, scale, store_final, _step(mod, tensors), h0, gate_inputs)
 
 
 def backward(mod, gate, L, scale, tensors, h0, gate_inputs, saved, do, dht, need_gate_grads):

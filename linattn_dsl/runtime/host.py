@@ -111,21 +111,52 @@ def _named(names, tensors) -> dict:
     return {f"{n}_ptr": t for n, t in zip(names, tensors)}
 
 
-def step_form(mod, gate, L: Layout, scale, store_final, stage: str, kernel, q, k, v, middle: tuple, h0, gate_inputs,
-              value_scale: bool = False, **flags):
-    """A form's step form (fused_recurrent), one program per value block, sequence and head: ``kernel(q, k, v,
-    **middle, g, o, h0, ht, ...)`` with the per-step log-decay g from gate_fwd; ``middle`` the form's own per-token
-    tensors by name (None: a feature off, its pointer unread). Returns (o, final state)."""
-    rows, HQ, K = q.shape
-    H, V = v.shape[1], v.shape[2]
+@dataclass(frozen=True)
+class Step:
+    """A form's step-form launch (its fused_recurrent kernel), as step_form and contain take it: the stage name
+    (tuning table), the kernel, ``q, k, v``, ``middle`` the form's own per-token tensors by name (None: a feature
+    off, its pointer unread), whether v is scaled, and the kernel's feature switches."""
+
+    stage: str
+    kernel: object
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    middle: dict
+    value_scale: bool = False
+    flags: dict = None
+
+
+def _run_step(mod, gate, L: Layout, scale, step: Step, g, o, h0, ht, programs: int, bad=None) -> None:
+    rows, HQ, K = step.q.shape
+    H, V = step.v.shape[1], step.v.shape[2]
+    opts = tuning.launch(step.stage, launch_key(mod, gate, step.q, V, L, H, step.value_scale))
+    nvo = 1 if bad is None else bad.shape[-1]
+    launch(step.kernel, (triton.cdiv(V, opts["BV"]), programs * H), g, q=step.q, k=step.k, v=step.v, **step.middle,
+           g=g, o=o, h0=h0, ht=ht, cu_seqlens=L.cu, chunk_indices=L.chunk_indices, bad=bad, scale=scale, H=H, HQ=HQ,
+           NVO=nvo, K=K, V=V, VECTOR=gate.kind == "vector", USE_H0=h0 is not None, STORE_FINAL=ht is not None,
+           BT=BT, NVB=pow2(nvo), CHUNK=bad is not None, **(step.flags or {}), **opts)
+
+
+def step_form(mod, gate, L: Layout, scale, store_final, step: Step, h0, gate_inputs):
+    """A form's step form (fused_recurrent), one program per value block, sequence and head, with the per-step
+    log-decay g from gate_fwd. Returns (o, final state)."""
+    rows, _, K = step.q.shape
+    H, V = step.v.shape[1], step.v.shape[2]
     g = run_gate(mod, gate, gate_inputs, L, H, K, rows, cumsum=False)
-    o = torch.empty(rows, H, V, dtype=v.dtype, device=q.device)
-    ht = torch.empty(L.N, H, K, V, dtype=torch.float32, device=q.device) if store_final else None
-    opts = tuning.launch(stage, launch_key(mod, gate, q, V, L, H, value_scale))
-    launch(kernel, (triton.cdiv(V, opts["BV"]), L.N * H), g, q=q, k=k, v=v, **middle, g=g, o=o, h0=h0, ht=ht,
-           cu_seqlens=L.cu, scale=scale, H=H, HQ=HQ, K=K, V=V, VECTOR=gate.kind == "vector", USE_H0=h0 is not None,
-           STORE_FINAL=store_final, **flags, **opts)
+    o = torch.empty(rows, H, V, dtype=step.v.dtype, device=step.q.device)
+    ht = torch.empty(L.N, H, K, V, dtype=torch.float32, device=step.q.device) if store_final else None
+    _run_step(mod, gate, L, scale, step, g, o, h0, ht, L.N)
     return o, ht
+
+
+def contain(mod, gate, L: Layout, scale, step: Step, G, h, o, bad) -> None:
+    """The chunk forward's containment pass: the chunks whose output holds a non-finite value (the output stage's
+    ``bad`` [chunks, H, value blocks]) recomputed token by token from their chunk state h[c] by the step form
+    (reading G, the chunk-local cumulative log-decay). A chunk's products form 0 * x_j for every row before a
+    token j, so a NaN or inf x_j would reach those rows (0 * NaN = NaN); the step form reads no token ahead. The
+    programs of the other chunks return at once: one launch that does nothing on finite inputs."""
+    _run_step(mod, gate, L, scale, step, G, o, h, None, L.NT, bad)
 
 
 def vector_scores(mod, q, k, G, A, P, kg, L, scale, H, HQ, K, half, qg=None, ke=None, tk: tuning.Key = None):
@@ -160,16 +191,18 @@ def decays(mod) -> bool:
 
 
 def output(mod, gate, q, k, v, vs, sk, G, h, A, L, scale, out_dtype, qg=None):
-    """o of the chunk form; qg (vector decays): scores_diag's Q * E[G], read instead of q and G."""
+    """(o of the chunk form, which of its tiles hold a non-finite value: ``contain``'s input); qg (vector decays):
+    scores_diag's Q * E[G], read instead of q and G."""
     rows, HQ, K = q.shape
     H, V = v.shape[1], v.shape[2]
     o = torch.empty(rows, H, V, dtype=out_dtype, device=q.device)
     opts = tuning.launch("output_fwd", launch_key(mod, gate, q, V, L, H, vs is not None))
+    bad = torch.empty(L.NT, H, triton.cdiv(V, opts["BV"]), dtype=torch.int8, device=q.device)
     launch(mod.output_fwd, (triton.cdiv(V, opts["BV"]), L.NT, H), G, q=q if qg is None else qg, k=k, v=v, vs=vs,
-           sk=sk, G=G, h=h, A=A, o=o, **L.chunks, scale=scale, H=H, HQ=HQ, K=K, V=V, BT=BT,
+           sk=sk, G=G, h=h, A=A, o=o, bad=bad, **L.chunks, scale=scale, H=H, HQ=HQ, K=K, V=V, BT=BT,
            VECTOR=gate.kind == "vector", HALF=half_kind(q.dtype), VSCALE=vs is not None, SKIP=sk is not None,
            QG=qg is not None, DECAY=decays(mod), **opts)
-    return o
+    return o, bad
 
 
 def intra_pairs(mod, q, k, G, dA, dP, dq, dk, dk2, dGpos, L, H, HQ, K, pair: bool, tk: tuning.Key):
