@@ -30,7 +30,7 @@ def _sig(arg) -> str:
 
     if isinstance(arg, torch.Tensor):
         return "*" + {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int64: "i64",
-                      torch.int32: "i32", torch.float64: "fp64"}[arg.dtype]
+                      torch.int32: "i32", torch.int8: "i8", torch.float64: "fp64"}[arg.dtype]
     if isinstance(arg, bool):
         return "i1"
     if isinstance(arg, int):

@@ -1,4 +1,4 @@
-"""The `linattn` command: list, show, new, regen, verify, demo, train, generate, eval.
+"""The `linattn` command: list, show, new, regen, verify, demo, train, generate, eval, convert.
 
 Errors the user can act on (a bad argument, config, file or checkpoint: ``ValueError`` / ``OSError``) print
 one ``linattn: error: ...`` line and exit 2. The commands that load models (train, generate, eval, demo)
