@@ -39,12 +39,12 @@ def user_spec(tmp_path):
     return p
 
 
-def test_list_shows_seven_specs():
+def test_list_shows_the_shipped_specs():
     r = linattn("list")
     assert r.returncode == 0, r.stderr
     rows = r.stdout.strip().splitlines()[1:]
     assert [row.split()[0] for row in rows] == sorted(
-        ["retention", "gla", "mamba2", "rwkv7", "kda", "delta_rule", "gated_delta_rule"])
+        ["retention", "gla", "mamba2", "rwkv7", "kda", "delta_rule", "gated_delta_rule", "comba"])
     assert "vector" in r.stdout and "general" in r.stdout
 
 

@@ -32,13 +32,13 @@ OTHER_SPECS = {  # one general spec per decay kind besides RWKV7's vector decay
 
 
 def _spec_and_ops(name, tmp_path):
-    if name == "rwkv7":
-        return registry.load(name), ops.chunk_rwkv7, ops.fused_recurrent_rwkv7
+    if name in ("rwkv7", "comba"):
+        return registry.load(name), getattr(ops, f"chunk_{name}"), getattr(ops, f"fused_recurrent_{name}")
     spec, mod = regen(tmp_path, name, OTHER_SPECS[name])
     return spec, getattr(mod, f"chunk_{name}"), getattr(mod, f"fused_recurrent_{name}")
 
 
-@pytest.mark.parametrize("name", ["rwkv7", "g_none", "g_const", "g_scalar"])
+@pytest.mark.parametrize("name", ["rwkv7", "comba", "g_none", "g_const", "g_scalar"])
 @pytest.mark.parametrize("mode", ["chunk", "fused_recurrent"])
 def test_fp32_vs_oracle(name, mode, tmp_path):
     spec, chunk, recurrent = _spec_and_ops(name, tmp_path)

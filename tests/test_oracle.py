@@ -188,3 +188,31 @@ def test_forgetting_step_has_zero_gradient_with_head_index_in_the_gate():
     # head 1 keeps only the current token: o_t = (q_t . k_t) v_t
     expect = (q[..., 1, :] * k[..., 1, :]).sum(-1, keepdim=True) * v[..., 1, :] * 3 ** -0.5
     assert torch.allclose(o[..., 1, :], expect, atol=1e-12)
+
+
+@settings(max_examples=10, deadline=None)
+@given(st.booleans(), st.integers(0, 2 ** 16))
+def test_comba_oracle_is_fla_formula(l2norm, seed):
+    """The Comba spec (the general transition with a = e^g p, b = -beta k, key beta k) against its published
+    recurrence stepped here (FLA's naive form: decay, correct the value through p against the decayed state,
+    write beta k (v - p^T S)^T); with the switch, q, k and p are L2-normalised first. float64, 1e-12."""
+    g = torch.Generator().manual_seed(seed)
+    B, T, H, K, V = 2, 9, 2, 4, 3
+    q, k, p = (torch.randn(B, T, H, K, generator=g, dtype=torch.float64) for _ in range(3))
+    v = torch.randn(B, T, H, V, generator=g, dtype=torch.float64)
+    ld = -torch.rand(B, T, H, generator=g, dtype=torch.float64) * 2
+    beta = torch.rand(B, T, H, generator=g, dtype=torch.float64)
+    h0 = torch.randn(B, H, K, V, generator=g, dtype=torch.float64)
+    spec = registry.load("comba")
+    o, ht = reference.run(spec, q, k, v, p, ld, beta, initial_state=h0, output_final_state=True,
+                          dtype=torch.float64, use_qk_l2norm_in_kernel=l2norm)
+    if l2norm:
+        q, k, p = (x / torch.sqrt((x * x).sum(-1, keepdim=True) + 1e-6) for x in (q, k, p))
+    S, outs = h0.clone(), []
+    for t in range(T):
+        S = S * ld[:, t, :, None, None].exp()
+        u = beta[:, t, :, None] * (v[:, t] - torch.einsum("bhk,bhkv->bhv", p[:, t], S))
+        S = S + k[:, t, :, :, None] * u[:, :, None, :]
+        outs.append(torch.einsum("bhk,bhkv->bhv", q[:, t] * K ** -0.5, S))
+    torch.testing.assert_close(o, torch.stack(outs, 1), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ht, S, rtol=1e-12, atol=1e-12)

@@ -14,12 +14,12 @@ def make(**kw):
     return Recurrence(**args)
 
 
-def test_seven_specs_and_their_kinds():
+def test_shipped_specs_and_their_kinds():
     kinds = {s.name: (s.decay.kind, s.transition.kind) for s in registry.all_specs()}
     assert kinds == {
         "retention": ("constant", "none"), "gla": ("vector", "none"), "mamba2": ("scalar", "none"),
         "rwkv7": ("vector", "general"), "kda": ("vector", "delta"), "delta_rule": ("none", "delta"),
-        "gated_delta_rule": ("scalar", "delta"),
+        "gated_delta_rule": ("scalar", "delta"), "comba": ("scalar", "general"),
     }
 
 
@@ -32,6 +32,7 @@ def test_positional_order_matches_design():
     assert order["kda"] == ["q", "k", "v", "g", "beta"]
     assert order["delta_rule"] == ["q", "k", "v", "beta"]
     assert order["gated_delta_rule"] == ["q", "k", "v", "g", "beta"]
+    assert order["comba"] == ["q", "k", "v", "p", "g", "beta"]   # FLA's chunk_comba
     m = registry.load("mamba2")
     assert list(m.optional) == ["D", "dt_bias"] and m.switches == {"dt_softplus": True} and m.scale == 1.0
     assert registry.load("rwkv7").scale == 1.0
@@ -100,6 +101,12 @@ ERRORS = [
     ("skip", dict(skip="q")),                                            # does not broadcast to o
     ("let.q", dict(let=dict(q="k"))),
     ("let.d", dict(let=dict(d="k +"))),
+    ("l2norm_inputs", dict(l2norm_inputs=("q", "k"))),                   # qk_l2norm is False
+    ("l2norm_inputs", dict(l2norm_inputs=("x",), qk_l2norm=True)),       # not an input
+    ("l2norm_inputs", dict(l2norm_inputs=("v",), qk_l2norm=True, inputs=dict(q="B T H K", k="B T H K", v="B T H V"))),
+    ("l2norm_inputs", dict(l2norm_inputs=("g",), qk_l2norm=True, decay=Decay.vector(log="-softplus(g)"),
+                           inputs=dict(BASE["inputs"], g="B T H K"))),  # read by the log-decay
+    ("l2norm_inputs", dict(l2norm_inputs="q", qk_l2norm=True)),          # a string, not a tuple
 ]
 
 

@@ -67,7 +67,8 @@ def _role_sets(spec: Recurrence, plan) -> list[dict]:
     for key, rs in lowering.role_sets(spec, plan).items():
         roles = ", ".join(f"{r!r}: {_code(c)}" for r, c in rs["roles"].items())
         out.append(dict(key=repr(key), roles="{" + roles + "}", value_scale=_code(rs["value_scale"]),
-                        skip_scale=_code(rs["skip_scale"]), qk_l2norm=rs["qk_l2norm"]))
+                        skip_scale=_code(rs["skip_scale"]), qk_l2norm=rs["qk_l2norm"],
+                        l2norm_inputs=rs["l2norm_inputs"]))
     return out
 
 

@@ -214,5 +214,6 @@ def role_sets(spec: Recurrence, plan: Plan) -> dict:
                 e = skip_scale(spec, roles)
                 sk = _role_code(spec, e) if e is not None else None
             out[(_switch_key(v.switches), present)] = dict(roles=codes, value_scale=vs, skip_scale=sk,
-                                                           qk_l2norm=roles.qk_l2norm)
+                                                           qk_l2norm=roles.qk_l2norm,
+                                                           l2norm_inputs=roles.l2norm_inputs)
     return out

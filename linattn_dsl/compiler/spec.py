@@ -117,6 +117,7 @@ class Roles:
     b: sp.Expr | None
     skip: sp.Expr | None
     qk_l2norm: bool
+    l2norm_inputs: tuple = ()
 
     def items(self):
         for name in ("query", "key", "value", "log_decay", "beta", "a", "b", "skip"):
@@ -127,7 +128,11 @@ class Roles:
 
 @dataclass(frozen=True)
 class Recurrence:
-    """A recurrence spec. Inputs keep their declaration order: it is the op's positional order."""
+    """A recurrence spec. Inputs keep their declaration order: it is the op's positional order.
+
+    ``qk_l2norm`` (True, or a switch's name) L2-normalises the query and key roles over the key dim; with
+    ``l2norm_inputs`` it normalises those inputs instead (each over its last dim, the key dim), before any role
+    reads them: a key role that scales its input (Comba's ``beta * k``) keeps its scale."""
 
     name: str
     inputs: dict
@@ -142,6 +147,7 @@ class Recurrence:
     skip: str | If | None = None
     scale: float | None = None
     qk_l2norm: bool | str = False
+    l2norm_inputs: tuple = ()
     doc: str = ""
 
     def __post_init__(self):
@@ -233,7 +239,7 @@ class Recurrence:
             query=role(self.query, "query"), key=role(self.key, "key"), value=role(self.value, "value"),
             log_decay=role(self.decay.log, "decay.log"), beta=role(self.transition.beta, "transition.beta"),
             a=role(self.transition.a, "transition.a"), b=role(self.transition.b, "transition.b"),
-            skip=skip, qk_l2norm=l2,
+            skip=skip, qk_l2norm=l2, l2norm_inputs=tuple(self.l2norm_inputs) if l2 else (),
         )
 
     def uses(self, switches: dict | None = None) -> frozenset:
@@ -321,13 +327,38 @@ class Recurrence:
         for role, e in r.items():
             lines.append(f"  {role:<10} = {e}    [{', '.join(self.layout(e))}]")
         lines.append(f"  scale      = {self.scale if self.scale is not None else 'K ** -0.5'}")
-        lines.append(f"  q/k L2 norm: {self.qk_l2norm}")
+        lines.append(f"  q/k L2 norm: {self.qk_l2norm}"
+                     + (f" (of the inputs {', '.join(self.l2norm_inputs)})" if self.l2norm_inputs else ""))
         lines.append(f"  state      = [num_seqs, {hd['H']}, {hd['K']}, {hd['V']}]")
         return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------------------------
 # Validation
+
+
+def _check_l2norm_inputs(spec: Recurrence) -> None:
+    name, ins = spec.name, spec.l2norm_inputs
+    if not isinstance(ins, (tuple, list)) or not all(isinstance(n, str) for n in ins):
+        raise SpecError(name, "l2norm_inputs", f"expected a tuple of input names, got {ins!r}")
+    if ins and spec.qk_l2norm is False:
+        raise SpecError(name, "l2norm_inputs", "names inputs to normalise, but qk_l2norm is False (set it to True "
+                                               "or to a switch)")
+    key_dim = spec.head_dims_raw["K"]
+    for n in ins:
+        if n not in spec.args:
+            raise SpecError(name, "l2norm_inputs", f"{n!r} is not an input of the spec (inputs: {list(spec.args)})")
+        dims = spec.dims(n)
+        if dims[:2] != (BATCH, TIME) or len(dims) != 4 or dims[-1] != key_dim:
+            raise SpecError(name, "l2norm_inputs", f"{n!r} is [{', '.join(dims)}]; a normalised input is per "
+                                                   f"token and head, over the key dim: [B, T, heads, K]")
+    if ins and spec.decay.log is not None:
+        for sw in spec.variants() if spec.switches else [{}]:
+            log = spec.resolve(sw).log_decay
+            read = {s.name for s in log.free_symbols} & set(ins) if log is not None else set()
+            if read:
+                raise SpecError(name, "l2norm_inputs", f"{sorted(read)} feed the log-decay, which reads inputs as "
+                                                       "given; normalise only inputs the other roles read")
 
 def _dim_roles(spec: Recurrence) -> dict[str, str]:
     roles: dict[str, str] = {}
@@ -458,6 +489,7 @@ def _check(spec: Recurrence) -> None:
     spec.dim_roles  # noqa: B018 - validates shapes
     object.__setattr__(spec, "head_dims_raw", _raw_head_dims(spec))
     hd = spec.head_dims_raw
+    _check_l2norm_inputs(spec)
 
     for sw in spec.variants() if spec.switches else [{}]:
         r = spec.resolve(sw)

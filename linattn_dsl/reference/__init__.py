@@ -9,6 +9,8 @@ clamped: a log-decay of -inf forgets the state (and has a zero gradient, see ``c
 
 from __future__ import annotations
 
+import dataclasses
+
 import sympy as sp
 import torch
 
@@ -78,13 +80,17 @@ def run_bound(spec: Recurrence, bound: Bound, dtype=torch.float32):
         from ..runtime import no_tokens
 
         return no_tokens(bound)
+    resolved = spec.resolve(bound.switches)
+    if resolved.l2norm_inputs:   # normalised as given to the op, before any role reads them
+        tensors = {**bound.tensors, **{n: l2_normalize(bound.tensors[n].to(dtype)) for n in resolved.l2norm_inputs}}
+        bound = dataclasses.replace(bound, tensors=tensors)
     roles = gates.evaluate(spec, bound, dtype)
     if "log_decay" in roles:
         roles["log_decay"] = cut_where_forgotten(spec, bound, roles["log_decay"], dtype)
     H, HQ = bound.size("H"), bound.size("HQ")
     B, T, K, V = bound.sizes["B"], bound.sizes["T"], bound.size("K"), bound.size("V")
     q, k = roles["query"], roles["key"]
-    if spec.resolve(bound.switches).qk_l2norm:
+    if resolved.qk_l2norm and not resolved.l2norm_inputs:
         q, k = l2_normalize(q), l2_normalize(k)
     q, k = q.repeat_interleave(H // HQ, dim=2), k.repeat_interleave(H // HQ, dim=2)  # head h uses group h // (H/HQ)
     q = q * bound.scale

@@ -316,6 +316,9 @@ class Prepared:
         vs = rs.value_scale if fuse and variant.value_scale else None
         sk = rs.skip_scale if fuse and variant.skip_scale else None
         exclude = (("value",) if vs is not None else ()) + (("skip",) if sk is not None else ())
+        from ..modules import l2_norm   # the fused norm (one Triton kernel per direction, fp32 inside)
+
+        bound = roles_mod.normalized(bound, rs, l2_norm)
         roles = roles_mod.evaluate(bound, rs, exclude)
         B, T = bound.sizes["B"], bound.sizes["T"]
         H, HQ, K, V = bound.size("H"), bound.size("HQ"), bound.size("K"), bound.size("V")
@@ -329,10 +332,7 @@ class Prepared:
             self.sk = roles_mod.evaluate_code(bound, sk, roles_mod.SCALE_SHAPE, torch.float32).reshape(
                 B * T, H).contiguous()
         q, k = roles["query"], roles["key"]
-        if rs.qk_l2norm:
-            # the fused norm (one Triton kernel per direction, fp32 inside): x / sqrt(sum x^2 + 1e-6), the
-            # oracle's formula; eager, it was 5 ops per tensor each way, with their outputs kept for the backward
-            from ..modules import l2_norm
+        if rs.qk_l2norm and not rs.l2norm_inputs:   # x / sqrt(sum x^2 + 1e-6), the oracle's formula
             q, k = l2_norm(q), l2_norm(k)
         dtype = bound.out_dtype
         self.q = q.to(dtype).reshape(B * T, HQ, K).contiguous()

@@ -7,7 +7,7 @@ shape (``ROLE_SHAPES``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -40,6 +40,15 @@ class RoleSet:
     value_scale: RoleCode | None
     skip_scale: RoleCode | None
     qk_l2norm: bool
+    l2norm_inputs: tuple = ()   # with qk_l2norm: these inputs are normalised, not the query and key roles
+
+
+def normalized(bound: Bound, rs: RoleSet, norm) -> Bound:
+    """``bound`` with the inputs that ``rs`` L2-normalises (``l2norm_inputs``, when its switch is on) replaced by
+    ``norm(input)``, for the roles to read."""
+    if not (rs.qk_l2norm and rs.l2norm_inputs):
+        return bound
+    return replace(bound, tensors={**bound.tensors, **{n: norm(bound.tensors[n]) for n in rs.l2norm_inputs}})
 
 
 def role_set(mod, bound: Bound) -> RoleSet:

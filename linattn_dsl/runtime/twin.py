@@ -376,12 +376,13 @@ class Prepared:
         sk = rs.skip_scale if fuse and variant.skip_scale else None
         exclude = (("value",) if vs is not None else ()) + (("skip",) if sk is not None else ())
         # the step form evaluates its roles in the compute dtype (as the oracle does); the chunk stages cast them
+        bound = roles_mod.normalized(bound, rs, l2_normalize)
         roles = roles_mod.evaluate(bound, rs, exclude, dtype if form == "recurrent" else None)
         B, T, H = bound.sizes["B"], bound.sizes["T"], bound.size("H")
         if vs is not None:
             roles["value"] = bound.tensors[spec.value_input]
         q, k = roles["query"], roles["key"]
-        if rs.qk_l2norm:
+        if rs.qk_l2norm and not rs.l2norm_inputs:
             q, k = l2_normalize(q), l2_normalize(k)
         self.q, self.k, self.v = q, k, roles["value"]
         if form == "additive":

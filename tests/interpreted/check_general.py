@@ -65,6 +65,9 @@ CASES = [  # (spec, draw_case keywords, dtypes, fused_recurrent gradients too)
     ("rwkv7", dict(B=2, T=200, heads=2, K=16, V=8, log_decay_min=-0.5), ("fp32",), True),
     ("rwkv7", dict(seqlens=[130, 1, 70], heads=1, K=20, V=8, log_decay_min=-0.5), ("fp32",), False),
     ("g_vector", dict(B=1, T=140, heads=2, K=16, V=16, log_decay_min=-0.5), ("fp32",), False),
+    # Comba: the shipped scalar-decay general spec, key beta * k and its inputs q, k, p normalised by the switch
+    ("comba", dict(B=2, T=70, heads=2, K=16, V=8, switches=dict(use_qk_l2norm_in_kernel=True)), ("fp32",), True),
+    ("comba", dict(seqlens=[64, 1, 30], heads=1, K=16, V=16, log_decay_min=-0.5), ("fp32",), False),
 ]
 DTYPES = {"fp32": (torch.float32, 1e-4), "fp16": (torch.float16, 2e-2)}
 # launch switches whose other side the defaults do not take in CASES: general_scores_fwd launched (r1; the default
@@ -77,7 +80,8 @@ SWITCHES = [("general_chunk_intra_bwd:BK=16;general_intra_bwd:RB=1,BK=16;general
 
 def _ops(tmp: Path) -> dict:
     """name -> (spec, chunk op, fused_recurrent op)."""
-    out = {"rwkv7": (registry.load("rwkv7"), ops.chunk_rwkv7, ops.fused_recurrent_rwkv7)}
+    out = {n: (registry.load(n), getattr(ops, f"chunk_{n}"), getattr(ops, f"fused_recurrent_{n}"))
+           for n in ("rwkv7", "comba")}
     for name, src in SPECS.items():
         spec, mod = regen(tmp, name, src)
         assert mod.FORM == "general", (name, mod.FORM)
