@@ -8,9 +8,9 @@ compiler (or sympy).
 """
 
 __version__ = "0.1.0"
-__all__ = ["Arg", "Decay", "If", "Layer", "NormKey", "Param", "Proj", "Recurrence", "SpecError", "Transition",
-           "__version__"]
-_LAYER = ("Layer", "NormKey", "Param", "Proj")
+__all__ = ["Arg", "Const", "Decay", "Gate", "If", "Layer", "NormKey", "Option", "Param", "Proj", "Recurrence", "Size",
+           "SpecError", "Transition", "__version__"]
+_LAYER = ("Const", "Gate", "Layer", "NormKey", "Option", "Param", "Proj", "Size")
 
 
 def __getattr__(name: str):

@@ -159,7 +159,9 @@ spec = Recurrence(
 )
 
 # How a token-mixing layer feeds the op: every input the declaration leaves out gets the default derived from
-# the spec (linattn_dsl.compiler.layer); delete this block to use the default for all of them.
+# the spec (linattn_dsl.compiler.layer); delete this block to use the default for all of them. Any value may be
+# Option("field", default) (or Option("field", default, {{value: declared value, ...}})): a field of the model's
+# config, e.g. conv=Option("use_short_conv", True). Modules are named FLA-style: q_proj, q_conv1d, ..., o_proj.
 layer = Layer(
     inputs=dict(
         q=Proj(conv=True),                       # W x, then a short causal conv (config.conv_size) and silu

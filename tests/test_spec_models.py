@@ -4,6 +4,7 @@ forward, decoding with the cache equal to the full forward, left padding, save /
 through `linattn train --model.spec`, and clear errors for bad declarations."""
 
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -105,10 +106,10 @@ def test_declared_layer_saves_and_loads_in_a_fresh_process(tmp_path):
     model = _tiny(model_type)
     keys = set(model.state_dict())
     mixer = "model.layers.0.mixer."
-    assert {mixer + k for k in ("proj.r.weight", "conv.r.weight", "proj.w.down.weight", "proj.w.up.bias",
-                                "proj.kk.weight", "proj.b.weight", "param.D", "g_proj.weight")} <= keys
+    assert {mixer + k for k in ("r_proj.weight", "r_conv1d.weight", "w_proj.down.weight", "w_proj.up.bias",
+                                "kk_proj.weight", "b_proj.weight", "D", "g_proj.weight", "o_norm.weight")} <= keys
     assert not any(".mlp." in k for k in keys)   # mixer-only blocks
-    assert torch.equal(model.model.layers[0].mixer.param["D"], torch.ones(2))
+    assert torch.equal(model.model.layers[0].mixer.D, torch.ones(2))
     _check_model(model)
     model.save_pretrained(tmp_path / "saved")
     assert json.loads((tmp_path / "saved" / "config.json").read_text())["spec_source"] == path.read_text()
@@ -148,10 +149,13 @@ def test_default_derivation_is_role_aware(tmp_path):
     assert plan["inputs"]["g"]["transform"] == "logsigmoid" and plan["inputs"]["g"]["scale"] == 1 / 16
     assert plan["inputs"]["beta"]["transform"] == "sigmoid"
     assert plan["inputs"]["q"]["transform"] is None and plan["qk_l2norm"] and (plan["query"], plan["key"]) == ("q", "k")
+    # FLA-style module names; the output gate's g_proj is taken, so the input g's projection is g_in_proj
+    assert [plan["inputs"][n]["name"] for n in ("q", "g", "beta")] == ["q", "g_in", "beta"]
     kda = layer.plan(registry.load("kda"))   # a q/k-norm switch: switched on instead
     assert kda["switches"]["use_qk_l2norm_in_kernel"] and not kda["qk_l2norm"]
     mamba2 = layer.plan(registry.load("mamba2"))   # A <= 0 per head: -exp of a learned log
-    assert mamba2["inputs"]["A"] == dict(dims=["H"], kind="param", init="log_uniform", transform="-exp")
+    assert mamba2["inputs"]["A"] == dict(dims=["H"], kind="param", name="A", init="log_uniform", transform="-exp",
+                                         flat=False)
 
 
 def test_left_padding_matches_one_prompt_at_a_time(tmp_path):
@@ -168,6 +172,11 @@ def test_left_padding_matches_one_prompt_at_a_time(tmp_path):
     assert torch.equal(out[0, 9:], alone[0][0, 9:]) and torch.equal(out[1, 9:], alone[1][0, 6:])
 
 
+def _declared(decl: str) -> str:
+    """GDN with the layer declaration ``decl`` (every layer name imported)."""
+    return GDN + f"    from linattn_dsl import Const, Gate, Layer, Option, Param, Proj, Size\n    layer = {decl}\n"
+
+
 @pytest.mark.parametrize("source,field", [
     (GDN + "    from linattn_dsl import Layer, Proj\n    layer = Layer(inputs=dict(x=Proj()))\n", "layer.inputs.x"),
     (GDN + "    from linattn_dsl import Layer, Proj\n    layer = Layer(inputs=dict(g=Proj(transform='cube')))\n",
@@ -176,10 +185,88 @@ def test_left_padding_matches_one_prompt_at_a_time(tmp_path):
     (GDN + "    from linattn_dsl import Layer, Proj\n    layer = Layer(inputs=dict(q=Proj(activation='gelu')))\n",
      "layer.inputs.q.activation"),
     (GDN + "    from linattn_dsl import Layer\n    layer = Layer(output_gate='tanh')\n", "layer.output_gate"),
+    # options: a shared config field's name, a default that is no key of its values, a source with no values,
+    # one field declared twice differently, a non-int rank, arithmetic where no number goes, an HF config name
+    (_declared("Layer(inputs=dict(q=Proj(conv=Option('hidden_size', True))))"), "layer.inputs.q.conv"),
+    (_declared("Layer(output_gate=Option('gated', 'yes', {True: 'swish', False: None}))"), "layer.output_gate"),
+    (_declared("Layer(inputs=dict(beta=Option('use_beta', True)))"), "layer.inputs.beta"),
+    (_declared("Layer(inputs=dict(q=Proj(conv=Option('c', True)), k=Proj(conv=Option('c', False))))"),
+     "layer.inputs.k.conv"),
+    (_declared("Layer(inputs=dict(g=Proj(rank=Option('r', 1.5))))"), "layer.inputs.g.rank"),
+    (_declared("Layer(inputs=dict(q=Proj(conv=1 / Option('c', 2.0))))"), "layer.inputs.q.conv"),
+    (_declared("Layer(inputs=dict(q=Proj(bias=Option('return_dict', False))))"), "layer.inputs.q.bias"),
+    (_declared("Layer(inputs=dict(beta=Option('b', True, {True: Proj(transform='sigmoid'), False: Param()})))"),
+     "layer.inputs.beta[False]"),
+    (_declared("Layer(rope=Option('rope_theta', 0.0))"), "layer.rope"),
+    (_declared("Layer(inputs=dict(g=Proj(scale=2 * Option('sharpness', -1.0))))"), "layer.inputs.g.scale"),
+    (_declared("Layer(key_size=Size.of_key(0.5))"), "layer.key_size"),
+    # module names: a declared stem the output path takes; a norm named like a projection
+    (_declared("Layer(inputs=dict(q=Proj(name='o')))"), "layer.inputs.q"),
+    (_declared("Layer(norm_name='g_proj')"), "layer.norm_name"),
+    (_declared("Layer(defaults=dict(num_layers=2))"), "layer.defaults"),
 ])
 def test_bad_declarations_name_the_field(tmp_path, source, field):
-    with pytest.raises(SpecError, match=field.replace(".", r"\.")):
+    with pytest.raises(SpecError, match=re.escape(field)):
         M.register_spec(_write(tmp_path, "plain_gdn", source))
+
+
+OPTIONS = _declared("""Layer(
+        inputs=dict(q=Proj(conv=Option("use_short_conv", False)), k=Proj(conv=Option("use_short_conv", False)),
+                    g=Proj(rank=Option("gate_rank", 4), transform="logsigmoid", scale=1 / Option("normalizer", 8.0)),
+                    beta=Option("use_beta", True, {True: Proj(name="b", transform="sigmoid"), False: Const(1.0)})),
+        rope=Option("rope_theta", 500.0),
+        key_size=Size.of_hidden(Option("expand_k", 1.0)),
+        output_gate=Option("use_gate", True, {True: Gate("sigmoid", rank="V", bias=True), False: None}),
+        defaults=dict(num_heads=2),
+        name="opt_gdn")""")
+
+
+def test_options_become_config_fields_and_layer_keywords(tmp_path):
+    """Each Option is a config field with its default and check; its value picks the modules (and their names) the
+    layer builds; RoPE keeps its position across cached steps."""
+    model_type = M.register_spec(_write(tmp_path, "plain_gdn", OPTIONS))
+    config_class = M.spec_model.classes(model_type)[0]
+    config = config_class()
+    assert (config.use_short_conv, config.gate_rank, config.normalizer, config.use_beta, config.rope_theta,
+            config.expand_k, config.use_gate, config.num_heads) == (False, 4, 8.0, True, 500.0, 1.0, True, 2)
+    assert config.spec_source == (tmp_path / "plain_gdn.py").read_text()   # a spec file's model carries it
+    for field, value, message in (("use_beta", 1, "use_beta: expected a bool"),
+                                  ("gate_rank", 0, "gate_rank: expected a positive int"),
+                                  ("normalizer", -1.0, "normalizer: expected a positive number"),
+                                  ("expand_k", 0.01, "expand_k: hidden_size \\* expand_k")):
+        with pytest.raises(ValueError, match=f"^{message}"):
+            config_class(hidden_size=32, **{field: value})
+    model = _tiny(model_type, use_short_conv=True, use_beta=False, eos_token_id=None)   # no early stop
+    keys = {k.removeprefix("model.layers.0.mixer.") for k in model.state_dict() if ".layers.0.mixer." in k}
+    assert keys == {"q_proj.weight", "q_conv1d.weight", "k_proj.weight", "k_conv1d.weight", "v_proj.weight",
+                    "g_in_proj.down.weight", "g_in_proj.up.weight", "A_log", "dt_bias", "g_proj.down.weight",
+                    "g_proj.up.weight", "g_proj.up.bias", "o_norm.weight", "o_proj.weight"} - {"A_log", "dt_bias"}
+    _check_model(model)
+    plain = _tiny(model_type, use_gate=False)
+    assert not any("g_proj" in k for k in plain.state_dict()) and any("b_proj" in k for k in plain.state_dict())
+
+
+def test_declared_layer_classes_take_the_options_as_keywords():
+    import torch.nn as nn
+
+    from linattn_dsl import layers as L
+    from linattn_dsl.compiler.layer import LAYER_ATTRIBUTES
+
+    layer = L.DeltaNet(32, num_heads=2, use_beta=False, use_gate=True)
+    assert not hasattr(layer, "b_proj") and isinstance(layer.g_proj, nn.Linear) and layer.num_heads == 2
+    with pytest.raises(TypeError, match="use_gates"):
+        L.DeltaNet(32, num_heads=2, use_gates=True)
+    with pytest.raises(ValueError, match="^use_beta: expected a bool"):
+        L.DeltaNet(32, num_heads=2, use_beta="no")
+    # the names a declaration may not give a module or parameter: every attribute of a built layer
+    own = {n for n in dir(layer) if not n.startswith("_")} - set(dir(nn.Module)) \
+        - {n for n, _ in layer.named_children()} - {n for n, _ in layer.named_parameters(recurse=False)}
+    assert own <= set(LAYER_ATTRIBUTES), own - set(LAYER_ATTRIBUTES)
+
+
+def test_shipped_configs_carry_no_spec_source():
+    for config_class, _, _ in M.FAMILIES.values():
+        assert "spec_source" not in config_class().to_dict(), config_class.__name__
 
 
 def test_a_registered_name_with_another_spec_is_refused(tmp_path):
@@ -189,7 +276,11 @@ def test_a_registered_name_with_another_spec_is_refused(tmp_path):
     with pytest.raises(ValueError, match="already registered"):
         M.register_spec(_write(other, "plain_gdn", GDN.replace("beta=\"beta\"", "beta=\"sigmoid(beta)\"")))
     with pytest.raises(ValueError, match="already registered"):
-        M.register_spec("gla")   # the shipped family keeps its own model
+        M.register_spec("mamba2")   # the hand-written family keeps its own model
+    with pytest.raises(ValueError, match="already registered"):   # a declared family's name is its spec's
+        M.register_spec(_write(other, "gla_again", GDN.replace('name="plain_gdn"', 'name="gla_again"')
+                               + "    from linattn_dsl import Layer\n    layer = Layer(name='gla')\n"))
+    assert M.register_spec("gla") == "linattn_gla"   # the shipped spec: its family's model
 
 
 def test_train_from_a_spec_file(tmp_path):

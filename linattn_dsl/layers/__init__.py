@@ -6,16 +6,22 @@ None unless ``use_cache``. Layers run ``chunk_*`` ops to train or on long inputs
 ``fused_recurrent_*`` ops when decoding or on short inputs (``mode=`` forces one). ``attention_mask``
 ``[B, S]`` (1 = token, 0 = left pad) zeroes pad inputs so they leave every state untouched. ``cu_seqlens``
 ``[N + 1]`` (with ``B == 1``) runs packed documents as separate sequences (see :mod:`._utils`).
+
+``MultiScaleRetention``, ``GatedLinearAttention``, ``DeltaNet`` and ``KimiDeltaAttention`` are the layers their spec
+files declare (``linattn_dsl/specs/retention.py``, ``gla.py``, ``delta_rule.py``, ``kda.py``), built by
+:class:`SpecLayer`; their keywords are the declarations' options. ``Mamba2`` and ``RWKV7Attention`` are written by
+hand (docs/adding_a_spec.md says what a declaration cannot say for them).
 """
 
 from .attention import Attention
-from .delta_net import DeltaNet
-from .gla import GatedLinearAttention
-from .kda import KimiDeltaAttention
 from .mamba2 import Mamba2
-from .retention import MultiScaleRetention
 from .rwkv7 import RWKV7Attention, RWKV7FeedForward
-from .spec_layer import SpecLayer
+from .spec_layer import SpecLayer, declared_layer
+
+MultiScaleRetention = declared_layer("retention", "MultiScaleRetention")
+GatedLinearAttention = declared_layer("gla", "GatedLinearAttention")
+DeltaNet = declared_layer("delta_rule", "DeltaNet", num_heads=4)
+KimiDeltaAttention = declared_layer("kda", "KimiDeltaAttention", hidden_size=2048)
 
 __all__ = [
     "Attention",

@@ -53,20 +53,6 @@ def check_all(rules: Mapping[str, str], values: Mapping[str, Any]) -> None:
         check(name, values[name], rule)
 
 
-def head_dims(hidden_size: int, num_heads: int, expand_k: float, expand_v: float) -> tuple[int, int]:
-    """Per-head key and value dims of a layer whose key / value widths are ``expand_* * hidden_size``,
-    split over ``num_heads`` heads (RetNet, GLA, DeltaNet)."""
-    key_dim, value_dim = int(hidden_size * expand_k), int(hidden_size * expand_v)
-    for name, expand, dim in (("expand_k", expand_k, key_dim), ("expand_v", expand_v, value_dim)):
-        if dim < num_heads:
-            raise ValueError(f"{name}: hidden_size * {name} = {hidden_size} * {expand} gives {dim} channels, fewer "
-                             f"than num_heads={num_heads}; expected at least one channel per head")
-    if key_dim % num_heads or value_dim % num_heads:
-        raise ValueError(f"num_heads: expected a divisor of key dim {key_dim} and value dim {value_dim} "
-                         f"(hidden_size * expand_k, hidden_size * expand_v), got {num_heads}")
-    return key_dim // num_heads, value_dim // num_heads
-
-
 def describe(value: Any) -> str:
     """``a torch.float32 tensor of shape [2, 3]`` or the type's name: what a shape error says it got."""
     if isinstance(value, torch.Tensor):

@@ -1,5 +1,5 @@
 """Pieces every layer shares: the ``forward`` prologue, op choice (chunk vs fused_recurrent), padding masks,
-RoPE, low-rank maps, and the q / k / v projections, short convs and output norm of the multi-head layers.
+RoPE, low-rank maps and short convs with their cached state.
 
 Layer state: each layer's ``forward(hidden_states, attention_mask=None, cache=None, use_cache=False, ...)``
 takes and returns its own state as a plain ``dict`` of tensors (``recurrent_state [N, H, K, V]`` fp32,
@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from linattn_dsl import ops
-from linattn_dsl.modules import FusedRMSNormGated, RMSNorm, ShortConvolution, rotary_embedding, swiglu_linear
+from linattn_dsl.modules import rotary_embedding, swiglu_linear
 from linattn_dsl.modules.conv import _packed_positions
 
 from ._checks import POSITIVE_INT, check_all, check_cu_seqlens, check_inputs, check_packed
@@ -131,53 +131,6 @@ class SequenceLayer(nn.Module):
             attention_mask = None  # all ones (checked): nothing to mask
         x = apply_padding_mask(hidden_states, attention_mask) if self.zero_pads else hidden_states
         return self.mix(x, attention_mask, cache, use_cache, cu_seqlens=cu_seqlens, **kwargs)
-
-
-class MultiHeadLayer(SequenceLayer):
-    """A layer with ``num_heads`` heads of queries and keys (``head_k_dim``) and values (``head_v_dim``), from
-    ``q_proj``, ``k_proj``, ``v_proj`` and optionally short convs (``q_conv1d``...), and a per-head output
-    norm before ``o_proj`` (RetNet, GLA, DeltaNet, KDA)."""
-
-    def _init_qkv(self, hidden_size: int, num_heads: int, head_k_dim: int, head_v_dim: int, mode: str | None) -> None:
-        """The sizes, the op ``mode`` and the ``q``, ``k``, ``v`` projections."""
-        self.hidden_size = hidden_size
-        self.num_heads = num_heads
-        self.head_k_dim, self.head_v_dim = head_k_dim, head_v_dim
-        self.key_dim = num_heads * head_k_dim
-        self.value_dim = num_heads * head_v_dim
-        self.mode = check_mode(mode)
-        self.q_proj = nn.Linear(hidden_size, self.key_dim, bias=False)
-        self.k_proj = nn.Linear(hidden_size, self.key_dim, bias=False)
-        self.v_proj = nn.Linear(hidden_size, self.value_dim, bias=False)
-
-    def _init_short_convs(self, conv_size: int) -> None:
-        self.q_conv1d = ShortConvolution(self.key_dim, conv_size, activation="silu")
-        self.k_conv1d = ShortConvolution(self.key_dim, conv_size, activation="silu")
-        self.v_conv1d = ShortConvolution(self.value_dim, conv_size, activation="silu")
-
-    def _output_norm(self, gated: bool, norm_eps: float) -> nn.Module:
-        """The per-head output norm: ``rms_norm(o) * swish(g_proj(x))`` (``g_proj`` made here) when ``gated``,
-        else a plain RMSNorm."""
-        if not gated:
-            return RMSNorm(self.head_v_dim, eps=norm_eps)
-        self.g_proj = nn.Linear(self.hidden_size, self.value_dim, bias=False)
-        return FusedRMSNormGated(self.head_v_dim, eps=norm_eps, activation="swish")
-
-    def _qkv(self, x: torch.Tensor, cache: dict | None, use_cache: bool, new_state: dict, conv: bool,
-             cu_seqlens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``q, k, v [B, T, dim]``: the projections of ``x``, with ``conv`` through their short convs (continuing
-        and storing conv states ``q``, ``k``, ``v``; restarting at each packed document of ``cu_seqlens``)."""
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        if not conv:
-            return q, k, v
-        return (run_conv(self.q_conv1d, q, cache, "q", use_cache, new_state, cu_seqlens),
-                run_conv(self.k_conv1d, k, cache, "k", use_cache, new_state, cu_seqlens),
-                run_conv(self.v_conv1d, v, cache, "v", use_cache, new_state, cu_seqlens))
-
-    def _output(self, o: torch.Tensor, x: torch.Tensor, norm: nn.Module, gated: bool) -> torch.Tensor:
-        """``o_proj`` of ``norm(o [B, T, H, head_v_dim])``, gated by ``g_proj(x)`` when ``gated``."""
-        o = norm(o, split_heads(self.g_proj(x), self.head_v_dim)) if gated else norm(o)
-        return self.o_proj(o.reshape(*o.shape[:-2], self.value_dim))
 
 
 # ------------------------------------------------------------------ small building blocks

@@ -189,9 +189,6 @@ FAMILIES: dict[str, Family] = {
                   Require("allow_neg_eigval", equals(False), "false", "our Gated DeltaNet keeps beta in (0, 1)", False),
                   Require("output_gate_activation", equals("swish", "silu"), "'swish'",
                           "our Gated DeltaNet's output gate is swish", "swish")),
-        mixer={"q_proj": "proj.q", "k_proj": "proj.k", "v_proj": "proj.v", "a_proj": "proj.g", "b_proj": "proj.beta",
-               "q_conv1d": "conv.q", "k_conv1d": "conv.k", "v_conv1d": "conv.v", "A_log": "param.A_log",
-               "dt_bias": "param.dt_bias"},
     ),
 }
 

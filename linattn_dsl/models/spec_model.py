@@ -1,11 +1,14 @@
 """A Hugging Face model from any spec: :func:`register_spec` compiles the spec (once, into a cache keyed by its
-source's hash: the compiler at registration time, never at op-call time), and registers ``<Name>Config`` /
-``<Name>Model`` / ``<Name>ForCausalLM`` with ``AutoConfig``, ``AutoModel`` and ``AutoModelForCausalLM`` under
-``linattn_<name>``: the shipped families' blocks, hybrid ``attn`` field, cache, generation, save / load and
-gradient checkpointing, with :class:`linattn_dsl.layers.SpecLayer` as the mixer.
+source's hash: the compiler at registration time, never at op-call time), and registers ``<Title>Config`` /
+``<Title>Model`` / ``<Title>ForCausalLM`` with ``AutoConfig``, ``AutoModel`` and ``AutoModelForCausalLM`` under
+``linattn_<name>``: the shared pre-norm blocks, hybrid ``attn`` field, cache, generation, save / load and gradient
+checkpointing, with :class:`linattn_dsl.layers.SpecLayer` as the mixer. The config's fields: the shared ones
+(:class:`LinAttnConfig`, with the declaration's ``defaults``) and one per option of the layer declaration.
 
-The config records the spec's source (``spec_source``), so a saved folder registers itself:
+A spec file's model records the spec's source in its config (``spec_source``), so a saved folder registers itself:
 :func:`from_pretrained` (and ``linattn generate`` / ``linattn eval``) loads it in a fresh process with no extra step.
+A shipped spec's model (RetNet, GLA, DeltaNet, KDA, Gated DeltaNet: registered when ``linattn_dsl.models`` is
+imported) records none.
 """
 
 from __future__ import annotations
@@ -14,13 +17,15 @@ import hashlib
 import importlib.util
 import json
 import os
+from functools import partial
 from pathlib import Path
 from typing import ClassVar
 
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, PreTrainedConfig
 
 from linattn_dsl.layers import SpecLayer
-from linattn_dsl.layers._checks import POSITIVE, POSITIVE_INT, head_dims
+from linattn_dsl.layers._utils import GatedMLP
+from linattn_dsl.layers.spec_layer import DECLARED, check_option, head_sizes, resolve
 
 from ._base import LinAttnConfig, LinAttnForCausalLM, LinAttnModel
 
@@ -35,23 +40,21 @@ def cache_dir() -> Path:
 
 
 class SpecConfig(LinAttnConfig):
-    """The fields of a model registered from a spec (a subclass per spec sets ``model_type``): key / value widths
-    ``expand_k`` / ``expand_v`` times ``hidden_size``, ``num_qk_heads`` q/k heads (None: ``num_heads``), the
-    short convs' ``conv_size``, and the spec's source."""
+    """The base of a spec's model config: a subclass per spec sets ``model_type``, ``layer_plan`` (the generated
+    module's ``LAYER``) and one field per option of the plan; the options and the head sizes they give are checked
+    here, each failure a ValueError naming the field."""
 
-    expand_k: float = 0.5
-    expand_v: float = 1.0
-    num_qk_heads: int | None = None
-    conv_size: int = 4
-    spec_source: str | None = None
-    field_rules: ClassVar[dict[str, str]] = {"expand_k": POSITIVE, "expand_v": POSITIVE, "conv_size": POSITIVE_INT}
+    layer_plan: ClassVar[dict] = {"options": {}}
+
+    def option_values(self) -> dict:
+        return {name: getattr(self, name) for name in type(self).layer_plan["options"]}
 
     def check_sizes(self) -> None:
-        head_dims(self.hidden_size, self.num_heads, self.expand_k, self.expand_v)
-        q = self.num_qk_heads
-        if q is not None and (not isinstance(q, int) or isinstance(q, bool) or q < 1 or self.num_heads % q):
-            raise ValueError(f"num_qk_heads: expected None or a positive divisor of num_heads={self.num_heads}, "
-                             f"got {q!r}")
+        plan, values = type(self).layer_plan, self.option_values()
+        for name, entry in plan["options"].items():
+            check_option(name, values[name], entry)
+        if "sizes" in plan:
+            head_sizes(plan, values, self.hidden_size, self.num_heads)
 
 
 def _load_spec_module(source: str, name_hint: str):
@@ -91,7 +94,7 @@ def register_spec(spec_or_path) -> str:
     the same source again returns the same type; another spec under a registered name is a ValueError."""
     shipped = _shipped(spec_or_path)
     if shipped is not None:   # compiled already, into linattn_dsl/generated/
-        return _register_module(shipped, shipped.SPEC_SOURCE)
+        return _register_module(shipped, shipped.SPEC_SOURCE, shipped=True)
     from linattn_dsl.compiler import registry
     from linattn_dsl.compiler.spec import Recurrence
 
@@ -113,34 +116,61 @@ def _register_source(source: str, hint: str) -> str:
             return model_type
     shipped = _shipped(hint)
     if shipped is not None and shipped.SPEC_SHA256 == sha:   # a shipped spec's source: its generated module
-        return _register_module(shipped, source)
+        return _register_module(shipped, source, shipped=True)
     module, sha = _load_spec_module(source, hint)
     return _register_module(module, source)
 
 
-def _register_module(module, source: str) -> str:
+def _config_class(module, plan: dict, model_type: str, source: str | None) -> type:
+    """The config class of a spec's model: the declaration's defaults of shared fields and a field per option
+    (with ``spec_source`` unless the spec is shipped). SpecError naming an option that takes a name the config
+    already has."""
+    from linattn_dsl.compiler.spec import SpecError
+
+    annotations, body = {}, {"model_type": model_type, "layer_plan": plan, "__module__": __name__}
+    for name, value in plan["defaults"].items():
+        annotations[name] = LinAttnConfig.__annotations__[name]
+        body[name] = value
+    for name, entry in plan["options"].items():
+        if hasattr(PreTrainedConfig, name) or name in LinAttnConfig.__annotations__:
+            raise SpecError(module.SIGNATURE.name, f"layer.{entry['where']}", f"Option field {name!r} is a field "
+                            "every model config has; give the option another name")
+        annotations[name] = entry["type"]
+        body[name] = entry["default"]
+    if source is not None:
+        annotations["spec_source"] = "str | None"
+        body["spec_source"] = source
+    body["__annotations__"] = annotations
+    return type(f"{plan['title']}Config", (SpecConfig,), body)
+
+
+def _register_module(module, source: str, shipped: bool = False) -> str:
     sha = hashlib.sha256(source.encode()).hexdigest()
     for model_type, (known, _) in REGISTERED.items():
         if known == sha:
             return model_type
     plan = module.LAYER
     model_type = f"linattn_{plan['name']}"
-    if model_type in REGISTERED or model_type in _taken():
+    config_cls = _config_class(module, plan, model_type, None if shipped else source)
+    if model_type in REGISTERED or _taken(model_type):
         raise ValueError(f"spec {module.SIGNATURE.name!r}: model_type {model_type!r} is already registered for "
                          "another spec; give the layer declaration another name (Layer(name=...))")
-    title = "".join(part.capitalize() for part in plan["name"].split("_"))
-    config_cls = type(f"{title}Config", (SpecConfig,), {"model_type": model_type, "spec_source": source,
-                                                         "__module__": __name__,
-                                                         "__annotations__": {"spec_source": "str | None"}})
+    options = list(plan["options"])
+    # a shipped spec's layer class (linattn_dsl.layers.MultiScaleRetention ...), else the plain SpecLayer
+    layer_cls = DECLARED.get(module.SIGNATURE.name) if shipped else None
+    build = layer_cls or partial(SpecLayer, module)
 
     def mixer(config, layer_idx: int) -> SpecLayer:
-        return SpecLayer(module, config.hidden_size, config.num_heads, config.expand_k, config.expand_v,
-                         config.num_qk_heads, config.conv_size, config.norm_eps)
+        return build(config.hidden_size, config.num_heads, norm_eps=config.norm_eps,
+                     **{name: getattr(config, name) for name in options})
 
-    body = {"config_class": config_cls, "build_mixer": staticmethod(mixer), "__module__": __name__}
-    if not plan["mlp"]:
-        body["build_mlp"] = staticmethod(lambda config, layer_idx: None)   # mixer-only blocks
-    model_cls = type(f"{title}Model", (LinAttnModel,), body)
+    def mlp(config, layer_idx: int):
+        return GatedMLP(config.hidden_size, config.intermediate_size) if resolve(plan["mlp"], config.option_values()) \
+            else None
+
+    title = plan["title"]
+    model_cls = type(f"{title}Model", (LinAttnModel,), {"config_class": config_cls, "build_mixer": staticmethod(mixer),
+                                                         "build_mlp": staticmethod(mlp), "__module__": __name__})
     lm_cls = type(f"{title}ForCausalLM", (LinAttnForCausalLM,), {"model_class": model_cls, "__module__": __name__})
     AutoConfig.register(model_type, config_cls, exist_ok=True)
     AutoModel.register(config_cls, model_cls, exist_ok=True)
@@ -149,11 +179,11 @@ def _register_module(module, source: str) -> str:
     return model_type
 
 
-def _taken() -> set:
-    """The model types of the shipped families."""
-    from . import FAMILIES
+def _taken(model_type: str) -> bool:
+    """Is ``model_type`` registered with AutoConfig already (a hand-written family's, or transformers' own)?"""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-    return {cfg.model_type for cfg, _, _ in FAMILIES.values()}
+    return model_type in CONFIG_MAPPING
 
 
 def classes(model_type: str) -> tuple:

@@ -3,9 +3,10 @@
 S_t = (I - beta_t k_t k_t^T) exp(g_t) S_{t-1} + beta_t k_t v_t^T,  o_t = S_t^T (scale q_t);
 with use_gate_in_kernel, g_t = -exp(A_log) * softplus(g_raw_t + dt_bias) per head.
 
-The model ``linattn_gated_deltanet`` (the layer below: FLA's GatedDeltaNet layout): short convolutions with silu
-on q, k, v; the gate from a projection with ``A_log`` and ``dt_bias`` inside the op; beta = sigmoid(W_b x); q / k
-L2-normalised in the op; per-head RMSNorm with a swish output gate; the output projection.
+The model ``linattn_gated_deltanet`` (the layer below: FLA's GatedDeltaNet layout and names): short convolutions
+with silu on q, k, v; the gate from a projection ``a_proj`` with ``A_log`` and ``dt_bias`` inside the op;
+beta = sigmoid(W_b x); q / k L2-normalised in the op; per-head RMSNorm ``o_norm`` with a swish output gate; the
+output projection.
 """
 from linattn_dsl.compiler.layer import Layer, Param, Proj
 from linattn_dsl.compiler.spec import Arg, Decay, If, Recurrence, Transition
@@ -24,8 +25,8 @@ spec = Recurrence(
 )
 
 layer = Layer(
-    inputs=dict(q=Proj(conv=True), k=Proj(conv=True), v=Proj(conv=True), g=Proj(), beta=Proj(transform="sigmoid"),
-                A_log=Param(init="a_log"), dt_bias=Param(init="dt_bias")),
+    inputs=dict(q=Proj(conv=True), k=Proj(conv=True), v=Proj(conv=True), g=Proj(name="a"),
+                beta=Proj(name="b", transform="sigmoid"), A_log=Param(init="a_log"), dt_bias=Param(init="dt_bias")),
     switches=dict(use_gate_in_kernel=True),
     output_gate="swish",
     name="gated_deltanet",

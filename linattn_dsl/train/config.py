@@ -113,7 +113,8 @@ def model_fields(family_or_model) -> dict[str, str]:
     """Config fields a user may set for a family (or a ``cfg["model"]`` dict): name -> type string."""
     config_class = (model_classes(family_or_model)[0] if isinstance(family_or_model, dict)
                     else FAMILIES[family_or_model][0])
-    fields: dict[str, str] = {"spec_source": "None"} if issubclass(config_class, spec_model.SpecConfig) else {}
+    # a spec file's model records its source (a shipped spec's records none)
+    fields: dict[str, str] = {"spec_source": "None"} if hasattr(config_class, "spec_source") else {}
     for cls in reversed(config_class.__mro__):
         if issubclass(cls, LinAttnConfig):
             fields.update({k: v for k, v in cls.__dict__.get("__annotations__", {}).items()
