@@ -313,3 +313,15 @@ def test_linattn_new_writes_a_spec_that_becomes_a_model(tmp_path):
     model_type = M.register_spec(tmp_path / "s.py")
     assert model_type == "linattn_started"
     _check_model(_tiny(model_type, num_qk_heads=1))
+
+
+def test_shipped_comba_declares_its_model():
+    """A shipped spec with only a layer declaration (Comba): its model trains, generates and caches like the
+    families; q, k and p are normalised by the op's switch, beta bounded by a sigmoid."""
+    model_type = M.register_spec("comba")
+    assert model_type == "linattn_comba"
+    model = _tiny(model_type)
+    mixer = model.model.layers[0].mixer
+    assert {"q_proj", "p_proj", "a_proj", "b_proj", "q_conv1d", "g_proj", "o_proj"} <= set(dict(mixer.named_children()))
+    assert mixer.plan["switches"] == {"use_qk_l2norm_in_kernel": True}
+    _check_model(model)
