@@ -20,6 +20,7 @@ def test_shipped_specs_and_their_kinds():
         "retention": ("constant", "none"), "gla": ("vector", "none"), "mamba2": ("scalar", "none"),
         "rwkv7": ("vector", "general"), "kda": ("vector", "delta"), "delta_rule": ("none", "delta"),
         "gated_delta_rule": ("scalar", "delta"), "comba": ("scalar", "general"),
+        "hgrn2": ("vector", "none"),
     }
 
 
@@ -33,6 +34,7 @@ def test_positional_order_matches_design():
     assert order["delta_rule"] == ["q", "k", "v", "beta"]
     assert order["gated_delta_rule"] == ["q", "k", "v", "g", "beta"]
     assert order["comba"] == ["q", "k", "v", "p", "g", "beta"]   # FLA's chunk_comba
+    assert order["hgrn2"] == ["q", "g", "v"]
     m = registry.load("mamba2")
     assert list(m.optional) == ["D", "dt_bias"] and m.switches == {"dt_softplus": True} and m.scale == 1.0
     assert registry.load("rwkv7").scale == 1.0

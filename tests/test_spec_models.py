@@ -325,3 +325,16 @@ def test_shipped_comba_declares_its_model():
     assert {"q_proj", "p_proj", "a_proj", "b_proj", "q_conv1d", "g_proj", "o_proj"} <= set(dict(mixer.named_children()))
     assert mixer.plan["switches"] == {"use_qk_l2norm_in_kernel": True}
     _check_model(model)
+
+
+def test_shipped_hgrn2_declares_its_model():
+    """HGRN2 (the key 1 - exp(g) tied to the forget gate): heads of expand_ratio key channels, one RMSNorm over
+    every head's output together (output_norm="all"), no output gate; trains, generates and caches."""
+    model_type = M.register_spec("hgrn2")
+    model = _tiny(model_type, expand_ratio=8)
+    mixer = model.model.layers[0].mixer
+    assert (mixer.head_k_dim, mixer.head_v_dim) == (8, 16)
+    assert {"q_proj", "f_proj", "i_proj", "g_norm", "o_proj"} == set(dict(mixer.named_children()))
+    assert mixer.g_norm.weight.shape == (32,)
+    _check_model(model)
+    _check_model(_tiny(model_type, expand_ratio=8, use_short_conv=True))

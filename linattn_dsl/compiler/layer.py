@@ -52,6 +52,7 @@ TRANSFORMS = ("sigmoid", "logsigmoid", "softplus", "-softplus", "exp", "-exp", "
 ACTIVATIONS = ("silu", "relu", "identity")
 INITS = ("zeros", "ones", "normal", "log_uniform", "a_log", "dt_bias")
 OUTPUT_GATES = ("swish", "sigmoid")
+OUTPUT_NORMS = (True, False, "all")   # per head, none, over every head together
 SIZES = ("hidden", "key", "fixed")
 HEAD_SIZES = ("K", "V")   # a rank may name a head dim
 # the fields every model config has (linattn_dsl.models.LinAttnConfig); an option may not take their names, and
@@ -190,7 +191,8 @@ class Layer:
     (:class:`Size`; a spec whose key and value share a symbol uses the key's); ``qk_heads``: the q/k heads of a spec
     that groups them (None: ``num_heads``); ``conv_size``: the short convs' width (a config field only when a conv
     may be on); ``output_gate``: a :class:`Gate`, "swish", "sigmoid" or None; ``output_norm``: True for the
-    per-head RMSNorm, named ``norm_name``; ``mlp``: the block's SwiGLU MLP (False: mixer-only blocks);
+    per-head RMSNorm, "all" for one RMSNorm over every head's values together (HGRN2), False for none, named
+    ``norm_name``; ``mlp``: the block's SwiGLU MLP (False: mixer-only blocks);
     ``defaults``: other defaults of the config's shared fields (``num_heads=16``); ``name``: the model's name,
     ``linattn_<name>`` (default: the spec's name); ``title``: its classes' prefix (``<title>Config``; default:
     the name in title case)."""
@@ -204,7 +206,7 @@ class Layer:
     qk_heads: int | Option | None = Option("num_qk_heads", None)
     conv_size: int | Option = Option("conv_size", 4)
     output_gate: Gate | str | Option | None = "swish"
-    output_norm: bool | Option = True
+    output_norm: bool | str | Option = True
     norm_name: str = "o_norm"
     mlp: bool | Option = True
     defaults: dict = field(default_factory=dict)
@@ -609,7 +611,8 @@ def plan(spec: Recurrence, layer: Layer | None = None) -> dict:
     convs = any(c is not False for node in inputs.values() for e in planner.candidates(node)
                 if isinstance(e, dict) and e.get("kind") == "proj" for c in planner.candidates(e["conv"]))
     conv_size = planner.value("conv_size", layer.conv_size, _check_rule(planner, "a positive int")) if convs else None
-    output_norm = planner.value("output_norm", layer.output_norm, _check_rule(planner, "a bool"))
+    output_norm = planner.value("output_norm", layer.output_norm,
+                                _check_choice(planner, "output norm", OUTPUT_NORMS))
     mlp = planner.value("mlp", layer.mlp, _check_rule(planner, "a bool"))
     name = layer.name or spec.name
     return dict(name=name, title=layer.title or "".join(p.capitalize() for p in name.split("_")),

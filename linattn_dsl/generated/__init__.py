@@ -4,6 +4,7 @@ from .comba import chunk_comba, fused_recurrent_comba
 from .delta_rule import chunk_delta_rule, fused_recurrent_delta_rule
 from .gated_delta_rule import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
 from .gla import chunk_gla, fused_recurrent_gla
+from .hgrn2 import chunk_hgrn2, fused_recurrent_hgrn2
 from .kda import chunk_kda, fused_recurrent_kda
 from .mamba2 import chunk_mamba2, fused_recurrent_mamba2
 from .retention import chunk_retention, fused_recurrent_retention
@@ -18,6 +19,8 @@ __all__ = [
     'fused_recurrent_gated_delta_rule',
     'chunk_gla',
     'fused_recurrent_gla',
+    'chunk_hgrn2',
+    'fused_recurrent_hgrn2',
     'chunk_kda',
     'fused_recurrent_kda',
     'chunk_mamba2',

@@ -176,13 +176,18 @@ class SpecLayer(SequenceLayer):
         gate = self.plan["output_gate"]
         if gate is not None:
             self.g_proj = self._projection(self.value_dim, gate["rank"], gate["bias"])
-            norm = FusedRMSNormGated(self.head_v_dim, eps=norm_eps, activation=gate["activation"])
+            norm = FusedRMSNormGated(self._norm_width, eps=norm_eps, activation=gate["activation"])
         else:
-            norm = RMSNorm(self.head_v_dim, eps=norm_eps) if self.plan["output_norm"] else None
+            norm = RMSNorm(self._norm_width, eps=norm_eps) if self.plan["output_norm"] else None
         if norm is not None:
             self.add_module(self.plan["norm_name"], norm)
         self.o_proj = nn.Linear(self.value_dim, hidden_size, bias=False)
         init_values(self)
+
+    @property
+    def _norm_width(self) -> int:
+        """The output norm's width: a head's values, or every head's (``output_norm="all"``)."""
+        return self.value_dim if self.plan["output_norm"] == "all" else self.head_v_dim
 
     def _shape(self, src: dict) -> list[int]:
         return [self.sizes[d] for d in src["dims"] if d not in ("B", "T")]
@@ -285,6 +290,8 @@ class SpecLayer(SequenceLayer):
                                              initial_state=state_of(cache, "recurrent_state"),
                                              output_final_state=use_cache, cu_seqlens=cu_seqlens)
         norm = getattr(self, plan["norm_name"], None)
+        if plan["output_norm"] == "all":   # one norm over every head's values
+            o = o.reshape(*o.shape[:-2], 1, self.value_dim)
         if plan["output_gate"] is not None:
             o = norm(o, self.g_proj(x).reshape(*o.shape))
         elif norm is not None:

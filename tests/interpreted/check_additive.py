@@ -36,6 +36,9 @@ CASES = [  # (spec, draw_case keywords)
     # mild decays (at most 7.5 nats across a sub-block): scores_diag forms every sub-block as products (the
     # -20 case above sends every full one per column). Last, so the cases above keep their seeds
     ("gla", dict(B=1, T=70, heads=2, K=16, V=8, log_decay_min=-0.5)),
+    # HGRN2: the key 1 - exp(g) is a role of the gate input, its gradient through both roles
+    ("hgrn2", dict(B=2, T=67, heads=2, K=16, V=8)),
+    ("hgrn2", dict(seqlens=[5, 64, 11], heads=1, K=8, V=8, log_decay_min=-0.5)),
 ]
 
 
