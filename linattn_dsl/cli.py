@@ -65,7 +65,7 @@ def cmd_regen(args) -> int:
         specs_to_write = [s for s in specs if s.name in names]
         stale = codegen.regen(specs_to_write, out, check=args.check, index=False)
         stale += codegen.regen(specs, out, check=True, index=True) if args.check else \
-            [r for r in [codegen.render_index(sorted(s.name for s in specs))] if _write(out, r)]
+            [r.filename for r in [codegen.render_index(sorted(s.name for s in specs))] if _write(out, r)]
     else:
         stale = codegen.regen(specs, out, check=args.check, builtin=builtin)
     if args.check:

@@ -1,10 +1,14 @@
 """The oracle against closed forms, in float64 (agreement to ~1e-10 relative)."""
 
+import tempfile
+
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from linattn_dsl import reference
+from _helpers import regen
+
+from linattn_dsl import ops, reference
 
 from linattn_dsl.compiler import registry
 
@@ -216,3 +220,53 @@ def test_comba_oracle_is_fla_formula(l2norm, seed):
         outs.append(torch.einsum("bhk,bhkv->bhv", q[:, t] * K ** -0.5, S))
     torch.testing.assert_close(o, torch.stack(outs, 1), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(ht, S, rtol=1e-12, atol=1e-12)
+
+
+NORMALIZED_GLA = (  # a decayed spec with the normalised output and feature maps in its roles
+    'from linattn_dsl import Decay, Recurrence\n'
+    'spec = Recurrence(name="normalized_gla", inputs=dict(q="B T H K", k="B T H K", v="B T H V", g="B T H K"), '
+    'query="exp(q)", key="exp(k)", value="v", decay=Decay.vector(log="-softplus(g)"), normalize=True)\n')
+_GENERATED: dict = {}
+
+
+def _normalized_gla():
+    """(spec, generated module) of NORMALIZED_GLA, compiled once per session."""
+    if not _GENERATED:
+        _GENERATED["gla"] = regen(tempfile.mkdtemp(prefix="linattn_oracle_"), "normalized_gla", NORMALIZED_GLA)
+    return _GENERATED["gla"]
+
+
+@settings(max_examples=10, deadline=None)
+@given(st.sampled_from(["linear_attn", "normalized_gla"]), st.integers(0, 2 ** 16))
+def test_normalized_output_is_the_ratio_with_the_keys_running_sum(name, seed):
+    """normalize: o_t = q^T S_t / (q^T z_t + 1e-10), z_t the keys' running sum under the same decay, z the state's
+    last column; the oracle against this loop (float64, 1e-12), and the ops (the CPU twin: the value input widened
+    by a ones column) against the oracle (fp32, 1e-5) with every gradient, for a decayed spec with feature maps in
+    its roles too."""
+    spec, mod = (registry.load(name), None) if name == "linear_attn" else _normalized_gla()
+    g = torch.Generator().manual_seed(seed)
+    B, T, H, K, V = 2, 9, 2, 4, 3
+    q, k = (torch.rand(B, T, H, K, generator=g, dtype=torch.float64) for _ in range(2))
+    v = torch.randn(B, T, H, V, generator=g, dtype=torch.float64)
+    gate = torch.randn(B, T, H, K, generator=g, dtype=torch.float64)
+    h0 = torch.randn(B, H, K, V + 1, generator=g, dtype=torch.float64)
+    h0[..., -1] = h0[..., -1].abs() + 1
+    inputs = (q, k, v) if name == "linear_attn" else (q, k, v, gate)
+    o, ht = reference.run(spec, *inputs, initial_state=h0, output_final_state=True, dtype=torch.float64)
+    fq, fk = (q, k) if name == "linear_attn" else (q.exp(), k.exp())
+    decay = torch.ones_like(gate) if name == "linear_attn" else torch.exp(-torch.nn.functional.softplus(gate))
+    S, z, outs = h0[..., :V].clone(), h0[..., V].clone(), []
+    for t in range(T):
+        S = decay[:, t, :, :, None] * S + fk[:, t, :, :, None] * v[:, t, :, None, :]
+        z = decay[:, t] * z + fk[:, t]
+        qs = fq[:, t] * K ** -0.5
+        outs.append(torch.einsum("bhk,bhkv->bhv", qs, S) / ((qs * z).sum(-1, keepdim=True) + 1e-10))
+    torch.testing.assert_close(o, torch.stack(outs, 1), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ht, torch.cat([S, z[..., None]], -1), rtol=1e-12, atol=1e-12)
+    case = testing.draw_case(spec, B=2, T=37, heads=2, K=8, V=4, seed=seed)
+    assert case.initial_state.shape[-1] == 5
+    for op in ((ops.chunk_linear_attn, ops.fused_recurrent_linear_attn) if mod is None
+               else (mod.chunk_normalized_gla, mod.fused_recurrent_normalized_gla)):
+        errs = testing.compare(case, op)
+        assert all(e < 1e-5 for e in errs.values()), errs
+

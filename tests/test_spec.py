@@ -20,7 +20,7 @@ def test_shipped_specs_and_their_kinds():
         "retention": ("constant", "none"), "gla": ("vector", "none"), "mamba2": ("scalar", "none"),
         "rwkv7": ("vector", "general"), "kda": ("vector", "delta"), "delta_rule": ("none", "delta"),
         "gated_delta_rule": ("scalar", "delta"), "comba": ("scalar", "general"),
-        "hgrn2": ("vector", "none"),
+        "hgrn2": ("vector", "none"), "linear_attn": ("none", "none"),
     }
 
 
@@ -35,6 +35,7 @@ def test_positional_order_matches_design():
     assert order["gated_delta_rule"] == ["q", "k", "v", "g", "beta"]
     assert order["comba"] == ["q", "k", "v", "p", "g", "beta"]   # FLA's chunk_comba
     assert order["hgrn2"] == ["q", "g", "v"]
+    assert order["linear_attn"] == ["q", "k", "v"]   # FLA's chunk_linear_attn
     m = registry.load("mamba2")
     assert list(m.optional) == ["D", "dt_bias"] and m.switches == {"dt_softplus": True} and m.scale == 1.0
     assert registry.load("rwkv7").scale == 1.0
@@ -109,6 +110,11 @@ ERRORS = [
     ("l2norm_inputs", dict(l2norm_inputs=("g",), qk_l2norm=True, decay=Decay.vector(log="-softplus(g)"),
                            inputs=dict(BASE["inputs"], g="B T H K"))),  # read by the log-decay
     ("l2norm_inputs", dict(l2norm_inputs="q", qk_l2norm=True)),          # a string, not a tuple
+    ("normalize", dict(normalize="nosuch")),                             # not a switch
+    ("normalize", dict(normalize=1)),                                    # not a bool or a switch name
+    ("normalize", dict(normalize=True, transition=Transition.delta(beta="b"), inputs=dict(BASE["inputs"], b="B T H"))),
+    ("normalize", dict(normalize=True, value="v * x", inputs=dict(BASE["inputs"], x="B T H"))),  # not a bare input
+    ("normalize", dict(normalize=True, optional=dict(u="B T H V"), skip="u")),   # another input on the value dim
 ]
 
 

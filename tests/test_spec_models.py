@@ -338,3 +338,15 @@ def test_shipped_hgrn2_declares_its_model():
     assert mixer.g_norm.weight.shape == (32,)
     _check_model(model)
     _check_model(_tiny(model_type, expand_ratio=8, use_short_conv=True))
+
+
+def test_shipped_linear_attn_declares_its_model():
+    """Linear attention's normalised output through a model: positive features (elu + 1), the state one column
+    wider (z) in the cache; trains, generates and caches."""
+    model_type = M.register_spec("linear_attn")
+    model = _tiny(model_type)
+    _check_model(model)
+    with torch.no_grad():
+        cache = model(torch.zeros(1, 5, dtype=torch.long), use_cache=True).cache
+    mixer = model.model.layers[0].mixer
+    assert cache[0]["recurrent_state"].shape == (1, 2, mixer.head_k_dim, mixer.head_v_dim + 1)

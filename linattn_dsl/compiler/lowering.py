@@ -169,6 +169,7 @@ def signature_fields(spec: Recurrence) -> dict:
         name=spec.name, args={n: spec.dims(n) for n in spec.args}, required=tuple(spec.inputs),
         switches=dict(spec.switches), head_dims=dict(spec.head_dims), query=spec.query,
         value_input=spec.value_input, scale=spec.scale, decay=spec.decay.kind, form=FORMS[spec.transition.kind],
+        normalize=spec.normalize,
         uses={_switch_key(sw): tuple(n for n in spec.args if n in spec.uses(sw)) for sw in variants},
         signs={(_switch_key(sw), p): spec.sign_contracts(sw, p) for sw in variants for p in _present_sets(spec)},
     )

@@ -118,6 +118,7 @@ class Roles:
     skip: sp.Expr | None
     qk_l2norm: bool
     l2norm_inputs: tuple = ()
+    normalize: bool = False
 
     def items(self):
         for name in ("query", "key", "value", "log_decay", "beta", "a", "b", "skip"):
@@ -132,7 +133,11 @@ class Recurrence:
 
     ``qk_l2norm`` (True, or a switch's name) L2-normalises the query and key roles over the key dim; with
     ``l2norm_inputs`` it normalises those inputs instead (each over its last dim, the key dim), before any role
-    reads them: a key role that scales its input (Comba's ``beta * k``) keeps its scale."""
+    reads them: a key role that scales its input (Comba's ``beta * k``) keeps its scale.
+
+    ``normalize`` (True, or a switch's name): the normalised output of linear attention,
+    ``o_t = q_t^T S_t / (q_t^T z_t + 1e-10)`` with ``z_t`` the keys' running sum under the same decay; ``z``
+    travels with the state as one more value column, ``[K, V + 1]`` (initial and final states alike)."""
 
     name: str
     inputs: dict
@@ -148,6 +153,7 @@ class Recurrence:
     scale: float | None = None
     qk_l2norm: bool | str = False
     l2norm_inputs: tuple = ()
+    normalize: bool | str = False
     doc: str = ""
 
     def __post_init__(self):
@@ -240,6 +246,7 @@ class Recurrence:
             log_decay=role(self.decay.log, "decay.log"), beta=role(self.transition.beta, "transition.beta"),
             a=role(self.transition.a, "transition.a"), b=role(self.transition.b, "transition.b"),
             skip=skip, qk_l2norm=l2, l2norm_inputs=tuple(self.l2norm_inputs) if l2 else (),
+            normalize=self.normalize if isinstance(self.normalize, bool) else sw[self.normalize],
         )
 
     def uses(self, switches: dict | None = None) -> frozenset:
@@ -327,6 +334,8 @@ class Recurrence:
         for role, e in r.items():
             lines.append(f"  {role:<10} = {e}    [{', '.join(self.layout(e))}]")
         lines.append(f"  scale      = {self.scale if self.scale is not None else 'K ** -0.5'}")
+        if self.normalize is not False:
+            lines.append(f"  normalised output: {self.normalize} (state [num_seqs, H, K, V + 1])")
         lines.append(f"  q/k L2 norm: {self.qk_l2norm}"
                      + (f" (of the inputs {', '.join(self.l2norm_inputs)})" if self.l2norm_inputs else ""))
         lines.append(f"  state      = [num_seqs, {hd['H']}, {hd['K']}, {hd['V']}]")
@@ -335,6 +344,30 @@ class Recurrence:
 
 # ------------------------------------------------------------------------------------------------
 # Validation
+
+
+def _check_normalize(spec: Recurrence) -> None:
+    name, norm = spec.name, spec.normalize
+    if isinstance(norm, str) and norm not in spec.switches:
+        raise SpecError(name, "normalize", f"names switch {norm!r}, not one of {sorted(spec.switches)}")
+    if not isinstance(norm, (bool, str)):
+        raise SpecError(name, "normalize", "must be True, False or the name of a switch")
+    if norm is False:
+        return
+    if spec.transition.kind != "none":
+        raise SpecError(name, "normalize", f"the normalised output is the additive form's (transition 'none'); "
+                                           f"this spec's transition is {spec.transition.kind!r}")
+    v_sym = spec.head_dims_raw["V"]
+    for sw in spec.variants() if spec.switches else [{}]:
+        r = spec.resolve(sw)
+        if r.normalize and (r.value != spec.symbols[spec.value_input] or r.skip is not None):
+            raise SpecError(name, "normalize", f"the normaliser rides as a value column: the value role must be an "
+                                               f"input of its own and there may be no skip term (value "
+                                               f"{r.value}, skip {r.skip})")
+    others = [n for n in spec.args if n != spec.value_input and v_sym in spec.dims(n)]
+    if others:
+        raise SpecError(name, "normalize", f"{others} use the value dim {v_sym!r}, which the normaliser's column "
+                                           f"widens; only the value input may")
 
 
 def _check_l2norm_inputs(spec: Recurrence) -> None:
@@ -490,6 +523,7 @@ def _check(spec: Recurrence) -> None:
     object.__setattr__(spec, "head_dims_raw", _raw_head_dims(spec))
     hd = spec.head_dims_raw
     _check_l2norm_inputs(spec)
+    _check_normalize(spec)
 
     for sw in spec.variants() if spec.switches else [{}]:
         r = spec.resolve(sw)

@@ -76,6 +76,14 @@ def bind(spec: Recurrence, tensors: dict, switches: dict | None = None, scale=No
 
 def run_bound(spec: Recurrence, bound: Bound, dtype=torch.float32):
     """The oracle on a bound call of ``spec``."""
+    if spec.resolve(bound.switches).normalize:   # the keys' running sum z as one more value column
+        from ..runtime import normalized
+
+        return normalized(bound, lambda wide: _run_bound(spec, wide, dtype))
+    return _run_bound(spec, bound, dtype)
+
+
+def _run_bound(spec: Recurrence, bound: Bound, dtype):
     if bound.sizes["T"] == 0:   # nothing to step through: the ops' answer (empty o, the initial state)
         from ..runtime import no_tokens
 

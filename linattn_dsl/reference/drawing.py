@@ -83,6 +83,8 @@ def draw_case(spec: Recurrence, *, B: int = 2, T: int = 33, heads: int = 2, grou
             x = torch.rand(shape, generator=gen, dtype=torch.float64)
         elif n == plain.get("beta"):
             x = torch.rand(shape, generator=gen, dtype=torch.float64)
+        elif roles.normalize and n in (plain.get("key"), plain.get("query")):
+            x = torch.rand(shape, generator=gen, dtype=torch.float64) + 0.1   # positive features: q^T z > 0
         elif n in (plain.get("key"),) and delta and not roles.qk_l2norm:
             x = unit(randn(shape))
         elif n == plain.get("a"):
@@ -104,7 +106,12 @@ def draw_case(spec: Recurrence, *, B: int = 2, T: int = 33, heads: int = 2, grou
             tensors[n] = randn([sizes[d] for d in spec.dims(n)]) * 0.1
     tensors = {n: (x.to(dtype=dtype, device=device) if x is not None else None) for n, x in tensors.items()}
     num_seqs = B if seqlens is None else len(seqlens)
-    h0 = randn([num_seqs, heads, K, V]).to(device=device, dtype=torch.float32) * 0.5 if with_initial_state else None
+    h0 = None
+    if with_initial_state:   # with the normalised output, the last column is z (a sum of positive keys)
+        h0 = randn([num_seqs, heads, K, V + int(roles.normalize)]) * 0.5
+        if roles.normalize:
+            h0[..., -1] = h0[..., -1].abs() * 4
+        h0 = h0.to(device=device, dtype=torch.float32)
     cu = None if seqlens is None else torch.tensor([0] + list(torch.tensor(seqlens).cumsum(0).tolist()),
                                                    dtype=torch.long, device=device)
     return Case(spec, tensors, sw, h0, cu, note=dict(B=B, T=T, H=heads, HQ=sizes[hd["HQ"]], K=K, V=V,

@@ -10,7 +10,7 @@ import importlib
 import importlib.util
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -143,10 +143,33 @@ def no_tokens(bound: Bound):
     return o, (ht if bound.output_final_state else None)
 
 
+NORMALIZER_EPS = 1e-10   # added to the normalised output's denominator (FLA's chunk_linear_attn adds the same)
+
+
+def normalized(bound: Bound, run):
+    """A call with the normalised output (``Signature.normalize``): ``run`` on the call with the value input
+    widened by a column of ones, whose state column is z (the keys' running sum under the decay) and whose output
+    column is the denominator q^T z; then o = numerator / (denominator + NORMALIZER_EPS), in at least fp32."""
+    spec = bound.spec
+    name, V = spec.value_input, bound.size("V")
+    v = bound.tensors[name]
+    wide = replace(bound, tensors={**bound.tensors, name: torch.cat([v, v.new_ones(*v.shape[:-1], 1)], -1)},
+                   sizes={**bound.sizes, spec.head_dims["V"]: V + 1})
+    o, ht = run(wide)
+    at = torch.promote_types(o.dtype, torch.float32)
+    return (o[..., :V].to(at) / (o[..., V:].to(at) + NORMALIZER_EPS)).to(o.dtype), ht
+
+
 def dispatch(mode: str, bound: Bound, mod: Module):
     """Run a bound op call on the backend for its device: the generated Triton kernels on CUDA (or on CPU under
     TRITON_INTERPRET=1), the generated PyTorch twin on CPU. Each chunk form's host module (additive.py, delta.py,
     general.py) launches its stages. A call without tokens (T = 0) is answered here, before any backend."""
+    if bound.spec.normalizes(bound.switches):
+        return normalized(bound, lambda wide: _dispatch(mode, wide, mod))
+    return _dispatch(mode, bound, mod)
+
+
+def _dispatch(mode: str, bound: Bound, mod: Module):
     if bound.sizes["T"] == 0:
         return no_tokens(bound)
     variant = mod.VARIANTS[tuple(sorted(bound.switches.items()))]

@@ -63,6 +63,7 @@ class Signature:
     form: str
     uses: dict
     signs: dict
+    normalize: bool | str = False   # True or a switch: the normalised output (state [K, V + 1])
 
     @property
     def inputs(self) -> tuple:
@@ -84,6 +85,10 @@ class Signature:
 
     def reads(self, switches: dict) -> tuple:
         return self.uses[self.key(switches)]
+
+    def normalizes(self, switches: dict) -> bool:
+        """Whether a call with these switch values has the normalised output (its state one column wider)."""
+        return self.normalize if isinstance(self.normalize, bool) else bool(switches[self.normalize])
 
     def sign_contracts(self, switches: dict, present: frozenset) -> dict:
         return self.signs[(self.key(switches), tuple(n for n in self.optional if n in present))]
@@ -204,10 +209,12 @@ def bind(spec: Signature, tensors: dict, switches: dict | None = None, scale: fl
                              f"got {c if len(c) <= 12 else c[:6] + ['...'] + c[-6:]}")
     n = sizes["B"] if cu_seqlens is None else cu_seqlens.numel() - 1
     if initial_state is not None:
-        want = (n, H, sizes[hd["K"]], sizes[hd["V"]])
+        wide = spec.normalizes(sw)   # the normaliser z as one more value column
+        want = (n, H, sizes[hd["K"]], sizes[hd["V"]] + int(wide))
         if not isinstance(initial_state, torch.Tensor) or tuple(initial_state.shape) != want:
             got = _fmt(initial_state.shape) if isinstance(initial_state, torch.Tensor) else type(initial_state).__name__
-            raise ValueError(f"initial_state: expected shape [N, H, K, V] = {_fmt(want)}, got {got}")
+            raise ValueError(f"initial_state: expected shape [N, H, K, V{' + 1' if wide else ''}] = {_fmt(want)}, "
+                             f"got {got}")
         if not initial_state.is_floating_point():
             raise ValueError(f"initial_state: expected a floating-point tensor, got {initial_state.dtype}")
         act = _token_dtype(spec, tensors)

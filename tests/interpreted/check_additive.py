@@ -39,6 +39,9 @@ CASES = [  # (spec, draw_case keywords)
     # HGRN2: the key 1 - exp(g) is a role of the gate input, its gradient through both roles
     ("hgrn2", dict(B=2, T=67, heads=2, K=16, V=8)),
     ("hgrn2", dict(seqlens=[5, 64, 11], heads=1, K=8, V=8, log_decay_min=-0.5)),
+    # linear attention's normalised output: the state's extra column z through every stage, then o / (q^T z)
+    ("linear_attn", dict(B=2, T=70, heads=2, K=16, V=8)),
+    ("linear_attn", dict(seqlens=[5, 64, 11], heads=1, K=8, V=8, switches=dict(normalize=False))),
 ]
 
 
