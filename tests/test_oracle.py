@@ -270,3 +270,26 @@ def test_normalized_output_is_the_ratio_with_the_keys_running_sum(name, seed):
         errs = testing.compare(case, op)
         assert all(e < 1e-5 for e in errs.values()), errs
 
+
+
+@settings(max_examples=10, deadline=None)
+@given(st.booleans(), st.integers(0, 2 ** 16))
+def test_mamba_oracle_is_the_selective_scan(softplus, seed):
+    """The mamba spec against Mamba's selective scan stepped here (float64, 1e-12): per channel d,
+    h = exp(delta A[d]) * h + delta B x[d], y = C^T h + D[d] x[d], delta = softplus(dt + dt_bias) (or relu)."""
+    g = torch.Generator().manual_seed(seed)
+    B, T, Dn, N = 2, 7, 3, 4
+    x, dt = torch.randn(B, T, Dn, generator=g, dtype=torch.float64), torch.randn(B, T, Dn, generator=g,
+                                                                                 dtype=torch.float64)
+    A = -torch.rand(Dn, N, generator=g, dtype=torch.float64) * 2
+    Bm, Cm = (torch.randn(B, T, N, generator=g, dtype=torch.float64) for _ in range(2))
+    D, dt_bias = (torch.randn(Dn, generator=g, dtype=torch.float64) for _ in range(2))
+    y, ht = reference.run(registry.load("mamba"), x[..., None], dt, A, Bm[:, :, None], Cm[:, :, None], D=D,
+                          dt_bias=dt_bias, dt_softplus=softplus, output_final_state=True, dtype=torch.float64)
+    delta = torch.nn.functional.softplus(dt + dt_bias) if softplus else torch.relu(dt + dt_bias)
+    h, outs = torch.zeros(B, Dn, N, dtype=torch.float64), []
+    for t in range(T):
+        h = torch.exp(delta[:, t, :, None] * A) * h + delta[:, t, :, None] * Bm[:, t, None, :] * x[:, t, :, None]
+        outs.append((h * Cm[:, t, None, :]).sum(-1) + D * x[:, t])
+    torch.testing.assert_close(y[..., 0], torch.stack(outs, 1), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ht[..., 0], h, rtol=1e-12, atol=1e-12)

@@ -21,6 +21,7 @@ def test_shipped_specs_and_their_kinds():
         "rwkv7": ("vector", "general"), "kda": ("vector", "delta"), "delta_rule": ("none", "delta"),
         "gated_delta_rule": ("scalar", "delta"), "comba": ("scalar", "general"),
         "hgrn2": ("vector", "none"), "linear_attn": ("none", "none"),
+        "mamba": ("vector", "none"),
     }
 
 
@@ -36,6 +37,7 @@ def test_positional_order_matches_design():
     assert order["comba"] == ["q", "k", "v", "p", "g", "beta"]   # FLA's chunk_comba
     assert order["hgrn2"] == ["q", "g", "v"]
     assert order["linear_attn"] == ["q", "k", "v"]   # FLA's chunk_linear_attn
+    assert order["mamba"] == ["x", "dt", "A", "B", "C"]   # mamba_ssm's selective scan (u, delta, A, B, C)
     m = registry.load("mamba2")
     assert list(m.optional) == ["D", "dt_bias"] and m.switches == {"dt_softplus": True} and m.scale == 1.0
     assert registry.load("rwkv7").scale == 1.0

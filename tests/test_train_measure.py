@@ -171,7 +171,9 @@ def test_fsdp2_sharding_on_cpu(family, tmp_path):
     processes as DDP): the same step-1 loss as one unsharded copy fed the whole batch and every gathered
     gradient within 1e-5; a sharded checkpoint (one file per process) restored into a fresh sharded model and
     optimizer repeats step 2 exactly; the full state dict gathered from the shards has the unsharded copy's
-    keys and values (1e-4 of each tensor's largest entry after two AdamW steps)."""
+    keys and values (1e-3 of each tensor's largest entry after two AdamW steps at lr 1e-2: AdamW divides each
+    element's step by its own gradient scale, so an element whose gradient is near zero moves by up to lr on the
+    rounding of the sharded reductions; the gradients themselves agree to 1e-5)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            str(ROOT / "tests" / "distributed" / "fsdp2_cpu.py"), str(tmp_path / "ckpt"), family],
@@ -182,7 +184,7 @@ def test_fsdp2_sharding_on_cpu(family, tmp_path):
     assert r["loss1"] == pytest.approx(r["ref_loss1"], rel=1e-6) and r["grads_rel"] < 1e-5
     assert r["loss2"] == pytest.approx(r["ref_loss2"], rel=1e-6)
     assert r["resumed_loss2"] == r["loss2"]
-    assert r["state_rel"] < 1e-4
+    assert r["state_rel"] < 1e-3
     assert {"__0_0.distcp", "__1_0.distcp", ".metadata"} <= set(r["files"])
 
 

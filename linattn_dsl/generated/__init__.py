@@ -7,6 +7,7 @@ from .gla import chunk_gla, fused_recurrent_gla
 from .hgrn2 import chunk_hgrn2, fused_recurrent_hgrn2
 from .kda import chunk_kda, fused_recurrent_kda
 from .linear_attn import chunk_linear_attn, fused_recurrent_linear_attn
+from .mamba import chunk_mamba, fused_recurrent_mamba
 from .mamba2 import chunk_mamba2, fused_recurrent_mamba2
 from .retention import chunk_retention, fused_recurrent_retention
 from .rwkv7 import chunk_rwkv7, fused_recurrent_rwkv7
@@ -26,6 +27,8 @@ __all__ = [
     'fused_recurrent_kda',
     'chunk_linear_attn',
     'fused_recurrent_linear_attn',
+    'chunk_mamba',
+    'fused_recurrent_mamba',
     'chunk_mamba2',
     'fused_recurrent_mamba2',
     'chunk_retention',

@@ -42,6 +42,8 @@ CASES = [  # (spec, draw_case keywords)
     # linear attention's normalised output: the state's extra column z through every stage, then o / (q^T z)
     ("linear_attn", dict(B=2, T=70, heads=2, K=16, V=8)),
     ("linear_attn", dict(seqlens=[5, 64, 11], heads=1, K=8, V=8, switches=dict(normalize=False))),
+    # Mamba: one value channel per head (channel), a decay per channel and state index
+    ("mamba", dict(B=2, T=70, heads=8, groups=1, K=16, V=1)),
 ]
 
 
