@@ -4,7 +4,9 @@
 
 Settings of shared/GPU.md: bf16, B*T = 32768 tokens, H=16 heads of D=128 (Mamba2: 64 heads of P=64,
 d_state 128, one group, D and dt_bias on, softplus in the kernel); log-decays from logsigmoid of a
-standard normal (GLA / 16). Each (implementation, op) runs in its own process with a timeout; FLA and
+standard normal (GLA / 16). The shelf: comba and linear_attn (elu + 1 features, normalised) against FLA's ops,
+hgrn2 against FLA's chunk_gla with k = 1 - exp(g) (its HGRN2 layer's call), mamba (2048 channels of d_state 16)
+against mamba-ssm's selective scan. Each (implementation, op) runs in its own process with a timeout; FLA and
 mamba are compiled and autotuned first, in parallel processes, so that their timing runs hit Triton's
 disk cache. Times are triton.testing.do_bench medians in ms; memory is the peak of fwd+bwd above the
 inputs, in MiB. Results: a table on stdout, results.json and ops.png under --out.
@@ -39,6 +41,14 @@ def make_inputs(op: str, T: int, device="cuda"):
         D = torch.randn(H, device=device)
         dt_bias = torch.randn(H, device=device) * 0.5
         return dict(x=x, dt=dt, A=A, B=Bm, C=C, D=D, dt_bias=dt_bias)
+    if op == "mamba":   # Mamba-1 at hidden 1024: 2048 channels of d_state 16, one value channel each
+        Dn, N = 2048, 16
+        x = torch.randn(B, T, Dn, 1, **bf)
+        dt = torch.randn(B, T, Dn, **bf) - 2.0
+        A = -torch.arange(1, N + 1, device=device, dtype=torch.float32).repeat(Dn, 1)
+        Bm, C = torch.randn(B, T, 1, N, **bf), torch.randn(B, T, 1, N, **bf)
+        return dict(x=x, dt=dt, A=A, B=Bm, C=C, D=torch.ones(Dn, device=device),
+                    dt_bias=torch.randn(Dn, device=device) * 0.5)
     H, D = 16, 128
     q, k, v = (torch.randn(B, T, H, D, **bf) for _ in range(3))
     if op == "retention":
@@ -49,6 +59,11 @@ def make_inputs(op: str, T: int, device="cuda"):
     if op == "simple_gla":
         g = F.logsigmoid(torch.randn(B, T, H, device=device)) / 16
         return dict(q=q, k=k, v=v, g=g)
+    if op == "hgrn2":   # the key 1 - exp(g) is part of the op
+        g = F.logsigmoid(torch.randn(B, T, H, D, device=device) + 2.0).to(torch.bfloat16)
+        return dict(q=q, g=g, v=v)
+    if op == "linear_attn":   # positive features (elu + 1), the normalised output
+        return dict(q=(F.elu(q.float()) + 1).to(q.dtype), k=(F.elu(k.float()) + 1).to(k.dtype), v=v)
     q, k = F.normalize(q.float(), dim=-1).to(q.dtype), F.normalize(k.float(), dim=-1).to(k.dtype)
     beta = torch.sigmoid(torch.randn(B, T, H, device=device)).to(torch.bfloat16)
     if op == "delta_rule":
@@ -59,6 +74,10 @@ def make_inputs(op: str, T: int, device="cuda"):
     if op == "kda":
         g = (F.logsigmoid(torch.randn(B, T, H, D, device=device)) / 4).to(torch.bfloat16)
         return dict(q=q, k=k, v=v, g=g, beta=beta)
+    if op == "comba":   # FLA's argument order (q, k, v, p, g, beta); p a second unit key
+        p = F.normalize(torch.randn(B, T, H, D, device=device), dim=-1).to(torch.bfloat16)
+        g = F.logsigmoid(torch.randn(B, T, H, device=device)).to(torch.bfloat16)
+        return dict(q=q, k=k, v=v, p=p, g=g, beta=beta)
     if op == "rwkv7":
         w = -torch.exp(0.5 * torch.randn(B, T, H, D, device=device) - 2.5)
         kk = F.normalize(torch.randn(B, T, H, D, device=device), dim=-1)
@@ -72,9 +91,9 @@ def get_fn(impl: str, op: str):
     if impl == "ours":
         from linattn_dsl import ops
 
-        if op == "mamba2":
-            return lambda t: ops.chunk_mamba2(t["x"], t["dt"], t["A"], t["B"], t["C"], D=t["D"],
-                                              dt_bias=t["dt_bias"])[0]
+        if op in ("mamba2", "mamba"):
+            f = getattr(ops, f"chunk_{op}")
+            return lambda t: f(t["x"], t["dt"], t["A"], t["B"], t["C"], D=t["D"], dt_bias=t["dt_bias"])[0]
         if op == "simple_gla":   # scalar-decay additive: mamba2's plan with unit value scaling is not the same op
             raise ValueError("no shipped spec is FLA's simple_gla")
         f = getattr(ops, f"chunk_{op}")
@@ -96,9 +115,27 @@ def get_fn(impl: str, op: str):
             from fla.ops.rwkv7 import chunk_rwkv7 as f
 
             return lambda t: f(*t.values(), scale=1.0)[0]
+        elif op == "comba":
+            from fla.ops.comba import chunk_comba as f
+        elif op == "hgrn2":   # FLA's HGRN2 layer: chunk_gla with k = 1 - exp(g)
+            from fla.ops.gla import chunk_gla
+
+            return lambda t: chunk_gla(t["q"], 1 - t["g"].float().exp().to(t["g"].dtype), t["v"], t["g"])[0]
+        elif op == "linear_attn":
+            from fla.ops.linear_attn import chunk_linear_attn as f
+
+            return lambda t: f(*t.values(), normalize=True)[0]
         else:
             raise ValueError(f"FLA has no {op} op in this benchmark")
         return lambda t: f(*t.values())[0]
+    if impl == "mamba" and op == "mamba":   # mamba-ssm's selective scan (CUDA), channels-first layout
+        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+
+        def scan(t):
+            u, dt = t["x"][..., 0].transpose(1, 2), t["dt"].transpose(1, 2)
+            Bm, C = t["B"][:, :, 0].transpose(1, 2), t["C"][:, :, 0].transpose(1, 2)
+            return selective_scan_fn(u, dt, t["A"], Bm, C, D=t["D"], delta_bias=t["dt_bias"], delta_softplus=True)
+        return scan
     if impl == "mamba":
         from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined as f
 
@@ -186,7 +223,8 @@ def collect(proc, timeout, impl, op, Ts):
 
 PLAN = {"retention": ["ours", "fla"], "gla": ["ours", "fla"], "simple_gla": ["fla"], "mamba2": ["ours", "mamba"],
         "delta_rule": ["ours", "fla"], "gated_delta_rule": ["ours", "fla"], "kda": ["ours", "fla"],
-        "rwkv7": ["ours", "fla"]}
+        "rwkv7": ["ours", "fla"], "comba": ["ours", "fla"], "hgrn2": ["ours", "fla"],
+        "linear_attn": ["ours", "fla"], "mamba": ["ours", "mamba"]}
 
 
 def main(argv=None) -> int:
