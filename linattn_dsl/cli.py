@@ -200,9 +200,9 @@ def cmd_demo(args) -> int:
 
 
 def cmd_convert(args) -> int:
-    from .models.convert import convert_fla
+    from .models.convert import convert_fla, convert_hf_mamba
 
-    dst = convert_fla(args.from_fla, args.dst)
+    dst = convert_fla(args.from_fla, args.dst) if args.from_fla else convert_hf_mamba(args.from_hf_mamba, args.dst)
     print(f"wrote {dst}: load it with linattn_dsl.models.from_pretrained({str(dst)!r})")
     return 0
 
@@ -235,9 +235,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="linattn_demo", help="folder for the demo's artefacts")
     s.add_argument("--quick", action="store_true", help="a shorter run (used by the tests)")
     s.set_defaults(fn=cmd_demo)
-    s = sub.add_parser("convert", help="convert a checkpoint saved by FLA (flash-linear-attention) into ours")
-    s.add_argument("--from-fla", required=True, metavar="SRC", dest="from_fla",
-                   help="a folder saved by FLA's save_pretrained (config.json + safetensors)")
+    s = sub.add_parser("convert", help="convert a checkpoint saved by FLA (flash-linear-attention) or by "
+                       "transformers' MambaForCausalLM into ours")
+    source = s.add_mutually_exclusive_group(required=True)
+    source.add_argument("--from-fla", metavar="SRC", dest="from_fla",
+                        help="a folder saved by FLA's save_pretrained (config.json + safetensors)")
+    source.add_argument("--from-hf-mamba", metavar="SRC", dest="from_hf_mamba",
+                        help="a folder saved by transformers' MambaForCausalLM.save_pretrained (family mamba)")
     s.add_argument("dst", metavar="DST", help="the folder to write (AutoModelForCausalLM.from_pretrained loads it)")
     s.set_defaults(fn=cmd_convert)
     train_cli.register(sub)  # train, generate, eval: each module registers and runs its own subcommand

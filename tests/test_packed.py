@@ -33,6 +33,7 @@ RWKV7_TINY = dict(head_dim=8, decay_low_rank_dim=8, gate_low_rank_dim=8, a_low_r
 TINY = {
     "retnet": (M.RetNetConfig, dict(num_heads=2)),  # RoPE positions restart in each document
     "gla": (M.GLAConfig, dict(num_heads=2, use_short_conv=True)),
+    "mamba": (M.MambaConfig, dict(state_size=8)),
     "mamba2": (M.Mamba2Config, dict(head_dim=16, state_size=8, n_groups=2)),
     "rwkv7": (M.RWKV7Config, RWKV7_TINY),  # token shifts in the mixer and the FFN
     "kda": (M.KDAConfig, dict(num_heads=2, head_dim=16)),

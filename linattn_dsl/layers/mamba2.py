@@ -37,6 +37,15 @@ def mamba2_num_heads(hidden_size: int, num_heads: int | None, head_dim: int, exp
     return num_heads
 
 
+def dt_bias_init(size: int, time_step_min: float, time_step_max: float, time_step_floor: float,
+                 device=None) -> torch.Tensor:
+    """Mamba's ``dt`` bias init: ``softplus^-1(dt)`` with ``dt`` log-uniform in [time_step_min, time_step_max],
+    floored at ``time_step_floor`` (one value per entry of ``size``)."""
+    dt = torch.exp(torch.rand(size, device=device) * (math.log(time_step_max) - math.log(time_step_min))
+                   + math.log(time_step_min)).clamp_min(time_step_floor)
+    return dt + torch.log(-torch.expm1(-dt))
+
+
 class Mamba2(SequenceLayer):
     """``[B, T, hidden] -> [B, T, hidden]``; ``num_heads * head_dim = expand * hidden`` (``d_inner``)."""
 
@@ -87,15 +96,13 @@ class Mamba2(SequenceLayer):
     def special_init(self) -> dict[str, torch.Tensor]:
         """Mamba2's init: ``A`` uniform in [1, 16], ``D = 1``, ``dt_bias = softplus^-1(dt)`` with ``dt``
         log-uniform in [time_step_min, time_step_max] (floored)."""
-        dt_min, dt_max, dt_floor = self.time_step_range
         device = self.A_log.device
-        dt = torch.exp(torch.rand(self.num_heads, device=device) * (math.log(dt_max) - math.log(dt_min))
-                       + math.log(dt_min)).clamp_min(dt_floor)
+        dt_bias = dt_bias_init(self.num_heads, *self.time_step_range, device=device)
         return {
             "A_log": torch.log(torch.empty(self.num_heads, device=device).uniform_(1, 16)),
             "D": torch.ones(self.num_heads, device=device),
             "norm_weight": torch.ones(self.d_inner, device=device),
-            "dt_bias": dt + torch.log(-torch.expm1(-dt)),
+            "dt_bias": dt_bias,
         }
 
     def mix(

@@ -1,4 +1,5 @@
-"""Convert a checkpoint saved by FLA (flash-linear-attention 0.6, ``fla.models``) into one of ours.
+"""Convert a checkpoint saved by FLA (flash-linear-attention 0.6, ``fla.models``), or by transformers'
+``MambaForCausalLM``, into one of ours.
 
 ``convert_fla(src, dst)`` reads ``src`` (FLA's ``save_pretrained`` folder: ``config.json`` and ``model.safetensors``
 or its shards), maps the config fields and the parameter names, checks every tensor against the model our
@@ -19,6 +20,11 @@ Parameter names, FLA -> ours (``<p>`` is FLA's backbone attribute, ``model`` or 
     <p>.layers.i.attn.<mixer name>     model.layers.i.mixer.<our name>    (Family.mixer, linear-attention layers only;
                                                                           hybrid softmax-attention layers keep theirs)
     lm_head.weight                     lm_head.weight                     (absent when the embeddings are tied)
+
+``convert_hf_mamba(src, dst)`` does the same for transformers' ``MambaForCausalLM`` (model_type ``mamba``) with the
+table :data:`HF_MAMBA`: ``backbone.layers.i.norm`` -> ``model.layers.i.attn_norm``, ``backbone.norm_f`` ->
+``model.norm``, the mixer's parameters under their own names and shapes (our conv weight is ``[d_inner, 1, k]`` as
+HF's ``nn.Conv1d``), ``layer_norm_epsilon`` -> ``norm_eps``, mixer-only blocks (``use_mlp=False``).
 """
 
 from __future__ import annotations
@@ -68,7 +74,7 @@ class Family:
     ``config``: our field -> FLA's field name, or a function of FLA's config (dict). ``block``: FLA's submodule of a
     block -> ours. ``mixer``: inside a linear-attention mixer, FLA's parameter name or module path -> ours (the
     longest matching module path wins; unmatched names stay). ``mlp_weight``: our parameter whose first dimension is
-    ``intermediate_size``."""
+    ``intermediate_size``. ``source``: who saved the checkpoint, as errors name it."""
 
     ours: str
     config: dict[str, str | Callable[[dict], Any]]
@@ -79,6 +85,7 @@ class Family:
                                                            "mlp_norm": "mlp_norm", "mlp": "mlp"})
     mixer: dict[str, str] = field(default_factory=dict)
     mlp_weight: str | None = "mlp.gate_proj.weight"
+    source: str = "FLA"
 
 
 # options every FLA family with a SwiGLU MLP shares
@@ -193,6 +200,22 @@ FAMILIES: dict[str, Family] = {
 }
 
 
+# transformers' MambaForCausalLM (model_type "mamba"): its config fields carry our names but for the norms' epsilon
+HF_MAMBA = Family(
+    ours="mamba",
+    config={**{name: name for name in ("state_size", "expand", "conv_kernel", "use_bias", "use_conv_bias",
+                                       "time_step_rank", "time_step_min", "time_step_max", "time_step_floor",
+                                       "time_step_scale")},
+            "norm_eps": "layer_norm_epsilon", "use_mlp": lambda c: False},
+    requires=(Require("hidden_act", equals("silu", "swish"), "'silu'", "our Mamba's conv ends in silu", "silu"),),
+    backbone="backbone",
+    final_norm="norm_f",
+    block={"norm": "attn_norm", "mixer": "mixer"},
+    mlp_weight=None,
+    source="transformers",
+)
+
+
 def _v_heads(config: dict) -> int:
     """FLA Gated DeltaNet's value heads (its config's defaults: 6 heads of 256 channels, hidden 2048)."""
     return config.get("num_v_heads") or config.get("num_heads", 6)
@@ -212,17 +235,19 @@ def _special_floats(obj: dict) -> Any:
     return obj
 
 
-def read_fla(src: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """FLA's config (a dict) and state dict (``model.safetensors``, or the shards its index names)."""
+def read_fla(src: str | Path, saved_by: str = "FLA") -> tuple[dict, dict[str, torch.Tensor]]:
+    """FLA's (or ``saved_by``'s) config (a dict) and state dict (``model.safetensors``, or the shards its index
+    names)."""
     from safetensors.torch import load_file
 
     src = Path(src)
     if not src.is_dir():
-        raise ValueError(f"SRC: expected a folder saved by FLA's save_pretrained, got {str(src)!r} "
+        raise ValueError(f"SRC: expected a folder saved by {saved_by}'s save_pretrained, got {str(src)!r} "
                          f"({'a file' if src.exists() else 'no such folder'})")
     config_file = src / "config.json"
     if not config_file.is_file():
-        raise ValueError(f"SRC: {str(src)!r} has no config.json; expected a folder saved by FLA's save_pretrained")
+        raise ValueError(f"SRC: {str(src)!r} has no config.json; expected a folder saved by {saved_by}'s "
+                         "save_pretrained")
     config = json.loads(config_file.read_text(), object_hook=_special_floats)
     index = src / "model.safetensors.index.json"
     if index.is_file():   # sharded: the index names the files
@@ -258,7 +283,7 @@ def check_supported(family: Family, fla_config: dict) -> None:
     problems = [f"{r.field}={fla_config.get(r.field, r.default)!r} (expected {r.expected}: {r.why})"
                 for r in family.requires if not r.ok(fla_config.get(r.field, r.default), fla_config)]
     if problems:
-        raise ValueError(f"FLA {name}: cannot convert exactly: " + "; ".join(problems))
+        raise ValueError(f"{family.source} {name}: cannot convert exactly: " + "; ".join(problems))
 
 
 def attn_config(fla_config: dict) -> dict | None:
@@ -328,11 +353,12 @@ def our_state(family: Family, fla_config: dict, state: dict[str, torch.Tensor]) 
     return out
 
 
-def check_state(model_type: str, state: dict[str, torch.Tensor], expected: dict[str, torch.Size],
+def check_state(label: str, state: dict[str, torch.Tensor], expected: dict[str, torch.Size],
                 tied: bool) -> dict[str, torch.Tensor]:
     """``state`` fitted to ``expected`` (our model's parameter shapes): singleton dimensions dropped where that is
     the only difference (RWKV7's ``[1, 1, D]`` mixes), the tied ``lm_head.weight`` left to the embeddings.
-    ValueError listing missing names, names with no place in our model, and shapes that differ."""
+    ValueError (starting with ``label``, e.g. ``FLA gla``) listing missing names, names with no place in our model,
+    and shapes that differ."""
     if tied:
         state = {k: v for k, v in state.items() if k != "lm_head.weight"}
         expected = {k: v for k, v in expected.items() if k != "lm_head.weight"}
@@ -350,7 +376,7 @@ def check_state(model_type: str, state: dict[str, torch.Tensor], expected: dict[
         details = [f"{label}: {items[:8]}{' ...' if len(items) > 8 else ''}"
                    for label, items in (("missing", missing), ("not in our model", unexpected), ("shape", wrong))
                    if items]
-        raise ValueError(f"FLA {model_type}: the checkpoint's tensors do not fit our model: " + "; ".join(details))
+        raise ValueError(f"{label}: the checkpoint's tensors do not fit our model: " + "; ".join(details))
     return fitted
 
 
@@ -373,13 +399,15 @@ def expected_shapes(family: Family, fields: dict) -> dict[str, torch.Size]:
     return {key: tensor.shape for key, tensor in model.state_dict().items()}
 
 
-def map_checkpoint(fla_config: dict, state: dict[str, torch.Tensor]) -> tuple[dict, dict[str, torch.Tensor]]:
-    """Our config fields and state dict for an FLA checkpoint (ValueError when it cannot be converted exactly)."""
-    family = family_of(fla_config)
+def map_checkpoint(fla_config: dict, state: dict[str, torch.Tensor],
+                   family: Family | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Our config fields and state dict for an FLA checkpoint, or one ``family``'s table reads (ValueError when it
+    cannot be converted exactly)."""
+    family = family or family_of(fla_config)
     check_supported(family, fla_config)
     mapped = our_state(family, fla_config, state)
     fields = our_config(family, fla_config, mapped)
-    mapped = check_state(fla_config["model_type"], mapped, expected_shapes(family, fields),
+    mapped = check_state(f"{family.source} {fla_config['model_type']}", mapped, expected_shapes(family, fields),
                          bool(fields.get("tie_word_embeddings")))
     return fields, mapped
 
@@ -388,14 +416,33 @@ def convert_fla(src: str | Path, dst: str | Path) -> Path:
     """Convert FLA's ``save_pretrained`` folder ``src`` into our folder ``dst`` (created; files in it replaced).
     Returns ``dst``. ValueError for a missing or unreadable ``src``, an FLA model_type with no converter, or a
     checkpoint using an option our model lacks."""
+    return _convert(src, dst, "FLA", family_of)
+
+
+def hf_mamba_family(config: dict) -> Family:
+    """:data:`HF_MAMBA` for a transformers Mamba config; ValueError naming the model_type of any other."""
+    if config.get("model_type") != "mamba":
+        raise ValueError(f"model_type: expected 'mamba' (a folder saved by transformers' MambaForCausalLM), "
+                         f"got {config.get('model_type')!r}")
+    return HF_MAMBA
+
+
+def convert_hf_mamba(src: str | Path, dst: str | Path) -> Path:
+    """Convert the folder ``src`` saved by transformers' ``MambaForCausalLM.save_pretrained`` into our Mamba
+    folder ``dst`` (created; files in it replaced). Returns ``dst``. ValueError for a missing or unreadable ``src``,
+    a config that is not transformers' Mamba, or tensors that do not fit."""
+    return _convert(src, dst, "transformers", hf_mamba_family)
+
+
+def _convert(src: str | Path, dst: str | Path, saved_by: str, family_for: Callable[[dict], Family]) -> Path:
     from huggingface_hub import save_torch_state_dict
 
     src, dst = Path(src), Path(dst)
     if dst.resolve() == src.resolve():
         raise ValueError(f"DST: expected a folder other than SRC, got {str(dst)!r}")
-    fla_config, state = read_fla(src)
-    fields, mapped = map_checkpoint(fla_config, state)
-    family = family_of(fla_config)
+    source_config, state = read_fla(src, saved_by)
+    family = family_for(source_config)
+    fields, mapped = map_checkpoint(source_config, state, family)
     config = build_config(family, fields)
     config.architectures = [our_classes(family)[2].__name__]
     config.dtype = _dtype_name(state)   # the stored tensors' dtype: from_pretrained loads them as they are
