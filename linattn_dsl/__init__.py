@@ -9,7 +9,7 @@ compiler (or sympy).
 
 __version__ = "0.1.0"
 __all__ = ["Arg", "Const", "Decay", "Gate", "If", "Layer", "NormKey", "Option", "Param", "Proj", "Recurrence", "Size",
-           "SpecError", "Transition", "__version__"]
+           "SpecError", "Substeps", "Transition", "__version__"]
 _LAYER = ("Const", "Gate", "Layer", "NormKey", "Option", "Param", "Proj", "Size")
 
 

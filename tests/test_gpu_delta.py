@@ -16,7 +16,7 @@ from linattn_dsl.compiler import registry
 from linattn_dsl.reference import drawing as testing
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
-DELTA = ["delta_rule", "gated_delta_rule", "kda"]
+DELTA = ["delta_rule", "gated_delta_rule", "kda", "gated_delta_product"]
 
 
 @pytest.mark.parametrize("name", DELTA)

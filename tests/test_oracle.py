@@ -100,9 +100,8 @@ def test_varlen_packing_equals_separate_runs(name, lens, seed):
     o, s = case.call(lambda *a, **kw: reference.run(spec, *a, dtype=torch.float64, **kw))
     bounds = case.cu_seqlens.tolist()
     for n, (a, b) in enumerate(zip(bounds, bounds[1:])):
-        part = {k: (x[:, a:b] if x is not None and spec.dims(k)[:2] == ("B", "T") else x)
-                for k, x in case.tensors.items()}
-        sub = testing.Case(spec, part, case.switches, case.initial_state[n:n + 1], None)
+        sub = testing.Case(spec, case.tokens(a, b), case.switches, case.initial_state[n:n + 1], None,
+                           substeps=case.substeps)
         o_n, s_n = sub.call(lambda *a_, **kw: reference.run(spec, *a_, dtype=torch.float64, **kw))
         assert torch.allclose(o[:, a:b], o_n, rtol=1e-12, atol=1e-12)
         assert torch.allclose(s[n:n + 1], s_n, rtol=1e-12, atol=1e-12)
@@ -122,9 +121,7 @@ def test_initial_state_continuation_equals_one_long_run(name, T, data):
     halves = []
     h = case.initial_state
     for a, b in ((0, split), (split, T)):
-        part = {k: (x[:, a:b] if x is not None and spec.dims(k)[:2] == ("B", "T") else x)
-                for k, x in case.tensors.items()}
-        o_p, h = run(testing.Case(spec, part, case.switches, h, None))
+        o_p, h = run(testing.Case(spec, case.tokens(a, b), case.switches, h, None, substeps=case.substeps))
         halves.append(o_p)
     assert torch.allclose(torch.cat(halves, 1), o, rtol=1e-10, atol=1e-12)
     assert torch.allclose(h, s, rtol=1e-10, atol=1e-12)
@@ -293,3 +290,35 @@ def test_mamba_oracle_is_the_selective_scan(softplus, seed):
         outs.append((h * Cm[:, t, None, :]).sum(-1) + D * x[:, t])
     torch.testing.assert_close(y[..., 0], torch.stack(outs, 1), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(ht[..., 0], h, rtol=1e-12, atol=1e-12)
+
+
+@settings(max_examples=10, deadline=None)
+@given(st.integers(1, 3), st.integers(0, 2 ** 16))
+def test_gated_delta_product_is_n_delta_steps_per_token(n, seed):
+    """Gated DeltaProduct (Substeps): per token the decay once, then n delta-rule steps with their own keys, values
+    and betas, the output after the last; the oracle of the interleaved sequence against this loop (FLA's naive
+    form, float64, 1e-12), and the ops (CPU twin) against the oracle with every gradient (fp32, 1e-5)."""
+    spec = registry.load("gated_delta_product")
+    g = torch.Generator().manual_seed(seed)
+    B, T, H, K, V = 2, 6, 2, 4, 3
+    q = torch.randn(B, T, H, K, generator=g, dtype=torch.float64)
+    k = torch.nn.functional.normalize(torch.randn(B, T * n, H, K, generator=g, dtype=torch.float64), dim=-1)
+    v = torch.randn(B, T * n, H, V, generator=g, dtype=torch.float64)
+    beta = torch.rand(B, T * n, H, generator=g, dtype=torch.float64)
+    ld = -torch.rand(B, T, H, generator=g, dtype=torch.float64)
+    h0 = torch.randn(B, H, K, V, generator=g, dtype=torch.float64)
+    o, ht = reference.run(spec, q, k, v, ld, beta, num_householder=n, initial_state=h0, output_final_state=True,
+                          dtype=torch.float64)
+    S, outs = h0.clone(), []
+    for t in range(T):
+        S = S * ld[:, t, :, None, None].exp()
+        for j in range(t * n, t * n + n):
+            u = v[:, j] - torch.einsum("bhk,bhkv->bhv", k[:, j], S)
+            S = S + beta[:, j, :, None, None] * k[:, j, :, :, None] * u[:, :, None, :]
+        outs.append(torch.einsum("bhk,bhkv->bhv", q[:, t] * K ** -0.5, S))
+    torch.testing.assert_close(o, torch.stack(outs, 1), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ht, S, rtol=1e-12, atol=1e-12)
+    case = testing.draw_case(spec, seqlens=[3, 9], heads=2, K=8, V=4, seed=seed, substeps=n)
+    for op in (ops.chunk_gated_delta_product, ops.fused_recurrent_gated_delta_product):
+        errs = testing.compare(case, op)
+        assert all(e < 1e-5 for e in errs.values()), errs

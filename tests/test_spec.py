@@ -3,7 +3,7 @@
 import pytest
 
 from linattn_dsl.compiler import registry
-from linattn_dsl.compiler.spec import Arg, Decay, If, Recurrence, SpecError, Transition
+from linattn_dsl.compiler.spec import Arg, Decay, If, Recurrence, SpecError, Substeps, Transition
 
 BASE = dict(name="s", inputs=dict(q="B T H K", k="B T H K", v="B T H V"), query="q", key="k", value="v")
 
@@ -21,7 +21,7 @@ def test_shipped_specs_and_their_kinds():
         "rwkv7": ("vector", "general"), "kda": ("vector", "delta"), "delta_rule": ("none", "delta"),
         "gated_delta_rule": ("scalar", "delta"), "comba": ("scalar", "general"),
         "hgrn2": ("vector", "none"), "linear_attn": ("none", "none"),
-        "mamba": ("vector", "none"),
+        "mamba": ("vector", "none"), "gated_delta_product": ("scalar", "delta"),
     }
 
 
@@ -38,6 +38,7 @@ def test_positional_order_matches_design():
     assert order["hgrn2"] == ["q", "g", "v"]
     assert order["linear_attn"] == ["q", "k", "v"]   # FLA's chunk_linear_attn
     assert order["mamba"] == ["x", "dt", "A", "B", "C"]   # mamba_ssm's selective scan (u, delta, A, B, C)
+    assert order["gated_delta_product"] == ["q", "k", "v", "g", "beta"]   # then num_householder, as FLA's
     m = registry.load("mamba2")
     assert list(m.optional) == ["D", "dt_bias"] and m.switches == {"dt_softplus": True} and m.scale == 1.0
     assert registry.load("rwkv7").scale == 1.0
@@ -117,6 +118,14 @@ ERRORS = [
     ("normalize", dict(normalize=True, transition=Transition.delta(beta="b"), inputs=dict(BASE["inputs"], b="B T H"))),
     ("normalize", dict(normalize=True, value="v * x", inputs=dict(BASE["inputs"], x="B T H"))),  # not a bare input
     ("normalize", dict(normalize=True, optional=dict(u="B T H V"), skip="u")),   # another input on the value dim
+    ("substeps", dict(substeps=("k",))),                                 # not a Substeps(...)
+    ("substeps.inputs", dict(substeps=Substeps(inputs=("q", "k")))),     # the query reads a sub-step input
+    ("substeps.inputs", dict(substeps=Substeps(inputs=("x",)))),         # not an input
+    ("substeps.count", dict(substeps=Substeps(inputs=("k",), count="scale"))),   # an op argument already
+    ("substeps", dict(substeps=Substeps(inputs=("k", "g")), decay=Decay.scalar(log="g"),
+                      inputs=dict(BASE["inputs"], g=Arg("B T H", sign="nonpositive")))),   # the decay per sub-step
+    ("substeps", dict(substeps=Substeps(inputs=("k",)), decay=Decay.scalar(log="-softplus(g)"),
+                      inputs=dict(BASE["inputs"], g="B T H"))),          # the decay is an expression, not an input
 ]
 
 

@@ -350,3 +350,14 @@ def test_shipped_linear_attn_declares_its_model():
         cache = model(torch.zeros(1, 5, dtype=torch.long), use_cache=True).cache
     mixer = model.model.layers[0].mixer
     assert cache[0]["recurrent_state"].shape == (1, 2, mixer.head_k_dim, mixer.head_v_dim + 1)
+
+
+def test_shipped_gated_delta_product_model():
+    """Gated DeltaProduct's default layer: k, v and beta projected num_householder times as wide, n rows per
+    token into the op; trains, generates and caches (one token: n delta steps)."""
+    model_type = M.register_spec("gated_delta_product")
+    model = _tiny(model_type, num_householder=3)
+    mixer = model.model.layers[0].mixer
+    assert mixer.k_proj.out_features == 3 * mixer.q_proj.out_features
+    assert mixer.beta_proj.out_features == 3 * 2
+    _check_model(model)

@@ -100,6 +100,8 @@ def render(spec: Recurrence, builtin: bool = True) -> list[Rendered]:
     hd = spec.head_dims
     positional = ", ".join(spec.inputs)
     kw = [f"{n}=None" for n in spec.optional] + [f"{n}={v}" for n, v in spec.switches.items()]
+    if spec.substeps:   # the sub-step count right after the inputs (FLA's num_householder)
+        positional += f", {spec.substeps.count}=1"
     signature = positional + ", scale=None, initial_state=None, output_final_state=False, cu_seqlens=None"
     if kw:
         signature += ", *, " + ", ".join(kw)

@@ -614,9 +614,13 @@ def plan(spec: Recurrence, layer: Layer | None = None) -> dict:
     output_norm = planner.value("output_norm", layer.output_norm,
                                 _check_choice(planner, "output norm", OUTPUT_NORMS))
     mlp = planner.value("mlp", layer.mlp, _check_rule(planner, "a bool"))
+    substeps = None
+    if spec.substeps is not None:   # sub-step inputs: projections n times as wide, n rows per token
+        count = planner.value("substeps.count", Option(spec.substeps.count, 2), _check_rule(planner, "a positive int"))
+        substeps = dict(inputs=list(spec.substeps.inputs), count=count, count_name=spec.substeps.count)
     name = layer.name or spec.name
     return dict(name=name, title=layer.title or "".join(p.capitalize() for p in name.split("_")),
                 options=planner.options, defaults=dict(layer.defaults), sizes=sizes, conv_size=conv_size,
                 inputs=inputs, switches=switches, required=list(spec.inputs), query=query, key=key,
                 qk_l2norm=in_layer_l2, rope=rope, output_gate=output_gate, output_norm=output_norm,
-                norm_name=layer.norm_name, mlp=mlp)
+                norm_name=layer.norm_name, mlp=mlp, substeps=substeps)

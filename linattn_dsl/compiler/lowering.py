@@ -170,9 +170,18 @@ def signature_fields(spec: Recurrence) -> dict:
         switches=dict(spec.switches), head_dims=dict(spec.head_dims), query=spec.query,
         value_input=spec.value_input, scale=spec.scale, decay=spec.decay.kind, form=FORMS[spec.transition.kind],
         normalize=spec.normalize,
+        substeps=tuple(spec.substeps.inputs) if spec.substeps else (),
+        substep_count=spec.substeps.count if spec.substeps else None,
+        decay_input=_bare_decay_input(spec) if spec.substeps else None,
         uses={_switch_key(sw): tuple(n for n in spec.args if n in spec.uses(sw)) for sw in variants},
         signs={(_switch_key(sw), p): spec.sign_contracts(sw, p) for sw in variants for p in _present_sets(spec)},
     )
+
+
+def _bare_decay_input(spec: Recurrence) -> str | None:
+    """The per-token input that is the log-decay under every switch setting (a sub-step spec's, checked)."""
+    names = {spec.resolve(sw).log_decay for sw in (spec.variants() if spec.switches else [{}])} - {None}
+    return next(iter(names)).name if names else None
 
 
 def _switch_key(sw: dict) -> tuple:

@@ -128,6 +128,17 @@ class Roles:
 
 
 @dataclass(frozen=True)
+class Substeps:
+    """Several transition steps per token (Gated DeltaProduct's Householder products): ``inputs`` carry ``n``
+    rows per token (``[B, T * n, ...]``, ``n`` the op's argument ``count``); each token applies its log-decay
+    once, then ``n`` steps of the transition and write, and reads its output after the last. Lowered to the
+    chunk math of the interleaved sequence (T * n steps, the decay on each token's first), as FLA does."""
+
+    inputs: tuple
+    count: str = "num_householder"
+
+
+@dataclass(frozen=True)
 class Recurrence:
     """A recurrence spec. Inputs keep their declaration order: it is the op's positional order.
 
@@ -154,6 +165,7 @@ class Recurrence:
     qk_l2norm: bool | str = False
     l2norm_inputs: tuple = ()
     normalize: bool | str = False
+    substeps: Substeps | None = None
     doc: str = ""
 
     def __post_init__(self):
@@ -346,6 +358,38 @@ class Recurrence:
 # Validation
 
 
+OP_ARGUMENTS = ("scale", "initial_state", "output_final_state", "cu_seqlens")
+
+
+def _check_substeps(spec: Recurrence) -> None:
+    name, sub = spec.name, spec.substeps
+    if sub is None:
+        return
+    if not isinstance(sub, Substeps) or not isinstance(sub.inputs, tuple) or not sub.inputs:
+        raise SpecError(name, "substeps", f"expected Substeps(inputs=(...), count=...), got {sub!r}")
+    if not isinstance(sub.count, str) or not sub.count.isidentifier() or sub.count in (
+            set(spec.args) | set(spec.switches) | set(OP_ARGUMENTS)):
+        raise SpecError(name, "substeps.count", f"expected an argument name of its own, got {sub.count!r}")
+    for n in sub.inputs:
+        if n not in spec.inputs or spec.dims(n)[:2] != (BATCH, TIME):
+            raise SpecError(name, "substeps.inputs", f"{n!r}: expected a required per-token input ([B, T, ...])")
+    for sw in spec.variants() if spec.switches else [{}]:
+        r = spec.resolve(sw)
+        read = {s.name for s in r.query.free_symbols} & set(sub.inputs)
+        if read:
+            raise SpecError(name, "substeps.inputs", f"the query reads {sorted(read)}: a token reads its output "
+                                                     "once, after its last sub-step")
+        if r.log_decay is None:
+            continue
+        bare = r.log_decay.is_Symbol and spec.dims(r.log_decay.name)[:2] == (BATCH, TIME)
+        if not bare or r.log_decay.name in sub.inputs:
+            raise SpecError(name, "substeps", f"the log-decay {r.log_decay} must be a per-token input of its own, "
+                                              "not a sub-step input: it applies on each token's first sub-step "
+                                              "and is zero on the others")
+    if not any(n not in sub.inputs and spec.dims(n)[:2] == (BATCH, TIME) for n in spec.inputs):
+        raise SpecError(name, "substeps.inputs", "at least one per-token input must have one row per token")
+
+
 def _check_normalize(spec: Recurrence) -> None:
     name, norm = spec.name, spec.normalize
     if isinstance(norm, str) and norm not in spec.switches:
@@ -524,6 +568,7 @@ def _check(spec: Recurrence) -> None:
     hd = spec.head_dims_raw
     _check_l2norm_inputs(spec)
     _check_normalize(spec)
+    _check_substeps(spec)
 
     for sw in spec.variants() if spec.switches else [{}]:
         r = spec.resolve(sw)

@@ -2,6 +2,7 @@
 
 from .comba import chunk_comba, fused_recurrent_comba
 from .delta_rule import chunk_delta_rule, fused_recurrent_delta_rule
+from .gated_delta_product import chunk_gated_delta_product, fused_recurrent_gated_delta_product
 from .gated_delta_rule import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
 from .gla import chunk_gla, fused_recurrent_gla
 from .hgrn2 import chunk_hgrn2, fused_recurrent_hgrn2
@@ -17,6 +18,8 @@ __all__ = [
     'fused_recurrent_comba',
     'chunk_delta_rule',
     'fused_recurrent_delta_rule',
+    'chunk_gated_delta_product',
+    'fused_recurrent_gated_delta_product',
     'chunk_gated_delta_rule',
     'fused_recurrent_gated_delta_rule',
     'chunk_gla',

@@ -161,6 +161,9 @@ class SpecLayer(SequenceLayer):
         self._ops = {m: getattr(module, f"{m}_{self.spec_name}") for m in ("chunk", "fused_recurrent")}
         self.options = values
         self.plan = resolve(plan, values)
+        sub = self.plan.get("substeps")
+        for name, src in self.plan["inputs"].items():
+            src["rows"] = sub["count"] if sub and name in sub["inputs"] else 1
         self.hidden_size = hidden_size
         self.num_heads = num_heads
         self.sizes = head_sizes(plan, values, hidden_size, num_heads)
@@ -197,9 +200,14 @@ class SpecLayer(SequenceLayer):
             return nn.Linear(self.hidden_size, width, bias=bias)
         return LowRank(self.hidden_size, width, self.sizes.get(rank, rank), bias=bias)
 
+    @staticmethod
+    def _rows(src: dict) -> int:
+        """Rows per token of an input: a sub-step input's count (``num_householder``), else 1."""
+        return src.get("rows", 1)
+
     def _build_source(self, src: dict, part: str) -> None:
         """The modules of one input's source: its projection(s), its conv or its parameter (``part``)."""
-        width = math.prod(self._shape(src))
+        width = math.prod(self._shape(src)) * (self._rows(src) if src["kind"] != "param" else 1)
         if part == "param" and src["kind"] == "param":
             shape = [width] if src["flat"] else self._shape(src)
             self.register_parameter(src["name"], nn.Parameter(torch.zeros(shape)))
@@ -240,8 +248,15 @@ class SpecLayer(SequenceLayer):
 
     def _input(self, src: dict, x: torch.Tensor, cache, use_cache: bool, new_state: dict, kk: list,
                cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+        y = self._input_rows(src, x, cache, use_cache, new_state, kk, cu_seqlens)
+        return y.flatten(1, 2) if self._rows(src) > 1 else y   # n rows per token: the op takes [B, T * n, ...]
+
+    def _input_rows(self, src: dict, x: torch.Tensor, cache, use_cache: bool, new_state: dict, kk: list,
+                    cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
         B, T = x.shape[:2]
         shape = self._shape(src)
+        if self._rows(src) > 1:
+            shape = [self._rows(src), *shape]
         if src["kind"] == "param":
             return _TRANSFORMS[src["transform"]](self.get_parameter(src["name"]).view(shape))
         if src["kind"] == "const":
@@ -286,6 +301,8 @@ class SpecLayer(SequenceLayer):
         mode = self.mode or ("fused_recurrent" if short else "chunk")
         required = [inputs.get(n) for n in plan["required"]]
         optional = {n: t for n, t in inputs.items() if n not in plan["required"]}
+        if plan.get("substeps"):
+            optional[plan["substeps"]["count_name"]] = plan["substeps"]["count"]
         o, recurrent_state = self._ops[mode](*required, **optional, **plan["switches"],
                                              initial_state=state_of(cache, "recurrent_state"),
                                              output_final_state=use_cache, cu_seqlens=cu_seqlens)

@@ -52,10 +52,18 @@ def run(spec: Recurrence, *inputs, scale=None, initial_state=None, output_final_
         raise ValueError(f"{spec.name} takes {len(spec.inputs)} positional inputs, got {len(inputs)}")
     tensors = dict(zip(spec.inputs, inputs))
     switches = {k: keywords.pop(k) for k in list(keywords) if k in spec.switches}
+    n = keywords.pop(spec.substeps.count, 1) if spec.substeps is not None else None
     for k in list(keywords):
         if k not in spec.args:
             raise ValueError(f"{k}: not an argument of {spec.name}")
         tensors[k] = keywords.pop(k)
+    if n is not None:   # the interleaved sequence of sub-steps, as the ops lower it
+        from ..runtime import interleave, last_substeps
+
+        tensors, cu_seqlens = interleave(signature(spec), tensors, n, cu_seqlens)
+        o, ht = run_bound(spec, bind(spec, tensors, switches, scale, initial_state, output_final_state, cu_seqlens),
+                          dtype)
+        return last_substeps(o, n), ht
     bound = bind(spec, tensors, switches, scale, initial_state, output_final_state, cu_seqlens)
     return run_bound(spec, bound, dtype)
 

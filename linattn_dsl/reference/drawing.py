@@ -27,14 +27,25 @@ class Case:
     output_final_state: bool = True
     scale: float | None = None
     note: dict = field(default_factory=dict)
+    substeps: int = 1   # rows per token of a sub-step spec's sub-step inputs
 
     def call(self, op, tensors=None, initial_state=None):
         t = self.tensors if tensors is None else tensors
         pos = [t[n] for n in self.spec.inputs]
         kw = {n: t[n] for n in self.spec.optional if t.get(n) is not None}
         kw.update(self.switches)
+        if self.spec.substeps is not None:
+            kw[self.spec.substeps.count] = self.substeps
         return op(*pos, scale=self.scale, initial_state=self.initial_state if initial_state is None else initial_state,
                   output_final_state=self.output_final_state, cu_seqlens=self.cu_seqlens, **kw)
+
+
+    def tokens(self, a: int, b: int) -> dict:
+        """The tensors of tokens a..b (a sub-step input's rows a * n .. b * n)."""
+        sub = self.spec.substeps.inputs if self.spec.substeps else ()
+        n = self.substeps
+        return {k: (x if x is None or self.spec.dims(k)[:2] != ("B", "T") else
+                    x[:, a * n:b * n] if k in sub else x[:, a:b]) for k, x in self.tensors.items()}
 
 
 def _plain_symbol(e):
@@ -44,8 +55,9 @@ def _plain_symbol(e):
 def draw_case(spec: Recurrence, *, B: int = 2, T: int = 33, heads: int = 2, groups: int | None = None,
               K: int = 8, V: int = 8, seqlens: list[int] | None = None, with_initial_state: bool = True,
               optional_present: bool = True, switches: dict | None = None, log_decay_min: float = -5.0,
-              dtype: torch.dtype = torch.float32, device="cpu", seed: int = 0) -> Case:
-    """Draw one well-conditioned call of ``spec``. ``seqlens`` packs sequences (B becomes 1)."""
+              dtype: torch.dtype = torch.float32, device="cpu", seed: int = 0, substeps: int = 2) -> Case:
+    """Draw one well-conditioned call of ``spec``. ``seqlens`` packs sequences (B becomes 1). A sub-step spec's
+    sub-step inputs get ``substeps`` rows per token."""
     gen = torch.Generator().manual_seed(seed)
     sw = spec.switch_values(**(switches or {}))
     roles = spec.resolve(sw)
@@ -75,6 +87,8 @@ def draw_case(spec: Recurrence, *, B: int = 2, T: int = 33, heads: int = 2, grou
             tensors[n] = None   # absent, or meaningless under these switches (the ops refuse it)
             continue
         shape = [sizes[d] for d in spec.dims(n)]
+        if spec.substeps is not None and n in spec.substeps.inputs:
+            shape[1] *= substeps
         if n == plain.get("log_decay") or arg.sign in ("nonpositive", "negative"):
             x = torch.rand(shape, generator=gen, dtype=torch.float64) * log_decay_min
             if n != plain.get("log_decay"):
@@ -115,7 +129,8 @@ def draw_case(spec: Recurrence, *, B: int = 2, T: int = 33, heads: int = 2, grou
     cu = None if seqlens is None else torch.tensor([0] + list(torch.tensor(seqlens).cumsum(0).tolist()),
                                                    dtype=torch.long, device=device)
     return Case(spec, tensors, sw, h0, cu, note=dict(B=B, T=T, H=heads, HQ=sizes[hd["HQ"]], K=K, V=V,
-                                                     seqlens=seqlens))
+                                                     seqlens=seqlens),
+                substeps=substeps if spec.substeps is not None else 1)
 
 
 def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
@@ -146,8 +161,7 @@ def compare(case: Case, op, *, grads: bool = True, op_dtype: torch.dtype | None 
 
     ref_t, ref_h0 = leafs(torch.float64)
     ref_h0 = None if ref_h0 is None else ref_h0.detach().double().requires_grad_(grads)
-    bound = reference.bind(spec, ref_t, case.switches, case.scale, ref_h0, True, case.cu_seqlens)
-    o_ref, s_ref = reference.run_bound(spec, bound, torch.float64)
+    o_ref, s_ref = case.call(lambda *a, **kw: reference.run(spec, *a, dtype=torch.float64, **kw), ref_t, ref_h0)
 
     op_t, op_h0 = leafs(op_dtype or next(x.dtype for x in case.tensors.values() if x is not None))
     o, s = case.call(op, op_t, op_h0)

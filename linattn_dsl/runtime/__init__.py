@@ -20,8 +20,8 @@ from .args import bind as _bind
 from .roles import RoleCode, RoleSet
 from .stages import FORMS
 
-__all__ = ["Gate", "Module", "RoleCode", "RoleSet", "Signature", "Variant", "bind", "dispatch", "no_tokens",
-           "on_triton", "warn_if_stale"]
+__all__ = ["Gate", "Module", "RoleCode", "RoleSet", "Signature", "Variant", "bind", "dispatch", "interleave",
+           "last_substeps", "no_tokens", "on_triton", "warn_if_stale"]
 
 
 @dataclass(frozen=True)
@@ -141,6 +141,44 @@ def no_tokens(bound: Bound):
     o, ht = _NoTokens.apply((bound.sizes["B"], 0, H, V), bound.out_dtype, (bound.num_seqs, H, K, V), state_dtype,
                             bound.initial_state, *tensors)
     return o, (ht if bound.output_final_state else None)
+
+
+def interleave(sig: Signature, tensors: dict, n, cu_seqlens):
+    """A call of a sub-step spec (``Signature.substeps``: inputs with ``n`` rows per token) as the call of the
+    interleaved sequence of T * n steps: the other per-token inputs repeated n times, except the log-decay input,
+    which keeps its value on each token's first step and is zero on the others (the decay applies once per token);
+    ``cu_seqlens`` times n. Returns (tensors, cu_seqlens); ``last_substeps`` picks the outputs."""
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise ValueError(f"{sig.substep_count}: expected a positive int, got {n!r}")
+    per_token = [k for k in sig.required if tuple(sig.args[k][:2]) == ("B", "T")]
+    ref = next(k for k in per_token if k not in sig.substeps)
+    if not isinstance(tensors.get(ref), torch.Tensor) or tensors[ref].dim() < 2:
+        return tensors, cu_seqlens   # the binder names what is wrong
+    T = tensors[ref].shape[1]
+    out = dict(tensors)
+    for k in per_token:
+        x = tensors[k]
+        if not isinstance(x, torch.Tensor) or x.dim() < 2:
+            continue
+        if k in sig.substeps:
+            if x.shape[1] != T * n:
+                raise ValueError(f"{k}: expected {sig.substep_count} = {n} rows per token, {T} * {n} = {T * n} "
+                                 f"along dim 1 (as {ref} has {T}), got {x.shape[1]}")
+        elif x.shape[1] == T:
+            if k == sig.decay_input:
+                wide = x.new_zeros(x.shape[0], T, n, *x.shape[2:])
+                wide[:, :, 0] = x
+                out[k] = wide.flatten(1, 2)
+            else:
+                out[k] = x.repeat_interleave(n, dim=1)
+    if n > 1 and isinstance(cu_seqlens, torch.Tensor):
+        cu_seqlens = cu_seqlens * n
+    return out, cu_seqlens
+
+
+def last_substeps(o: torch.Tensor, n: int) -> torch.Tensor:
+    """The outputs of an interleaved call at each token's last sub-step."""
+    return o[:, n - 1::n]
 
 
 NORMALIZER_EPS = 1e-10   # added to the normalised output's denominator (FLA's chunk_linear_attn adds the same)

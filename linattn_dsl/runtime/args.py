@@ -64,6 +64,9 @@ class Signature:
     uses: dict
     signs: dict
     normalize: bool | str = False   # True or a switch: the normalised output (state [K, V + 1])
+    substeps: tuple = ()             # inputs with several rows per token (runtime.substeps)
+    substep_count: str | None = None
+    decay_input: str | None = None   # the per-token log-decay input of a sub-step spec
 
     @property
     def inputs(self) -> tuple:

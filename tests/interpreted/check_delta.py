@@ -41,6 +41,10 @@ CASES = [  # (spec, draw_case keywords, modes)
     # mild decays (at most 7.5 nats across a sub-block): scores_diag forms every sub-block as products (the
     # -20 case above sends every full one per column). Last, so the cases above keep their seeds
     ("kda", dict(B=1, T=70, heads=2, K=16, V=8, log_decay_min=-0.5), ("chunk",)),
+    # Gated DeltaProduct: 3 delta steps per token, the decay on each token's first (the interleaved sequence)
+    ("gated_delta_product", dict(B=2, T=30, heads=2, K=16, V=8, substeps=3), ("chunk", "fused_recurrent")),
+    ("gated_delta_product", dict(seqlens=[5, 30, 1], heads=1, K=8, V=8, substeps=2,
+                                 switches=dict(use_qk_l2norm_in_kernel=True)), ("chunk",)),
 ]
 
 
