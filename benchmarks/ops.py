@@ -4,7 +4,7 @@
 
 Settings of shared/GPU.md: bf16, B*T = 32768 tokens, H=16 heads of D=128 (Mamba2: 64 heads of P=64,
 d_state 128, one group, D and dt_bias on, softplus in the kernel); log-decays from logsigmoid of a
-standard normal (GLA / 16). The shelf: comba and linear_attn (elu + 1 features, normalised) against FLA's ops,
+standard normal (GLA / 16). The shelf: comba, rwkv6 and linear_attn (elu + 1 features, normalised) against FLA's ops,
 hgrn2 against FLA's chunk_gla with k = 1 - exp(g) (its HGRN2 layer's call), mamba (2048 channels of d_state 16)
 against mamba-ssm's selective scan. Each (implementation, op) runs in its own process with a timeout; FLA and
 mamba are compiled and autotuned first, in parallel processes, so that their timing runs hit Triton's
@@ -62,6 +62,9 @@ def make_inputs(op: str, T: int, device="cuda"):
     if op == "hgrn2":   # the key 1 - exp(g) is part of the op
         g = F.logsigmoid(torch.randn(B, T, H, D, device=device) + 2.0).to(torch.bfloat16)
         return dict(q=q, g=g, v=v)
+    if op == "rwkv6":   # FLA's argument order (r, k, v, w, u); w a per-channel log-decay, u the bonus [H, K]
+        w = -torch.exp(0.5 * torch.randn(B, T, H, D, device=device) - 2.5).to(torch.bfloat16)
+        return dict(r=q, k=k, v=v, w=w, u=torch.randn(H, D, **bf) * 0.1)
     if op == "linear_attn":   # positive features (elu + 1), the normalised output
         return dict(q=(F.elu(q.float()) + 1).to(q.dtype), k=(F.elu(k.float()) + 1).to(k.dtype), v=v)
     q, k = F.normalize(q.float(), dim=-1).to(q.dtype), F.normalize(k.float(), dim=-1).to(k.dtype)
@@ -117,6 +120,8 @@ def get_fn(impl: str, op: str):
             return lambda t: f(*t.values(), scale=1.0)[0]
         elif op == "comba":
             from fla.ops.comba import chunk_comba as f
+        elif op == "rwkv6":
+            from fla.ops.rwkv6 import chunk_rwkv6 as f
         elif op == "hgrn2":   # FLA's HGRN2 layer: chunk_gla with k = 1 - exp(g)
             from fla.ops.gla import chunk_gla
 
@@ -224,7 +229,7 @@ def collect(proc, timeout, impl, op, Ts):
 PLAN = {"retention": ["ours", "fla"], "gla": ["ours", "fla"], "simple_gla": ["fla"], "mamba2": ["ours", "mamba"],
         "delta_rule": ["ours", "fla"], "gated_delta_rule": ["ours", "fla"], "kda": ["ours", "fla"],
         "rwkv7": ["ours", "fla"], "comba": ["ours", "fla"], "hgrn2": ["ours", "fla"],
-        "linear_attn": ["ours", "fla"], "mamba": ["ours", "mamba"]}
+        "linear_attn": ["ours", "fla"], "mamba": ["ours", "mamba"], "rwkv6": ["ours", "fla"]}
 
 
 def main(argv=None) -> int:

@@ -45,7 +45,7 @@ def test_list_shows_the_shipped_specs():
     rows = r.stdout.strip().splitlines()[1:]
     assert [row.split()[0] for row in rows] == sorted(
         ["retention", "gla", "mamba2", "rwkv7", "kda", "delta_rule", "gated_delta_rule", "comba", "hgrn2",
-         "linear_attn", "mamba", "gated_delta_product"])
+         "linear_attn", "mamba", "gated_delta_product", "rwkv6"])
     assert "vector" in r.stdout and "general" in r.stdout
 
 

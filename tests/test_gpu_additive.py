@@ -17,7 +17,7 @@ from linattn_dsl.compiler import registry
 from linattn_dsl.reference import drawing as testing
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
-ADDITIVE = ["retention", "gla", "mamba2", "hgrn2", "linear_attn", "mamba"]
+ADDITIVE = ["retention", "gla", "mamba2", "hgrn2", "linear_attn", "mamba", "rwkv6"]
 
 
 @pytest.mark.parametrize("name", ADDITIVE)

@@ -322,3 +322,38 @@ def test_gated_delta_product_is_n_delta_steps_per_token(n, seed):
     for op in (ops.chunk_gated_delta_product, ops.fused_recurrent_gated_delta_product):
         errs = testing.compare(case, op)
         assert all(e < 1e-5 for e in errs.values()), errs
+
+
+@settings(max_examples=10, deadline=None)
+@given(st.booleans(), st.integers(0, 2 ** 16))
+def test_rwkv6_reads_the_state_before_the_update(packed, seed):
+    """read="before" with a bonus (RWKV6): o_t = scale r^T (S_{t-1} + diag(u) k v^T), S_t = diag(e^w) S_{t-1}
+    + k v^T; the oracle of the read/write sequence against this loop (FLA's naive form, float64, 1e-12, packed
+    sequences too), and the ops (CPU twin) against the oracle with every gradient (fp32, 1e-5)."""
+    spec = registry.load("rwkv6")
+    g = torch.Generator().manual_seed(seed)
+    B, T, H, K, V = (1, 9, 2, 4, 3) if packed else (2, 7, 2, 4, 3)
+    r, k = (torch.randn(B, T, H, K, generator=g, dtype=torch.float64) for _ in range(2))
+    v = torch.randn(B, T, H, V, generator=g, dtype=torch.float64)
+    w = -torch.rand(B, T, H, K, generator=g, dtype=torch.float64)
+    u = torch.randn(H, K, generator=g, dtype=torch.float64)
+    cu = torch.tensor([0, 4, 9]) if packed else None
+    N = 2 if packed else B
+    h0 = torch.randn(N, H, K, V, generator=g, dtype=torch.float64)
+    o, ht = reference.run(spec, r, k, v, w, u, initial_state=h0, output_final_state=True, cu_seqlens=cu,
+                          dtype=torch.float64)
+    spans = [(b, 0, T) for b in range(B)] if cu is None else [(0, 0, 4), (0, 4, 9)]
+    outs, finals = torch.zeros_like(o), []
+    for n, (b, a, e) in enumerate(spans):
+        S = h0[n].clone()
+        for t in range(a, e):
+            kv = k[b, t, :, :, None] * v[b, t, :, None, :]
+            outs[b, t] = torch.einsum("hk,hkv->hv", r[b, t] * K ** -0.5, S + u[:, :, None] * kv)
+            S = w[b, t, :, :, None].exp() * S + kv
+        finals.append(S)
+    torch.testing.assert_close(o, outs, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ht, torch.stack(finals), rtol=1e-12, atol=1e-12)
+    case = testing.draw_case(spec, seqlens=[3, 9] if packed else None, heads=2, K=8, V=4, seed=seed)
+    for op in (ops.chunk_rwkv6, ops.fused_recurrent_rwkv6):
+        errs = testing.compare(case, op)
+        assert all(e < 1e-5 for e in errs.values()), errs

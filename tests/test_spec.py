@@ -22,6 +22,7 @@ def test_shipped_specs_and_their_kinds():
         "gated_delta_rule": ("scalar", "delta"), "comba": ("scalar", "general"),
         "hgrn2": ("vector", "none"), "linear_attn": ("none", "none"),
         "mamba": ("vector", "none"), "gated_delta_product": ("scalar", "delta"),
+        "rwkv6": ("vector", "none"),
     }
 
 
@@ -39,6 +40,7 @@ def test_positional_order_matches_design():
     assert order["linear_attn"] == ["q", "k", "v"]   # FLA's chunk_linear_attn
     assert order["mamba"] == ["x", "dt", "A", "B", "C"]   # mamba_ssm's selective scan (u, delta, A, B, C)
     assert order["gated_delta_product"] == ["q", "k", "v", "g", "beta"]   # then num_householder, as FLA's
+    assert order["rwkv6"] == ["r", "k", "v", "w", "u"]   # FLA's chunk_rwkv6
     m = registry.load("mamba2")
     assert list(m.optional) == ["D", "dt_bias"] and m.switches == {"dt_softplus": True} and m.scale == 1.0
     assert registry.load("rwkv7").scale == 1.0
@@ -126,6 +128,11 @@ ERRORS = [
                       inputs=dict(BASE["inputs"], g=Arg("B T H", sign="nonpositive")))),   # the decay per sub-step
     ("substeps", dict(substeps=Substeps(inputs=("k",)), decay=Decay.scalar(log="-softplus(g)"),
                       inputs=dict(BASE["inputs"], g="B T H"))),          # the decay is an expression, not an input
+    ("read", dict(read="later")),                                        # not a read
+    ("bonus", dict(bonus="u", inputs=dict(BASE["inputs"], u="H K"))),    # a bonus needs read="before"
+    ("bonus", dict(read="before", bonus="v")),                           # not [H, K] or [B, T, H, K]
+    ("read", dict(read="before", transition=Transition.delta(beta="b"), inputs=dict(BASE["inputs"], b="B T H"))),
+    ("read", dict(read="before", query="q * 2")),                        # the query is not an input of its own
 ]
 
 

@@ -361,3 +361,11 @@ def test_shipped_gated_delta_product_model():
     assert mixer.k_proj.out_features == 3 * mixer.q_proj.out_features
     assert mixer.beta_proj.out_features == 3 * 2
     _check_model(model)
+
+
+def test_shipped_rwkv6_default_model():
+    """RWKV6's op in a model from the default derivation (projections for r, k, v, w; u a per-head parameter):
+    trains, generates and caches (the cache holds the state after each token's write)."""
+    model = _tiny(M.register_spec("rwkv6"))
+    assert model.model.layers[0].mixer.u.shape == (2, 8)
+    _check_model(model)

@@ -172,7 +172,9 @@ def signature_fields(spec: Recurrence) -> dict:
         normalize=spec.normalize,
         substeps=tuple(spec.substeps.inputs) if spec.substeps else (),
         substep_count=spec.substeps.count if spec.substeps else None,
-        decay_input=_bare_decay_input(spec) if spec.substeps else None,
+        decay_input=_bare_decay_input(spec) if spec.substeps or spec.read == "before" else None,
+        read=spec.read, bonus=spec.bonus,
+        key_input=str(spec.resolve(next(iter(variants))).key) if spec.read == "before" else None,
         uses={_switch_key(sw): tuple(n for n in spec.args if n in spec.uses(sw)) for sw in variants},
         signs={(_switch_key(sw), p): spec.sign_contracts(sw, p) for sw in variants for p in _present_sets(spec)},
     )

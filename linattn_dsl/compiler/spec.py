@@ -146,6 +146,11 @@ class Recurrence:
     ``l2norm_inputs`` it normalises those inputs instead (each over its last dim, the key dim), before any role
     reads them: a key role that scales its input (Comba's ``beta * k``) keeps its scale.
 
+    ``read="before"`` (RWKV6): the output reads the state before the token's update, plus with ``bonus`` (an input
+    ``[H, K]`` or ``[B, T, H, K]``) a per-channel bonus for the current token,
+    ``o_t = scale q_t^T (S_{t-1} + diag(bonus) k_t v_t^T)``; lowered to the additive chunk math of the sequence
+    with a read step before each write step (query, key and log-decay bare per-token inputs).
+
     ``normalize`` (True, or a switch's name): the normalised output of linear attention,
     ``o_t = q_t^T S_t / (q_t^T z_t + 1e-10)`` with ``z_t`` the keys' running sum under the same decay; ``z``
     travels with the state as one more value column, ``[K, V + 1]`` (initial and final states alike)."""
@@ -166,6 +171,8 @@ class Recurrence:
     l2norm_inputs: tuple = ()
     normalize: bool | str = False
     substeps: Substeps | None = None
+    read: str = "after"
+    bonus: str | None = None
     doc: str = ""
 
     def __post_init__(self):
@@ -262,7 +269,7 @@ class Recurrence:
         )
 
     def uses(self, switches: dict | None = None) -> frozenset:
-        """The inputs that the roles read under these switch values (every optional input present): an
+        """The inputs that the roles (and the bonus) read under these switch values (every optional input present): an
         optional input outside it is meaningless with these switches (KDA's ``A_log`` without
         ``use_gate_in_kernel``)."""
         sw = self.switch_values(**(switches or {}))
@@ -270,7 +277,7 @@ class Recurrence:
         key = tuple(sorted(sw.items()))
         if key not in cache:
             free = set().union(*(e.free_symbols for _, e in self.resolve(sw).items()))
-            cache[key] = frozenset(n for n in self.args if self.symbols[n] in free)
+            cache[key] = frozenset(n for n in self.args if self.symbols[n] in free or n == self.bonus)
         return cache[key]
 
     def sign_contracts(self, switches: dict | None = None, present: frozenset | set | None = None) -> dict:
@@ -359,6 +366,35 @@ class Recurrence:
 
 
 OP_ARGUMENTS = ("scale", "initial_state", "output_final_state", "cu_seqlens")
+READS = ("after", "before")
+
+
+def _check_read(spec: Recurrence) -> None:
+    name = spec.name
+    if spec.read not in READS:
+        raise SpecError(name, "read", f"expected one of {READS}, got {spec.read!r}")
+    if spec.bonus is not None:
+        if spec.read != "before":
+            raise SpecError(name, "bonus", "a bonus for the current token needs read='before' (with 'after' the "
+                                           "output already reads the token's own write)")
+        dims = spec.dims(spec.bonus) if spec.bonus in spec.args else None
+        hd = spec.head_dims_raw
+        if dims not in ((hd["H"], hd["K"]), (BATCH, TIME, hd["H"], hd["K"])):
+            raise SpecError(name, "bonus", f"expected an input of shape [H, K] or [B, T, H, K] "
+                                           f"([{hd['H']}, {hd['K']}]), got {spec.bonus!r}"
+                                           + (f" [{', '.join(dims)}]" if dims else ""))
+    if spec.read == "after":
+        return
+    if spec.transition.kind != "none" or spec.normalize is not False or spec.substeps is not None \
+            or spec.qk_l2norm is not False:
+        raise SpecError(name, "read", "read='before' is lowered for the additive form (transition 'none') without "
+                                      "normalize, substeps or qk_l2norm")
+    for sw in spec.variants() if spec.switches else [{}]:
+        r = spec.resolve(sw)
+        for role, e in (("query", r.query), ("key", r.key), ("log_decay", r.log_decay)):
+            if e is not None and not (e.is_Symbol and spec.dims(e.name)[:2] == (BATCH, TIME)):
+                raise SpecError(name, "read", f"read='before' needs the {role} to be a per-token input of its own, "
+                                              f"got {e}")
 
 
 def _check_substeps(spec: Recurrence) -> None:
@@ -569,6 +605,7 @@ def _check(spec: Recurrence) -> None:
     _check_l2norm_inputs(spec)
     _check_normalize(spec)
     _check_substeps(spec)
+    _check_read(spec)
 
     for sw in spec.variants() if spec.switches else [{}]:
         r = spec.resolve(sw)

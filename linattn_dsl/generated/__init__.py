@@ -11,6 +11,7 @@ from .linear_attn import chunk_linear_attn, fused_recurrent_linear_attn
 from .mamba import chunk_mamba, fused_recurrent_mamba
 from .mamba2 import chunk_mamba2, fused_recurrent_mamba2
 from .retention import chunk_retention, fused_recurrent_retention
+from .rwkv6 import chunk_rwkv6, fused_recurrent_rwkv6
 from .rwkv7 import chunk_rwkv7, fused_recurrent_rwkv7
 
 __all__ = [
@@ -36,6 +37,8 @@ __all__ = [
     'fused_recurrent_mamba2',
     'chunk_retention',
     'fused_recurrent_retention',
+    'chunk_rwkv6',
+    'fused_recurrent_rwkv6',
     'chunk_rwkv7',
     'fused_recurrent_rwkv7',
 ]

@@ -64,6 +64,13 @@ def run(spec: Recurrence, *inputs, scale=None, initial_state=None, output_final_
         o, ht = run_bound(spec, bind(spec, tensors, switches, scale, initial_state, output_final_state, cu_seqlens),
                           dtype)
         return last_substeps(o, n), ht
+    if spec.read == "before":   # a read step before each write step, as the ops lower it
+        from ..runtime import read_before, split_reads
+
+        tensors, cu_seqlens = split_reads(signature(spec), tensors, cu_seqlens)
+        bound = bind(spec, tensors, switches, scale, initial_state, output_final_state, cu_seqlens)
+        o, ht = run_bound(spec, bound, dtype)
+        return read_before(bound, o), ht
     bound = bind(spec, tensors, switches, scale, initial_state, output_final_state, cu_seqlens)
     return run_bound(spec, bound, dtype)
 

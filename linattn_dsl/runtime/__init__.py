@@ -21,7 +21,7 @@ from .roles import RoleCode, RoleSet
 from .stages import FORMS
 
 __all__ = ["Gate", "Module", "RoleCode", "RoleSet", "Signature", "Variant", "bind", "dispatch", "interleave",
-           "last_substeps", "no_tokens", "on_triton", "warn_if_stale"]
+           "last_substeps", "no_tokens", "on_triton", "read_before", "split_reads", "warn_if_stale"]
 
 
 @dataclass(frozen=True)
@@ -179,6 +179,48 @@ def interleave(sig: Signature, tensors: dict, n, cu_seqlens):
 def last_substeps(o: torch.Tensor, n: int) -> torch.Tensor:
     """The outputs of an interleaved call at each token's last sub-step."""
     return o[:, n - 1::n]
+
+
+def split_reads(sig: Signature, tensors: dict, cu_seqlens):
+    """A read-before spec's call (``Signature.read == "before"``) as the call of a sequence of 2 T steps: step 2t
+    reads (no decay, no write: its output is q_t^T S_{t-1}), step 2t + 1 writes (token t's decay and k v^T).
+    The key and log-decay inputs are zero on read steps, every other per-token input repeated; ``cu_seqlens``
+    doubled. Returns (tensors, cu_seqlens); ``read_before`` takes the outputs."""
+    out = dict(tensors)
+    for k in sig.required + sig.optional:
+        x = tensors.get(k)
+        if not isinstance(x, torch.Tensor) or x.dim() < 2 or tuple(sig.args[k][:2]) != ("B", "T"):
+            continue
+        if k in (sig.key_input, sig.decay_input):
+            wide = x.new_zeros(x.shape[0], x.shape[1], 2, *x.shape[2:])
+            wide[:, :, 1] = x
+            out[k] = wide.flatten(1, 2)
+        else:
+            out[k] = x.repeat_interleave(2, dim=1)
+    if isinstance(cu_seqlens, torch.Tensor):
+        cu_seqlens = cu_seqlens * 2
+    return out, cu_seqlens
+
+
+def read_before(bound: Bound, o: torch.Tensor) -> torch.Tensor:
+    """The outputs of a ``split_reads`` call at its read steps, plus the bonus of the current token's own write,
+    scale * (q_t . bonus . k_t) v_t (per value head; grouped q/k heads repeated)."""
+    sig = bound.spec
+    o = o[:, 0::2]
+    if sig.bonus is None:
+        return o
+    q, k = bound.tensors[sig.query][:, 0::2], bound.tensors[sig.key_input][:, 1::2]
+    v = bound.tensors[sig.value_input][:, 0::2]
+    u = bound.tensors[sig.bonus]
+    u = u[:, 0::2] if u.dim() == 4 else u
+    groups = v.shape[2] // q.shape[2]
+    at = torch.promote_types(o.dtype, torch.float32)
+    w = (q.to(at) * k.to(at) * u.to(at) if u.dim() == 4 or groups == 1 else None)
+    if w is None:   # a per-value-head bonus with grouped q/k heads
+        w = (q.to(at) * k.to(at)).repeat_interleave(groups, dim=2) * u.to(at)
+    elif groups > 1:
+        w = w.repeat_interleave(groups, dim=2)
+    return (o.to(at) + bound.scale * w.sum(-1, keepdim=True) * v.to(at)).to(o.dtype)
 
 
 NORMALIZER_EPS = 1e-10   # added to the normalised output's denominator (FLA's chunk_linear_attn adds the same)

@@ -66,7 +66,10 @@ class Signature:
     normalize: bool | str = False   # True or a switch: the normalised output (state [K, V + 1])
     substeps: tuple = ()             # inputs with several rows per token (runtime.substeps)
     substep_count: str | None = None
-    decay_input: str | None = None   # the per-token log-decay input of a sub-step spec
+    decay_input: str | None = None   # the per-token log-decay input of a sub-step or read-before spec
+    read: str = "after"               # "before": the output reads the state before the token's update
+    bonus: str | None = None          # with read "before": the current token's per-channel bonus input
+    key_input: str | None = None      # with read "before": the key input
 
     @property
     def inputs(self) -> tuple:

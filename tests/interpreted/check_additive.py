@@ -44,6 +44,9 @@ CASES = [  # (spec, draw_case keywords)
     ("linear_attn", dict(seqlens=[5, 64, 11], heads=1, K=8, V=8, switches=dict(normalize=False))),
     # Mamba: one value channel per head (channel), a decay per channel and state index
     ("mamba", dict(B=2, T=70, heads=8, groups=1, K=16, V=1)),
+    # RWKV6: the output before the token's update (a read step before each write step) plus the bonus u
+    ("rwkv6", dict(B=2, T=40, heads=2, K=16, V=8)),
+    ("rwkv6", dict(seqlens=[5, 30, 1], heads=1, K=8, V=8)),
 ]
 
 
