@@ -363,9 +363,9 @@ def test_shipped_gated_delta_product_model():
     _check_model(model)
 
 
-def test_shipped_rwkv6_default_model():
-    """RWKV6's op in a model from the default derivation (projections for r, k, v, w; u a per-head parameter):
-    trains, generates and caches (the cache holds the state after each token's write)."""
-    model = _tiny(M.register_spec("rwkv6"))
-    assert model.model.layers[0].mixer.u.shape == (2, 8)
-    _check_model(model)
+def test_rwkv6_is_the_hand_written_family():
+    """RWKV6's model type belongs to the hand-written family (FLA's RWKV6 layout, tests/test_rwkv6_model.py):
+    registering the shipped spec's default-layer model under that name is refused."""
+    assert M.FAMILIES["rwkv6"][0].model_type == "linattn_rwkv6"
+    with pytest.raises(ValueError, match="already registered"):
+        M.register_spec("rwkv6")

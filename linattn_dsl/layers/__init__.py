@@ -9,13 +9,14 @@ None unless ``use_cache``. Layers run ``chunk_*`` ops to train or on long inputs
 
 ``MultiScaleRetention``, ``GatedLinearAttention``, ``DeltaNet`` and ``KimiDeltaAttention`` are the layers their spec
 files declare (``linattn_dsl/specs/retention.py``, ``gla.py``, ``delta_rule.py``, ``kda.py``), built by
-:class:`SpecLayer`; their keywords are the declarations' options. ``Mamba``, ``Mamba2`` and ``RWKV7Attention`` are
-written by hand (docs/adding_a_spec.md says what a declaration cannot say for them).
+:class:`SpecLayer`; their keywords are the declarations' options. ``Mamba``, ``Mamba2``, ``RWKV6Attention`` and
+``RWKV7Attention`` are written by hand (docs/adding_a_spec.md says what a declaration cannot say for them).
 """
 
 from .attention import Attention
 from .mamba import Mamba
 from .mamba2 import Mamba2
+from .rwkv6 import RWKV6Attention, RWKV6FeedForward
 from .rwkv7 import RWKV7Attention, RWKV7FeedForward
 from .spec_layer import SpecLayer, declared_layer
 
@@ -32,6 +33,8 @@ __all__ = [
     "Mamba",
     "Mamba2",
     "MultiScaleRetention",
+    "RWKV6Attention",
+    "RWKV6FeedForward",
     "RWKV7Attention",
     "RWKV7FeedForward",
     "SpecLayer",
