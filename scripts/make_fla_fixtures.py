@@ -47,6 +47,8 @@ FAMILIES: dict[str, tuple[str, dict]] = {
                                     state_size=8, n_groups=1, expand=2, chunk_size=16)),
     "rwkv7": ("RWKV7Config", dict(COMMON, head_dim=16, decay_low_rank_dim=8, gate_low_rank_dim=8,
                                   a_low_rank_dim=8, v_low_rank_dim=8)),
+    "rwkv6": ("RWKV6Config", dict(COMMON, num_heads=2, expand_k=0.5, expand_v=1.0, proj_low_rank_dim=8,
+                                  gate_low_rank_dim=8)),
     "kda": ("KDAConfig", dict(COMMON, num_heads=2, head_dim=16, expand_v=1.0)),
     "delta_net": ("DeltaNetConfig", dict(COMMON, num_heads=2)),
     "gated_deltanet": ("GatedDeltaNetConfig", dict(COMMON, num_heads=2, head_dim=16, expand_v=2.0)),

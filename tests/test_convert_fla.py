@@ -33,6 +33,7 @@ EXACT = {
     "gla": "linattn_gla", "gla_hybrid": "linattn_gla", "retnet": "linattn_retnet", "kda": "linattn_kda",
     "delta_net": "linattn_delta_net", "gated_deltanet": "linattn_gated_deltanet",
     "gated_deltanet_gva": "linattn_gated_deltanet", "mamba2": "linattn_mamba2", "rwkv7": "linattn_rwkv7",
+    "rwkv6": "linattn_rwkv6",
 }
 
 

@@ -159,6 +159,20 @@ FAMILIES: dict[str, Family] = {
                for i, part in ((0, "down"), (2, "up"))},
         mlp_weight="mlp.key.weight",
     ),
+    "rwkv6": Family(
+        ours="rwkv6",
+        config={"num_heads": "num_heads", "expand_k": "expand_k", "expand_v": "expand_v",
+                "proj_low_rank_dim": "proj_low_rank_dim", "gate_low_rank_dim": "gate_low_rank_dim",
+                "hidden_ratio": "hidden_ratio",
+                # FLA's RWKV6 blocks and final norm are LayerNorms; norm_first adds one on layer 0's input
+                "norm_type": lambda c: "layer", "pre_norm": lambda c: c.get("norm_first", True)},
+        requires=(Require("hidden_act", equals("sqrelu"), "'sqrelu'", "our RWKV6 channel mix is relu^2", "sqrelu"),
+                  Require("norm_bias", equals(True), "true", "our LayerNorms always have a bias", True)),
+        block={"pre_norm": "pre_norm", "attn": "mixer", "attn_norm": "attn_norm", "ffn_norm": "mlp_norm",
+               "ffn": "mlp"},
+        mixer={"w_proj.linear.lora.0": "w_proj.linear.down", "w_proj.linear.lora.2": "w_proj.linear.up"},
+        mlp_weight="mlp.key.linear.weight",
+    ),
     "kda": Family(
         ours="kda",
         config={"num_heads": "num_heads", "head_dim": "head_dim", "expand_v": "expand_v", "conv_size": "conv_size"},
