@@ -10,7 +10,7 @@ import importlib
 import importlib.util
 import os
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -18,6 +18,7 @@ import torch
 from .args import MAX_HEAD_DIM, Bound, Signature
 from .args import bind as _bind
 from .roles import RoleCode, RoleSet
+from .rewrites import interleave, last_substeps, normalized, read_before, split_reads
 from .stages import FORMS
 
 __all__ = ["Gate", "Module", "RoleCode", "RoleSet", "Signature", "Variant", "bind", "dispatch", "interleave",
@@ -141,103 +142,6 @@ def no_tokens(bound: Bound):
     o, ht = _NoTokens.apply((bound.sizes["B"], 0, H, V), bound.out_dtype, (bound.num_seqs, H, K, V), state_dtype,
                             bound.initial_state, *tensors)
     return o, (ht if bound.output_final_state else None)
-
-
-def interleave(sig: Signature, tensors: dict, n, cu_seqlens):
-    """A call of a sub-step spec (``Signature.substeps``: inputs with ``n`` rows per token) as the call of the
-    interleaved sequence of T * n steps: the other per-token inputs repeated n times, except the log-decay input,
-    which keeps its value on each token's first step and is zero on the others (the decay applies once per token);
-    ``cu_seqlens`` times n. Returns (tensors, cu_seqlens); ``last_substeps`` picks the outputs."""
-    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-        raise ValueError(f"{sig.substep_count}: expected a positive int, got {n!r}")
-    per_token = [k for k in sig.required if tuple(sig.args[k][:2]) == ("B", "T")]
-    ref = next(k for k in per_token if k not in sig.substeps)
-    if not isinstance(tensors.get(ref), torch.Tensor) or tensors[ref].dim() < 2:
-        return tensors, cu_seqlens   # the binder names what is wrong
-    T = tensors[ref].shape[1]
-    out = dict(tensors)
-    for k in per_token:
-        x = tensors[k]
-        if not isinstance(x, torch.Tensor) or x.dim() < 2:
-            continue
-        if k in sig.substeps:
-            if x.shape[1] != T * n:
-                raise ValueError(f"{k}: expected {sig.substep_count} = {n} rows per token, {T} * {n} = {T * n} "
-                                 f"along dim 1 (as {ref} has {T}), got {x.shape[1]}")
-        elif x.shape[1] == T:
-            if k == sig.decay_input:
-                wide = x.new_zeros(x.shape[0], T, n, *x.shape[2:])
-                wide[:, :, 0] = x
-                out[k] = wide.flatten(1, 2)
-            else:
-                out[k] = x.repeat_interleave(n, dim=1)
-    if n > 1 and isinstance(cu_seqlens, torch.Tensor):
-        cu_seqlens = cu_seqlens * n
-    return out, cu_seqlens
-
-
-def last_substeps(o: torch.Tensor, n: int) -> torch.Tensor:
-    """The outputs of an interleaved call at each token's last sub-step."""
-    return o[:, n - 1::n]
-
-
-def split_reads(sig: Signature, tensors: dict, cu_seqlens):
-    """A read-before spec's call (``Signature.read == "before"``) as the call of a sequence of 2 T steps: step 2t
-    reads (no decay, no write: its output is q_t^T S_{t-1}), step 2t + 1 writes (token t's decay and k v^T).
-    The key and log-decay inputs are zero on read steps, every other per-token input repeated; ``cu_seqlens``
-    doubled. Returns (tensors, cu_seqlens); ``read_before`` takes the outputs."""
-    out = dict(tensors)
-    for k in sig.required + sig.optional:
-        x = tensors.get(k)
-        if not isinstance(x, torch.Tensor) or x.dim() < 2 or tuple(sig.args[k][:2]) != ("B", "T"):
-            continue
-        if k in (sig.key_input, sig.decay_input):
-            wide = x.new_zeros(x.shape[0], x.shape[1], 2, *x.shape[2:])
-            wide[:, :, 1] = x
-            out[k] = wide.flatten(1, 2)
-        else:
-            out[k] = x.repeat_interleave(2, dim=1)
-    if isinstance(cu_seqlens, torch.Tensor):
-        cu_seqlens = cu_seqlens * 2
-    return out, cu_seqlens
-
-
-def read_before(bound: Bound, o: torch.Tensor) -> torch.Tensor:
-    """The outputs of a ``split_reads`` call at its read steps, plus the bonus of the current token's own write,
-    scale * (q_t . bonus . k_t) v_t (per value head; grouped q/k heads repeated)."""
-    sig = bound.spec
-    o = o[:, 0::2]
-    if sig.bonus is None:
-        return o
-    q, k = bound.tensors[sig.query][:, 0::2], bound.tensors[sig.key_input][:, 1::2]
-    v = bound.tensors[sig.value_input][:, 0::2]
-    u = bound.tensors[sig.bonus]
-    u = u[:, 0::2] if u.dim() == 4 else u
-    groups = v.shape[2] // q.shape[2]
-    at = torch.promote_types(o.dtype, torch.float32)
-    w = (q.to(at) * k.to(at) * u.to(at) if u.dim() == 4 or groups == 1 else None)
-    if w is None:   # a per-value-head bonus with grouped q/k heads
-        w = (q.to(at) * k.to(at)).repeat_interleave(groups, dim=2) * u.to(at)
-    elif groups > 1:
-        w = w.repeat_interleave(groups, dim=2)
-    return (o.to(at) + bound.scale * w.sum(-1, keepdim=True) * v.to(at)).to(o.dtype)
-
-
-NORMALIZER_EPS = 1e-10   # added to the normalised output's denominator (FLA's chunk_linear_attn adds the same)
-
-
-def normalized(bound: Bound, run):
-    """A call with the normalised output (``Signature.normalize``): ``run`` on the call with the value input
-    widened by a column of ones, whose state column is z (the keys' running sum under the decay) and whose output
-    column is the denominator q^T z; then o = numerator / (denominator + NORMALIZER_EPS), in at least fp32."""
-    spec = bound.spec
-    name, V = spec.value_input, bound.size("V")
-    v = bound.tensors[name]
-    wide = replace(bound, tensors={**bound.tensors, name: torch.cat([v, v.new_ones(*v.shape[:-1], 1)], -1)},
-                   sizes={**bound.sizes, spec.head_dims["V"]: V + 1})
-    o, ht = run(wide)
-    at = torch.promote_types(o.dtype, torch.float32)
-    return (o[..., :V].to(at) / (o[..., V:].to(at) + NORMALIZER_EPS)).to(o.dtype), ht
 
 
 def dispatch(mode: str, bound: Bound, mod: Module):

@@ -318,7 +318,7 @@ class Prepared:
         exclude = (("value",) if vs is not None else ()) + (("skip",) if sk is not None else ())
         from ..modules import l2_norm   # the fused norm (one Triton kernel per direction, fp32 inside)
 
-        bound = roles_mod.normalized(bound, rs, l2_norm)
+        bound = roles_mod.with_l2norm_inputs(bound, rs, l2_norm)
         roles = roles_mod.evaluate(bound, rs, exclude)
         B, T = bound.sizes["B"], bound.sizes["T"]
         H, HQ, K, V = bound.size("H"), bound.size("HQ"), bound.size("K"), bound.size("V")

@@ -43,7 +43,7 @@ class RoleSet:
     l2norm_inputs: tuple = ()   # with qk_l2norm: these inputs are normalised, not the query and key roles
 
 
-def normalized(bound: Bound, rs: RoleSet, norm) -> Bound:
+def with_l2norm_inputs(bound: Bound, rs: RoleSet, norm) -> Bound:
     """``bound`` with the inputs that ``rs`` L2-normalises (``l2norm_inputs``, when its switch is on) replaced by
     ``norm(input)``, for the roles to read."""
     if not (rs.qk_l2norm and rs.l2norm_inputs):

@@ -376,7 +376,7 @@ class Prepared:
         sk = rs.skip_scale if fuse and variant.skip_scale else None
         exclude = (("value",) if vs is not None else ()) + (("skip",) if sk is not None else ())
         # the step form evaluates its roles in the compute dtype (as the oracle does); the chunk stages cast them
-        bound = roles_mod.normalized(bound, rs, l2_normalize)
+        bound = roles_mod.with_l2norm_inputs(bound, rs, l2_normalize)
         roles = roles_mod.evaluate(bound, rs, exclude, dtype if form == "recurrent" else None)
         B, T, H = bound.sizes["B"], bound.sizes["T"], bound.size("H")
         if vs is not None:
