@@ -35,6 +35,14 @@ def gla(B=1, T=8, H=2, K=4, V=4, dtype=F32):
     return [q, k, v, (-torch.rand(B, T, H, K, generator=g)).to(dtype)]
 
 
+def gdp(n, B=1, T=8, H=2, K=4, V=4):
+    """Gated DeltaProduct's inputs with n rows per token for k, v, beta."""
+    g = torch.Generator().manual_seed(0)
+    return [torch.randn(B, T, H, K, generator=g), torch.randn(B, T * n, H, K, generator=g),
+            torch.randn(B, T * n, H, V, generator=g), -torch.rand(B, T, H, generator=g),
+            torch.rand(B, T * n, H, generator=g)]
+
+
 def kda(B=1, T=8, H=2, K=4, V=4, dtype=F32):
     q, k, v, g = gla(B, T, H, K, V, dtype)
     return [q, k, v, g, torch.rand(B, T, H).to(dtype)]
@@ -157,6 +165,15 @@ OP_CASES = [
     ("dt_bias_without_gate", lambda: ops.fused_recurrent_kda(*kda(), dt_bias=torch.zeros(2, 4),
                                                              use_qk_l2norm_in_kernel=True), ValueError,
      r"^dt_bias: passed, but kda does not use it with use_gate_in_kernel=False"),
+    # the rewritten calls: sub-steps, the normalised output's wider state, read before the update
+    ("num_householder_zero", lambda: ops.chunk_gated_delta_product(*gdp(2), 0), ValueError,
+     r"^num_householder: expected a positive int, got 0"),
+    ("num_householder_rows", lambda: ops.fused_recurrent_gated_delta_product(*gdp(2), 3), ValueError,
+     r"^k: expected num_householder = 3 rows per token, 8 \* 3 = 24 along dim 1 \(as q has 8\), got 16"),
+    ("linear_attn_state", lambda: ops.chunk_linear_attn(*gla()[:3], initial_state=torch.zeros(1, 2, 4, 4)),
+     ValueError, r"^initial_state: expected shape \[N, H, K, V \+ 1\] = \[1, 2, 4, 5\], got \[1, 2, 4, 4\]"),
+    ("rwkv6_bonus_shape", lambda: ops.chunk_rwkv6(*gla()[:3], gla()[3], torch.zeros(2, 5)), ValueError,
+     r"^u: expected shape \[H, K\] = \[2, 4\], got \[2, 5\]"),
 ]
 
 
@@ -214,6 +231,7 @@ T0_CALLS = {
     "mamba2": lambda t: mamba2(B=2, T=0, dtype=t),
     "rwkv7": lambda t: [x.to(t) for x in rwkv7(B=2, T=0)],
     "retention": lambda t: gla(B=2, T=0, dtype=t)[:3],
+    "rwkv6": lambda t: gla(B=2, T=0, dtype=t) + [torch.zeros(2, 4, dtype=t)],
 }
 
 
