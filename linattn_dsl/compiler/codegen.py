@@ -103,8 +103,7 @@ def render(spec: Recurrence, builtin: bool = True) -> list[Rendered]:
     if spec.substeps:   # the sub-step count right after the inputs (FLA's num_householder)
         positional += f", {spec.substeps.count}=1"
     signature = positional + ", scale=None, initial_state=None, output_final_state=False, cu_seqlens=None"
-    if kw:
-        signature += ", *, " + ", ".join(kw)
+    signature += ", *, " + ", ".join(kw + ["cp_context=None"])
     arg_doc = []
     for n, a in spec.args.items():
         opt = " (optional, None means 0)" if n in spec.optional else ""

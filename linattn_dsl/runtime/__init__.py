@@ -10,7 +10,7 @@ import importlib
 import importlib.util
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -94,11 +94,11 @@ def on_triton(bound: Bound) -> bool:
     return bound.device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def bind(spec, tensors, switches, scale, initial_state, output_final_state, cu_seqlens) -> Bound:
-    """Check an op call (args.bind: shapes, dtypes, switches, scale, state, packing), then what its backend
-    cannot compute: float64 on the Triton kernels, which compute in fp32 at most."""
+def bind(spec, tensors, switches, scale, initial_state, output_final_state, cu_seqlens, cp_context=None) -> Bound:
+    """Check an op call (args.bind: shapes, dtypes, switches, scale, state, packing, the split), then what its
+    backend cannot compute: float64 on the Triton kernels, which compute in fp32 at most."""
     bound = _bind(spec, tensors, switches, scale, initial_state, output_final_state, cu_seqlens,
-                  max_head_dim=MAX_HEAD_DIM)
+                  max_head_dim=MAX_HEAD_DIM, cp_context=cp_context)
     if bound.out_dtype == torch.float64 and on_triton(bound):
         name = bound.spec.value_input
         if bound.device.type == "cuda":
@@ -147,10 +147,20 @@ def no_tokens(bound: Bound):
 def dispatch(mode: str, bound: Bound, mod: Module):
     """Run a bound op call on the backend for its device: the generated Triton kernels on CUDA (or on CPU under
     TRITON_INTERPRET=1), the generated PyTorch twin on CPU. Each chunk form's host module (additive.py, delta.py,
-    general.py) launches its stages. A call without tokens (T = 0) is answered here, before any backend."""
+    general.py) launches its stages. A call without tokens (T = 0) is answered here, before any backend. A split
+    call (``cp_context``) runs as one wide local call and the scan over ranks (runtime.cp)."""
     if bound.spec.normalizes(bound.switches):
-        return normalized(bound, lambda wide: _dispatch(mode, wide, mod))
-    return _dispatch(mode, bound, mod)
+        return normalized(bound, lambda wide: _split(mode, wide, mod))
+    return _split(mode, bound, mod)
+
+
+def _split(mode: str, bound: Bound, mod: Module):
+    if bound.cp is None:
+        return _dispatch(mode, bound, mod)
+    from . import cp
+
+    ctx, factor = bound.cp
+    return cp.run(bound, ctx, factor, lambda local: _dispatch(mode, replace(local, cp=None), mod))
 
 
 def _dispatch(mode: str, bound: Bound, mod: Module):

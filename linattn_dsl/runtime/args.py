@@ -113,9 +113,12 @@ class Bound:
     initial_state: torch.Tensor | None
     output_final_state: bool
     cu_seqlens: torch.Tensor | None
+    cp: object = None   # a split call (runtime.cp): (CPContext, steps per token); None for a local call
 
     @property
     def num_seqs(self) -> int:
+        if self.cp is not None:
+            return self.cp[0].num_seqs(self.sizes["B"])
         return self.sizes["B"] if self.cu_seqlens is None else self.cu_seqlens.numel() - 1
 
     @property
@@ -141,8 +144,9 @@ def _fmt(shape) -> str:
 
 def bind(spec: Signature, tensors: dict, switches: dict | None = None, scale: float | None = None,
          initial_state: torch.Tensor | None = None, output_final_state: bool = False,
-         cu_seqlens: torch.Tensor | None = None, max_head_dim: int | None = None) -> Bound:
-    """Check every argument of an op on ``spec``; return the :class:`Bound` call."""
+         cu_seqlens: torch.Tensor | None = None, max_head_dim: int | None = None, cp_context=None) -> Bound:
+    """Check every argument of an op on ``spec``; return the :class:`Bound` call. With ``cp_context`` (a split
+    call, runtime.cp) the initial state has a row per sequence of the context's global packing."""
     sizes: dict[str, int] = {}
     first_dev = None
     for name in spec.args:
@@ -214,6 +218,11 @@ def bind(spec: Signature, tensors: dict, switches: dict | None = None, scale: fl
             raise ValueError(f"cu_seqlens: expected strictly increasing offsets from 0 to T = {sizes['T']}, "
                              f"got {c if len(c) <= 12 else c[:6] + ['...'] + c[-6:]}")
     n = sizes["B"] if cu_seqlens is None else cu_seqlens.numel() - 1
+    if cp_context is not None:
+        from .cp import CPContext
+
+        if isinstance(cp_context, CPContext):
+            n = cp_context.num_seqs(sizes["B"])
     if initial_state is not None:
         wide = spec.normalizes(sw)   # the normaliser z as one more value column
         want = (n, H, sizes[hd["K"]], sizes[hd["V"]] + int(wide))
@@ -234,6 +243,10 @@ def bind(spec: Signature, tensors: dict, switches: dict | None = None, scale: fl
         raise ValueError(f"output_final_state: expected True or False, got {output_final_state!r}")
     bound = Bound(spec, {n_: tensors.get(n_) for n_ in spec.args}, sw, sizes, float(scale), initial_state,
                   output_final_state, cu_seqlens)
+    if cp_context is not None:
+        from . import cp
+
+        bound.cp = (cp_context, cp.check(bound, cp_context, cu_seqlens))
     if os.environ.get(CHECK_ENV) == "1":
         check_signs(bound)
     return bound
