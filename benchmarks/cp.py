@@ -102,7 +102,8 @@ def main(argv=None) -> int:
         f = getattr(__import__("linattn_dsl.ops", fromlist=["x"]), f"chunk_{op}")
         row = dict(op=op, T=a.T, world=world)
         try:
-            row["ours_cp"] = _measure(lambda t: f(*t.values(), cp_context=ctx)[0], dict(local), a.reps, dist.group.WORLD)
+            row["ours_cp"] = _measure(lambda t: f(*t.values(), cp_context=ctx)[0], dict(local), a.reps,
+                                      dist.group.WORLD)
         except Exception as e:   # noqa: BLE001 -- a failed op is a row, not a crash of the whole run
             row["ours_cp"] = dict(error=f"{type(e).__name__}: {e}"[:300])
         if op in FLA_CP:
@@ -118,11 +119,21 @@ def main(argv=None) -> int:
                                                       **kw)[0], dict(local), a.reps, dist.group.WORLD)
             except Exception as e:   # noqa: BLE001
                 row["fla_cp"] = dict(error=f"{type(e).__name__}: {e}"[:300])
+        with torch.no_grad():   # the split output, gathered on every rank, against the unsplit one below
+            o_loc = f(*[x.detach() for x in local.values()], cp_context=ctx)[0].contiguous()
+            parts = [torch.empty_like(o_loc) for _ in range(world)]
+            dist.all_gather(parts, o_loc)
+            o_cp = torch.cat(parts, 1) if rank == 0 else None
+            del o_loc, parts
         del local
         torch.cuda.empty_cache()
         dist.barrier()
         if rank == 0 and not a.no_single:
             try:
+                with torch.no_grad():
+                    o_ref = ours({n: x.detach() for n, x in full.items()}).float()
+                    row["max_rel_err"] = float((o_cp.float() - o_ref).abs().max() / o_ref.abs().max())
+                    del o_ref, o_cp
                 row["ours_single"] = _measure(ours, full, a.reps)
             except Exception as e:   # noqa: BLE001 (out of memory, most likely)
                 row["ours_single"] = dict(error=f"{type(e).__name__}: {e}"[:300])
@@ -151,6 +162,7 @@ def main(argv=None) -> int:
             print(f"{r['op']:<18} {g(c, 'fwdbwd_ms'):>10.3f} {g(c, 'peak_mib'):>9.0f} {g(s, 'fwdbwd_ms'):>10.3f} "
                   f"{g(s, 'peak_mib'):>9.0f} {g(c, 'fwdbwd_ms') / g(s, 'fwdbwd_ms'):>6.2f} "
                   f"{g(f_, 'fwdbwd_ms'):>10.3f} {g(c, 'fwdbwd_ms') / g(f_, 'fwdbwd_ms'):>8.2f}")
+            print(f"  split vs unsplit output, max relative error (bf16): {r.get('max_rel_err', float('nan')):.2e}")
             for k in ("ours_cp", "ours_single", "fla_cp"):
                 if "error" in r.get(k, {}):
                     print(f"  {k}: {r[k]['error']}")
