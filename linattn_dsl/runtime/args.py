@@ -219,10 +219,10 @@ def bind(spec: Signature, tensors: dict, switches: dict | None = None, scale: fl
                              f"got {c if len(c) <= 12 else c[:6] + ['...'] + c[-6:]}")
     n = sizes["B"] if cu_seqlens is None else cu_seqlens.numel() - 1
     if cp_context is not None:
-        from .cp import CPContext
+        from .cp import check_type
 
-        if isinstance(cp_context, CPContext):
-            n = cp_context.num_seqs(sizes["B"])
+        check_type(cp_context)   # before the state's rows, which it counts
+        n = cp_context.num_seqs(sizes["B"])
     if initial_state is not None:
         wide = spec.normalizes(sw)   # the normaliser z as one more value column
         want = (n, H, sizes[hd["K"]], sizes[hd["V"]] + int(wide))

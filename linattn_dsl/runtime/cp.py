@@ -123,12 +123,17 @@ class _Combine(torch.autograd.Function):
         return torch.cat([dS, dM], -1), None, None, None, None
 
 
-def check(bound: Bound, ctx: CPContext, cu_seqlens) -> int:
-    """Everything a split call needs agreed before any communication; returns the steps per token (sub-step and
-    read-before specs run several steps per token: their call carries that many times the tokens)."""
+def check_type(ctx) -> None:
+    """``cp_context`` is a context (args.bind asks first: the initial state's rows depend on it)."""
     if not isinstance(ctx, CPContext):
         raise ValueError(f"cp_context: expected a context from linattn_dsl.distributed.cp_context(group, "
                          f"cu_seqlens), got {type(ctx).__name__}")
+
+
+def check(bound: Bound, ctx: CPContext, cu_seqlens) -> int:
+    """Everything a split call needs agreed before any communication; returns the steps per token (sub-step and
+    read-before specs run several steps per token: their call carries that many times the tokens)."""
+    check_type(ctx)
     if bound.spec.form not in SPLIT_FORMS:
         raise ValueError(f"cp_context: the {bound.spec.form} form of {bound.spec.name} has no split rule "
                          f"(forms with one: {', '.join(SPLIT_FORMS)})")
@@ -146,11 +151,15 @@ def check(bound: Bound, ctx: CPContext, cu_seqlens) -> int:
         raise ValueError(f"cp_context: packed sequences (its cu_seqlens) need batch size B == 1, got "
                          f"B = {bound.sizes['B']}")
     total = ctx.cu_seqlens[-1]
-    if T * ctx.world % total:
-        raise ValueError(f"cp_context: {ctx.world} ranks of {T} local steps each ({T * ctx.world} in all) do not "
-                         f"cover its cu_seqlens' {total} tokens a whole number of steps per token; every rank "
-                         f"passes total / world = {total / ctx.world:g} tokens")
-    return T * ctx.world // total
+    # steps per token: 2 for a read-before spec, else 1; a sub-step spec's count (not known here) multiplies it
+    unit = 2 if bound.spec.read == "before" else 1
+    steps = T * ctx.world // total if T * ctx.world % total == 0 else 0
+    if steps == 0 or steps % unit or (not bound.spec.substeps and steps != unit):
+        got = f"{T} steps (T x {bound.spec.substep_count})" if bound.spec.substeps else T // unit
+        per = total // ctx.world if total % ctx.world == 0 else total / ctx.world
+        raise ValueError(f"cp_context: its cu_seqlens pack {total} tokens over its {ctx.world} ranks, so the inputs "
+                         f"on each rank expect T = total / world = {per} tokens; got T = {got}")
+    return steps
 
 
 def run(bound: Bound, ctx: CPContext, factor: int, call):
