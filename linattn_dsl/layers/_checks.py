@@ -141,3 +141,37 @@ def check_packed(cu_seqlens: torch.Tensor | None, attention_mask: torch.Tensor |
         raise ValueError(f"cache / use_cache: expected no cache and use_cache=False with cu_seqlens (a cache holds "
                          f"one state per batch row; a packed row holds several documents), got "
                          f"cache={type(cache).__name__ if cache is not None else None}, use_cache={use_cache}")
+
+
+def check_cp(cp_context: Any, batch: int, seq_len: int, cu_seqlens: Any, attention_mask: torch.Tensor | None,
+             cache: Any, use_cache: bool) -> None:
+    """What a context-parallel forward (``cp_context``, a sequence split across ranks) needs, checked on the host
+    before any communication: a context from :func:`linattn_dsl.distributed.cp_context`, the packing given to it
+    (not as ``cu_seqlens``) and covering ``world * seq_len`` tokens, no padding and no cache (context parallelism
+    is for training and scoring; a cache holds the state of whole sequences)."""
+    if cp_context is None:
+        return
+    from linattn_dsl.runtime.cp import CPContext
+
+    if not isinstance(cp_context, CPContext):
+        raise ValueError(f"cp_context: expected None or a context from linattn_dsl.distributed.cp_context(group, "
+                         f"cu_seqlens), got {type(cp_context).__name__}")
+    if cu_seqlens is not None:
+        raise ValueError("cu_seqlens: with cp_context, pass the global packing to cp_context(group, cu_seqlens) "
+                         "and leave cu_seqlens None (each rank's pieces follow from it)")
+    if cache is not None or use_cache:
+        raise ValueError(f"cache / use_cache: expected no cache and use_cache=False with cp_context (context "
+                         f"parallelism is for training and scoring, not decoding), got "
+                         f"cache={type(cache).__name__ if cache is not None else None}, use_cache={use_cache}")
+    if isinstance(attention_mask, torch.Tensor) and not bool(attention_mask.all()):
+        raise ValueError(f"attention_mask: expected none (or all ones) with cp_context (pack documents with its "
+                         f"cu_seqlens instead of padding), got {int((attention_mask == 0).sum())} padded positions")
+    total = cp_context.world * seq_len
+    if cp_context.cu_seqlens is not None:
+        if batch != 1:
+            raise ValueError(f"cp_context: packed sequences (its cu_seqlens) need the documents in one row (batch "
+                             f"size 1), got batch size {batch}")
+        if cp_context.cu_seqlens[-1] != total:
+            raise ValueError(f"cp_context: its cu_seqlens cover {cp_context.cu_seqlens[-1]} tokens, but its "
+                             f"{cp_context.world} ranks of seq_len={seq_len} local tokens hold {total}; each rank "
+                             f"passes total / world tokens")

@@ -10,6 +10,13 @@ Packed documents: ``forward(..., cu_seqlens=[N + 1] offsets)`` with ``hidden_sta
 ``N`` documents laid end to end as separate sequences (FlashAttention's convention): the ops, the short convs,
 the token shifts and attention all restart at each offset, so no state crosses a document boundary. Packed
 documents take no padding mask and no cache (:func:`._checks.check_packed`).
+
+Context parallelism: ``forward(..., cp_context=ctx)`` (:func:`linattn_dsl.distributed.cp_context`) runs this rank's
+contiguous slice of a sequence split across ranks (with the context's ``cu_seqlens``: of packed documents, which may
+cross rank boundaries). The op runs its split form (chunk mode when the layer picks), the short convs and token shifts
+read the previous ranks' last tokens (:func:`linattn_dsl.distributed.past`), RoPE takes global positions and
+attention attends the keys of every rank before (:func:`linattn_dsl.distributed.gather_sequence`). For training and
+scoring: no cache, no padding (:func:`._checks.check_cp`).
 """
 
 from __future__ import annotations
@@ -19,11 +26,11 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from linattn_dsl import ops
+from linattn_dsl import distributed, ops
 from linattn_dsl.modules import rotary_embedding, swiglu_linear
 from linattn_dsl.modules.conv import _packed_positions
 
-from ._checks import POSITIVE_INT, check_all, check_cu_seqlens, check_inputs, check_packed
+from ._checks import POSITIVE_INT, check_all, check_cp, check_cu_seqlens, check_inputs, check_packed
 
 # Below this many tokens (and outside training) the step form is cheaper than the chunk plan.
 FUSED_RECURRENT_MAX_LEN = 64
@@ -36,11 +43,18 @@ def check_mode(mode: str | None) -> str | None:
     return mode
 
 
-def pick_op(name: str, seq_len: int, training: bool, mode: str | None = None):
-    """``linattn_dsl.ops.<mode>_<name>``: ``chunk`` to train or for long inputs, else ``fused_recurrent``."""
-    if mode is None:
-        mode = "fused_recurrent" if (not training and seq_len <= FUSED_RECURRENT_MAX_LEN) else "chunk"
-    return getattr(ops, f"{mode}_{name}")
+def op_mode(seq_len: int, training: bool, mode: str | None = None, cp_context=None) -> str:
+    """``mode``, or by default ``chunk`` to train, for long inputs or a split sequence (``cp_context``), else
+    ``fused_recurrent``."""
+    if mode is not None:
+        return mode
+    short = not training and seq_len <= FUSED_RECURRENT_MAX_LEN and cp_context is None
+    return "fused_recurrent" if short else "chunk"
+
+
+def pick_op(name: str, seq_len: int, training: bool, mode: str | None = None, cp_context=None):
+    """``linattn_dsl.ops.<mode>_<name>`` for :func:`op_mode`'s mode."""
+    return getattr(ops, f"{op_mode(seq_len, training, mode, cp_context)}_{name}")
 
 
 def apply_padding_mask(x: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
@@ -90,11 +104,15 @@ def document_positions(cu_seqlens: torch.Tensor, seq_len: int) -> torch.Tensor:
 
 
 def positions_after_cache(position_ids: torch.Tensor | None, x: torch.Tensor, cache: dict | None,
-                          attention_mask: torch.Tensor | None, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+                          attention_mask: torch.Tensor | None, cu_seqlens: torch.Tensor | None = None,
+                          cp_context=None) -> torch.Tensor:
     """``position_ids``, or by default the positions of ``x [B, T, ...]`` after the tokens ``cache`` has seen
-    (with ``cu_seqlens``: within each packed document)."""
+    (with ``cu_seqlens``: within each packed document; with ``cp_context``: this rank's global positions, or within
+    each of the context's packed documents)."""
     if position_ids is not None:
         return position_ids
+    if cp_context is not None:
+        return distributed.positions(cp_context, x.shape[0], x.shape[1], x.device)
     if cu_seqlens is not None:
         return document_positions(cu_seqlens, x.shape[1])
     return default_position_ids(x.shape[0], x.shape[1], seen_tokens(cache), attention_mask, x.device)
@@ -118,19 +136,23 @@ class SequenceLayer(nn.Module):
         cache: dict | None = None,
         use_cache: bool = False,
         cu_seqlens: torch.Tensor | None = None,
+        cp_context=None,
         **kwargs,
     ) -> tuple:
         """``hidden_states [B, T, hidden]``, ``attention_mask [B, S]`` (1 = token, 0 = left pad) over the cached
         and new tokens, ``cache``: this layer's state dict. Returns ``(out [B, T, hidden], new state or None)``.
         ``cu_seqlens [N + 1]`` (int, with ``B == 1``): offsets of packed documents, run as separate sequences.
+        ``cp_context``: this rank's slice of a sequence split across ranks (module docstring).
         Other keywords (``position_ids``, ``v_first``) go to :meth:`mix`, which ignores those it does not use."""
         check_inputs(hidden_states, attention_mask, self.hidden_size)
         check_cu_seqlens(cu_seqlens, hidden_states.shape[0], hidden_states.shape[1])
         check_packed(cu_seqlens, attention_mask, cache, use_cache)
-        if cu_seqlens is not None:
+        check_cp(cp_context, hidden_states.shape[0], hidden_states.shape[1], cu_seqlens, attention_mask, cache,
+                 use_cache)
+        if cu_seqlens is not None or cp_context is not None:
             attention_mask = None  # all ones (checked): nothing to mask
         x = apply_padding_mask(hidden_states, attention_mask) if self.zero_pads else hidden_states
-        return self.mix(x, attention_mask, cache, use_cache, cu_seqlens=cu_seqlens, **kwargs)
+        return self.mix(x, attention_mask, cache, use_cache, cu_seqlens=cu_seqlens, cp_context=cp_context, **kwargs)
 
 
 # ------------------------------------------------------------------ small building blocks
@@ -179,9 +201,19 @@ def split_heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
 
 
 def run_conv(conv, x: torch.Tensor, cache: dict | None, key: str, use_cache: bool, new_state: dict,
-             cu_seqlens: torch.Tensor | None = None):
+             cu_seqlens: torch.Tensor | None = None, cp_context=None):
     """Short conv over ``x [B, T, D]`` continuing ``cache['conv_state'][key]``; stores its new state. With
-    ``cu_seqlens`` each packed document starts from zeros."""
+    ``cu_seqlens`` each packed document starts from zeros. With ``cp_context`` the conv state of this rank's first
+    sequence (of each row without packing) is the previous ranks' last tokens (:func:`linattn_dsl.distributed.past`),
+    the context's later documents on this rank start from zeros."""
+    if cp_context is not None:
+        cu_seqlens = distributed.local_cu_seqlens(cp_context, x.shape[1], x.device)
+        width = conv.kernel_size
+        before = distributed.past(x, width - 1, cp_context)           # [B, W - 1, D]
+        first = torch.cat([x.new_zeros(x.shape[0], 1, x.shape[2]), before], 1).transpose(1, 2)   # [B, D, W]
+        rest = 0 if cu_seqlens is None else len(cu_seqlens) - 2       # the packed documents that start here
+        prev = torch.cat([first, first.new_zeros(rest, *first.shape[1:])]) if rest else first
+        return conv(x, cache=prev, cu_seqlens=cu_seqlens)[0]
     conv_state = state_of(cache, "conv_state")
     prev = None if conv_state is None else conv_state.get(key)
     y, final = conv(x, cache=prev, output_final_state=use_cache, cu_seqlens=cu_seqlens)

@@ -7,6 +7,11 @@
 
 Packed documents (``cu_seqlens``): each document attends only within itself, RoPE positions restart at 0 in
 each, and the window counts within the document.
+
+Context parallelism (``cp_context``, this rank's slice of a split sequence): RoPE at global positions (within each
+of the context's packed documents), then every rank's keys and values gathered (one all-gather; the backward sums
+each rank's gradient on the rank that owns the keys), and this rank's queries attend the keys before them: each
+row's (each of its packed documents') keys up to its own last query, causal and windowed as without the split.
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._checks import POSITIVE, POSITIVE_INT, POSITIVE_INT_OR_NONE, check_all
+from linattn_dsl import distributed
+
 from ._utils import SequenceLayer, apply_rotary, positions_after_cache, seen_tokens, split_heads, state_of
 
 
@@ -60,16 +67,20 @@ class Attention(SequenceLayer):
 
     def mix(
         self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None, cache: dict | None, use_cache: bool,
-        position_ids: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None, **_,
+        position_ids: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None, cp_context=None, **_,
     ) -> tuple[torch.Tensor, dict | None]:
         """``position_ids [B, T]`` place RoPE (default: after the tokens the cache has seen, or within each packed
-        document of ``cu_seqlens``)."""
+        document of ``cu_seqlens``, or at this rank's global positions under ``cp_context``)."""
         batch, seq_len, _ = hidden_states.shape
         past = state_of(cache, "attn_state")
-        position_ids = positions_after_cache(position_ids, hidden_states, cache, attention_mask, cu_seqlens)
+        position_ids = positions_after_cache(position_ids, hidden_states, cache, attention_mask, cu_seqlens,
+                                             cp_context)
         q = apply_rotary(split_heads(self.q_proj(hidden_states), self.head_dim), position_ids, self.rope_theta)
         k = apply_rotary(split_heads(self.k_proj(hidden_states), self.head_dim), position_ids, self.rope_theta)
         v = split_heads(self.v_proj(hidden_states), self.head_dim)
+        if cp_context is not None:  # no cache and no padding (checked by forward)
+            o = self._split_attention(q, k, v, cp_context)
+            return self.o_proj(o.reshape(batch, seq_len, self.hidden_size)), None
         if cu_seqlens is not None:  # no cache and no padding (checked by forward)
             o = self._packed_attention(q, k, v, cu_seqlens)
             return self.o_proj(o.reshape(batch, seq_len, self.hidden_size)), None
@@ -106,6 +117,31 @@ class Attention(SequenceLayer):
             mask = None if self.window_size is None else self._mask(1, end - start, end - start, None, q.device)
             outs.append(F.scaled_dot_product_attention(q_doc, k_doc, v_doc, attn_mask=mask, is_causal=mask is None,
                                                        enable_gqa=self.num_kv_heads != self.num_heads))
+        return torch.cat(outs, dim=2).transpose(1, 2)
+
+    def _split_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx) -> torch.Tensor:
+        """``o [B, T, num_heads, head_dim]`` of this rank's queries ``q [B, T, H, D]`` against the keys and values of
+        every rank up to this one (``k, v [B, T, H_kv, D]`` here, gathered): each query sees the keys of its row (its
+        packed document) up to itself."""
+        T = q.shape[1]
+        start = ctx.rank * T                                            # this rank's first global step
+        kv = distributed.gather_sequence(torch.cat([k, v], -1), ctx)   # [B, world * T, H_kv, 2 D]: one collective
+        k_all, v_all = kv.split(self.head_dim, -1)
+        cu = distributed.local_cu_seqlens(ctx, T)
+        if cu is None:   # each row one sequence from global step 0
+            pieces = [(0, T, 0)]
+        else:            # (local queries [a, b), the global step of their document's first key)
+            bounds = cu.tolist()
+            first = max(c for c in ctx.cu_seqlens if c <= start)   # where this rank's first document began
+            pieces = [(a, b, first if j == 0 else start + a) for j, (a, b) in enumerate(zip(bounds, bounds[1:]))]
+        outs = []
+        for a, b, key0 in pieces:
+            kv_len = start + b - key0   # the document's keys up to its last query here
+            mask = self._mask(q.shape[0], b - a, kv_len, None, q.device)   # queries: the last b - a of the keys
+            outs.append(F.scaled_dot_product_attention(
+                q[:, a:b].transpose(1, 2), k_all[:, key0:key0 + kv_len].transpose(1, 2),
+                v_all[:, key0:key0 + kv_len].transpose(1, 2), attn_mask=mask,
+                enable_gqa=self.num_kv_heads != self.num_heads))
         return torch.cat(outs, dim=2).transpose(1, 2)
 
     def _mask(self, batch: int, seq_len: int, kv_len: int, attention_mask, device) -> torch.Tensor:

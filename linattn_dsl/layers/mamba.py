@@ -94,22 +94,22 @@ class Mamba(SequenceLayer):
 
     def mix(
         self, x: torch.Tensor, attention_mask: torch.Tensor | None, cache: dict | None, use_cache: bool,
-        cu_seqlens: torch.Tensor | None = None, **_,
+        cu_seqlens: torch.Tensor | None = None, cp_context=None, **_,
     ) -> tuple[torch.Tensor, dict | None]:
         new_state: dict = {}
         x_ssm, z = self.in_proj(x).chunk(2, dim=-1)
         # in_proj's and the conv's biases make pads nonzero again: mask before and after the conv
         x_ssm = run_conv(self.conv1d, apply_padding_mask(x_ssm, attention_mask), cache, "x", use_cache, new_state,
-                         cu_seqlens)
+                         cu_seqlens, cp_context)
         x_ssm = apply_padding_mask(x_ssm, attention_mask)
         dt, B, C = self.x_proj(x_ssm).split([self.time_step_rank, self.state_size, self.state_size], dim=-1)
 
-        mamba = pick_op("mamba", x.shape[1], self.training, self.mode)
+        mamba = pick_op("mamba", x.shape[1], self.training, self.mode, cp_context)
         y, recurrent_state = mamba(
             x_ssm.unsqueeze(-1), F.linear(dt, self.dt_proj.weight), -torch.exp(self.A_log),
             B.unsqueeze(-2), C.unsqueeze(-2),
             initial_state=state_of(cache, "recurrent_state"), output_final_state=use_cache,
-            D=self.D, dt_bias=self.dt_proj.bias, dt_softplus=True, cu_seqlens=cu_seqlens,
+            D=self.D, dt_bias=self.dt_proj.bias, dt_softplus=True, cu_seqlens=cu_seqlens, cp_context=cp_context,
         )
         out = self.out_proj(y.squeeze(-1) * F.silu(z))
         return out, ({**new_state, "recurrent_state": recurrent_state} if use_cache else None)

@@ -107,22 +107,22 @@ class Mamba2(SequenceLayer):
 
     def mix(
         self, x: torch.Tensor, attention_mask: torch.Tensor | None, cache: dict | None, use_cache: bool,
-        cu_seqlens: torch.Tensor | None = None, **_,
+        cu_seqlens: torch.Tensor | None = None, cp_context=None, **_,
     ) -> tuple[torch.Tensor, dict | None]:
         new_state: dict = {}
         z, xBC, dt = self.in_proj(x).split([self.d_inner, self.conv_dim, self.num_heads], dim=-1)
         # the conv bias makes pads nonzero again: mask after the conv too
-        xBC = run_conv(self.conv1d, xBC, cache, "xBC", use_cache, new_state, cu_seqlens)
+        xBC = run_conv(self.conv1d, xBC, cache, "xBC", use_cache, new_state, cu_seqlens, cp_context)
         xBC = apply_padding_mask(xBC, attention_mask)
         x_ssm, B, C = xBC.split([self.d_inner, self.n_groups * self.state_size,
                                  self.n_groups * self.state_size], dim=-1)
 
-        mamba2 = pick_op("mamba2", x.shape[1], self.training, self.mode)
+        mamba2 = pick_op("mamba2", x.shape[1], self.training, self.mode, cp_context)
         y, recurrent_state = mamba2(
             split_heads(x_ssm, self.head_dim), dt, -torch.exp(self.A_log),
             split_heads(B, self.state_size), split_heads(C, self.state_size),
             initial_state=state_of(cache, "recurrent_state"), output_final_state=use_cache,
-            D=self.D, dt_bias=self.dt_bias, dt_softplus=True, cu_seqlens=cu_seqlens,
+            D=self.D, dt_bias=self.dt_bias, dt_softplus=True, cu_seqlens=cu_seqlens, cp_context=cp_context,
         )
         gated = y.reshape(*y.shape[:-2], self.d_inner) * F.silu(z)
         normed = self.norm(gated.unflatten(-1, (self.n_groups, -1))).flatten(-2) * self.norm_weight

@@ -139,10 +139,10 @@ class RWKV6Attention(SequenceLayer):
 
     def mix(
         self, x: torch.Tensor, attention_mask: torch.Tensor | None, cache: dict | None, use_cache: bool,
-        cu_seqlens: torch.Tensor | None = None, **_,
+        cu_seqlens: torch.Tensor | None = None, cp_context=None, **_,
     ) -> tuple[torch.Tensor, dict | None]:
         batch, seq_len, _hidden = x.shape
-        delta = token_shift(x, state_of(cache, "shift_state"), cu_seqlens) - x
+        delta = token_shift(x, state_of(cache, "shift_state"), cu_seqlens, cp_context) - x
         low = self.x_proj[1](self.x_proj[0](x, delta)).view(batch, seq_len, len(MIXES), self.proj_low_rank_dim)
         up = self.x_proj[2].weight.view(self.hidden_size, len(MIXES), self.proj_low_rank_dim)
         mixes = torch.einsum("btnr,hnr->btnh", low, up) + self.x_bias
@@ -158,10 +158,10 @@ class RWKV6Attention(SequenceLayer):
         v = split_heads(v, self.head_v_dim)
         # one dtype into the op: under autocast the projections give half, the decay with fp32 parameters fp32
         log_decay, k, v, u = (t.to(r.dtype) for t in (-torch.exp(w.float()), k, v, self.bonus))
-        rwkv6 = pick_op("rwkv6", seq_len, self.training, self.mode)
+        rwkv6 = pick_op("rwkv6", seq_len, self.training, self.mode, cp_context)
         o, recurrent_state = rwkv6(
             r, k, v, log_decay, u, scale=1.0, initial_state=state_of(cache, "recurrent_state"),
-            output_final_state=use_cache, cu_seqlens=cu_seqlens,
+            output_final_state=use_cache, cu_seqlens=cu_seqlens, cp_context=cp_context,
         )
         o = self.g_norm(o.reshape(-1, self.value_dim)).reshape(batch, seq_len, self.value_dim)
         out = self.o_proj(o * F.silu(g))
@@ -196,8 +196,8 @@ class RWKV6FeedForward(SequenceLayer):
 
     def mix(
         self, x: torch.Tensor, attention_mask: torch.Tensor | None, cache: dict | None, use_cache: bool,
-        cu_seqlens: torch.Tensor | None = None, **_,
+        cu_seqlens: torch.Tensor | None = None, cp_context=None, **_,
     ) -> tuple[torch.Tensor, dict | None]:
-        delta = token_shift(x, state_of(cache, "ffn_shift_state"), cu_seqlens) - x
+        delta = token_shift(x, state_of(cache, "ffn_shift_state"), cu_seqlens, cp_context) - x
         out = torch.sigmoid(self.receptance(x, delta)) * self.value(F.relu(self.key(x, delta)).square())
         return out, ({"ffn_shift_state": x[:, -1]} if use_cache else None)

@@ -24,19 +24,26 @@ from torch import nn
 from linattn_dsl.modules import l2_norm
 
 from ._checks import NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT, POSITIVE_INT_OR_NONE, check, check_all
+from linattn_dsl import distributed
+
 from ._utils import LowRank, SequenceLayer, check_mode, init_values, pick_op, split_heads, state_of
 
 LOG_DECAY_SCALE = 0.6065306597126334  # exp(-0.5): the largest per-step log-decay magnitude
 
 
 def token_shift(x: torch.Tensor, previous: torch.Tensor | None,
-                cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+                cu_seqlens: torch.Tensor | None = None, cp_context=None) -> torch.Tensor:
     """``x [B, T, D]`` shifted one step right: row ``t`` holds ``x[t - 1]`` (``previous [B, D]`` or 0 at t = 0).
-    With ``cu_seqlens [N + 1]`` (``B == 1``, no ``previous``) the first token of each packed document sees 0."""
+    With ``cu_seqlens [N + 1]`` (``B == 1``) the first token of each later packed document sees 0. With
+    ``cp_context`` (this rank's slice of a split sequence) ``previous`` is the previous rank's last token, or 0 where
+    a sequence starts here (:func:`linattn_dsl.distributed.past`), and the context's packing gives ``cu_seqlens``."""
+    if cp_context is not None:
+        previous = distributed.past(x, 1, cp_context)[:, 0]
+        cu_seqlens = distributed.local_cu_seqlens(cp_context, x.shape[1], x.device)
     first = x.new_zeros(x.shape[0], 1, x.shape[2]) if previous is None else previous[:, None].to(x.dtype)
     shifted = torch.cat([first, x[:, :-1]], dim=1)
-    if cu_seqlens is not None:
-        shifted = shifted.index_fill(1, cu_seqlens[:-1].to(torch.int64), 0.0)
+    if cu_seqlens is not None and len(cu_seqlens) > 2:
+        shifted = shifted.index_fill(1, cu_seqlens[1:-1].to(torch.int64), 0.0)
     return shifted
 
 
@@ -123,9 +130,9 @@ class RWKV7Attention(SequenceLayer):
 
     def mix(
         self, x: torch.Tensor, attention_mask: torch.Tensor | None, cache: dict | None, use_cache: bool,
-        v_first: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None, **_,
+        v_first: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None, cp_context=None, **_,
     ) -> tuple[torch.Tensor, dict | None, torch.Tensor]:
-        delta = token_shift(x, state_of(cache, "shift_state"), cu_seqlens) - x
+        delta = token_shift(x, state_of(cache, "shift_state"), cu_seqlens, cp_context) - x
         mix_r, mix_w, mix_k, mix_v, mix_a, mix_g = (
             x + delta * mix for mix in (self.x_r, self.x_w, self.x_k, self.x_v, self.x_a, self.x_g)
         )
@@ -145,13 +152,14 @@ class RWKV7Attention(SequenceLayer):
         k = k * (1 + (a_rate - 1) * self.k_a)
 
         r, k, v, a_rate = (split_heads(t, self.head_dim) for t in (r, k, v, a_rate))
-        rwkv7 = pick_op("rwkv7", x.shape[1], self.training, self.mode)
+        rwkv7 = pick_op("rwkv7", x.shape[1], self.training, self.mode, cp_context)
         # the op takes its per-token inputs in one dtype: under autocast the projections give half while the
         # products with fp32 parameters (k_a, the value mix, kk * a_rate) give fp32
         r, log_decay, k, v, kk, a_rate = (t.to(r.dtype) for t in (r, log_decay, k, v, kk, a_rate))
         o, recurrent_state = rwkv7(
             r, split_heads(log_decay, self.head_dim), k, v, -kk, kk * a_rate,
             initial_state=state_of(cache, "recurrent_state"), output_final_state=use_cache, cu_seqlens=cu_seqlens,
+            cp_context=cp_context,
         )
         o = self.g_norm(o.reshape(-1, self.value_dim)).reshape(o.shape)
         bonus = (r * k * self.r_k).sum(-1, keepdim=True) * v
@@ -180,8 +188,8 @@ class RWKV7FeedForward(SequenceLayer):
 
     def mix(
         self, x: torch.Tensor, attention_mask: torch.Tensor | None, cache: dict | None, use_cache: bool,
-        cu_seqlens: torch.Tensor | None = None, **_,
+        cu_seqlens: torch.Tensor | None = None, cp_context=None, **_,
     ) -> tuple[torch.Tensor, dict | None]:
-        mix_k = x + (token_shift(x, state_of(cache, "ffn_shift_state"), cu_seqlens) - x) * self.x_k
+        mix_k = x + (token_shift(x, state_of(cache, "ffn_shift_state"), cu_seqlens, cp_context) - x) * self.x_k
         out = self.value(F.relu(self.key(mix_k)).square())
         return out, ({"ffn_shift_state": x[:, -1]} if use_cache else None)

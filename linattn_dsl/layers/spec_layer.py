@@ -29,10 +29,9 @@ from torch import nn
 
 from linattn_dsl.modules import FusedRMSNormGated, RMSNorm, ShortConvolution, l2_norm
 
-from . import _utils
 from ._checks import POSITIVE, POSITIVE_INT, check, check_all
-from ._utils import LowRank, SequenceLayer, apply_rotary, check_mode, init_values, positions_after_cache, run_conv, \
-    seen_tokens, state_of
+from ._utils import LowRank, SequenceLayer, apply_rotary, check_mode, init_values, op_mode, positions_after_cache, \
+    run_conv, seen_tokens, state_of
 
 _TRANSFORMS = {
     None: lambda x: x,
@@ -247,12 +246,12 @@ class SpecLayer(SequenceLayer):
         return out
 
     def _input(self, src: dict, x: torch.Tensor, cache, use_cache: bool, new_state: dict, kk: list,
-               cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
-        y = self._input_rows(src, x, cache, use_cache, new_state, kk, cu_seqlens)
+               cu_seqlens: torch.Tensor | None = None, cp_context=None) -> torch.Tensor:
+        y = self._input_rows(src, x, cache, use_cache, new_state, kk, cu_seqlens, cp_context)
         return y.flatten(1, 2) if self._rows(src) > 1 else y   # n rows per token: the op takes [B, T * n, ...]
 
     def _input_rows(self, src: dict, x: torch.Tensor, cache, use_cache: bool, new_state: dict, kk: list,
-                    cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+                    cu_seqlens: torch.Tensor | None = None, cp_context=None) -> torch.Tensor:
         B, T = x.shape[:2]
         shape = self._shape(src)
         if self._rows(src) > 1:
@@ -271,7 +270,7 @@ class SpecLayer(SequenceLayer):
         transform = src["transform"]
         if src["conv"]:
             y = run_conv(self.get_submodule(f"{src['name']}_conv1d"), y, cache, src["name"], use_cache, new_state,
-                         cu_seqlens)
+                         cu_seqlens, cp_context)
             if src["activation"] == "relu":
                 y = F.relu(y)
             elif _conv_silu(src) and src["activation"] == "identity":   # the transform ran in the conv
@@ -280,32 +279,32 @@ class SpecLayer(SequenceLayer):
         return y * src["scale"] if src["scale"] != 1.0 else y
 
     def mix(self, x: torch.Tensor, attention_mask: torch.Tensor | None, cache: dict | None, use_cache: bool,
-            position_ids: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,
+            position_ids: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None, cp_context=None,
             **_) -> tuple[torch.Tensor, dict | None]:
         """With RoPE, ``position_ids [B, T]`` place it (default: after the tokens the state has seen, or within
-        each packed document of ``cu_seqlens``)."""
+        each packed document of ``cu_seqlens``, or at this rank's global positions under ``cp_context``)."""
         plan = self.plan
         new_state: dict = {}
         kk: list = []
-        inputs = {n: self._input(src, x, cache, use_cache, new_state, kk, cu_seqlens)
+        inputs = {n: self._input(src, x, cache, use_cache, new_state, kk, cu_seqlens, cp_context)
                   for n, src in plan["inputs"].items()}
         turned = {plan["query"], plan["key"]} - {None}
         if plan["qk_l2norm"]:
             for n in turned:
                 inputs[n] = l2_norm(inputs[n])
         if self.rope_theta is not None:
-            positions = positions_after_cache(position_ids, x, cache, attention_mask, cu_seqlens)
+            positions = positions_after_cache(position_ids, x, cache, attention_mask, cu_seqlens, cp_context)
             for n in turned:
                 inputs[n] = apply_rotary(inputs[n], positions, self.rope_theta)
-        short = not self.training and x.shape[1] <= _utils.FUSED_RECURRENT_MAX_LEN
-        mode = self.mode or ("fused_recurrent" if short else "chunk")
+        mode = op_mode(x.shape[1], self.training, self.mode, cp_context)
         required = [inputs.get(n) for n in plan["required"]]
         optional = {n: t for n, t in inputs.items() if n not in plan["required"]}
         if plan.get("substeps"):
             optional[plan["substeps"]["count_name"]] = plan["substeps"]["count"]
         o, recurrent_state = self._ops[mode](*required, **optional, **plan["switches"],
                                              initial_state=state_of(cache, "recurrent_state"),
-                                             output_final_state=use_cache, cu_seqlens=cu_seqlens)
+                                             output_final_state=use_cache, cu_seqlens=cu_seqlens,
+                                             cp_context=cp_context)
         norm = getattr(self, plan["norm_name"], None)
         if plan["output_norm"] == "all":   # one norm over every head's values
             o = o.reshape(*o.shape[:-2], 1, self.value_dim)

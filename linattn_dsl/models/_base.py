@@ -6,6 +6,15 @@ as separate sequences (FlashAttention's and FLA's convention): every layer resta
 shifts and attention at each offset, default positions restart at 0 in each document, and with ``labels`` the
 target of each document's last token (the next document's first token) is ignored. Packed documents are for
 training and scoring: no padding mask, no cache (``use_cache`` defaults to False with them; True is an error).
+
+Context parallelism: ``forward(input_ids [B, T_local], cp_context=ctx)`` (:func:`linattn_dsl.distributed.cp_context`)
+runs this rank's contiguous slice of sequences split across the ranks of ``ctx``'s group (with ``ctx``'s global
+``cu_seqlens``: of packed documents, ``B == 1``, which may cross rank boundaries); every layer passes the context on
+(:mod:`linattn_dsl.layers._utils`) and default positions are global. ``labels`` are this rank's slice of the global
+labels (the input ids, as without the split): the target of the rank's last token is the next rank's first label
+(one exchanged token), and ``loss`` is this rank's share, the sum of its tokens' losses over the whole sequence's
+count of targets (or over ``num_items_in_batch``), so the sum of the ranks' losses is the loss of the unsplit batch
+and the sum of their gradients its gradient. For training and scoring: no cache, no padding.
 """
 
 from __future__ import annotations
@@ -21,9 +30,10 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.utils.deprecation import deprecate_kwarg
 
+from linattn_dsl import distributed
 from linattn_dsl.layers import Attention
 from linattn_dsl.layers._checks import (
-    BOOL, NON_NEGATIVE, POSITIVE, POSITIVE_INT, POSITIVE_INT_OR_NONE, check_all, check_attention_mask,
+    BOOL, NON_NEGATIVE, POSITIVE, POSITIVE_INT, POSITIVE_INT_OR_NONE, check_all, check_attention_mask, check_cp,
     check_cu_seqlens, check_hidden_states, check_input_ids, check_packed, check_position_ids, describe,
 )
 from linattn_dsl.layers._utils import GatedMLP, default_position_ids, document_positions
@@ -171,7 +181,8 @@ class LinAttnBlock(GradientCheckpointingLayer):
 
     ``mixer`` and ``mlp`` both return ``(out, state dict or None)``; the block's state is their union
     (keys do not collide). ``v_first`` carries RWKV7's first-layer value to later layers. ``mlp=None``: a
-    mixer-only block, ``out = x + mixer(norm(x))``. ``cu_seqlens`` (packed documents) reaches both.
+    mixer-only block, ``out = x + mixer(norm(x))``. ``cu_seqlens`` (packed documents) and ``cp_context`` (a
+    sequence split across ranks) reach both.
     ``pre_norm`` (layer 0 of a ``config.pre_norm`` model): ``x`` is replaced by ``pre_norm(x)`` first, so the
     residual stream starts from the normed embeddings. The norms are of ``config.norm_type``.
     """
@@ -194,12 +205,13 @@ class LinAttnBlock(GradientCheckpointingLayer):
         use_cache: bool = False,
         position_ids: torch.Tensor | None = None,
         cu_seqlens: torch.Tensor | None = None,
+        cp_context=None,
     ) -> tuple[torch.Tensor, dict | None, torch.Tensor | None]:
         if self.pre_norm is not None:
             hidden_states = self.pre_norm(hidden_states)
         mixed = self.mixer(
             self.attn_norm(hidden_states), attention_mask=attention_mask, cache=cache, use_cache=use_cache,
-            position_ids=position_ids, v_first=v_first, cu_seqlens=cu_seqlens,
+            position_ids=position_ids, v_first=v_first, cu_seqlens=cu_seqlens, cp_context=cp_context,
         )
         if getattr(self.mixer, "returns_v_first", False):
             out, mixer_state, v_first = mixed
@@ -209,10 +221,33 @@ class LinAttnBlock(GradientCheckpointingLayer):
             return hidden_states + out, (mixer_state if use_cache else None), v_first
         normed, residual = self.mlp_norm(out, hidden_states, prenorm=True)
         out, mlp_state = self.mlp(normed, attention_mask=attention_mask, cache=cache, use_cache=use_cache,
-                                  cu_seqlens=cu_seqlens)
+                                  cu_seqlens=cu_seqlens, cp_context=cp_context)
         if not use_cache:
             return residual + out, None, v_first
         return residual + out, {**(mixer_state or {}), **(mlp_state or {})}, v_first
+
+
+def next_token_targets(labels: torch.Tensor, cu_seqlens: torch.Tensor | None = None,
+                       cp_context=None) -> torch.Tensor:
+    """The target of each position with one, from ``labels [B, T]`` (the input ids): ``labels[:, 1:]``, ``[B, T - 1]``
+    (the last position has none), with -100 where a packed document starts (its first token is not predicted from
+    the document before). Under ``cp_context`` (this rank's slice of the labels): ``[B, T]``, the last position's
+    target the next rank's first label (-100 on the last rank), document starts from the context's packing."""
+    if cp_context is None:
+        targets = labels[:, 1:]
+        if cu_seqlens is not None:
+            # labels[c_i] (a document's first token) is the target of the previous document's last token
+            starts = cu_seqlens[1:-1].to(device=labels.device, dtype=torch.int64)
+            targets = targets.index_fill(1, starts - 1, -100)
+        return targets
+    T = labels.shape[1]
+    targets = torch.cat([labels[:, 1:], distributed.from_next(labels, cp_context, -100)], 1)
+    if cp_context.cu_seqlens is not None:
+        lo = cp_context.rank * T
+        starts = [c - lo - 1 for c in cp_context.cu_seqlens[1:-1] if lo < c <= lo + T]
+        if starts:
+            targets = targets.index_fill(1, torch.tensor(starts, device=labels.device), -100)
+    return targets
 
 
 class LinAttnPreTrainedModel(PreTrainedModel):
@@ -291,11 +326,13 @@ class LinAttnModel(LinAttnPreTrainedModel):
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         cu_seqlens: torch.Tensor | None = None,
+        cp_context=None,
         **kwargs,
     ) -> BaseModelOutputWithPast | tuple:
         """``input_ids [B, T]`` (or ``inputs_embeds [B, T, hidden]``); ``attention_mask [B, S]`` over the
         cached and new tokens (0 = left pad); ``cache`` from an earlier call continues the sequences.
-        ``cu_seqlens [N + 1]`` (int32 / int64, with ``B == 1``): offsets of packed documents (module docstring)."""
+        ``cu_seqlens [N + 1]`` (int32 / int64, with ``B == 1``): offsets of packed documents; ``cp_context``: this
+        rank's slice of sequences split across ranks (module docstring)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("input_ids / inputs_embeds: expected exactly one of them")
         if input_ids is not None:
@@ -308,10 +345,11 @@ class LinAttnModel(LinAttnPreTrainedModel):
                                 else self.config.output_hidden_states)
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         if use_cache is None:
-            use_cache = self.config.use_cache and not self.training and cu_seqlens is None
+            use_cache = self.config.use_cache and not self.training and cu_seqlens is None and cp_context is None
         batch, seq_len = (input_ids if inputs_embeds is None else inputs_embeds).shape[:2]
         check_cu_seqlens(cu_seqlens, batch, seq_len)
         check_packed(cu_seqlens, attention_mask, cache, use_cache)
+        check_cp(cp_context, batch, seq_len, cu_seqlens, attention_mask, cache, use_cache)
         hidden_states = self.embeddings(input_ids) if inputs_embeds is None else inputs_embeds
         if use_cache and cache is None:
             cache = LinAttnCache(len(self.layers))
@@ -324,7 +362,9 @@ class LinAttnModel(LinAttnPreTrainedModel):
             # a mask of the new tokens only: the cached ones were real tokens as far as it says
             missing = past_len + seq_len - attention_mask.shape[1]
             attention_mask = torch.cat([attention_mask.new_ones(batch, missing), attention_mask], dim=1)
-        if position_ids is None and cu_seqlens is not None:
+        if position_ids is None and cp_context is not None:
+            position_ids = distributed.positions(cp_context, batch, seq_len, hidden_states.device)
+        elif position_ids is None and cu_seqlens is not None:
             position_ids = document_positions(cu_seqlens, seq_len)
         elif position_ids is None:
             position_ids = default_position_ids(batch, seq_len, past_len, attention_mask, hidden_states.device)
@@ -337,7 +377,7 @@ class LinAttnModel(LinAttnPreTrainedModel):
             hidden_states, state, v_first = block(
                 hidden_states, v_first, attention_mask=attention_mask,
                 cache=cache[layer_idx] if cache is not None else None, use_cache=use_cache,
-                position_ids=position_ids, cu_seqlens=cu_seqlens,
+                position_ids=position_ids, cu_seqlens=cu_seqlens, cp_context=cp_context,
             )
             if use_cache:
                 cache[layer_idx] = state
@@ -391,12 +431,14 @@ class LinAttnForCausalLM(LinAttnPreTrainedModel, GenerationMixin):
         logits_to_keep: int = 0,
         num_items_in_batch: int | torch.Tensor | None = None,
         cu_seqlens: torch.Tensor | None = None,
+        cp_context=None,
         **kwargs,
     ) -> CausalLMOutputWithPast | tuple:
         """``labels [B, T]`` are the input ids (shifted inside; -100 ignored). ``logits_to_keep=n`` keeps
         the logits of the last ``n`` positions only (0: all). ``num_items_in_batch`` (HF Trainer, gradient
         accumulation): the loss is summed and divided by it. ``cu_seqlens``: packed documents (module docstring);
-        the loss then leaves out the targets that cross a document boundary."""
+        the loss then leaves out the targets that cross a document boundary. ``cp_context``: this rank's slice of
+        split sequences; ``labels`` its slice of the labels and ``loss`` its share (module docstring)."""
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         inputs = input_ids if input_ids is not None else inputs_embeds
         if labels is not None and isinstance(inputs, torch.Tensor) and \
@@ -406,28 +448,31 @@ class LinAttnForCausalLM(LinAttnPreTrainedModel, GenerationMixin):
         outputs = self.model(
             input_ids=input_ids, attention_mask=attention_mask, cache=cache, inputs_embeds=inputs_embeds,
             use_cache=use_cache, position_ids=position_ids, output_hidden_states=output_hidden_states,
-            return_dict=True, cu_seqlens=cu_seqlens,
+            return_dict=True, cu_seqlens=cu_seqlens, cp_context=cp_context,
         )
         hidden_states = outputs.last_hidden_state
-        if labels is not None and cu_seqlens is not None:
-            # labels[c_i] (a document's first token) is the target of the previous document's last token
-            starts = cu_seqlens[1:-1].to(device=labels.device, dtype=torch.int64)
-            labels = labels.index_fill(1, starts, -100)
+        targets = None if labels is None else next_token_targets(labels, cu_seqlens, cp_context)
+        # the positions with a target: every one but the last (the last rank's last, under a split)
+        scored = targets.shape[1] if targets is not None else 0
+        # a split's mean divides by the whole sequence's count of targets, summed over the group
+        reduction = "mean" if num_items_in_batch is None and cp_context is None else "sum"
         loss, logits = None, None
         fused = labels is not None and self.training and self.config.fuse_linear_cross_entropy
         if fused:
-            loss_fn = FusedLinearCrossEntropyLoss(reduction="mean" if num_items_in_batch is None else "sum")
-            loss = loss_fn(hidden_states[:, :-1], labels[:, 1:].to(hidden_states.device), self.lm_head.weight)
+            loss_fn = FusedLinearCrossEntropyLoss(reduction=reduction)
+            loss = loss_fn(hidden_states[:, :scored], targets.to(hidden_states.device), self.lm_head.weight)
         else:
             keep = logits_to_keep if labels is None else 0  # the loss needs every position
             logits = self.lm_head(hidden_states[:, -keep:] if keep else hidden_states)
             if labels is not None:
                 loss = nn.functional.cross_entropy(
-                    logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().to(logits.device),
-                    ignore_index=-100, reduction="mean" if num_items_in_batch is None else "sum",
+                    logits[:, :scored].flatten(0, 1).float(), targets.flatten().to(logits.device),
+                    ignore_index=-100, reduction=reduction,
                 )
         if loss is not None and num_items_in_batch is not None:
             loss = loss / num_items_in_batch
+        elif loss is not None and cp_context is not None:
+            loss = loss / distributed.group_sum((targets != -100).sum(), cp_context).to(loss.device)
         if not return_dict:
             out = (logits, outputs.cache, outputs.hidden_states)
             out = tuple(x for x in out if x is not None)

@@ -109,7 +109,8 @@ class _Combine(torch.autograd.Function):
         import torch.distributed as dist
 
         W, r = len(ctx.kinds), ctx.rank
-        Ms, carries = ctx.saved_tensors[:W], ctx.saved_tensors[W:]
+        saved = ctx.saved_tensors   # once: activation checkpointing unpacks each saved tensor only once
+        Ms, carries = saved[:W], saved[W:]
         dhs = [torch.empty_like(dh) for _ in range(W)]
         dist.all_gather(dhs, dh.contiguous(), group=ctx.group)
         # d carry_s (what rank s passes on) = dh_{s+1} + (rank s+1 passes: M_{s+1}^T d carry_{s+1})

@@ -17,7 +17,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         allow_abbrev=False,
         epilog="overrides: --job.dump_folder --training.steps --training.seq_len --training.batch_size "
                "--training.gradient_accumulation_steps --optimizer.lr --lr_scheduler.warmup_steps "
-               "--checkpoint.interval --checkpoint.keep_latest_k --model.<any config field> --data.files ...",
+               "--checkpoint.interval --checkpoint.keep_latest_k --model.<any config field> --data.files "
+               "--parallelism.context_parallel_degree (under torchrun: each sequence split across that many "
+               "processes) ...",
     )
     s.add_argument("--config", default=None, help="TOML file (configs/tiny_cpu.toml is an example); paths in it "
                    "are relative to it, paths on the command line to the current directory")

@@ -16,6 +16,8 @@ Sections and keys (defaults in :data:`SCHEMA`)::
     [lr_scheduler] warmup_steps, decay_type, lr_min
     [checkpoint]   interval, keep_latest_k
     [metrics]      log_freq, plot
+    [parallelism]  context_parallel_degree (torchtitan's name: each sequence split across that many processes, the
+                   world size = data parallel degree x it; training.seq_len must divide by it)
 
 Every value is checked (unknown key, wrong type, missing file) before any work starts; the error names
 the dotted key or the path.
@@ -65,6 +67,7 @@ SCHEMA: dict[str, dict[str, tuple[str, Any]]] = {
     "lr_scheduler": {"warmup_steps": ("int", 10), "decay_type": ("str", "cosine"), "lr_min": ("float", 0.1)},
     "checkpoint": {"interval": ("int", 0), "keep_latest_k": ("int", 2)},
     "metrics": {"log_freq": ("int", 1), "plot": ("bool", True)},
+    "parallelism": {"context_parallel_degree": ("int", 1)},
 }
 CHOICES = {
     ("tokenizer", "kind"): ("byte", "bpe", "pretrained"),
@@ -75,7 +78,8 @@ CHOICES = {
     ("lr_scheduler", "decay_type"): ("cosine", "linear", "constant"),
 }
 POSITIVE = {("training", k) for k in ("steps", "seq_len", "batch_size", "gradient_accumulation_steps")} | {
-    ("optimizer", "lr"), ("tokenizer", "vocab_size"), ("metrics", "log_freq")}
+    ("optimizer", "lr"), ("tokenizer", "vocab_size"), ("metrics", "log_freq"),
+    ("parallelism", "context_parallel_degree")}
 PATHS = (("job", "dump_folder"), ("data", "files"), ("tokenizer", "path"), ("model", "spec"))
 NON_NEGATIVE = {("training", "eval_interval"), ("training", "eval_batches"), ("lr_scheduler", "warmup_steps"),
                 ("checkpoint", "interval"), ("checkpoint", "keep_latest_k"), ("optimizer", "weight_decay"),
@@ -229,6 +233,10 @@ def validate(cfg: dict[str, dict[str, Any]]) -> None:
                 raise ConfigError(f"{sec}.{key}: expected a positive number, got {value!r}")
             if (sec, key) in NON_NEGATIVE and value < 0:
                 raise ConfigError(f"{sec}.{key}: expected a number >= 0, got {value!r}")
+    cp, seq_len = cfg["parallelism"]["context_parallel_degree"], cfg["training"]["seq_len"]
+    if seq_len % cp:
+        raise ConfigError(f"parallelism.context_parallel_degree: {cp} does not divide training.seq_len={seq_len}; "
+                          "each of the processes that split a sequence holds seq_len / degree of its tokens")
     if not 0 <= cfg["data"]["val_fraction"] < 1:
         raise ConfigError(f"data.val_fraction: expected 0 <= value < 1, got {cfg['data']['val_fraction']!r}")
     validate_model(cfg["model"])

@@ -8,6 +8,10 @@ With ``data.packed_documents`` a micro-batch goes to the model as one packed row
 (:func:`model_inputs`): each document (ending at its EOS) and each block's start is a sequence of its own, so no
 state, convolution, token shift or attention crosses a document boundary, and the model ignores the target
 across each boundary (the token after an EOS is not predicted from the document before it).
+
+With context parallelism (``parallelism.context_parallel_degree``) the processes of one context-parallel group share
+each micro-batch and each keeps its contiguous slice of every row (of the packed row), with the ``cp_context`` that
+tells the model the split and the global packing (:func:`model_inputs`).
 """
 
 from __future__ import annotations
@@ -71,13 +75,28 @@ def pack_rows(rows: torch.Tensor, eos_token_id: int) -> tuple[torch.Tensor, torc
     return rows.reshape(1, -1), cu_seqlens.to(torch.int32)
 
 
-def model_inputs(rows: torch.Tensor, eos_token_id: int | None = None) -> dict[str, torch.Tensor]:
+def model_inputs(rows: torch.Tensor, eos_token_id: int | None = None, cp_group=None) -> dict:
     """The model's inputs for blocks ``[B, T]``: ``{"input_ids": rows}``, or with ``eos_token_id``
-    (``data.packed_documents``) one packed row and its ``cu_seqlens`` (:func:`pack_rows`)."""
+    (``data.packed_documents``) one packed row and its ``cu_seqlens`` (:func:`pack_rows`). With ``cp_group`` (the
+    process group that splits each sequence): this process's slice of the ids, ``T / group size`` tokens of every
+    row, and ``cp_context`` (:func:`linattn_dsl.distributed.cp_context`, holding the global ``cu_seqlens``); the
+    labels to pass are the same slice."""
     if eos_token_id is None:
-        return {"input_ids": rows}
-    input_ids, cu_seqlens = pack_rows(rows, eos_token_id)
-    return {"input_ids": input_ids, "cu_seqlens": cu_seqlens}
+        inputs = {"input_ids": rows}
+    else:
+        input_ids, cu_seqlens = pack_rows(rows, eos_token_id)
+        inputs = {"input_ids": input_ids, "cu_seqlens": cu_seqlens}
+    if cp_group is None:
+        return inputs
+    from linattn_dsl.distributed import cp_context
+
+    ctx = cp_context(cp_group, inputs.get("cu_seqlens"))
+    ids = inputs["input_ids"]
+    if ids.shape[1] % ctx.world:
+        raise ValueError(f"rows: {ids.shape[1]} tokens per row do not split evenly over the {ctx.world} processes of "
+                         "the context-parallel group")
+    n = ids.shape[1] // ctx.world
+    return {"input_ids": ids[:, ctx.rank * n:(ctx.rank + 1) * n], "cp_context": ctx}
 
 
 class BlockSampler:

@@ -6,6 +6,16 @@ Per optimiser step: ``gradient_accumulation_steps`` micro-batches (gradients syn
 only), bf16 autocast on CUDA, gradient clipping to ``training.max_norm``, a step skipped when the loss or
 gradient norm is not finite, AdamW, warmup + cosine schedule. With ``data.packed_documents`` each micro-batch
 (and each held-out batch) is one packed row with ``cu_seqlens`` (:func:`~linattn_dsl.train.data.model_inputs`).
+
+Context parallelism (``parallelism.context_parallel_degree`` = ``cp``, torchtitan's option): the world's processes
+form groups of ``cp`` consecutive ranks (:func:`context_parallel_group`); the groups are the data-parallel dimension
+(each reads its own batches), the processes of a group share the group's batch and each keeps its slice of every
+sequence (with the ``cp_context`` the model passes to its layers). The model replica stays whole and identical on
+every process: DDP (or FSDP) averages the gradients over all ``dp * cp`` processes, and each process's loss is its
+share of its group's loss (the sum of its tokens' losses over the group's count of targets), so its backward is
+scaled by ``cp``: the average is then the data-parallel mean of the groups' losses' gradients, what the unsplit
+step gives.
+
 Checkpoints (atomic, :mod:`.checkpoint`) hold everything a resumed run needs to reproduce the losses of an
 uninterrupted one, and the model's settings: ``--resume`` with other settings stops before any work, naming the
 fields that differ.
@@ -31,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from accelerate import Accelerator
 from accelerate.utils import DDPCommunicationHookType, DistributedDataParallelKwargs, DistributedType, set_seed
 from tqdm.auto import tqdm
@@ -174,11 +185,44 @@ def packing_eos(cfg: dict[str, Any], tokenizer, model: torch.nn.Module, custom_m
     return tokenizer.eos_token_id
 
 
+def context_parallel_group(degree: int, rank: int, world: int):
+    """This process's context-parallel group: the processes ``r`` with the same ``r // degree`` split each sequence
+    of their shared batch (the groups are the data-parallel dimension); None when ``degree`` is 1. Every process
+    creates every group (``new_group`` is collective), a group of its own even when it is the whole world: DDP's
+    gradient all-reduce runs on the default group, and the model's collectives must not interleave with it."""
+    if degree == 1:
+        return None
+    groups = [dist.new_group(list(range(first, first + degree))) for first in range(0, world, degree)]
+    return groups[rank // degree]
+
+
+def context_parallel_degree(cfg: dict[str, Any]) -> int:
+    """``parallelism.context_parallel_degree``, checked against the world size (``WORLD_SIZE``, set by torchrun /
+    accelerate launch; 1 without) before any process group exists."""
+    degree = cfg["parallelism"]["context_parallel_degree"]
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world % degree:
+        raise ConfigError(f"parallelism.context_parallel_degree: {degree} does not divide the world size {world} "
+                          "(the processes torchrun starts); world size = data parallel degree x context parallel "
+                          "degree")
+    return degree
+
+
+def check_split_model(degree: int, model: torch.nn.Module, custom_model: bool) -> None:
+    """A ``model_factory`` model must take ``cp_context`` by name when sequences are split (one that swallowed it in
+    ``**kwargs`` would train each slice as a sequence of its own, unnoticed)."""
+    if degree > 1 and custom_model and "cp_context" not in inspect.signature(model.forward).parameters:
+        raise ConfigError(f"parallelism.context_parallel_degree: the model from model_factory "
+                          f"({type(model).__name__}) takes no cp_context keyword; expected a model that runs a "
+                          "sequence split across processes")
+
+
 @torch.no_grad()
 def evaluate_loss(model, val: torch.Tensor, batch_size: int, max_batches: int, accelerator: Accelerator,
-                  eos_token_id: int | None = None) -> float:
+                  eos_token_id: int | None = None, cp_group=None) -> float:
     """Mean held-out cross-entropy over up to ``max_batches`` batches (split across processes); with
-    ``eos_token_id`` each batch is packed (:func:`~linattn_dsl.train.data.model_inputs`).
+    ``eos_token_id`` each batch is packed (:func:`~linattn_dsl.train.data.model_inputs`); with ``cp_group`` the
+    processes of each context-parallel group share a batch, each its slice of the sequences and its share of the loss.
 
     Every process runs the same number of forwards (one with no batch of its own repeats the first,
     weighted 0): a wrapped model's forward may be collective (DDP's buffer broadcast, FSDP's all-gather),
@@ -187,17 +231,18 @@ def evaluate_loss(model, val: torch.Tensor, batch_size: int, max_batches: int, a
     model.eval()
     total = torch.zeros(2, device=accelerator.device)  # sum of losses * blocks, blocks
     batches = [val[i:i + batch_size] for i in range(0, len(val), batch_size)][:max_batches]
-    world, rank = accelerator.num_processes, accelerator.process_index
+    cp = 1 if cp_group is None else dist.get_world_size(cp_group)
+    world, rank = accelerator.num_processes // cp, accelerator.process_index // cp   # the data-parallel dimension
     per_process = -(-len(batches) // world)  # ceil
     for i in range(per_process):
         index = i * world + rank
         weight = 1.0 if index < len(batches) else 0.0
         batch = batches[index if index < len(batches) else 0].to(accelerator.device)
-        inputs = data.model_inputs(batch, eos_token_id)
+        inputs = data.model_inputs(batch, eos_token_id, cp_group)
         with accelerator.autocast():
             loss = model(**inputs, labels=inputs["input_ids"], use_cache=False).loss
-        blocks = weight * len(batch)
-        total += torch.stack([loss.float() * blocks, torch.tensor(blocks, device=total.device)])
+        blocks = weight * len(batch)   # a group's shares of the loss add up to its batch's; its blocks count once
+        total += torch.stack([loss.float() * blocks, torch.tensor(blocks / cp, device=total.device)])
     total = accelerator.reduce(total, "sum")
     model.train()
     return (total[0] / total[1]).item() if total[1] > 0 else float("nan")
@@ -229,8 +274,11 @@ def train(cfg: dict[str, Any], resume: bool = False, on_step: Callable[[int, dic
         gradient_as_bucket_view=True,
         comm_hook=DDPCommunicationHookType.BF16 if t_cfg["mixed_precision_reduce"] == "bfloat16"
         else DDPCommunicationHookType.NO)
+    cp = context_parallel_degree(cfg)
     accelerator = Accelerator(mixed_precision="bf16" if cuda_bf16 else "no", cpu=not torch.cuda.is_available(),
                               kwargs_handlers=[ddp])
+    cp_group = context_parallel_group(cp, accelerator.process_index, accelerator.num_processes)
+    dp, dp_rank = accelerator.num_processes // cp, accelerator.process_index // cp
     set_seed(cfg["job"]["seed"])
     main = accelerator.is_main_process
     if main and os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" and \
@@ -254,11 +302,11 @@ def train(cfg: dict[str, Any], resume: bool = False, on_step: Callable[[int, dic
         (dump / "run_config.json").write_text(json.dumps(cfg, indent=1))
     blocks = data.pack(cfg["data"]["files"], tokenizer, t_cfg["seq_len"], cfg["data"]["text_field"])
     train_blocks, val_blocks = data.split(blocks, cfg["data"]["val_fraction"], cfg["job"]["seed"])
-    sampler = data.BlockSampler(train_blocks, t_cfg["batch_size"], cfg["job"]["seed"],
-                                accelerator.process_index, accelerator.num_processes)
+    sampler = data.BlockSampler(train_blocks, t_cfg["batch_size"], cfg["job"]["seed"], dp_rank, dp)
 
     model = build_model(cfg, tokenizer) if model_factory is None else model_factory(cfg, tokenizer)
     eos = packing_eos(cfg, tokenizer, model, model_factory is not None)
+    check_split_model(cp, model, model_factory is not None)
     num_params = sum(p.numel() for p in model.parameters())
     if t_cfg["activation_checkpointing"]:
         model.activation_checkpointing_enable()
@@ -282,7 +330,7 @@ def train(cfg: dict[str, Any], resume: bool = False, on_step: Callable[[int, dic
     log = report.JsonlLog(dump / "train_log.jsonl", resume_step=start if last is not None else None) if main else None
 
     accum = t_cfg["gradient_accumulation_steps"]
-    tokens_per_step = t_cfg["batch_size"] * accum * t_cfg["seq_len"] * accelerator.num_processes
+    tokens_per_step = t_cfg["batch_size"] * accum * t_cfg["seq_len"] * dp
     result = TrainResult(dump, dump / "final", dump / "train_log.jsonl", None, ckpt_dir, num_params=num_params,
                          is_main=main, world_size=accelerator.num_processes, tokens_per_step=tokens_per_step)
     on_cuda = accelerator.device.type == "cuda"
@@ -294,14 +342,15 @@ def train(cfg: dict[str, Any], resume: bool = False, on_step: Callable[[int, dic
         t0 = time.perf_counter()
         loss_sum = torch.zeros((), device=accelerator.device)
         for micro in range(accum):
-            inputs = data.model_inputs(sampler.next_batch().to(accelerator.device), eos)
+            inputs = data.model_inputs(sampler.next_batch().to(accelerator.device), eos, cp_group)
             sync = micro == accum - 1
             with (contextlib.nullcontext() if sync else accelerator.no_sync(model)), accelerator.autocast():
                 loss = model(**inputs, labels=inputs["input_ids"], use_cache=False).loss
-            accelerator.backward(loss / accum)
+            # a process's loss is its share of its group's: x cp, the average over all processes is the dp mean
+            accelerator.backward(loss * cp / accum)
             loss_sum += loss.detach().float()
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), t_cfg["max_norm"] or float("inf"))
-        loss_val = accelerator.reduce(loss_sum / accum, "mean").item()
+        loss_val = accelerator.reduce(loss_sum * cp / accum, "mean").item()
         grad_norm = float(grad_norm)
         skipped = t_cfg["skip_nonfinite"] and not (math.isfinite(loss_val) and math.isfinite(grad_norm))
         lr = scheduler.get_last_lr()[0]
@@ -322,7 +371,7 @@ def train(cfg: dict[str, Any], resume: bool = False, on_step: Callable[[int, dic
         interval = t_cfg["eval_interval"]
         if len(val_blocks) and (step == t_cfg["steps"] or (interval and step % interval == 0)):
             record["val_loss"] = evaluate_loss(model, val_blocks, t_cfg["batch_size"], t_cfg["eval_batches"],
-                                               accelerator, eos)
+                                               accelerator, eos, cp_group)
             result.val_loss = record["val_loss"]
         if main and (step % cfg["metrics"]["log_freq"] == 0 or "val_loss" in record or step == t_cfg["steps"]):
             log.write(record)
