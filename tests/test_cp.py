@@ -387,8 +387,8 @@ BAD = {   # cp_worker's bad call -> (ranks that must raise, the message); the ot
     "uneven_total": (None, r"^cu_seqlens: its 63 tokens do not split evenly over the group's 4 ranks"),
     "local_T": (None, EXPECT_T + "10$"),
     "local_T_multiple": (None, EXPECT_T + "32$"),      # a whole multiple of the packing: was taken as 2 steps a token
-    "local_T_read_before": (None, EXPECT_T + "32$"),   # RWKV6 (2 steps a token): 32 tokens are 64 steps
-    "local_T_substeps": (None, EXPECT_T + r"20 steps \(T x num_householder\)$"),
+    "local_T_read_before": (None, EXPECT_T + r"32 \(64 steps of 2 per token\)$"),   # RWKV6: 2 steps a token
+    "local_T_substeps": (None, EXPECT_T + r"10 \(20 steps of 2 per token\)$"),
     "no_tokens": (None, EXPECT_T + "0$"),
     "packed_B2": (None, r"^cp_context: packed sequences \(its cu_seqlens\) need batch size B == 1, got B = 2"),
     "local_initial_state": (None, r"^initial_state: expected shape \[N, H, K, V\] = \[3, 2, 8, 8\], "

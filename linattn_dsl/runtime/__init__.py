@@ -94,11 +94,12 @@ def on_triton(bound: Bound) -> bool:
     return bound.device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def bind(spec, tensors, switches, scale, initial_state, output_final_state, cu_seqlens, cp_context=None) -> Bound:
+def bind(spec, tensors, switches, scale, initial_state, output_final_state, cu_seqlens, cp_context=None,
+         steps_per_token=1) -> Bound:
     """Check an op call (args.bind: shapes, dtypes, switches, scale, state, packing, the split), then what its
     backend cannot compute: float64 on the Triton kernels, which compute in fp32 at most."""
     bound = _bind(spec, tensors, switches, scale, initial_state, output_final_state, cu_seqlens,
-                  max_head_dim=MAX_HEAD_DIM, cp_context=cp_context)
+                  max_head_dim=MAX_HEAD_DIM, cp_context=cp_context, steps_per_token=steps_per_token)
     if bound.out_dtype == torch.float64 and on_triton(bound):
         name = bound.spec.value_input
         if bound.device.type == "cuda":

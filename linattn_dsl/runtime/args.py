@@ -144,7 +144,8 @@ def _fmt(shape) -> str:
 
 def bind(spec: Signature, tensors: dict, switches: dict | None = None, scale: float | None = None,
          initial_state: torch.Tensor | None = None, output_final_state: bool = False,
-         cu_seqlens: torch.Tensor | None = None, max_head_dim: int | None = None, cp_context=None) -> Bound:
+         cu_seqlens: torch.Tensor | None = None, max_head_dim: int | None = None, cp_context=None,
+         steps_per_token: int = 1) -> Bound:
     """Check every argument of an op on ``spec``; return the :class:`Bound` call. With ``cp_context`` (a split
     call, runtime.cp) the initial state has a row per sequence of the context's global packing."""
     sizes: dict[str, int] = {}
@@ -246,7 +247,7 @@ def bind(spec: Signature, tensors: dict, switches: dict | None = None, scale: fl
     if cp_context is not None:
         from . import cp
 
-        bound.cp = (cp_context, cp.check(bound, cp_context, cu_seqlens))
+        bound.cp = (cp_context, cp.check(bound, cp_context, cu_seqlens, steps_per_token))
     if os.environ.get(CHECK_ENV) == "1":
         check_signs(bound)
     return bound

@@ -131,9 +131,9 @@ def check_type(ctx) -> None:
                          f"cu_seqlens), got {type(ctx).__name__}")
 
 
-def check(bound: Bound, ctx: CPContext, cu_seqlens) -> int:
-    """Everything a split call needs agreed before any communication; returns the steps per token (sub-step and
-    read-before specs run several steps per token: their call carries that many times the tokens)."""
+def check(bound: Bound, ctx: CPContext, cu_seqlens, steps_per_token: int = 1) -> int:
+    """Everything a split call needs agreed before any communication; returns the steps per token (the op's call
+    of a sub-step or read-before spec carries several steps per token: the generated op says how many)."""
     check_type(ctx)
     if bound.spec.form not in SPLIT_FORMS:
         raise ValueError(f"cp_context: the {bound.spec.form} form of {bound.spec.name} has no split rule "
@@ -145,22 +145,18 @@ def check(bound: Bound, ctx: CPContext, cu_seqlens) -> int:
     if ctx.backend == "nccl" and dev.type != "cuda":
         raise ValueError(f"cp_context: its group's backend is nccl, which needs CUDA tensors; the inputs are on "
                          f"{dev}")
-    T = bound.sizes["T"]
     if ctx.cu_seqlens is None:
-        return 1
+        return steps_per_token
     if bound.sizes["B"] != 1:
         raise ValueError(f"cp_context: packed sequences (its cu_seqlens) need batch size B == 1, got "
                          f"B = {bound.sizes['B']}")
-    total = ctx.cu_seqlens[-1]
-    # steps per token: 2 for a read-before spec, else 1; a sub-step spec's count (not known here) multiplies it
-    unit = 2 if bound.spec.read == "before" else 1
-    steps = T * ctx.world // total if T * ctx.world % total == 0 else 0
-    if steps == 0 or steps % unit or (not bound.spec.substeps and steps != unit):
-        got = f"{T} steps (T x {bound.spec.substep_count})" if bound.spec.substeps else T // unit
+    T, total = bound.sizes["T"], ctx.cu_seqlens[-1]
+    if T * ctx.world != total * steps_per_token:
+        got = T if steps_per_token == 1 else f"{T / steps_per_token:g} ({T} steps of {steps_per_token} per token)"
         per = total // ctx.world if total % ctx.world == 0 else total / ctx.world
         raise ValueError(f"cp_context: its cu_seqlens pack {total} tokens over its {ctx.world} ranks, so the inputs "
                          f"on each rank expect T = total / world = {per} tokens; got T = {got}")
-    return steps
+    return steps_per_token
 
 
 def run(bound: Bound, ctx: CPContext, factor: int, call):
