@@ -85,6 +85,7 @@ def main(argv=None) -> int:
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--out", default=os.environ.get("OUT", "out"))
     p.add_argument("--no-single", action="store_true", help="skip the unsplit one-card run")
+    p.add_argument("--no-fla", action="store_true", help="skip FLA's CP (its first call autotunes for minutes)")
     a = p.parse_args(argv)
     dist.init_process_group("nccl")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -106,7 +107,7 @@ def main(argv=None) -> int:
                                       dist.group.WORLD)
         except Exception as e:   # noqa: BLE001 -- a failed op is a row, not a crash of the whole run
             row["ours_cp"] = dict(error=f"{type(e).__name__}: {e}"[:300])
-        if op in FLA_CP:
+        if op in FLA_CP and not a.no_fla:
             try:
                 import importlib
 
