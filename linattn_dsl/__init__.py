@@ -8,9 +8,9 @@ compiler (or sympy).
 """
 
 __version__ = "0.1.0"
-__all__ = ["Arg", "Const", "Decay", "Gate", "If", "Layer", "NormKey", "Option", "Param", "Proj", "Recurrence", "Size",
-           "SpecError", "Substeps", "Transition", "__version__"]
-_LAYER = ("Const", "Gate", "Layer", "NormKey", "Option", "Param", "Proj", "Size")
+__all__ = ["Arg", "Const", "Decay", "Derive", "Gate", "If", "Layer", "ModelParam", "NormKey", "Option", "Param", "Proj",
+           "Recurrence", "Size", "SpecError", "Substeps", "Transition", "__version__"]
+_LAYER = ("Const", "Derive", "Gate", "Layer", "ModelParam", "NormKey", "Option", "Param", "Proj", "Size")
 
 
 def __getattr__(name: str):

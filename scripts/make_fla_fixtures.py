@@ -55,6 +55,11 @@ FAMILIES: dict[str, tuple[str, dict]] = {
     # grouped value heads: 2 value heads share 1 q/k head
     "gated_deltanet_gva": ("GatedDeltaNetConfig", dict(COMMON, num_heads=1, num_v_heads=2, head_dim=16,
                                                       expand_v=1.0)),
+    # FLA's Comba block leaves use_inner_decay, use_output_correction and correction_factor at the layer's
+    # defaults (on, on, 1.0); T=16 runs its fused_recurrent kernel, whose correction reads the undecayed state
+    "comba": ("CombaConfig", dict(COMMON, num_heads=2, head_dim=8, expand_v=2.0)),
+    # 3 layers: the lower bounds' cumulative softmax lifts the forget gates of layers 1 and 2 (32 / 8 = 4 heads)
+    "hgrn2": ("HGRN2Config", dict(COMMON, num_hidden_layers=3, expand_ratio=8)),
 }
 
 

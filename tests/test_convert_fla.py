@@ -33,7 +33,7 @@ EXACT = {
     "gla": "linattn_gla", "gla_hybrid": "linattn_gla", "retnet": "linattn_retnet", "kda": "linattn_kda",
     "delta_net": "linattn_delta_net", "gated_deltanet": "linattn_gated_deltanet",
     "gated_deltanet_gva": "linattn_gated_deltanet", "mamba2": "linattn_mamba2", "rwkv7": "linattn_rwkv7",
-    "rwkv6": "linattn_rwkv6",
+    "rwkv6": "linattn_rwkv6", "comba": "linattn_comba", "hgrn2": "linattn_hgrn2",
 }
 
 
@@ -130,6 +130,30 @@ def test_rwkv7_without_norm_first(tmp_path):
     assert model.config.pre_norm is False and model.model.layers[0].pre_norm is None
 
 
+def test_comba_takes_the_layer_defaults_fla_uses(tmp_path):
+    # FLA's Comba block leaves the inner decay, the output correction and D's init at its layer's defaults, whatever
+    # its config says: its checkpoints always hold decay and D
+    src = fla_copy("comba", tmp_path, {"use_inner_decay": False, "use_output_correction": False,
+                                       "correction_factor": 0.02})
+    model = AutoModelForCausalLM.from_pretrained(convert_fla(src, tmp_path / "ours")).eval()
+    assert (model.config.use_inner_decay, model.config.use_output_correction) == (True, True)
+    want = expected("comba")
+    torch.testing.assert_close(logits(model, want["input_ids"]), want["logits"], **TOLERANCE)
+
+
+def test_hgrn2_lower_bounds_and_heads(tmp_path):
+    # the model-level lower_bounds keep FLA's name; FLA's layer takes its heads from expand_ratio, not num_heads
+    model = AutoModelForCausalLM.from_pretrained(convert_fla(fla_copy("hgrn2", tmp_path, {"num_heads": 3}),
+                                                             tmp_path / "ours"))
+    assert model.config.num_heads == 4 and model.model.lower_bounds.shape == (3, 32)
+    # without use_lower_bound FLA's checkpoint has none, and ours neither
+    src = fla_copy("hgrn2", tmp_path / "plain", {"use_lower_bound": False})
+    state = load_file(src / "model.safetensors")
+    save_file({k: v for k, v in state.items() if k != "model.lower_bounds"}, src / "model.safetensors")
+    model = AutoModelForCausalLM.from_pretrained(convert_fla(src, tmp_path / "plain_ours"))
+    assert model.config.use_lower_bound is False and not hasattr(model.model, "lower_bounds")
+
+
 # ------------------------------------------------------------------ bad input
 
 
@@ -149,8 +173,8 @@ def test_src_without_config_or_weights(tmp_path):
 
 
 def test_unknown_model_type_is_named(tmp_path):
-    src = fla_copy("gla", tmp_path, {"model_type": "hgrn2"})
-    with pytest.raises(ValueError, match="model_type: FLA model_type 'hgrn2' has no converter"):
+    src = fla_copy("gla", tmp_path, {"model_type": "hgrn"})
+    with pytest.raises(ValueError, match="model_type: FLA model_type 'hgrn' has no converter"):
         convert_fla(src, tmp_path / "ours")
 
 
@@ -169,6 +193,9 @@ def test_dst_must_differ_from_src(tmp_path):
     ("gated_deltanet", {"use_gate": False}, "use_gate=False"),
     ("mamba2", {"norm_before_gate": True}, "norm_before_gate=True"),
     ("rwkv7", {"norm_bias": False}, "norm_bias=False"),
+    ("comba", {"num_v_heads": 4}, "num_v_heads=4"),
+    ("hgrn2", {"expand_ratio": 5}, "expand_ratio=5"),
+    ("hgrn2", {"elementwise_affine": False}, "elementwise_affine=False"),
     ("gla_hybrid", {"attn": {"layers": [1], "num_heads": 4, "qkv_bias": True}}, "qkv_bias"),
     ("gla_hybrid", {"attn": [{"layers": [0], "num_heads": 4}, {"layers": [1], "num_heads": 2}]},
      "2 attention settings"),

@@ -194,9 +194,11 @@ def test_forgetting_step_has_zero_gradient_with_head_index_in_the_gate():
 @settings(max_examples=10, deadline=None)
 @given(st.booleans(), st.integers(0, 2 ** 16))
 def test_comba_oracle_is_fla_formula(l2norm, seed):
-    """The Comba spec (the general transition with a = e^g p, b = -beta k, key beta k) against its published
-    recurrence stepped here (FLA's naive form: decay, correct the value through p against the decayed state,
-    write beta k (v - p^T S)^T); with the switch, q, k and p are L2-normalised first. float64, 1e-12."""
+    """The Comba spec (the general transition with a = p, b = -beta k, key beta k) against its recurrence stepped
+    here as FLA's kernels step it (chunk_comba, fused_recurrent_comba: correct the value through p against the
+    state before its decay, decay, write beta k (v - p^T S_{t-1})^T; FLA's naive_recurrent_comba, which corrects
+    against the decayed state, disagrees with them); with the switch, q, k and p are L2-normalised first. float64,
+    1e-12."""
     g = torch.Generator().manual_seed(seed)
     B, T, H, K, V = 2, 9, 2, 4, 3
     q, k, p = (torch.randn(B, T, H, K, generator=g, dtype=torch.float64) for _ in range(3))
@@ -211,9 +213,8 @@ def test_comba_oracle_is_fla_formula(l2norm, seed):
         q, k, p = (x / torch.sqrt((x * x).sum(-1, keepdim=True) + 1e-6) for x in (q, k, p))
     S, outs = h0.clone(), []
     for t in range(T):
-        S = S * ld[:, t, :, None, None].exp()
         u = beta[:, t, :, None] * (v[:, t] - torch.einsum("bhk,bhkv->bhv", p[:, t], S))
-        S = S + k[:, t, :, :, None] * u[:, :, None, :]
+        S = S * ld[:, t, :, None, None].exp() + k[:, t, :, :, None] * u[:, :, None, :]
         outs.append(torch.einsum("bhk,bhkv->bhv", q[:, t] * K ** -0.5, S))
     torch.testing.assert_close(o, torch.stack(outs, 1), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(ht, S, rtol=1e-12, atol=1e-12)

@@ -316,28 +316,35 @@ def test_linattn_new_writes_a_spec_that_becomes_a_model(tmp_path):
 
 
 def test_shipped_comba_declares_its_model():
-    """A shipped spec with only a layer declaration (Comba): its model trains, generates and caches like the
-    families; q, k and p are normalised by the op's switch, beta bounded by a sigmoid."""
+    """Comba's declared layer (FLA's layout: derived p and q, Mamba's gate in the layer; tests/test_fla_layouts.py):
+    its model trains, generates and caches like the families; q, k and p are normalised by the op's switch."""
     model_type = M.register_spec("comba")
     assert model_type == "linattn_comba"
-    model = _tiny(model_type)
+    model = _tiny(model_type, head_dim=8)
     mixer = model.model.layers[0].mixer
-    assert {"q_proj", "p_proj", "a_proj", "b_proj", "q_conv1d", "g_proj", "o_proj"} <= set(dict(mixer.named_children()))
+    assert {"q_proj", "k_proj", "a_proj", "b_proj", "q_conv1d", "g_proj", "o_proj"} <= set(dict(mixer.named_children()))
+    assert "p_proj" not in dict(mixer.named_children())   # p = k * sigmoid(decay)
     assert mixer.plan["switches"] == {"use_qk_l2norm_in_kernel": True}
     _check_model(model)
 
 
 def test_shipped_hgrn2_declares_its_model():
     """HGRN2 (the key 1 - exp(g) tied to the forget gate): heads of expand_ratio key channels, one RMSNorm over
-    every head's output together (output_norm="all"), no output gate; trains, generates and caches."""
+    every head's output together (output_norm="all"), no output gate, the model's lower bounds lifting the forget
+    gates of layers 1 and 2; trains, generates and caches."""
     model_type = M.register_spec("hgrn2")
-    model = _tiny(model_type, expand_ratio=8)
+    cfg = AutoConfig.for_model(model_type, vocab_size=VOCAB, hidden_size=32, num_hidden_layers=3, num_heads=2,
+                               initializer_range=0.3, expand_ratio=8)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    with torch.no_grad():
+        model.model.lower_bounds.normal_()
     mixer = model.model.layers[0].mixer
     assert (mixer.head_k_dim, mixer.head_v_dim) == (8, 16)
     assert {"q_proj", "f_proj", "i_proj", "g_norm", "o_proj"} == set(dict(mixer.named_children()))
-    assert mixer.g_norm.weight.shape == (32,)
+    assert mixer.g_norm.weight.shape == (32,) and mixer.g_norm.eps == 1e-5   # FLA's fixed epsilon
     _check_model(model)
-    _check_model(_tiny(model_type, expand_ratio=8, use_short_conv=True))
+    _check_model(_tiny(model_type, expand_ratio=8, use_short_conv=True, use_lower_bound=False))
 
 
 def test_shipped_linear_attn_declares_its_model():

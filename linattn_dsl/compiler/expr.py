@@ -9,6 +9,8 @@ Triton), which is how gate code is fused into generated kernels.
 
 from __future__ import annotations
 
+import re
+
 import sympy as sp
 
 
@@ -72,6 +74,31 @@ FUNCTIONS = {
     "tanh": sp.tanh,
 }
 
+
+
+class log1p(sp.Function):  # noqa: N801
+    """log(1 + x), exact near 0; d/dx = 1 / (1 + x). A layer's function (:data:`LAYER_FUNCTIONS`)."""
+
+    nargs = 1
+
+    def fdiff(self, argindex: int = 1) -> sp.Expr:
+        return 1 / (1 + self.args[0])
+
+
+class logaddexp(sp.Function):  # noqa: N801
+    """log(exp(a) + exp(b)) without overflow; d/da = sigmoid(a - b). A layer's function (:data:`LAYER_FUNCTIONS`)."""
+
+    nargs = 2
+
+    def fdiff(self, argindex: int = 1) -> sp.Expr:
+        a, b = self.args if argindex == 1 else self.args[::-1]
+        return sigmoid(a - b)
+
+
+# the functions of a layer declaration's derived inputs (linattn_dsl.compiler.layer.Derive): a spec's and these,
+# which run in PyTorch only (no Triton printing)
+LAYER_FUNCTIONS = {**FUNCTIONS, "log1p": log1p, "logaddexp": logaddexp}
+
 # Names an expression may not use for inputs: the head index and the function names.
 HEAD_INDEX = "h"
 RESERVED = set(FUNCTIONS) | {HEAD_INDEX}
@@ -81,19 +108,21 @@ class ExprSyntaxError(ValueError):
     pass
 
 
-def parse(text: str | int | float, symbols: dict[str, sp.Symbol]) -> sp.Expr:
-    """Parse ``text`` with only ``symbols`` and the known functions in scope.
+def parse(text: str | int | float, symbols: dict[str, sp.Symbol], functions: dict | None = None) -> sp.Expr:
+    """Parse ``text`` with only ``symbols`` and the known functions (``functions``: :data:`FUNCTIONS` by default)
+    in scope.
 
     Raises ExprSyntaxError for syntax errors, for names that are neither and for calls of any other
     function (naming it and listing the allowed ones).
     """
+    functions = FUNCTIONS if functions is None else functions
     if isinstance(text, (int, float)):
         return sp.sympify(text)
     if not isinstance(text, str):
         raise ExprSyntaxError(f"expected a string expression, got {type(text).__name__}")
     from sympy.parsing.sympy_parser import parse_expr, standard_transformations
 
-    local = dict(FUNCTIONS)
+    local = dict(functions)
     local.update(symbols)
     try:
         # global_dict without sympy's names: an unknown name must not silently become a new Symbol
@@ -106,7 +135,7 @@ def parse(text: str | int | float, symbols: dict[str, sp.Symbol]) -> sp.Expr:
         raise ExprSyntaxError(f"unknown symbol {e.args[0]!r} in {text!r}") from None
     except _UnknownFunction as e:
         raise ExprSyntaxError(f"unknown function {e.args[0]!r} in {text!r}; the functions allowed are "
-                              f"{', '.join(sorted(FUNCTIONS))}") from None
+                              f"{', '.join(sorted(functions))}") from None
     except (SyntaxError, TypeError, AttributeError, NameError, sp.SympifyError) as e:
         raise ExprSyntaxError(f"cannot parse {text!r}: {e}") from None
     if not isinstance(expr, sp.Expr):
@@ -144,6 +173,8 @@ TORCH_FUNCS = {
     "tanh": "torch.tanh({0})",
     "relu": "torch.relu({0})",
     "step": "({0} > 0).to({0}.dtype)",
+    "log1p": "torch.log1p({0})",
+    "logaddexp": "torch.logaddexp({0}, {1})",
 }
 
 TRITON_FUNCS = {
@@ -202,8 +233,8 @@ def to_code(expr: sp.Expr, names: dict[str, str], funcs: dict[str, str]) -> str:
         if isinstance(e, sp.Heaviside):
             return funcs["step"].format(p(e.args[0]))
         name = type(e).__name__
-        if name in funcs and len(e.args) == 1:
-            return funcs[name].format(p(e.args[0]))
+        if name in funcs and len(e.args) == len(set(re.findall(r"\{(\d)\}", funcs[name]))):
+            return funcs[name].format(*(p(a) for a in e.args))
         raise ExprSyntaxError(f"cannot print {e} ({name}) for this backend")
 
     return p(sp.sympify(expr))

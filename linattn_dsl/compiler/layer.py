@@ -9,6 +9,10 @@ A spec file may declare, next to ``spec``, ``layer = Layer(...)``: for each op i
 * :class:`Const`: a constant (DeltaNet without beta: ``beta = 1``);
 * :class:`NormKey`: the general transition's contractive pair from one L2-normalised key ``kk`` per head:
   ``a = -kk``, ``b = kk * sigmoid(W x)``;
+* :class:`Derive`: an expression of the input's own ``base`` source, other op inputs and learned parameters
+  (:class:`Param` with ``dims``, or a :class:`ModelParam`: one parameter of the model, a row per layer), e.g.
+  Comba's ``p = k * sigmoid(decay)`` and ``q = q - D * p``, Mamba's gate ``-exp(A_log) * softplus(g + dt_bias)``
+  computed in the layer, HGRN2's per-layer lower bound of the forget gate;
 
 plus the head sizes (:class:`Size`), RoPE on the query and key, the q / k norm, the output path (per-head
 RMSNorm, an output :class:`Gate`, the output projection), the block around the layer (an MLP or none) and the model
@@ -35,6 +39,8 @@ output path takes becomes ``<input>_in`` (a spec's ``g`` beside the output gate:
 module as ``LAYER``), which :class:`linattn_dsl.layers.SpecLayer` builds its modules from; an option there is
 ``{"$option": field}`` (with ``"$values": [[option value, plan value], ...]``), arithmetic on options
 ``{"$op": "/", "$args": [...]}``, resolved when the layer is built (:func:`linattn_dsl.layers.spec_layer.resolve`).
+A derived input's expression is in the plan as PyTorch source (``code``, its values read from a dict ``x``), so
+that the layer runs it without the compiler.
 """
 
 from __future__ import annotations
@@ -50,7 +56,9 @@ from .spec import BATCH, TIME, Recurrence, SpecError
 TRANSFORMS = ("sigmoid", "logsigmoid", "softplus", "-softplus", "exp", "-exp", "silu", "relu", "elu+1", "l2norm",
               "tanh")
 ACTIVATIONS = ("silu", "relu", "identity")
-INITS = ("zeros", "ones", "normal", "log_uniform", "a_log", "dt_bias")
+INITS = ("zeros", "ones", "normal", "log_uniform", "a_log", "dt_bias")   # or a number: that value everywhere
+ROWS = (None, "cumsoftmax")   # how the layers' rows come from a ModelParam
+ROLES = ("H", "HQ", "K", "V")   # the head dims a Param's / ModelParam's ``dims`` may name
 OUTPUT_GATES = ("swish", "sigmoid")
 OUTPUT_NORMS = (True, False, "all")   # per head, none, over every head together
 SIZES = ("hidden", "key", "fixed")
@@ -66,7 +74,10 @@ RESERVED_OPTIONS = ("module", "mode", "spec_source")
 # takes them
 LAYER_ATTRIBUTES = ("plan", "options", "spec_name", "hidden_size", "num_heads", "num_qk_heads", "head_k_dim",
                     "head_v_dim", "key_dim", "value_dim", "sizes", "rope_theta", "mode", "training", "zero_pads",
-                    "mix", "special_init")
+                    "mix", "special_init", "layer_idx", "model_param")
+# the attributes of a model (linattn_dsl.models.LinAttnModel) besides torch.nn.Module's: no ModelParam takes them
+MODEL_ATTRIBUTES = ("embeddings", "layers", "norm", "config", "build_mixer", "build_mlp", "special_init",
+                    "model_param", "dtype", "device", "name_or_path", "base_model", "main_input_name")
 
 
 class _Arithmetic:
@@ -128,11 +139,51 @@ class Param:
     """A learned parameter of the input's own shape (per head, per head and channel; ``flat``: stored as one vector
     and viewed in that shape), an attribute named after the input, initialised by ``init`` (zeros, ones,
     normal(0, 0.02), log_uniform: log U(0.5, 4); Mamba's a_log: log U(1, 16), and dt_bias: the inverse softplus of
-    dt log-uniform in [0.001, 0.1]) and used through ``transform`` (None, ``exp``, ``-exp``, ``softplus``, ...)."""
+    dt log-uniform in [0.001, 0.1]; or a number, an Option's too: that value everywhere) and used through
+    ``transform`` (None, ``exp``, ``-exp``, ``softplus``, ...). In a :class:`Derive`'s ``params`` it is an attribute
+    named after its key, of shape ``dims`` (head dims by role: ``"H"``, ``"H K"``; ``HQ`` the q/k heads, ``K`` /
+    ``V`` the head dims; default: the derived input's)."""
 
-    init: str = "zeros"
+    init: str | float | Option = "zeros"
     transform: str | None = None
     flat: bool = False
+    dims: str | None = None
+
+
+@dataclass(frozen=True)
+class ModelParam:
+    """A learned parameter of the model (``model.<name>``, shape ``[num_hidden_layers, width]``, ``width`` the
+    channels of ``dims``: the derived input's head dims by default), initialised by ``init`` as :class:`Param`;
+    each layer reads its row, viewed in ``dims``: as stored (``rows=None``) or ``rows="cumsoftmax"``: softmax over
+    the layers, cumulative sum, minus the first row (HGRN2's lower bounds: row 0 is zero, the rows rise towards 1
+    with depth). Only a :class:`Derive` reads one."""
+
+    name: str
+    init: str | float | Option = "zeros"
+    rows: str | None = None
+    dims: str | None = None
+
+
+@dataclass(frozen=True)
+class Derive:
+    """An op input computed in the layer: ``expr`` (the spec's expression language, plus ``log1p`` and
+    ``logaddexp``) of
+
+    * the input's own name: the value of ``base`` (a Proj / Param / Const / NormKey, or an Option choosing one)
+      before the derivation;
+    * the other op inputs' names: their values (after their own derivations, before the layer's q / k norm and
+      RoPE);
+    * ``params``' keys: a :class:`Param` (a learned parameter of the layer, an attribute named after its key) or a
+      :class:`ModelParam` (this layer's row of a parameter of the model).
+
+    A value of fewer dims broadcasts over the input's (``k * sigmoid(decay)``: ``decay [H]`` over ``[B, T, H, K]``).
+    ``from_layer``: layers with a smaller index (counting every layer of the model) take the base as it is.
+    Comba's ``p = Derive("k * sigmoid(decay)", params=dict(decay=Param(init="ones", dims="H")))``."""
+
+    expr: str
+    base: Any = None
+    params: dict = field(default_factory=dict)
+    from_layer: int = 0
 
 
 @dataclass(frozen=True)
@@ -185,17 +236,17 @@ class Size:
 @dataclass(frozen=True)
 class Layer:
     """A spec's token-mixing layer (see the module docstring). ``inputs``: op input name -> Proj / Param / Const /
-    NormKey or an Option choosing one (the rest derived); ``switches``: the op's switch values (default: the spec's,
-    with a q/k-norm switch on for delta and general transitions); ``qk_norm``: "auto", None or "l2" (in the layer);
-    ``rope``: RoPE's base on the query and key inputs (None: no RoPE); ``key_size`` / ``value_size``: the head dims
-    (:class:`Size`; a spec whose key and value share a symbol uses the key's); ``qk_heads``: the q/k heads of a spec
-    that groups them (None: ``num_heads``); ``conv_size``: the short convs' width (a config field only when a conv
-    may be on); ``output_gate``: a :class:`Gate`, "swish", "sigmoid" or None; ``output_norm``: True for the
-    per-head RMSNorm, "all" for one RMSNorm over every head's values together (HGRN2), False for none, named
-    ``norm_name``; ``mlp``: the block's SwiGLU MLP (False: mixer-only blocks);
-    ``defaults``: other defaults of the config's shared fields (``num_heads=16``); ``name``: the model's name,
-    ``linattn_<name>`` (default: the spec's name); ``title``: its classes' prefix (``<title>Config``; default:
-    the name in title case)."""
+    NormKey / Derive or an Option choosing one (the rest derived); ``switches``: the op's switch values (default:
+    the spec's, with a q/k-norm switch on for delta and general transitions); ``qk_norm``: "auto", None or "l2" (in
+    the layer); ``rope``: RoPE's base on the query and key inputs (None: no RoPE); ``key_size`` / ``value_size``:
+    the head dims (:class:`Size`; a spec whose key and value share a symbol uses the key's); ``qk_heads``: the q/k
+    heads of a spec that groups them (None: ``num_heads``); ``conv_size``: the short convs' width (a config field
+    only when a conv may be on); ``output_gate``: a :class:`Gate`, "swish", "sigmoid" or None; ``output_norm``:
+    True for the per-head RMSNorm, "all" for one RMSNorm over every head's values together (HGRN2), False for none,
+    named ``norm_name``, its epsilon ``norm_eps`` (None: the model's ``norm_eps``; HGRN2: FLA's fixed 1e-5);
+    ``mlp``: the block's SwiGLU MLP (False: mixer-only blocks); ``defaults``: other defaults of the config's shared
+    fields (``num_heads=16``); ``name``: the model's name, ``linattn_<name>`` (default: the spec's name); ``title``:
+    its classes' prefix (``<title>Config``; default: the name in title case)."""
 
     inputs: dict = field(default_factory=dict)
     switches: dict = field(default_factory=dict)
@@ -208,6 +259,7 @@ class Layer:
     output_gate: Gate | str | Option | None = "swish"
     output_norm: bool | str | Option = True
     norm_name: str = "o_norm"
+    norm_eps: float | Option | None = None
     mlp: bool | Option = True
     defaults: dict = field(default_factory=dict)
     name: str | None = None
@@ -422,16 +474,31 @@ def _dims(spec: Recurrence, name: str) -> list[str]:
     return [d if d in (BATCH, TIME) else inv[d] for d in spec.dims(name)]
 
 
-def _source(planner: _Planner, spec: Recurrence, n: str, dims: list[str]):
-    """The converter of input ``n``'s source (a Proj / Param / Const / NormKey) into its plan entry."""
+def _check_init(planner: _Planner):
+    """A place taking an initialiser: one of INITS, or a number (that value everywhere)."""
+    def convert(where, v):
+        if _is_number(v):
+            return float(v)
+        if not isinstance(v, str) or v not in INITS:
+            raise planner.fail(where, f"unknown initialiser {v!r}; expected one of {INITS} or a number")
+        return v
+    return convert
+
+
+def _source(planner: _Planner, spec: Recurrence, n: str, dims: list[str], derive: bool = True):
+    """The converter of input ``n``'s source (a Proj / Param / Const / NormKey, or with ``derive`` a Derive) into its
+    plan entry."""
     per_token = dims[:2] == [BATCH, TIME]
 
     def convert(where, src):
         entry = {"dims": dims}
         if isinstance(src, Const):
             return dict(entry, kind="const", value=_check_number(planner)(f"{where}.value", src.value))
+        if isinstance(src, Derive) and derive:
+            return _derive(planner, spec, n, dims, where, src)
         if not isinstance(src, (Proj, Param, NormKey)):
-            raise planner.fail(where, f"expected Proj(...), Param(...), Const(...) or NormKey(...), got {src!r}")
+            also = ", Derive(...)" if derive else ""
+            raise planner.fail(where, f"expected Proj(...), Param(...), Const(...){also} or NormKey(...), got {src!r}")
         if isinstance(src, (Proj, NormKey)) and not per_token:
             raise planner.fail(where, f"a projection of the hidden states needs a per-token input ([B, T, ...]); "
                                       f"{n} is [{', '.join(spec.dims(n))}]: use Param")
@@ -454,8 +521,11 @@ def _source(planner: _Planner, spec: Recurrence, n: str, dims: list[str]):
         if isinstance(src, Param):
             if not isinstance(src.flat, bool):
                 raise planner.fail(f"{where}.flat", f"expected True or False, got {src.flat!r}")
+            if src.dims is not None:
+                raise planner.fail(f"{where}.dims", f"an op input's parameter has the input's shape; dims is for a "
+                                                    f"Derive's params, got {src.dims!r}")
             return dict(entry, kind="param", name=None,
-                        init=planner.value(f"{where}.init", src.init, _check_choice(planner, "initialiser", INITS)),
+                        init=planner.value(f"{where}.init", src.init, _check_init(planner), arithmetic=True),
                         transform=transform, flat=src.flat)
         if src.sign not in (-1, 1):
             raise planner.fail(f"{where}.sign", f"expected -1 (a = -kk) or 1 (b = kk * sigmoid), got {src.sign!r}")
@@ -464,6 +534,120 @@ def _source(planner: _Planner, spec: Recurrence, n: str, dims: list[str]):
                                       f"channel), got [{', '.join(spec.dims(n))}]")
         return dict(entry, kind="normkey", name=None, sign=src.sign)
     return convert
+
+
+def _show(dims: list[str]) -> str:
+    return f"[{', '.join(dims)}]"
+
+
+def _broadcasts(dims: list[str], target: list[str]) -> bool:
+    """Does a value of ``dims`` (by role) broadcast over one of ``target``: per token only into a per-token input,
+    its head dims a subsequence of the target's, in order?"""
+    per_token = dims[:2] == [BATCH, TIME]
+    if per_token and target[:2] != [BATCH, TIME]:
+        return False
+    rest = iter(d for d in target if d not in (BATCH, TIME))
+    return all(d in rest for d in dims if d not in (BATCH, TIME))
+
+
+def _role_dims(planner: _Planner, spec: Recurrence, where: str, declared, default: list[str]) -> list[str]:
+    """The head dims (by role) of a Derive's parameter: ``declared`` ("H", "H K"...; None: ``default``, the derived
+    input's)."""
+    if declared is None:
+        return [d for d in default if d not in (BATCH, TIME)]
+    if not isinstance(declared, str) or not declared.split():
+        raise planner.fail(where, f"expected head dims by role {ROLES}, space-separated (\"H\", \"H K\"), got "
+                                  f"{declared!r}")
+    hd = spec.head_dims
+    out = []
+    for role in declared.split():
+        if role not in ROLES:
+            raise planner.fail(where, f"unknown dim {role!r}; expected some of {ROLES}")
+        # the spec's K and V (H and HQ) may be one symbol: one role, as the inputs' dims name it
+        role = "K" if role == "V" and hd["V"] == hd["K"] else "H" if role == "HQ" and hd["HQ"] == hd["H"] else role
+        if role in out:
+            raise planner.fail(where, f"dim {role!r} twice in {declared!r}")
+        out.append(role)
+    return out
+
+
+def _derived_param(planner: _Planner, spec: Recurrence, key: str, dims: list[str]):
+    """The converter of a Derive's parameter ``key`` (a Param or a ModelParam) into its plan entry."""
+    def convert(where, p):
+        if isinstance(p, Param):
+            if not isinstance(p.flat, bool):
+                raise planner.fail(f"{where}.flat", f"expected True or False, got {p.flat!r}")
+            return {"kind": "param", "dims": _role_dims(planner, spec, f"{where}.dims", p.dims, dims),
+                    "name": key, "init": planner.value(f"{where}.init", p.init, _check_init(planner), arithmetic=True),
+                    "transform": planner.value(f"{where}.transform", p.transform,
+                                               _check_choice(planner, "transform", (None, *TRANSFORMS))),
+                    "flat": p.flat}
+        if isinstance(p, ModelParam):
+            if not isinstance(p.name, str) or not p.name.isidentifier() or p.name.startswith("_") \
+                    or p.name in MODEL_ATTRIBUTES or p.name in _module_attributes():
+                raise planner.fail(f"{where}.name", f"expected an identifier not starting with '_' that no model "
+                                                    f"attribute has ({', '.join(MODEL_ATTRIBUTES)}...), got "
+                                                    f"{p.name!r}")
+            return {"kind": "model", "dims": _role_dims(planner, spec, f"{where}.dims", p.dims, dims),
+                    "name": p.name, "init": planner.value(f"{where}.init", p.init, _check_init(planner),
+                                                          arithmetic=True),
+                    "rows": planner.value(f"{where}.rows", p.rows, _check_choice(planner, "rows", ROWS))}
+        raise planner.fail(where, f"expected Param(...) or ModelParam(...), got {p!r}")
+    return convert
+
+
+def _derive(planner: _Planner, spec: Recurrence, n: str, dims: list[str], where: str, d: Derive) -> dict:
+    """The plan entry of a Derive for input ``n`` (of ``dims``): its base, parameters, the op inputs it reads and its
+    expression as PyTorch source."""
+    if not isinstance(d.expr, str):
+        raise planner.fail(f"{where}.expr", f"expected a string expression, got {d.expr!r}")
+    if not isinstance(d.params, dict):
+        raise planner.fail(f"{where}.params", f"expected a dict of name -> Param(...) / ModelParam(...), got "
+                                              f"{d.params!r}")
+    if not _is_int(d.from_layer) or d.from_layer < 0:
+        raise planner.fail(f"{where}.from_layer", f"expected a non-negative int, got {d.from_layer!r}")
+    substeps = set(spec.substeps.inputs) if spec.substeps is not None else set()
+    if n in substeps:
+        raise planner.fail(where, f"{n} is a sub-step input (several rows per token): it cannot be derived")
+    params = {}
+    for key, p in d.params.items():
+        pw = f"{where}.params.{key}"
+        if not isinstance(key, str) or not key.isidentifier() or key.startswith("_"):
+            raise planner.fail(pw, f"expected an identifier not starting with '_', got {key!r}")
+        if key in spec.args or key in ex.LAYER_FUNCTIONS or key == ex.HEAD_INDEX:
+            raise planner.fail(pw, f"{key!r} is the name of an op input or a function; name the parameter otherwise")
+        params[key] = planner.value(pw, p, _derived_param(planner, spec, key, dims))
+    base = None if d.base is None else planner.value(f"{where}.base", d.base, _source(planner, spec, n, dims, False))
+    symbols = {a: sp.Symbol(a) for a in (*spec.args, *params)}
+    try:
+        e = ex.parse(d.expr, symbols, ex.LAYER_FUNCTIONS)
+    except ex.ExprSyntaxError as err:
+        raise planner.fail(f"{where}.expr", str(err)) from None
+    names = sorted(s.name for s in e.free_symbols)
+    reads = [a for a in names if a in spec.args and a != n]
+    if n in names and base is None:
+        raise planner.fail(f"{where}.expr", f"reads {n} itself: give the value it derives from as base=...")
+    if base is not None and n not in names and d.from_layer == 0:
+        raise planner.fail(f"{where}.base", f"the expression {d.expr!r} never reads {n} (its base)")
+    if d.from_layer > 0 and base is None:
+        raise planner.fail(f"{where}.from_layer", "the layers before from_layer take the base: give base=...")
+    for a in reads:
+        if a in substeps:
+            raise planner.fail(f"{where}.expr", f"reads {a}, a sub-step input (several rows per token)")
+        if not _broadcasts(_dims(spec, a), dims):
+            raise planner.fail(f"{where}.expr", f"reads {a} {_show(_dims(spec, a))}, which does not broadcast over "
+                                                f"{n} {_show(dims)}")
+    for key, node in params.items():
+        for entry in planner.candidates(node):
+            if not _broadcasts(entry["dims"], dims):
+                raise planner.fail(f"{where}.params.{key}", f"dims {_show(entry['dims'])} do not broadcast over "
+                                                            f"{n} {_show(dims)}")
+    try:
+        code = ex.to_code(e, {s: f"x[{s!r}]" for s in names}, ex.TORCH_FUNCS)
+    except ex.ExprSyntaxError as err:
+        raise planner.fail(f"{where}.expr", str(err)) from None
+    return {"dims": dims, "kind": "derive", "name": None, "expr": str(e), "code": code, "base": base,
+            "params": params, "reads": reads, "from_layer": d.from_layer}
 
 
 def _gate(planner: _Planner):
@@ -499,14 +683,33 @@ def _module_attributes() -> set[str]:
     return set(dir(torch.nn.Module))
 
 
+def _entries(planner: _Planner, node) -> list[dict]:
+    """The source entries a plan node may take (each option's values), a derivation's base in its place."""
+    out = []
+    for e in planner.candidates(node):
+        if isinstance(e, dict) and e["kind"] == "derive":
+            out += [] if e["base"] is None else _entries(planner, e["base"])
+        elif isinstance(e, dict):
+            out.append(e)
+    return out
+
+
+def _derivations(planner: _Planner, node) -> list[dict]:
+    """The derivations a plan node may take."""
+    return [e for e in planner.candidates(node) if isinstance(e, dict) and e["kind"] == "derive"]
+
+
 def _names(planner: _Planner, inputs: dict, output: list[str]) -> None:
     """Give every projected input its module stem and every parameter its attribute, FLA-style, and check that no
     two modules share a name: an input left to its default name whose name is taken (by the output path, or an
-    attribute every layer has) becomes ``<input>_in``; a declared name that is taken is a SpecError."""
+    attribute every layer has) becomes ``<input>_in``; a declared name that is taken is a SpecError. A derivation's
+    base is named as the input's source; its parameters are attributes named after their keys (declared alike,
+    several derivations may share one)."""
     taken = dict.fromkeys(output, "the output path")
     reserved = set(LAYER_ATTRIBUTES) | _module_attributes()
+    learned: dict[str, dict] = {}
     for n, node in inputs.items():
-        entries = [e for e in planner.candidates(node) if isinstance(e, dict)]
+        entries = _entries(planner, node)
         declared = {e["name"] for e in entries if e["kind"] in ("proj", "normkey") and e["name"]}
         if len(declared) > 1:
             raise planner.fail(f"inputs.{n}.name", f"the values of one option name different modules {declared}")
@@ -535,13 +738,67 @@ def _names(planner: _Planner, inputs: dict, output: list[str]) -> None:
         for e in entries:
             if e["kind"] in ("proj", "normkey", "param"):
                 e["name"] = stem
+        for d in _derivations(planner, node):
+            for key, pnode in d["params"].items():
+                for p in planner.candidates(pnode):
+                    if p["kind"] != "param":
+                        continue
+                    if key in learned:
+                        if learned[key] != p:
+                            raise planner.fail(f"inputs.{n}.params.{key}", f"parameter {key!r} declared again "
+                                                                           f"otherwise: {p} vs {learned[key]}")
+                        continue
+                    if key in taken or key in reserved:
+                        raise planner.fail(f"inputs.{n}.params.{key}", f"name {key!r} is taken by "
+                                                                       f"{taken.get(key, 'every layer')}")
+                    learned[key] = p
+                    taken[key] = f"a parameter of input {n!r}"
+
+
+def _check_derivations(planner: _Planner, inputs: dict) -> None:
+    """Every input a derivation reads is fed by the layer, no derivations read each other in a cycle (under any
+    options), and a model-level parameter read in several places is declared alike."""
+    reads: dict[str, set[str]] = {}
+    model: dict[str, tuple[str, dict]] = {}
+    for n, node in inputs.items():
+        reads[n] = set()
+        for d in _derivations(planner, node):
+            for a in d["reads"]:
+                if a not in inputs:
+                    raise planner.fail(f"inputs.{n}.expr", f"reads {a}, an optional input that no role reads "
+                                                           "under the layer's switches (the layer does not feed it)")
+                reads[n].add(a)
+            for key, pnode in d["params"].items():
+                for p in planner.candidates(pnode):
+                    if p["kind"] != "model":
+                        continue
+                    known = model.setdefault(p["name"], (n, p))
+                    if known[1] != p:
+                        raise planner.fail(f"inputs.{n}.params.{key}", f"model parameter {p['name']!r} declared "
+                                                                       f"again otherwise (as input {known[0]!r}'s: "
+                                                                       f"{known[1]} vs {p})")
+    done: set[str] = set()
+
+    def visit(n: str, path: list[str]) -> None:
+        if n in path:
+            cycle = path[path.index(n):] + [n]
+            raise planner.fail(f"inputs.{cycle[0]}", f"derived inputs read each other in a cycle: "
+                                                     f"{' -> '.join(cycle)}")
+        if n in done:
+            return
+        for a in sorted(reads[n]):
+            visit(a, path + [n])
+        done.add(n)
+
+    for n in inputs:
+        visit(n, [])
 
 
 def plan(spec: Recurrence, layer: Layer | None = None) -> dict:
     """The layer of ``spec`` as plain data: the options (config fields: default, check, type, where declared), the
-    head sizes, per op input its source (``kind`` proj / param / const / normkey, its dims by role, its module name
-    and the source's fields), the op's switches, whether the layer L2-normalises q / k, RoPE, the output path, the
-    block, the config's other defaults and the model name."""
+    head sizes, per op input its source (``kind`` proj / param / const / normkey / derive, its dims by role, its
+    module name and the source's fields), the op's switches, whether the layer L2-normalises q / k, RoPE, the output
+    path, the block, the config's other defaults and the model name."""
     layer = Layer() if layer is None else layer
     if not isinstance(layer, Layer):
         raise _error(spec, "", f"expected a Layer(...), got {type(layer).__name__}")
@@ -587,6 +844,7 @@ def plan(spec: Recurrence, layer: Layer | None = None) -> dict:
             continue
         src = layer.inputs.get(n) or _default_source(spec, n, roles, switches)
         inputs[n] = planner.value(f"inputs.{n}", src, _source(planner, spec, n, dims))
+    _check_derivations(planner, inputs)
     query, key = _bare(roles.query), _bare(roles.key)
     rope = None
     if layer.rope is not None:
@@ -601,18 +859,19 @@ def plan(spec: Recurrence, layer: Layer | None = None) -> dict:
     gated = any(g is not None for g in planner.candidates(output_gate))
     output = ["o_proj", layer.norm_name] + (["g_proj"] if gated else [])
     if spec.transition.kind == "general" and any(
-            e.get("kind") == "normkey" for node in inputs.values() for e in planner.candidates(node)
-            if isinstance(e, dict)):
+            e["kind"] == "normkey" for node in inputs.values() for e in _entries(planner, node)):
         output.append("kk_proj")
     if layer.norm_name in set(LAYER_ATTRIBUTES) | _module_attributes() | {"o_proj", "g_proj", "kk_proj"}:
         raise _error(spec, "norm_name", f"expected a module name of its own, got {layer.norm_name!r}")
     _names(planner, inputs, output)
 
-    convs = any(c is not False for node in inputs.values() for e in planner.candidates(node)
-                if isinstance(e, dict) and e.get("kind") == "proj" for c in planner.candidates(e["conv"]))
+    convs = any(c is not False for node in inputs.values() for e in _entries(planner, node)
+                if e["kind"] == "proj" for c in planner.candidates(e["conv"]))
     conv_size = planner.value("conv_size", layer.conv_size, _check_rule(planner, "a positive int")) if convs else None
     output_norm = planner.value("output_norm", layer.output_norm,
                                 _check_choice(planner, "output norm", OUTPUT_NORMS))
+    norm_eps = None if layer.norm_eps is None else planner.value(
+        "norm_eps", layer.norm_eps, _check_rule(planner, "a positive number"), arithmetic=True)
     mlp = planner.value("mlp", layer.mlp, _check_rule(planner, "a bool"))
     substeps = None
     if spec.substeps is not None:   # sub-step inputs: projections n times as wide, n rows per token
@@ -623,4 +882,4 @@ def plan(spec: Recurrence, layer: Layer | None = None) -> dict:
                 options=planner.options, defaults=dict(layer.defaults), sizes=sizes, conv_size=conv_size,
                 inputs=inputs, switches=switches, required=list(spec.inputs), query=query, key=key,
                 qk_l2norm=in_layer_l2, rope=rope, output_gate=output_gate, output_norm=output_norm,
-                norm_name=layer.norm_name, mlp=mlp, substeps=substeps)
+                norm_name=layer.norm_name, norm_eps=norm_eps, mlp=mlp, substeps=substeps)

@@ -6,6 +6,8 @@
                    param a learned tensor of the input's shape -> transform
                    const the same value at every position
                    normkey  kk = l2norm(W_kk x) per head; a = -kk, b = kk * sigmoid(W_b x)
+                   derive   an expression of its base (any of the above), other inputs, learned parameters and
+                            model-level rows (``layer_idx``'s row of a ModelParam), in dependency order
     q, k = l2norm(q), l2norm(k)                        (when declared in the layer)
     q, k = rope(q), rope(k)                            (with RoPE: positions after the tokens the state has seen)
     o, S = <spec op>(inputs..., initial_state=S)       (chunk to train or for long inputs, else fused_recurrent)
@@ -15,10 +17,16 @@ Module names as FLA's: ``<input>_proj``, ``<input>_conv1d``, a parameter named a
 declared norm name, ``o_proj``. Sizes: ``num_heads`` value heads H, q/k heads ``num_qk_heads`` (a spec that groups
 them), key and value head dims as declared (``Size``: ``hidden_size * expand / num_heads`` by default). The
 declaration's options (config fields) are the layer's keyword arguments.
+
+A layer that reads a ModelParam gets it from its model: ``layer_idx`` (its index among the model's layers) and
+``model_param`` (a callable, ``name -> [num_hidden_layers, width]`` parameter) are set by the model that builds it
+(:class:`linattn_dsl.models.spec_model.SpecModel`); standing alone, its layers before the derivation's
+``from_layer`` run, the others raise.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
 import math
@@ -142,6 +150,21 @@ def head_sizes(plan: dict, values: dict, hidden_size: int, num_heads: int) -> di
     return sizes
 
 
+def model_params(plan: dict, values: dict, hidden_size: int, num_heads: int) -> dict[str, tuple[int, object]]:
+    """The model-level parameters (ModelParam) the layers of ``plan`` read under these option values: name ->
+    (width: channels per layer, initialiser)."""
+    resolved = resolve(plan, values)
+    sizes = head_sizes(plan, values, hidden_size, num_heads)
+    out = {}
+    for src in resolved["inputs"].values():
+        if src["kind"] != "derive":
+            continue
+        for p in src["params"].values():
+            if p["kind"] == "model":
+                out[p["name"]] = (math.prod(sizes[d] for d in p["dims"]), p["init"])
+    return out
+
+
 # ------------------------------------------------------------------ the layer
 
 
@@ -171,11 +194,14 @@ class SpecLayer(SequenceLayer):
         self.key_dim, self.value_dim = num_heads * self.head_k_dim, num_heads * self.head_v_dim
         self.rope_theta = self.plan["rope"]
         self.mode = check_mode(mode)
+        self.layer_idx = 0                 # set by the model that builds the layer (it reads its ModelParam rows)
+        self.model_param = None            # name -> the model's parameter [num_hidden_layers, width]
         sources = self.plan["inputs"].values()
         for kind in ("proj", "conv", "param"):   # the projections, then the convs, then the parameters
             for src in sources:
                 self._build_source(src, kind)
         gate = self.plan["output_gate"]
+        norm_eps = self.plan.get("norm_eps") or norm_eps   # the declaration's own, else the model's
         if gate is not None:
             self.g_proj = self._projection(self.value_dim, gate["rank"], gate["bias"])
             norm = FusedRMSNormGated(self._norm_width, eps=norm_eps, activation=gate["activation"])
@@ -205,7 +231,15 @@ class SpecLayer(SequenceLayer):
         return src.get("rows", 1)
 
     def _build_source(self, src: dict, part: str) -> None:
-        """The modules of one input's source: its projection(s), its conv or its parameter (``part``)."""
+        """The modules of one input's source: its projection(s), its conv or its parameter (``part``); a
+        derivation's: its base's, and its learned parameters (one per name)."""
+        if src["kind"] == "derive":
+            if src["base"] is not None:
+                self._build_source(src["base"], part)
+            for p in src["params"].values():
+                if part == "param" and p["kind"] == "param" and p["name"] not in self._parameters:
+                    self._build_source(p, part)
+            return
         width = math.prod(self._shape(src)) * (self._rows(src) if src["kind"] != "param" else 1)
         if part == "param" and src["kind"] == "param":
             shape = [width] if src["flat"] else self._shape(src)
@@ -221,29 +255,24 @@ class SpecLayer(SequenceLayer):
             if src["sign"] > 0:
                 self.add_module(f"{src['name']}_proj", nn.Linear(self.hidden_size, width, bias=False))
 
+    def _params(self) -> list[dict]:
+        """The plan entries of the layer's learned parameters: the inputs' and the derivations' (theirs and their
+        bases')."""
+        out = []
+        for src in self.plan["inputs"].values():
+            if src["kind"] == "derive":
+                out += [p for p in src["params"].values() if p["kind"] == "param"]
+                src = src["base"] or {"kind": None}
+            if src["kind"] == "param":
+                out.append(src)
+        return out
+
     def special_init(self) -> dict:
         """The parameters' declared initialisers (zeros are the default): ones, normal(0, 0.02), log U(0.5, 4),
         Mamba's ``A_log`` (log U(1, 16)) and ``dt_bias`` (softplus^-1 of dt log-uniform in [0.001, 0.1], floored
-        at 1e-4)."""
-        out = {}
-        for src in self.plan["inputs"].values():
-            if src["kind"] != "param" or src["init"] == "zeros":
-                continue
-            p = self.get_parameter(src["name"])
-            if src["init"] == "ones":
-                value = torch.ones_like(p)
-            elif src["init"] == "normal":
-                value = torch.randn_like(p) * 0.02
-            elif src["init"] == "a_log":
-                value = torch.empty_like(p).uniform_(1.0, 16.0).log()
-            elif src["init"] == "dt_bias":
-                dt = torch.exp(torch.rand_like(p) * (math.log(0.1) - math.log(0.001)) + math.log(0.001))
-                dt = dt.clamp_min(1e-4)
-                value = dt + torch.log(-torch.expm1(-dt))
-            else:
-                value = torch.empty_like(p).uniform_(0.5, 4.0).log()
-            out[src["name"]] = value
-        return out
+        at 1e-4), or a number."""
+        return {src["name"]: init_value(src["init"], self.get_parameter(src["name"])) for src in self._params()
+                if src["init"] != "zeros"}
 
     def _input(self, src: dict, x: torch.Tensor, cache, use_cache: bool, new_state: dict, kk: list,
                cu_seqlens: torch.Tensor | None = None, cp_context=None) -> torch.Tensor:
@@ -251,7 +280,11 @@ class SpecLayer(SequenceLayer):
         return y.flatten(1, 2) if self._rows(src) > 1 else y   # n rows per token: the op takes [B, T * n, ...]
 
     def _input_rows(self, src: dict, x: torch.Tensor, cache, use_cache: bool, new_state: dict, kk: list,
-                    cu_seqlens: torch.Tensor | None = None, cp_context=None) -> torch.Tensor:
+                    cu_seqlens: torch.Tensor | None = None, cp_context=None) -> torch.Tensor | None:
+        if src["kind"] == "derive":   # its base here (None without one); _derive computes the rest
+            base = src["base"]
+            return None if base is None else self._input_rows(base, x, cache, use_cache, new_state, kk, cu_seqlens,
+                                                               cp_context)
         B, T = x.shape[:2]
         shape = self._shape(src)
         if self._rows(src) > 1:
@@ -288,6 +321,7 @@ class SpecLayer(SequenceLayer):
         kk: list = []
         inputs = {n: self._input(src, x, cache, use_cache, new_state, kk, cu_seqlens, cp_context)
                   for n, src in plan["inputs"].items()}
+        self._derive(inputs)
         turned = {plan["query"], plan["key"]} - {None}
         if plan["qk_l2norm"]:
             for n in turned:
@@ -319,6 +353,91 @@ class SpecLayer(SequenceLayer):
         if self.rope_theta is not None:
             state["seen_tokens"] = seen_tokens(cache) + x.shape[1]
         return out, state
+
+
+    # ------------------------------------------------------------------ derived inputs
+
+    def _derive(self, inputs: dict) -> None:
+        """Replace each derived input's base (in ``inputs``) by its expression's value, in dependency order; a
+        per-token one in the dtype of the other per-token inputs (the op takes one)."""
+        derived = [n for n, src in self.plan["inputs"].items() if src["kind"] == "derive"]
+        if not derived:
+            return
+        plain = [t for n, t in inputs.items() if n not in derived and self.plan["inputs"][n]["dims"][:2] == ["B", "T"]]
+        dtype = plain[0].dtype if plain else None
+        done: set[str] = set()
+
+        def visit(n: str) -> None:
+            if n in done:
+                return
+            src = self.plan["inputs"][n]
+            for a in src["reads"]:
+                if a in derived:
+                    visit(a)
+            done.add(n)
+            if self.layer_idx < src["from_layer"]:
+                return   # the base as it is
+            dims = src["dims"]
+            values = {n: inputs[n]} if inputs[n] is not None else {}
+            values.update({a: _aligned(inputs[a], self.plan["inputs"][a]["dims"], dims) for a in src["reads"]})
+            for key, p in src["params"].items():
+                values[key] = _aligned(self._param_value(p), p["dims"], dims)
+            y = _compiled(src["code"])(values)
+            if dims[:2] == ["B", "T"] and dtype is not None:
+                y = y.to(dtype)
+            inputs[n] = y
+
+        for n in derived:
+            visit(n)
+
+    def _param_value(self, p: dict) -> torch.Tensor:
+        """A derivation's parameter in its dims: this layer's (through its transform) or this layer's row of the
+        model's (``rows`` applied)."""
+        shape = [self.sizes[d] for d in p["dims"]]
+        if p["kind"] == "param":
+            return _TRANSFORMS[p["transform"]](self.get_parameter(p["name"]).view(shape))
+        if self.model_param is None:
+            raise ValueError(f"{type(self).__name__} (layer {self.layer_idx}) reads the model's parameter "
+                             f"{p['name']!r}: build it inside a model (linattn_dsl.models), which holds it")
+        table = self.model_param(p["name"])
+        if p["rows"] == "cumsoftmax":   # softmax over the layers, cumulative, minus the first row (0 at layer 0)
+            table = table.softmax(0, dtype=torch.float32)
+            table = table.cumsum(0) - table[0]
+        return table[self.layer_idx].view(shape)
+
+
+def init_value(init, p: torch.Tensor) -> torch.Tensor:
+    """The initial value of parameter ``p`` under a plan's initialiser (see :meth:`SpecLayer.special_init`)."""
+    if isinstance(init, (int, float)):
+        return torch.full_like(p, float(init))
+    if init == "zeros":
+        return torch.zeros_like(p)
+    if init == "ones":
+        return torch.ones_like(p)
+    if init == "normal":
+        return torch.randn_like(p) * 0.02
+    if init == "a_log":
+        return torch.empty_like(p).uniform_(1.0, 16.0).log()
+    if init == "dt_bias":
+        dt = torch.exp(torch.rand_like(p) * (math.log(0.1) - math.log(0.001)) + math.log(0.001))
+        dt = dt.clamp_min(1e-4)
+        return dt + torch.log(-torch.expm1(-dt))
+    return torch.empty_like(p).uniform_(0.5, 4.0).log()
+
+
+def _aligned(t: torch.Tensor, dims: list[str], target: list[str]) -> torch.Tensor:
+    """``t`` (of ``dims`` by role) viewed to broadcast over a value of ``target`` dims (the plan checked that its
+    dims are a subsequence of the target's)."""
+    if dims == target:
+        return t
+    return t.reshape([t.shape[dims.index(d)] if d in dims else 1 for d in target])
+
+
+@functools.cache
+def _compiled(code: str):
+    """A derivation's PyTorch source (an expression of the dict ``x`` of its values), as a function of ``x``,
+    compiled once."""
+    return eval(f"lambda x: {code}", {"torch": torch, "__builtins__": {}})
 
 
 def _conv_silu(src: dict) -> bool:

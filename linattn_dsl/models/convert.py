@@ -10,7 +10,8 @@ One :class:`Family` table per FLA model_type says how: the config fields (FLA's 
 mixer-only blocks are ``use_mlp=False``, RWKV7's LayerNorms and layer-0 pre-norm ``norm_type="layer"``,
 ``pre_norm=True``), the parameter renames inside the token mixer, and the FLA options our layers do not have (each a
 :class:`Require`; FLA's defaults all pass). A checkpoint that cannot be converted exactly raises ``ValueError``
-naming the family and the reason; nothing is loaded approximately.
+naming the family and the reason; nothing is loaded approximately. Comba and HGRN2 become the models their spec
+files declare (``linattn_comba``, ``linattn_hgrn2``: FLA's names, HGRN2's ``model.lower_bounds`` included).
 
 Parameter names, FLA -> ours (``<p>`` is FLA's backbone attribute, ``model`` or ``backbone``)::
 
@@ -211,6 +212,31 @@ FAMILIES: dict[str, Family] = {
                   Require("output_gate_activation", equals("swish", "silu"), "'swish'",
                           "our Gated DeltaNet's output gate is swish", "swish")),
     ),
+    # the models of linattn_dsl/specs/comba.py and hgrn2.py (registered on demand: our_classes); their layers take
+    # FLA's names, so the mixers' parameters keep theirs
+    "comba": Family(
+        ours="comba",
+        config={"num_heads": "num_heads", "head_dim": "head_dim", "expand_v": "expand_v",
+                "use_short_conv": "use_short_conv", "conv_size": "conv_size", "use_output_gate": "use_output_gate",
+                # FLA's Comba block builds its layer with the layer's defaults for these three, whatever the config
+                # says: the inner decay and the output correction on, D initialised at 1
+                "use_inner_decay": lambda c: True, "use_output_correction": lambda c: True,
+                "correction_factor": lambda c: 1.0},
+        requires=(SWIGLU, NO_ATTNRES,
+                  Require("num_v_heads", same_as("num_heads"), "None or num_heads",
+                          "our Comba has no grouped value heads")),
+    ),
+    "hgrn2": Family(
+        ours="hgrn2",
+        # FLA's HGRN2 layer takes its heads from expand_ratio (hidden_size // expand_ratio), whatever num_heads says
+        config={"num_heads": lambda c: c.get("hidden_size", 2048) // (c.get("expand_ratio") or 128),
+                "expand_ratio": "expand_ratio", "use_short_conv": "use_short_conv", "conv_size": "conv_size",
+                "use_lower_bound": "use_lower_bound"},
+        requires=(SWIGLU, NO_ATTNRES, AFFINE_NORMS,
+                  Require("expand_ratio", lambda v, c: isinstance(v, int) and v > 0
+                          and c.get("hidden_size", 2048) % v == 0, "a divisor of hidden_size",
+                          "our HGRN2's heads of expand_ratio key channels cover hidden_size exactly", 128)),
+    ),
 }
 
 
@@ -395,10 +421,14 @@ def check_state(label: str, state: dict[str, torch.Tensor], expected: dict[str, 
 
 
 def our_classes(family: Family) -> tuple[type, type, type]:
-    """(Config, Model, ForCausalLM) of our family for this table."""
+    """(Config, Model, ForCausalLM) of our family for this table (a shipped spec's model, registered here, where it
+    is none of ``linattn_dsl.models.FAMILIES``)."""
     from . import FAMILIES as OURS
+    from . import spec_model
 
-    return OURS[family.ours]
+    if family.ours in OURS:
+        return OURS[family.ours]
+    return spec_model.classes(spec_model.register_spec(family.ours))
 
 
 def build_config(family: Family, fields: dict):

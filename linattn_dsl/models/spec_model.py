@@ -21,11 +21,13 @@ from functools import partial
 from pathlib import Path
 from typing import ClassVar
 
+import torch
+from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, PreTrainedConfig
 
 from linattn_dsl.layers import SpecLayer
 from linattn_dsl.layers._utils import GatedMLP
-from linattn_dsl.layers.spec_layer import DECLARED, check_option, head_sizes, resolve
+from linattn_dsl.layers.spec_layer import DECLARED, check_option, head_sizes, init_value, model_params, resolve
 
 from ._base import LinAttnConfig, LinAttnForCausalLM, LinAttnModel
 
@@ -55,6 +57,34 @@ class SpecConfig(LinAttnConfig):
             check_option(name, values[name], entry)
         if "sizes" in plan:
             head_sizes(plan, values, self.hidden_size, self.num_heads)
+
+
+class SpecModel(LinAttnModel):
+    """The backbone of a spec's model: :class:`LinAttnModel` with the model-level parameters its layers'
+    derivations read (``ModelParam``: ``[num_hidden_layers, width]`` under the declared name, as FLA's HGRN2
+    ``lower_bounds``), registered before the layers; each :class:`SpecLayer` gets its index and
+    :meth:`model_param`."""
+
+    def _model_params(self, config) -> dict:
+        return model_params(type(config).layer_plan, config.option_values(), config.hidden_size, config.num_heads)
+
+    def _mixer(self, config, layer_idx: int):
+        if layer_idx == 0:   # registered as the first layer is built, before any layer reads them
+            for name, (width, _) in self._model_params(config).items():
+                self.register_parameter(name, nn.Parameter(torch.zeros(config.num_hidden_layers, width)))
+        mixer = super()._mixer(config, layer_idx)
+        if isinstance(mixer, SpecLayer):
+            mixer.layer_idx = layer_idx
+            mixer.model_param = self.model_param
+        return mixer
+
+    def model_param(self, name: str) -> nn.Parameter:
+        """The model-level parameter ``name`` (``[num_hidden_layers, width]``)."""
+        return self.get_parameter(name)
+
+    def special_init(self) -> dict:
+        return {name: init_value(init, self.get_parameter(name))
+                for name, (_, init) in self._model_params(self.config).items()}
 
 
 def _load_spec_module(source: str, name_hint: str):
@@ -169,7 +199,7 @@ def _register_module(module, source: str, shipped: bool = False) -> str:
             else None
 
     title = plan["title"]
-    model_cls = type(f"{title}Model", (LinAttnModel,), {"config_class": config_cls, "build_mixer": staticmethod(mixer),
+    model_cls = type(f"{title}Model", (SpecModel,), {"config_class": config_cls, "build_mixer": staticmethod(mixer),
                                                          "build_mlp": staticmethod(mlp), "__module__": __name__})
     lm_cls = type(f"{title}ForCausalLM", (LinAttnForCausalLM,), {"model_class": model_cls, "__module__": __name__})
     AutoConfig.register(model_type, config_cls, exist_ok=True)
@@ -192,17 +222,23 @@ def classes(model_type: str) -> tuple:
 
 
 def register_saved(path) -> str | None:
-    """Register the spec a saved model folder records (its config's ``spec_source``), if any; its model_type."""
+    """Register the spec a saved model folder records (its config's ``spec_source``), or the shipped spec its
+    model_type names (``linattn_comba``: ``comba``), if any; its model_type."""
     config = Path(path) / "config.json"
     if not config.is_file():
         return None
     data = json.loads(config.read_text())
     source = data.get("spec_source")
-    if not source:
-        return None
     model_type = data.get("model_type", "")
     if model_type in REGISTERED:
         return model_type
+    if not source:
+        if _taken(model_type):   # registered already (a hand-written family's, or one registered on import)
+            return model_type
+        shipped = _shipped(model_type.removeprefix("linattn_")) if model_type.startswith("linattn_") else None
+        if shipped is None or f"linattn_{shipped.LAYER['name']}" != model_type:
+            return None
+        return _register_module(shipped, shipped.SPEC_SOURCE, shipped=True)
     return _register_source(source, model_type.removeprefix("linattn_") or "spec")
 
 
