@@ -130,12 +130,16 @@ class Step:
 def _run_step(mod, gate, L: Layout, scale, step: Step, g, o, h0, ht, programs: int, bad=None) -> None:
     rows, HQ, K = step.q.shape
     H, V = step.v.shape[1], step.v.shape[2]
-    opts = tuning.launch(step.stage, launch_key(mod, gate, step.q, V, L, H, step.value_scale))
-    nvo = 1 if bad is None else bad.shape[-1]
+    key = launch_key(mod, gate, step.q, V, L, H, step.value_scale)
+    opts = tuning.launch(step.stage, key)
+    nvo, rb = 1, 1
+    if bad is not None:   # the containment pass: RB chunks per program
+        nvo, rb = bad.shape[-1], tuning.launch("contain", key)["RB"]
+        programs = triton.cdiv(programs, rb)
     launch(step.kernel, (triton.cdiv(V, opts["BV"]), programs * H), g, q=step.q, k=step.k, v=step.v, **step.middle,
            g=g, o=o, h0=h0, ht=ht, cu_seqlens=L.cu, chunk_indices=L.chunk_indices, bad=bad, scale=scale, H=H, HQ=HQ,
            NVO=nvo, K=K, V=V, VECTOR=gate.kind == "vector", USE_H0=h0 is not None, STORE_FINAL=ht is not None,
-           BT=BT, NVB=pow2(nvo), CHUNK=bad is not None, **(step.flags or {}), **opts)
+           BT=BT, NVB=pow2(nvo), CHUNK=bad is not None, NT=L.NT, RB=rb, **(step.flags or {}), **opts)
 
 
 def step_form(mod, gate, L: Layout, scale, store_final, step: Step, h0, gate_inputs):

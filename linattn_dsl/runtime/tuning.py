@@ -226,6 +226,15 @@ def _recurrent_fwd(k: Key) -> dict:
     return dict(BK=full(k.K), BV=pow2(k.V, hi=32))
 
 
+@entry("contain")
+def _contain(k: Key) -> dict:
+    """The chunk forward's containment pass (host.contain, the step form over flagged chunks): RB chunks of one
+    head per program. On finite inputs every program reads its chunks' flags and returns, and the number of
+    programs is the launch's cost (as dqk_intra_bwd's): 16 chunks make T=4096, B=8, 16 heads 512 programs per
+    value block instead of 8192."""
+    return dict(RB=16)
+
+
 # ---- the delta form ------------------------------------------------------------------------------------------
 @entry("ut_fwd")
 def _ut_fwd(k: Key) -> dict:
