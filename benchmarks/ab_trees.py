@@ -27,10 +27,8 @@ HERE = Path(__file__).resolve().parent
 def _child(ops: list[str], Ts: list[int]) -> None:
     """Inside one side's process: time every op, print one JSON line per (op, T)."""
     import importlib.util
-    import time
 
     import torch
-    from triton.testing import do_bench
 
     spec = importlib.util.spec_from_file_location("bench_ops_inputs", HERE / "ops.py")
     bench = importlib.util.module_from_spec(spec)
@@ -39,24 +37,9 @@ def _child(ops: list[str], Ts: list[int]) -> None:
         fn = bench.get_fn("ours", op)
         for T in Ts:
             t = bench.make_inputs(op, T)
-            leaves = [x.requires_grad_() for x in t.values() if x.is_floating_point()]
-            start = time.time()
-            out = fn(t)
-            do = torch.randn_like(out)
-            out.backward(do)
-            torch.cuda.synchronize()
-            first = time.time() - start
-
-            def fwd_bwd(t=t, leaves=leaves, do=do):
-                for x in leaves:
-                    x.grad = None
-                fn(t).backward(do)
-
-            with torch.no_grad():
-                ms_f = do_bench(lambda t=t: fn(t), warmup=10, rep=80, return_mode="median")
-            ms_b = do_bench(fwd_bwd, warmup=10, rep=80, return_mode="median")
-            print(json.dumps(dict(op=op, T=T, fwd=ms_f, fwd_bwd=ms_b, first=first)), flush=True)
-            t = leaves = out = do = None   # free this shape's tensors before the next one's
+            times = bench.time_fwd_bwd(fn, t)
+            print(json.dumps(dict(op=op, T=T, **times)), flush=True)
+            t = None   # free this shape's tensors before the next one's
             torch.cuda.empty_cache()
 
 

@@ -157,6 +157,32 @@ def get_fn(impl: str, op: str):
     raise ValueError(impl)
 
 
+def time_fwd_bwd(fn, t: dict) -> dict:
+    """``fn(t)``'s first call (fwd+bwd, compile included: seconds), then its fwd (under no_grad) and fwd+bwd
+    ``do_bench`` medians (ms), with the floating inputs of ``t`` as leaves."""
+    import time
+
+    import torch
+    from triton.testing import do_bench
+
+    leaves = [x.requires_grad_() for x in t.values() if x.is_floating_point()]
+    start = time.time()
+    out = fn(t)
+    do = torch.randn_like(out)
+    out.backward(do)
+    torch.cuda.synchronize()
+    first = time.time() - start
+
+    def fwd_bwd():
+        for x in leaves:
+            x.grad = None
+        fn(t).backward(do)
+
+    with torch.no_grad():
+        ms_f = do_bench(lambda: fn(t), warmup=10, rep=80, return_mode="median")
+    return dict(fwd=ms_f, fwd_bwd=do_bench(fwd_bwd, warmup=10, rep=80, return_mode="median"), first=first)
+
+
 def measure(impl: str, op: str, T: int) -> dict:
     import torch
     from triton.testing import do_bench

@@ -74,30 +74,16 @@ def _op(name: str, folder: Path):
 
 def _child(name: str, Ts: list[int], D: int) -> None:
     import torch
-    from triton.testing import do_bench
+
+    from benchmarks.ops import time_fwd_bwd
 
     with tempfile.TemporaryDirectory() as tmp:
         f = _op(name, Path(tmp))
         for T in Ts:
             t = _inputs(name, T, D)
-            leaves = [x.requires_grad_() for x in t.values() if x.dim() >= 3]
-            start = time.time()
-            out = f(**t)[0]
-            do = torch.randn_like(out)
-            out.backward(do)
-            torch.cuda.synchronize()
-            first = time.time() - start
-
-            def fwd_bwd(t=t, leaves=leaves, do=do):
-                for x in leaves:
-                    x.grad = None
-                f(**t)[0].backward(do)
-
-            with torch.no_grad():
-                ms_f = do_bench(lambda t=t: f(**t), warmup=10, rep=80, return_mode="median")
-            ms_b = do_bench(fwd_bwd, warmup=10, rep=80, return_mode="median")
-            print(json.dumps(dict(op=name, T=T, D=D, fwd=ms_f, fwd_bwd=ms_b, first=first)), flush=True)
-            t = leaves = out = do = None
+            times = time_fwd_bwd(lambda t: f(**t)[0], t)
+            print(json.dumps(dict(op=name, T=T, D=D, **times)), flush=True)
+            t = None
             torch.cuda.empty_cache()
 
 
