@@ -161,7 +161,13 @@ def _split(mode: str, bound: Bound, mod: Module):
     from . import cp
 
     ctx, factor = bound.cp
-    return cp.run(bound, ctx, factor, lambda local: _dispatch(mode, replace(local, cp=None), mod))
+    terms = None
+    if mod.FORM == "additive":   # a diagonal transition: its map and the outputs' dependence on it in closed form
+        from . import twin
+
+        variant = mod.VARIANTS[tuple(sorted(bound.switches.items()))]
+        terms = lambda local, dtype: twin.decay_terms(mod, variant, local, dtype)   # noqa: E731
+    return cp.run(bound, ctx, factor, lambda local: _dispatch(mode, replace(local, cp=None), mod), terms)
 
 
 def _dispatch(mode: str, bound: Bound, mod: Module):

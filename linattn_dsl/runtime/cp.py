@@ -3,13 +3,14 @@
 Every form updates the state column by column, ``S_t = A_t S_{t-1} + k_t w_t^T`` with ``A_t`` a K x K map that
 reads no value (a decay, a delta or a general transition), so a rank's segment acts on the state it receives
 as an affine map, ``S_out = M S_in + S_loc``, and its outputs are ``o_t = o_loc_t + Q_t S_in`` with
-``Q_t = scale * q_t^T M_t``. One local call gets all of them: the value input widened by K zero columns and the
-first local sequence's initial state by the identity in those columns, so the wide final state is
-``[S_loc | M]`` and the wide output ``[o_loc | Q]``. The ranks all-gather their last sequence's wide final
-state (fp32), each runs the scan over ranks up to itself for the state it receives, and corrects its first
-sequence's outputs and final state with a matrix product. The backward is the reverse scan of the state
-gradient (one all-gather of each rank's incoming-state gradient). Nothing here knows a spec: the wide call is
-an ordinary call of the generated op's backend.
+``Q_t = scale * q_t^T M_t``. The delta and general forms get all of them from one local call: the value input
+widened by K zero columns and the first local sequence's initial state by the identity in those columns, so the
+wide final state is ``[S_loc | M]`` and the wide output ``[o_loc | Q]``. The additive form's map is diagonal,
+``M_t = diag(exp(G_t))`` with G the running sum of the log-decay, so its Q and M come in closed form from the
+generated role and gate code and its local call keeps its width. The ranks all-gather their last sequence's
+``[S_loc | M]`` (fp32), each runs the scan over ranks up to itself for the state it receives, and corrects its
+first sequence's outputs and final state with a matrix product. The backward is the reverse scan of the state
+gradient (one all-gather of each rank's incoming-state gradient). Nothing here knows a spec.
 
 Layout: contiguous. Each rank passes its own T_local tokens (every rank the same T_local): without packing,
 every batch row is one sequence of world * T_local tokens; with the context's ``cu_seqlens`` (the global
@@ -159,11 +160,13 @@ def check(bound: Bound, ctx: CPContext, cu_seqlens, steps_per_token: int = 1) ->
     return steps_per_token
 
 
-def run(bound: Bound, ctx: CPContext, factor: int, call):
-    """The split call: ``call(bound)`` runs one ordinary (local) call of the op's backend."""
+def run(bound: Bound, ctx: CPContext, factor: int, call, terms=None):
+    """The split call: ``call(bound)`` runs one ordinary (local) call of the op's backend. ``terms(bound, dtype)``
+    (the additive form, whose map is diagonal): the query per value head times the scale and the per-step
+    log-decay, from which the map and the outputs' dependence on the incoming state follow in closed form, so the
+    local call keeps its own width; without it, the local call is widened (the module's docstring)."""
     V, K = bound.size("V"), bound.size("K")
     H, B, T = bound.size("H"), bound.sizes["B"], bound.sizes["T"]
-    spec = bound.spec
     if ctx.cu_seqlens is None:
         pieces = [_Piece(b, 0, T, ctx.rank > 0, ctx.rank == ctx.world - 1) for b in range(B)]
         cu_g, R = None, B
@@ -171,46 +174,67 @@ def run(bound: Bound, ctx: CPContext, factor: int, call):
         cu_g = [c * factor for c in ctx.cu_seqlens]
         pieces, R = _pieces(cu_g, ctx.rank * T, (ctx.rank + 1) * T), 1
     kinds = _carry_kinds(cu_g, ctx.world, T)
-    n_global = ctx.num_seqs(B)
     f32 = torch.float32 if bound.out_dtype != torch.float64 else torch.float64
-    dev = bound.device
-    # the wide initial state: the given one (or zeros) in the first V columns; the identity in the next K on the
-    # first sequence (per row without packing), whose incoming state only the scan knows
-    h0 = bound.initial_state
-    eye = torch.eye(K, dtype=f32, device=dev).expand(H, K, K)
-    rows = []
-    for i, p in enumerate(pieces):
-        first = i == 0 or ctx.cu_seqlens is None
-        given = h0[p.seq].to(f32) if h0 is not None and not p.cont else torch.zeros(H, K, V, dtype=f32, device=dev)
-        rows.append(torch.cat([given, eye if first else torch.zeros_like(eye)], -1))
-    init = torch.stack(rows)
-    name = spec.value_input
-    v = bound.tensors[name]
-    wide_v = torch.cat([v, v.new_zeros(*v.shape[:-1], K)], -1)
     local_cu = None
     if ctx.cu_seqlens is not None:
-        local_cu = torch.tensor([pieces[0].start] + [p.end for p in pieces], dtype=torch.int64, device=dev)
-    o, ht = _wide_call(call, bound, name, wide_v, init, local_cu, V + K)
-    # the scan: the state this rank's first sequence (each row's, without packing) receives
-    h_in = _Combine.apply(ht[-R:].to(f32) if ctx.cu_seqlens is not None else ht.to(f32), kinds, ctx.rank,
-                          ctx.group, V)
+        local_cu = torch.tensor([pieces[0].start] + [p.end for p in pieces], dtype=torch.int64, device=bound.device)
     first = pieces[0]
-    Q = o[:, first.start:first.end, :, V:].to(f32)                    # [B or 1, T_first, H, K]
-    corr = torch.einsum("bthk,bhkv->bthv", Q, h_in)
-    out = o[..., :V]
-    head = (out[:, first.start:first.end].to(f32) + corr).to(out.dtype)
-    out = torch.cat([head, out[:, first.end:]], 1) if first.end < T else head
+    given = _initial_states(bound, pieces, f32)
+    if terms is None:
+        o, S, Q, M = _wide(bound, pieces, given, local_cu, call, ctx.cu_seqlens is None, f32)
+    else:
+        o, S, Q, M = _diagonal(bound, first, given, local_cu, call, terms, f32)
+    # the scan: the state this rank's first sequence (each row's, without packing) receives
+    last = S[-R:] if ctx.cu_seqlens is not None else S
+    h_in = _Combine.apply(torch.cat([last, M], -1), kinds, ctx.rank, ctx.group, V)
+    head = (o[:, first.start:first.end].to(f32) + torch.einsum("bthk,bhkv->bthv", Q, h_in)).to(o.dtype)
+    out = torch.cat([head, o[:, first.end:]], 1) if first.end < T else head
     final = None
     if bound.output_final_state:
-        S = ht[..., :V].to(f32)
-        fixed = S[:R] + ht[:R, :, :, V:].to(f32) @ h_in           # the first sequence's, with its incoming state
+        fixed = S[:R] + M @ h_in           # the first sequence's, with its incoming state
         S = torch.cat([fixed, S[R:]]) if len(pieces) > R else fixed
-        final = torch.zeros(n_global, H, K, V, dtype=S.dtype, device=dev)
+        final = torch.zeros(ctx.num_seqs(B), H, K, V, dtype=S.dtype, device=bound.device)
         ending = [i for i, p in enumerate(pieces) if p.ends]
         if ending:
-            idx = torch.tensor([pieces[i].seq for i in ending], device=dev)
+            idx = torch.tensor([pieces[i].seq for i in ending], device=bound.device)
             final = final.index_copy(0, idx, S[ending])
     return out, final
+
+
+def _initial_states(bound: Bound, pieces: list, dtype) -> torch.Tensor:
+    """``[pieces, H, K, V]``: each local sequence's given initial state, zeros for one that came in (the scan
+    supplies its state) or without one."""
+    H, K, V, h0 = bound.size("H"), bound.size("K"), bound.size("V"), bound.initial_state
+    zeros = torch.zeros(H, K, V, dtype=dtype, device=bound.device)
+    return torch.stack([h0[p.seq].to(dtype) if h0 is not None and not p.cont else zeros for p in pieces])
+
+
+def _wide(bound: Bound, pieces: list, given, cu, call, per_row: bool, f32):
+    """Any form: one local call with the value widened by K zero columns and the identity in those columns of the
+    first sequence's initial state (every row's without packing). Returns (o [B, T, H, V], the local final states
+    [pieces, H, K, V], Q [B, T_first, H, K] and the first sequence's map M [R, H, K, K], in f32)."""
+    V, K, H = bound.size("V"), bound.size("K"), bound.size("H")
+    eye = torch.eye(K, dtype=f32, device=bound.device).expand(H, K, K)
+    cols = [eye if i == 0 or per_row else torch.zeros_like(eye) for i in range(len(pieces))]
+    init = torch.cat([given, torch.stack(cols)], -1)
+    name = bound.spec.value_input
+    v = bound.tensors[name]
+    o, ht = _wide_call(call, bound, name, torch.cat([v, v.new_zeros(*v.shape[:-1], K)], -1), init, cu, V + K)
+    first = pieces[0]
+    R = len(pieces) if per_row else 1
+    return (o[..., :V], ht[..., :V].to(f32), o[:, first.start:first.end, :, V:].to(f32),
+            ht[:R, :, :, V:].to(f32))
+
+
+def _diagonal(bound: Bound, first: _Piece, given, cu, call, terms, f32):
+    """The additive form: the plain local call, and from the log-decay's running sum G over the first sequence,
+    Q_t = scale q_t * exp(G_t) and M = diag(exp(G_last)). Returns what :func:`_wide` returns."""
+    o, ht = call(replace(bound, initial_state=given, output_final_state=True, cu_seqlens=cu))
+    q, g = terms(bound, f32)
+    G = g[:, first.start:first.end].cumsum(1)                              # [B or 1, T_first, H, W], <= 0
+    K = bound.size("K")
+    M = torch.diag_embed(torch.exp(G[:, -1]).expand(*G.shape[:1], G.shape[2], K))
+    return o, ht.to(f32), q[:, first.start:first.end] * torch.exp(G), M
 
 
 def _wide_call(call, bound: Bound, name: str, wide_v, init, cu, width: int):

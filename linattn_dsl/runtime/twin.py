@@ -462,6 +462,22 @@ def recurrent(mod, variant, bound: Bound, dtype: torch.dtype):
     return o.to(bound.out_dtype), (torch.stack(finals) if bound.output_final_state else None)
 
 
+def decay_terms(mod, variant, bound: Bound, dtype: torch.dtype):
+    """What a split call of the additive form (runtime.cp) reads beside the op: the query per value head times the
+    scale ``[B, T, H, K]`` and the per-step log-decay ``[B, T, H, W]`` (W = K for a vector decay, else 1, floored
+    as every backend floors it), in ``dtype``, from the generated role and gate code (autograd differentiates
+    both)."""
+    rs = roles_mod.role_set(mod, bound)
+    q = roles_mod.evaluate_code(roles_mod.with_l2norm_inputs(bound, rs, l2_normalize), rs.roles["query"],
+                                roles_mod.ROLE_SHAPES["query"], dtype)
+    if rs.qk_l2norm and not rs.l2norm_inputs:
+        q = l2_normalize(q)
+    gate_inputs = [bound.tensors[n] if bound.tensors[n] is not None else torch.zeros(
+        [bound.sizes[d] for d in bound.spec.dims(n)], device=bound.device, dtype=dtype) for n in variant.gate.inputs]
+    g = _Call(mod, variant.gate, bound, dtype).log_decay(gate_inputs)
+    return q.repeat_interleave(bound.size("H") // bound.size("HQ"), dim=2) * bound.scale, g
+
+
 def _variant(mod, bound: Bound):
     return mod.VARIANTS[tuple(sorted(bound.switches.items()))]
 
