@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from .runtime.cp import CPContext, _pieces
+from .runtime.cp import CPContext, local_pieces
 
 __all__ = ["CPContext", "cp_context", "from_next", "gather_sequence", "group_sum", "halo", "local_cu_seqlens",
            "past", "positions"]
@@ -118,7 +118,7 @@ def past(x: torch.Tensor, width: int, ctx: CPContext) -> torch.Tensor:
     if ctx.cu_seqlens is None or width <= 0:
         return prev
     T = x.shape[1]
-    start = ctx.cu_seqlens[_pieces(list(ctx.cu_seqlens), ctx.rank * T, (ctx.rank + 1) * T)[0].seq]
+    start = ctx.cu_seqlens[local_pieces(list(ctx.cu_seqlens), ctx.rank * T, (ctx.rank + 1) * T)[0].seq]
     steps = torch.arange(ctx.rank * T - width, ctx.rank * T, device=x.device)
     keep = (steps >= start).to(prev.dtype)
     return prev * keep.view(1, width, *([1] * (prev.ndim - 2)))
@@ -130,7 +130,7 @@ def local_cu_seqlens(ctx: CPContext, tokens_local: int, device=None) -> torch.Te
     packing."""
     if ctx.cu_seqlens is None:
         return None
-    pieces = _pieces(list(ctx.cu_seqlens), ctx.rank * tokens_local, (ctx.rank + 1) * tokens_local)
+    pieces = local_pieces(list(ctx.cu_seqlens), ctx.rank * tokens_local, (ctx.rank + 1) * tokens_local)
     return torch.tensor([pieces[0].start] + [p.end for p in pieces], dtype=torch.int64, device=device)
 
 

@@ -35,6 +35,7 @@ TINY = {
     "gla": (M.GLAConfig, dict(num_heads=2, use_short_conv=True)),
     "mamba": (M.MambaConfig, dict(state_size=8)),
     "mamba2": (M.Mamba2Config, dict(head_dim=16, state_size=8, n_groups=2)),
+    "rwkv6": (M.RWKV6Config, dict(num_heads=2, proj_low_rank_dim=4, gate_low_rank_dim=8)),  # read before, token shifts
     "rwkv7": (M.RWKV7Config, RWKV7_TINY),  # token shifts in the mixer and the FFN
     "kda": (M.KDAConfig, dict(num_heads=2, head_dim=16)),
     "delta_net": (M.DeltaNetConfig, dict(num_heads=2)),

@@ -63,7 +63,7 @@ class _Piece:
     ends: bool      # ends on this rank
 
 
-def _pieces(cu: list[int], lo: int, hi: int) -> list[_Piece]:
+def local_pieces(cu: list[int], lo: int, hi: int) -> list[_Piece]:
     """The sequences of global offsets ``cu`` that overlap the steps [lo, hi), clipped to them."""
     out = []
     for i, (a, b) in enumerate(zip(cu, cu[1:])):
@@ -79,7 +79,7 @@ def _carry_kinds(cu: list[int] | None, world: int, steps: int) -> list[str]:
         return ["start"] + ["pass"] * (world - 2) + ["none"] if world > 1 else ["none"]
     kinds = []
     for r in range(world):
-        p = _pieces(cu, r * steps, (r + 1) * steps)
+        p = local_pieces(cu, r * steps, (r + 1) * steps)
         last = p[-1]
         kinds.append("none" if last.ends else ("pass" if last.cont and len(p) == 1 else "start"))
     return kinds
@@ -172,7 +172,7 @@ def run(bound: Bound, ctx: CPContext, factor: int, call, terms=None):
         cu_g, R = None, B
     else:
         cu_g = [c * factor for c in ctx.cu_seqlens]
-        pieces, R = _pieces(cu_g, ctx.rank * T, (ctx.rank + 1) * T), 1
+        pieces, R = local_pieces(cu_g, ctx.rank * T, (ctx.rank + 1) * T), 1
     kinds = _carry_kinds(cu_g, ctx.world, T)
     f32 = torch.float32 if bound.out_dtype != torch.float64 else torch.float64
     local_cu = None
