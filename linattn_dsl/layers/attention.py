@@ -16,6 +16,8 @@ row's (each of its packed documents') keys up to its own last query, causal and 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -24,6 +26,48 @@ from ._checks import POSITIVE, POSITIVE_INT, POSITIVE_INT_OR_NONE, check_all
 from linattn_dsl import distributed
 
 from ._utils import SequenceLayer, apply_rotary, positions_after_cache, seen_tokens, split_heads, state_of
+
+
+@dataclass
+class StaticKV:
+    """Keys and values of a one-token decoding step on fixed buffers (:mod:`linattn_dsl.models.decode`):
+    ``k, v [B, capacity, H_kv, D]``, column ``j`` holding token ``j`` (pads included); ``write [1]`` the column of the
+    step's token and ``valid [B, capacity]`` the columns that are not left pads (both shared by every layer, set
+    before each step)."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    write: torch.Tensor
+    valid: torch.Tensor
+
+    @classmethod
+    def of(cls, k: torch.Tensor, v: torch.Tensor, seen: int, capacity: int, write: torch.Tensor,
+           valid: torch.Tensor) -> StaticKV:
+        """Buffers holding a dynamic ``attn_state``: its keys are the last ``k.shape[1]`` of ``seen`` tokens."""
+        kb = k.new_zeros(k.shape[0], capacity, *k.shape[2:])
+        vb = v.new_zeros(v.shape[0], capacity, *v.shape[2:])
+        kb[:, seen - k.shape[1]:seen] = k
+        vb[:, seen - v.shape[1]:seen] = v
+        return cls(kb, vb, write, valid)
+
+    def keys_so_far(self, seen: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The dynamic ``attn_state`` of these buffers after ``seen`` tokens (all of them: a windowed layer's next
+        call masks and trims)."""
+        return self.k[:, :seen].clone(), self.v[:, :seen].clone()
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None,
+               enable_gqa: bool) -> torch.Tensor:
+        """Write ``k, v [B, 1, H_kv, D]`` at the step's column; ``o [B, 1, H, D]`` of ``q [B, 1, H, D]`` over the
+        columns up to it that are valid (the step's own always) and inside the window."""
+        self.k.index_copy_(1, self.write, k)
+        self.v.index_copy_(1, self.write, v)
+        cols = torch.arange(self.k.shape[1], device=q.device)
+        allowed = (cols <= self.write) & (self.valid | (cols == self.write))
+        if window is not None:
+            allowed = allowed & (self.write - cols < window)
+        o = F.scaled_dot_product_attention(q.transpose(1, 2), self.k.transpose(1, 2), self.v.transpose(1, 2),
+                                           attn_mask=allowed[:, None, None, :], enable_gqa=enable_gqa)
+        return o.transpose(1, 2)
 
 
 class Attention(SequenceLayer):
@@ -73,11 +117,15 @@ class Attention(SequenceLayer):
         document of ``cu_seqlens``, or at this rank's global positions under ``cp_context``)."""
         batch, seq_len, _ = hidden_states.shape
         past = state_of(cache, "attn_state")
+        static = state_of(cache, "attn_static")
         position_ids = positions_after_cache(position_ids, hidden_states, cache, attention_mask, cu_seqlens,
                                              cp_context)
         q = apply_rotary(split_heads(self.q_proj(hidden_states), self.head_dim), position_ids, self.rope_theta)
         k = apply_rotary(split_heads(self.k_proj(hidden_states), self.head_dim), position_ids, self.rope_theta)
         v = split_heads(self.v_proj(hidden_states), self.head_dim)
+        if static is not None:   # a one-token step on fixed buffers (models.decode)
+            o = static.attend(q, k, v, self.window_size, self.num_kv_heads != self.num_heads)
+            return self.o_proj(o.reshape(batch, seq_len, self.hidden_size)), cache
         if cp_context is not None:  # no cache and no padding (checked by forward)
             o = self._split_attention(q, k, v, cp_context)
             return self.o_proj(o.reshape(batch, seq_len, self.hidden_size)), None

@@ -107,7 +107,7 @@ class LinAttnConfig(PreTrainedConfig):
         "vocab_size": POSITIVE_INT, "hidden_size": POSITIVE_INT, "num_hidden_layers": POSITIVE_INT,
         "num_heads": POSITIVE_INT, "intermediate_size": POSITIVE_INT_OR_NONE, "hidden_ratio": POSITIVE_INT,
         "norm_eps": POSITIVE, "initializer_range": NON_NEGATIVE, "tie_word_embeddings": BOOL, "use_cache": BOOL,
-        "fuse_linear_cross_entropy": BOOL, "pre_norm": BOOL,
+        "fuse_linear_cross_entropy": BOOL, "pre_norm": BOOL, "decode_cuda_graph": BOOL,
     }
     vocab_size: int = 32000
     hidden_size: int = 1024
@@ -125,6 +125,8 @@ class LinAttnConfig(PreTrainedConfig):
     tie_word_embeddings: bool = False
     use_cache: bool = True
     fuse_linear_cross_entropy: bool = True
+    # on CUDA, decode one token at a time through a CUDA graph over fixed state buffers (models/decode.py)
+    decode_cuda_graph: bool = True
     attn: dict | None = None
     pad_token_id: int | None = None
     bos_token_id: int | None = 1
@@ -352,7 +354,10 @@ class LinAttnModel(LinAttnPreTrainedModel):
         check_cp(cp_context, batch, seq_len, cu_seqlens, attention_mask, cache, use_cache)
         hidden_states = self.embeddings(input_ids) if inputs_embeds is None else inputs_embeds
         if use_cache and cache is None:
-            cache = LinAttnCache(len(self.layers))
+            static = self.config.decode_cuda_graph and hidden_states.device.type == "cuda"
+            cache = LinAttnCache(len(self.layers), static=static)
+        if cache is not None:
+            cache.release_step()   # this call runs on the per-layer dicts
         past_len = cache.get_seq_length() if cache is not None else 0
         check_attention_mask(attention_mask, batch, seq_len, past_len)
         check_position_ids(position_ids, batch, seq_len)
@@ -445,6 +450,12 @@ class LinAttnForCausalLM(LinAttnPreTrainedModel, GenerationMixin):
                 (not isinstance(labels, torch.Tensor) or labels.shape != inputs.shape[:2]):
             raise ValueError(f"labels: expected the shape of the input ids, {list(inputs.shape[:2])}, "
                              f"got {describe(labels)}")
+        if self._static_step_applies(cache, input_ids, inputs_embeds, labels, use_cache, output_hidden_states,
+                                     cu_seqlens, cp_context):
+            logits = self._static_step(cache, input_ids, attention_mask, position_ids)
+            if not return_dict:
+                return logits, cache
+            return CausalLMOutputWithPast(logits=logits, cache=cache)
         outputs = self.model(
             input_ids=input_ids, attention_mask=attention_mask, cache=cache, inputs_embeds=inputs_embeds,
             use_cache=use_cache, position_ids=position_ids, output_hidden_states=output_hidden_states,
@@ -479,3 +490,31 @@ class LinAttnForCausalLM(LinAttnPreTrainedModel, GenerationMixin):
             return ((loss,) + out) if loss is not None else out
         return CausalLMOutputWithPast(loss=loss, logits=logits, cache=outputs.cache,
                                       hidden_states=outputs.hidden_states)
+
+    def _static_step_applies(self, cache, input_ids, inputs_embeds, labels, use_cache, output_hidden_states,
+                             cu_seqlens, cp_context) -> bool:
+        """Whether a call is a one-token decoding step of a static cache after its prompt, with no gradient."""
+        return (isinstance(cache, LinAttnCache) and cache.static and cache.seen_tokens > 0
+                and inputs_embeds is None and isinstance(input_ids, torch.Tensor) and input_ids.ndim == 2
+                and input_ids.shape[1] == 1 and labels is None and use_cache is not False and not output_hidden_states
+                and cu_seqlens is None and cp_context is None and not self.training and not torch.is_grad_enabled())
+
+    def _static_step(self, cache: LinAttnCache, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                     position_ids: torch.Tensor | None) -> torch.Tensor:
+        """Logits ``[B, 1, vocab]`` of one new token through the cache's static step (built, and on CUDA captured,
+        at the first such call, again when the batch or the attention buffers' capacity changes)."""
+        from .decode import StaticStep
+
+        check_input_ids(input_ids)
+        seen, batch = cache.seen_tokens, input_ids.shape[0]
+        check_attention_mask(attention_mask, batch, 1, seen)
+        check_position_ids(position_ids, batch, 1)
+        if cache.step is not None and not cache.step.fits(seen):
+            cache.release_step()
+        if cache.batch_size != batch:
+            raise ValueError(f"input_ids: batch size {batch}, but the cache holds {cache.batch_size} rows")
+        if cache.step is None:
+            cache.step = StaticStep(self, cache, graphs=input_ids.device.type == "cuda")
+        logits = cache.step(input_ids, seen, attention_mask, position_ids)
+        cache.seen_tokens += 1
+        return logits

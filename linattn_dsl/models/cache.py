@@ -7,6 +7,10 @@ Every tensor has the batch first, so beam search and batch editing are one ``ind
 
 transformers' own linear-attention cache layers are not used: they lose the state of layers without
 a short conv (see HF_NOTES.md). ``crop`` cannot roll a recurrent state back and raises.
+
+``static=True``: from the first one-token step after the prompt on, the states live in fixed buffers that the step
+updates in place, captured in a CUDA graph on CUDA (:mod:`linattn_dsl.models.decode`; ``step`` holds them). A call
+of several tokens, or one the step does not cover, first turns the buffers back into the dicts above.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ from collections.abc import Callable
 
 import torch
 from transformers.cache_utils import Cache
+
+from linattn_dsl.layers.attention import StaticKV
 
 
 def _map_tensors(obj, fn: Callable[[torch.Tensor], torch.Tensor]):
@@ -30,23 +36,42 @@ def _map_tensors(obj, fn: Callable[[torch.Tensor], torch.Tensor]):
 class LinAttnCache(Cache):
     """Per-layer state dicts plus the number of tokens seen (pads included)."""
 
-    def __init__(self, num_layers: int) -> None:
+    def __init__(self, num_layers: int, static: bool = False) -> None:
         super().__init__(layers=[])
-        self.states: list[dict | None] = [None] * num_layers
+        self._states: list[dict | None] = [None] * num_layers
         self.seen_tokens = 0
+        self.static = static
+        self.step = None   # models.decode.StaticStep while the states live in its buffers
+
+    @property
+    def states(self) -> list[dict | None]:
+        """One state dict per layer (the step's buffers while a static step holds them)."""
+        return self.step.states if self.step is not None else self._states
+
+    @states.setter
+    def states(self, states: list[dict | None]) -> None:
+        self.step = None
+        self._states = states
+
+    def release_step(self) -> None:
+        """Turn the static step's buffers back into per-layer dicts (before a call the step does not cover)."""
+        if self.step is not None:
+            self.states = self.step.dynamic_states(self.seen_tokens)
 
     # ---------------------------------------------------------------- what the model uses
     def __len__(self) -> int:
-        return len(self.states)
+        return len(self._states) if self.step is None else self.step.num_layers
 
     def __getitem__(self, layer_idx: int) -> dict | None:
         return self.states[layer_idx]
 
     def __setitem__(self, layer_idx: int, state: dict | None) -> None:
-        self.states[layer_idx] = state
+        self.release_step()
+        self._states[layer_idx] = state
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(num_layers={len(self)}, seen_tokens={self.seen_tokens})"
+        static = ", static=True" if self.static else ""
+        return f"{type(self).__name__}(num_layers={len(self)}, seen_tokens={self.seen_tokens}{static})"
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.seen_tokens
@@ -104,19 +129,26 @@ class LinAttnCache(Cache):
             )
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        """Beam search: row ``i`` of every state becomes row ``beam_idx[i]``."""
+        """Beam search: row ``i`` of every state becomes row ``beam_idx[i]`` (in place in a static step's buffers)."""
+        if self.step is not None:
+            self.step.reorder(beam_idx)
+            return
         self.states = [_map_tensors(s, lambda t: t.index_select(0, beam_idx.to(t.device))) for s in self.states]
 
     def batch_repeat_interleave(self, repeats: int) -> None:
+        self.release_step()
         self.states = [_map_tensors(s, lambda t: t.repeat_interleave(repeats, dim=0)) for s in self.states]
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self.release_step()
         self.states = [_map_tensors(s, lambda t: t[indices]) for s in self.states]
 
 
 def _tensors(obj):
     if isinstance(obj, torch.Tensor):
         yield obj
+    elif isinstance(obj, StaticKV):
+        yield obj.k
     elif isinstance(obj, dict):
         for value in obj.values():
             yield from _tensors(value)
