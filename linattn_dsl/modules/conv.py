@@ -43,7 +43,7 @@ def _act(y: torch.Tensor, activation: str | None) -> torch.Tensor:
 def _packed_positions(cu_seqlens: torch.Tensor, total: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``(seq_idx [total], pos [total])``: each packed token's sequence and its position within it."""
     lengths = cu_seqlens[1:] - cu_seqlens[:-1]
-    seq_idx = torch.repeat_interleave(torch.arange(len(lengths), device=cu_seqlens.device), lengths)
+    seq_idx = torch.repeat_interleave(torch.arange(len(lengths), device=cu_seqlens.device), lengths, output_size=total)
     pos = torch.arange(total, device=cu_seqlens.device) - cu_seqlens[:-1][seq_idx]
     return seq_idx, pos
 

@@ -21,7 +21,10 @@ from ._triton_utils import check_float, check_integer, check_ndim, check_same_de
 def rotary_inv_freq(dim: int, theta: float, device=None) -> torch.Tensor:
     """``theta ** (-2i / dim)`` for ``i < dim / 2`` (fp32). Not a buffer (nothing to restore on load); kept per
     (dim, theta, device) so a decoding step does not recompute it (4 small ops a call): shared, read-only."""
-    return _inv_freq(int(dim), float(theta), torch.device(device) if device is not None else torch.device("cpu"))
+    args = (int(dim), float(theta), torch.device(device) if device is not None else torch.device("cpu"))
+    if torch.compiler.is_compiling():   # traced: computed in the graph (torch.compile does not trace the cache)
+        return _inv_freq.__wrapped__(*args)
+    return _inv_freq(*args)
 
 
 @functools.lru_cache(maxsize=32)

@@ -9,7 +9,9 @@ import hashlib
 import importlib
 import importlib.util
 import os
+import re
 import warnings
+import weakref
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -21,8 +23,8 @@ from .roles import RoleCode, RoleSet
 from .rewrites import interleave, last_substeps, normalized, read_before, split_reads
 from .stages import FORMS
 
-__all__ = ["Gate", "Module", "RoleCode", "RoleSet", "Signature", "Variant", "bind", "dispatch", "interleave",
-           "last_substeps", "no_tokens", "on_triton", "read_before", "split_reads", "warn_if_stale"]
+__all__ = ["Gate", "Module", "RoleCode", "RoleSet", "Signature", "Variant", "bind", "call", "dispatch", "interleave",
+           "last_substeps", "no_tokens", "on_triton", "read_before", "run", "split_reads", "warn_if_stale"]
 
 
 @dataclass(frozen=True)
@@ -55,12 +57,32 @@ class Module:
 
     def __init__(self, namespace: dict):
         self._namespace = namespace
+        # the name of the module's custom ops (runtime.library): the spec's name, made unique in the process
+        self.key = _claim(self, getattr(namespace.get("SIGNATURE"), "name", "op"))
 
     def __getattr__(self, name: str):
         try:
             return self._namespace[name]
         except KeyError:
             raise AttributeError(name) from None
+
+
+_CLAIMED: set = set()                                                   # every key handed out
+MODULES: weakref.WeakValueDictionary = weakref.WeakValueDictionary()    # key -> Module
+
+
+def _claim(mod: Module, name: str) -> str:
+    """A key for a generated module's custom ops: the spec's name, with a suffix where a module of the same spec
+    (another folder, a reload) took it first; a key is never handed out twice, as the ops' names stay registered
+    with torch. Nothing is registered until a call is traced (runtime.library)."""
+    base = re.sub(r"\W", "_", name) or "op"
+    key, i = base, 1
+    while key in _CLAIMED:
+        i += 1
+        key = f"{base}_{i}"
+    _CLAIMED.add(key)
+    MODULES[key] = mod
+    return key
 
 
 _WARNED: set = set()
@@ -95,11 +117,11 @@ def on_triton(bound: Bound) -> bool:
 
 
 def bind(spec, tensors, switches, scale, initial_state, output_final_state, cu_seqlens, cp_context=None,
-         steps_per_token=1) -> Bound:
+         steps_per_token=1, values=True) -> Bound:
     """Check an op call (args.bind: shapes, dtypes, switches, scale, state, packing, the split), then what its
     backend cannot compute: float64 on the Triton kernels, which compute in fp32 at most."""
     bound = _bind(spec, tensors, switches, scale, initial_state, output_final_state, cu_seqlens,
-                  max_head_dim=MAX_HEAD_DIM, cp_context=cp_context, steps_per_token=steps_per_token)
+                  max_head_dim=MAX_HEAD_DIM, cp_context=cp_context, steps_per_token=steps_per_token, values=values)
     if bound.out_dtype == torch.float64 and on_triton(bound):
         name = bound.spec.value_input
         if bound.device.type == "cuda":
@@ -145,6 +167,45 @@ def no_tokens(bound: Bound):
     return o, (ht if bound.output_final_state else None)
 
 
+def call(mod: Module, mode: str, tensors: dict, switches: dict, scale, initial_state, output_final_state, cu_seqlens,
+         cp_context=None, steps=None):
+    """A generated op's body: its call run eagerly (:func:`run`). While torch.compile traces it, the call is
+    one node of the graph instead, the module's custom op (runtime.library), except a split call
+    (``cp_context``), which runs eagerly outside the graph (a graph break: collectives and an object argument).
+    ``steps``: the sub-step count of a sub-step spec (``Signature.substeps``), else None."""
+    if torch.compiler.is_compiling():
+        from . import library   # imported while tracing only: it needs torch._dynamo, slow to import
+
+        return library.traced(mod, mode, tensors, switches, scale, initial_state, output_final_state, cu_seqlens,
+                               cp_context, steps)
+    return run(mod, mode, tensors, switches, scale, initial_state, output_final_state, cu_seqlens, cp_context, steps)
+
+
+def run(mod: Module, mode: str, tensors: dict, switches: dict, scale, initial_state, output_final_state, cu_seqlens,
+        cp_context=None, steps=None, backend=None, values=True):
+    """An op call, eagerly: the spec's rewrites of the call (a sub-step spec's interleaved steps, a read-before
+    spec's read and write steps: runtime.rewrites), binding (:func:`bind`) and ``backend`` (by default
+    :func:`dispatch`; runtime.library passes one that only makes the outputs' shapes, with ``values=False``).
+    Returns (o, final_state or None)."""
+    sig = mod.SIGNATURE
+    backend = backend or dispatch
+    if sig.substeps:
+        tensors, cu_seqlens = interleave(sig, tensors, steps, cu_seqlens)
+        bound = bind(sig, tensors, switches, scale, initial_state, output_final_state, cu_seqlens, cp_context,
+                     steps, values)
+        o, final_state = backend(mode, bound, mod)
+        return last_substeps(o, steps), final_state
+    if sig.read == "before":
+        tensors, cu_seqlens = split_reads(sig, tensors, cu_seqlens)
+        bound = bind(sig, tensors, switches, scale, initial_state, output_final_state, cu_seqlens, cp_context, 2,
+                     values)
+        o, final_state = backend(mode, bound, mod)
+        return read_before(bound, o), final_state
+    bound = bind(sig, tensors, switches, scale, initial_state, output_final_state, cu_seqlens, cp_context,
+                 values=values)
+    return backend(mode, bound, mod)
+
+
 def dispatch(mode: str, bound: Bound, mod: Module):
     """Run a bound op call on the backend for its device: the generated Triton kernels on CUDA (or on CPU under
     TRITON_INTERPRET=1), the generated PyTorch twin on CPU. Each chunk form's host module (additive.py, delta.py,
@@ -180,3 +241,4 @@ def _dispatch(mode: str, bound: Bound, mod: Module):
         return twin.run_torch(mod, variant, bound, mode)
     host = importlib.import_module(f"{__name__}.{FORMS[mod.FORM].host}")
     return host.run_triton(mod, variant, bound, mode)
+

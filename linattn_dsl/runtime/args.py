@@ -145,9 +145,11 @@ def _fmt(shape) -> str:
 def bind(spec: Signature, tensors: dict, switches: dict | None = None, scale: float | None = None,
          initial_state: torch.Tensor | None = None, output_final_state: bool = False,
          cu_seqlens: torch.Tensor | None = None, max_head_dim: int | None = None, cp_context=None,
-         steps_per_token: int = 1) -> Bound:
+         steps_per_token: int = 1, values: bool = True) -> Bound:
     """Check every argument of an op on ``spec``; return the :class:`Bound` call. With ``cp_context`` (a split
-    call, runtime.cp) the initial state has a row per sequence of the context's global packing."""
+    call, runtime.cp) the initial state has a row per sequence of the context's global packing. ``values=False``
+    skips the checks that read tensor values (the ``cu_seqlens`` offsets, the sign contracts): the binding of
+    tensors without data (the fake implementation of runtime.library's custom ops), whose real call checks them."""
     sizes: dict[str, int] = {}
     first_dev = None
     for name in spec.args:
@@ -211,13 +213,8 @@ def bind(spec: Signature, tensors: dict, switches: dict | None = None, scale: fl
             raise ValueError(f"cu_seqlens: packed sequences need batch size B == 1, got B = {sizes['B']}")
         if cu_seqlens.device != dev:
             raise ValueError(f"cu_seqlens: is on {cu_seqlens.device} but the inputs are on {dev}")
-        c = cu_seqlens.tolist()
-        if sizes["T"] == 0:
-            raise ValueError(f"cu_seqlens: T = 0 leaves nothing to pack (every packed sequence needs at least one "
-                             f"token), got {c if len(c) <= 12 else c[:6] + ['...'] + c[-6:]}; pass cu_seqlens=None")
-        if c[0] != 0 or c[-1] != sizes["T"] or any(b <= a for a, b in zip(c, c[1:])):
-            raise ValueError(f"cu_seqlens: expected strictly increasing offsets from 0 to T = {sizes['T']}, "
-                             f"got {c if len(c) <= 12 else c[:6] + ['...'] + c[-6:]}")
+        if values:
+            _check_offsets(cu_seqlens.tolist(), sizes["T"])
     n = sizes["B"] if cu_seqlens is None else cu_seqlens.numel() - 1
     if cp_context is not None:
         from .cp import check_type
@@ -248,9 +245,19 @@ def bind(spec: Signature, tensors: dict, switches: dict | None = None, scale: fl
         from . import cp
 
         bound.cp = (cp_context, cp.check(bound, cp_context, cu_seqlens, steps_per_token))
-    if os.environ.get(CHECK_ENV) == "1":
+    if values and os.environ.get(CHECK_ENV) == "1":
         check_signs(bound)
     return bound
+
+
+def _check_offsets(c: list, T: int) -> None:
+    """``cu_seqlens``' values: strictly increasing offsets from 0 to T."""
+    if T == 0:
+        raise ValueError(f"cu_seqlens: T = 0 leaves nothing to pack (every packed sequence needs at least one "
+                         f"token), got {c if len(c) <= 12 else c[:6] + ['...'] + c[-6:]}; pass cu_seqlens=None")
+    if c[0] != 0 or c[-1] != T or any(b <= a for a, b in zip(c, c[1:])):
+        raise ValueError(f"cu_seqlens: expected strictly increasing offsets from 0 to T = {T}, "
+                         f"got {c if len(c) <= 12 else c[:6] + ['...'] + c[-6:]}")
 
 
 def _token_dtype(spec: Signature, tensors: dict) -> torch.dtype:
