@@ -17,6 +17,12 @@ cross rank boundaries). The op runs its split form (chunk mode when the layer pi
 read the previous ranks' last tokens (:func:`linattn_dsl.distributed.past`), RoPE takes global positions and
 attention attends the keys of every rank before (:func:`linattn_dsl.distributed.gather_sequence`). For training and
 scoring: no cache, no padding (:func:`._checks.check_cp`).
+
+Memory in training: a layer's chunk op keeps only its inputs for the backward and recomputes its chunk states and
+other forward intermediates there (as FLA's ops do); ``LINATTN_KEEP_STATES=1`` or ``with
+linattn_dsl.runtime.host.keep_states():`` keeps them instead, for a faster backward at more memory (per token and
+layer, in the inputs' dtype: ``H * K * V / 64`` values of states, plus the fp32 running sum of a vector decay and the
+delta rule's UT products; :data:`linattn_dsl.runtime.host.KEEP_STATES`). The gradients are the same either way.
 """
 
 from __future__ import annotations

@@ -18,10 +18,9 @@ Channel mixing:  ``out = W_value relu(W_key mix_k)^2``.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from linattn_dsl.modules import l2_norm
+from linattn_dsl.modules import l2_norm, sqrelu_linear
 
 from ._checks import NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT, POSITIVE_INT_OR_NONE, check, check_all
 from linattn_dsl import distributed
@@ -191,5 +190,7 @@ class RWKV7FeedForward(SequenceLayer):
         cu_seqlens: torch.Tensor | None = None, cp_context=None, **_,
     ) -> tuple[torch.Tensor, dict | None]:
         mix_k = x + (token_shift(x, state_of(cache, "ffn_shift_state"), cu_seqlens, cp_context) - x) * self.x_k
-        out = self.value(F.relu(self.key(mix_k)).square())
+        # relu(.)^2 recomputed in the backward: the key projection's output is the only [tokens, intermediate] tensor
+        # kept (eager autograd keeps relu's output and the square too)
+        out = sqrelu_linear(self.key(mix_k), self.value.weight)
         return out, ({"ffn_shift_state": x[:, -1]} if use_cache else None)

@@ -4,7 +4,7 @@ Each runs Triton kernels on CUDA tensors and plain PyTorch on CPU tensors (the T
 Triton's interpreter when ``TRITON_INTERPRET=1``); see :mod:`linattn_dsl.modules._triton_utils`.
 """
 
-from .activations import swiglu_linear
+from .activations import sqrelu_linear, swiglu_linear
 from .conv import ShortConvolution
 from .cross_entropy import FusedCrossEntropyLoss
 from .linear_cross_entropy import FusedLinearCrossEntropyLoss
@@ -20,5 +20,6 @@ __all__ = [
     "ShortConvolution",
     "l2_norm",
     "rotary_embedding",
+    "sqrelu_linear",
     "swiglu_linear",
 ]

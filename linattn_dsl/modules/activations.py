@@ -107,3 +107,46 @@ def swiglu_linear(
         bias = None if bias is None else bias.to(gate.dtype)
     with torch.autocast(device_type, enabled=False):
         return _SwiGLULinear.apply(gate, up, weight, bias)
+
+
+class _SqReLULinear(torch.autograd.Function):
+    """``relu(x)^2 @ weight.T``, keeping ``x`` only: the square is recomputed in the backward (one elementwise
+    pass) where eager PyTorch keeps ``relu(x)`` and ``relu(x)^2``, two ``[tokens, intermediate]`` tensors. The
+    backward runs eager autograd's formulas in its order (``d relu(x)^2 = 2 relu(x) dy``, zero where ``relu(x) <=
+    0``), so the gradients are eager's."""
+
+    @staticmethod
+    def forward(ctx, x, weight):
+        ctx.save_for_backward(x, weight)
+        return F.linear(F.relu(x).square(), weight)
+
+    @staticmethod
+    def backward(ctx, dout):
+        x, weight = ctx.saved_tensors
+        r = F.relu(x)
+        dx = dweight = None
+        if ctx.needs_input_grad[1]:
+            dweight = dout.reshape(-1, dout.shape[-1]).T @ r.square().reshape(-1, x.shape[-1])
+        if ctx.needs_input_grad[0]:
+            dsq = dout @ weight
+            dx = torch.where(r <= 0, 0, dsq * (2 * r))
+        return dx, dweight
+
+
+def sqrelu_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``relu(x)^2 @ weight.T`` for ``x [..., I]``, ``weight [O, I]`` (RWKV's channel mix), keeping only ``x``
+    for the backward (see :class:`_SqReLULinear`). Under autocast the projection runs in the autocast dtype, as
+    ``nn.Linear`` would."""
+    check_float("x", x)
+    check_float("weight", weight)
+    if weight.ndim != 2 or weight.shape[1] != x.shape[-1]:
+        raise ValueError(f"weight: expected shape [out, {x.shape[-1]}] (x's last dim), got {tuple(weight.shape)}")
+    check_same_device(x=x, weight=weight)
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        x, weight = x.to(dtype), weight.to(dtype)
+    else:
+        weight = weight.to(x.dtype)
+    with torch.autocast(device_type, enabled=False):
+        return _SqReLULinear.apply(x, weight)

@@ -6,7 +6,9 @@ stages into its autograd Function. Launch configurations come from tuning.py.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import os
 from dataclasses import dataclass
 
 import torch
@@ -16,6 +18,28 @@ from . import roles as roles_mod
 from . import tuning
 from .args import Bound
 from .tuning import BC, BT, half_kind, pow2
+
+# What a chunk op keeps for its backward. False (the default): its inputs only; the backward recomputes the chunk
+# states h[c] and the other intermediates of every forward stage but the output (the gate's running sum, the vector
+# decays' scores, the delta rule's UT products) with the same kernels, as FLA's chunk ops recompute h. The recompute
+# is one more pass of those stages per backward; what it spares per token and layer, in the inputs' type: the states
+# (H * K * V / 64 values: 8 KiB at RetNet-340M's 8 heads of 128 x 256), the fp32 running sum of a vector decay
+# (H * K * 4 bytes) and for the delta rule its UT products (w, U, Tm, P). True keeps them (a faster backward).
+# Read at each call: LINATTN_KEEP_STATES=1 in the environment, or keep_states() around the forward.
+KEEP_STATES = os.environ.get("LINATTN_KEEP_STATES", "0") == "1"
+
+
+@contextlib.contextmanager
+def keep_states(keep: bool = True):
+    """Within the block, chunk ops called for training keep (``keep=True``) or recompute (``False``) their forward
+    intermediates for the backward (:data:`KEEP_STATES`); the gradients are the same either way."""
+    global KEEP_STATES
+    before, KEEP_STATES = KEEP_STATES, bool(keep)
+    try:
+        yield
+    finally:
+        KEEP_STATES = before
+
 
 # scores_diag's fast form: a diagonal sub-block whose decay across it (nats, any channel) is at most this goes
 # through its first row as reference (its right factors up to E[60] ~ 1e26: finite in fp32 products)
@@ -383,7 +407,10 @@ class ChunkFunction(torch.autograd.Function):
             saved = ()
         else:
             o, ht, saved = form.forward(mod, gate, L, scale, store_final, tensors, h0, gate_inputs, for_bwd)
-        ctx.form, ctx.mod, ctx.gate, ctx.L, ctx.scale, ctx.recurrent = form, mod, gate, L, scale, recurrent
+            if not KEEP_STATES:
+                saved = ()   # the backward recomputes them (KEEP_STATES)
+        ctx.form, ctx.mod, ctx.gate, ctx.L, ctx.scale = form, mod, gate, L, scale
+        ctx.recompute = recurrent or not KEEP_STATES
         ctx.n, ctx.n_gate = n, len(gate_inputs)
         ctx.save_for_backward(*args, *saved)
         return o, ht
@@ -393,7 +420,7 @@ class ChunkFunction(torch.autograd.Function):
         t = ctx.saved_tensors
         n, m = ctx.n, ctx.n_gate
         tensors, h0, gate_inputs = t[:n], t[n], list(t[n + 1:n + 1 + m])
-        saved = None if ctx.recurrent else t[n + 1 + m:]
+        saved = None if ctx.recompute else t[n + 1 + m:]
         if dht is not None:   # autograd may hand over an expanded (stride-0) tensor
             dht = dht.contiguous()
         grads, dh0, dgate = ctx.form.backward(ctx.mod, ctx.gate, ctx.L, ctx.scale, tensors, h0, gate_inputs, saved,
