@@ -205,21 +205,27 @@ def test_compiled_training_step_equals_eager(family):
         torch.testing.assert_close(compiled_grads[name], grad, atol=1e-4, rtol=1e-4, msg=name)
 
 
-@pytest.mark.parametrize("family", ["gla", "rwkv7"])
-def test_compiled_decoding_step_equals_eager(family):
+@pytest.mark.parametrize("family,masked", [("gla", False), ("rwkv7", False), ("gla_hybrid", True)])
+def test_compiled_decoding_step_equals_eager(family, masked):
     """The step of one new token with the cache of a prefill (use_cache=True), twice: logits and the cache the
-    second step reads agree with eager."""
+    second step reads agree with eager; with ``masked``, a left-padded row and the attention mask generate passes."""
     model = make_model(family)
     ids = prompt(2, 8)
-    step = torch.compile(lambda tok, cache: model(tok, cache=cache, use_cache=True), fullgraph=True,
-                         backend="aot_eager")
+    mask = torch.ones_like(ids)
+    if masked:
+        mask[1, :2] = 0
+
+    def call(tok, cache, m):
+        return model(tok, cache=cache, use_cache=True, attention_mask=m if masked else None)
+
+    step = torch.compile(call, fullgraph=True, backend="aot_eager")
     logits = []
     with torch.no_grad():
-        for fn in (lambda tok, cache: model(tok, cache=cache, use_cache=True), step):
-            cache = model(ids[:, :6], use_cache=True).cache
+        for fn in (call, step):
+            cache = model(ids[:, :6], use_cache=True, attention_mask=mask[:, :6] if masked else None).cache
             got = []
             for t in (6, 7):
-                out = fn(ids[:, t:t + 1], cache)
+                out = fn(ids[:, t:t + 1], cache, mask[:, :t + 1])
                 cache = out.cache
                 got.append(out.logits)
             assert cache.get_seq_length() == 8

@@ -361,8 +361,8 @@ class LinAttnModel(LinAttnPreTrainedModel):
         past_len = cache.get_seq_length() if cache is not None else 0
         check_attention_mask(attention_mask, batch, seq_len, past_len)
         check_position_ids(position_ids, batch, seq_len)
-        if attention_mask is not None and bool(attention_mask.all()):
-            attention_mask = None  # no padding: skip the masking work
+        if attention_mask is not None and not torch.compiler.is_compiling() and bool(attention_mask.all()):
+            attention_mask = None  # no padding: skip the masking work (a host sync; traced, the mask is kept)
         elif attention_mask is not None and attention_mask.shape[1] < past_len + seq_len:
             # a mask of the new tokens only: the cached ones were real tokens as far as it says
             missing = past_len + seq_len - attention_mask.shape[1]
