@@ -19,6 +19,8 @@ eagerly on the same buffers (what the tests compare against the dynamic cache).
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from linattn_dsl.layers.attention import StaticKV
@@ -112,7 +114,13 @@ class StaticStep:
         self.logits = None
         self.graph = None
         if graphs:
-            self._capture()
+            try:
+                self._capture()
+            except RuntimeError as e:   # a kernel or op that cannot be captured: the same step, eagerly
+                self.graph = None
+                torch.cuda.synchronize()
+                warnings.warn(f"decoding step not captured in a CUDA graph ({type(e).__name__}: {str(e)[:200]}); "
+                              "it runs eagerly on the same buffers", stacklevel=4)
 
     # ------------------------------------------------------------------ the step
     def _run(self) -> None:
@@ -128,14 +136,16 @@ class StaticStep:
     def _capture(self) -> None:
         """Warm up on a side stream (compiles and tunes every kernel), put the buffers back, capture."""
         saved = [t.clone() for t in self._all_tensors()]
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                self._run()
-        torch.cuda.current_stream().wait_stream(stream)
-        for t, s in zip(self._all_tensors(), saved):
-            t.copy_(s)
+        try:
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(2):
+                    self._run()
+            torch.cuda.current_stream().wait_stream(stream)
+        finally:
+            for t, s in zip(self._all_tensors(), saved):
+                t.copy_(s)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self._run()

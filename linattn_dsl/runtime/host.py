@@ -431,7 +431,8 @@ class ChunkFunction(torch.autograd.Function):
 def run_chunk(form: Form, mod, variant, bound: Bound, mode: str, tensors: tuple, x: Prepared):
     """A prepared call through ChunkFunction: (o, final state), rows-flattened."""
     args = (*tensors, x.h0, *x.gate_inputs)
-    # a gradient will be asked for (else a forward may skip what only the backward reads)
-    for_bwd = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args)
+    # a gradient will be asked for and the forward's intermediates are kept for it (else a forward may skip what
+    # only the backward reads: a recomputing backward makes its own)
+    for_bwd = KEEP_STATES and torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args)
     return ChunkFunction.apply(form, mod, variant.gate, x.L, bound.scale, bound.output_final_state,
                                mode == "fused_recurrent", for_bwd, len(tensors), *args)
