@@ -4,11 +4,12 @@ giving the same gradients.
 
 Both run the Triton kernels and their hosts under TRITON_INTERPRET=1 in a subprocess (what runs on the GPU; the
 flag must not leak into this process). The account: tiny models (hidden 64, T = 64, 2 layers, bf16 weights), the
-bytes per token of the last layer; the budgets are the account's totals (gla 1824, retnet 2304, delta_net 2316,
-rwkv7 4304) with less than 128 bytes of margin, so a layer, module or op that starts keeping one more
-[tokens, hidden]-sized tensor (128 bytes a token here) fails. The
+bytes per token of the last layer; the budgets are the account's totals (gla 1824, retnet 2304, delta_net 2076,
+rwkv7 4192, kda 1756, mamba2 2545) with less than 128 bytes of margin, so a layer, module or op that starts keeping
+one more [tokens, hidden]-sized tensor (128 bytes a token here) fails. The
 gradients: fp32 (bf16 tl.dot is wrong under the interpreter), one training step of each tiny model with the
-default (recompute) and with keep_states(), compared exactly.
+default (recompute) and with keep_states(), compared exactly (gla, delta_net, rwkv7: one of each form).
+The families run in two subprocesses at once (one thread each), so the file takes about 25 s on two cores.
 """
 
 from __future__ import annotations
@@ -29,9 +30,14 @@ TINY = {
     "delta_net": dict(hidden_size=64, num_heads=2, intermediate_size=128),
     "rwkv7": dict(hidden_size=64, head_dim=16, decay_low_rank_dim=8, gate_low_rank_dim=8, a_low_rank_dim=8,
                   v_low_rank_dim=4, intermediate_size=128),
+    "kda": dict(hidden_size=64, num_heads=2, head_dim=16, intermediate_size=128),
+    "mamba2": dict(hidden_size=64, head_dim=16, state_size=16, expand=2, n_groups=1, intermediate_size=128),
 }
 # bytes per token of a layer (the last of 2), bf16, T = 64
-BUDGET = {"gla": 1900, "retnet": 2400, "delta_net": 2400, "rwkv7": 4400}
+BUDGET = {"gla": 1900, "retnet": 2400, "delta_net": 2150, "rwkv7": 4300, "kda": 1800, "mamba2": 2600}
+GRADS = ("gla", "delta_net", "rwkv7")   # the additive, delta and general forms
+# the two subprocesses' shares (about equal time)
+GROUPS = (("delta_net", "kda", "retnet"), ("rwkv7", "gla", "mamba2"))
 
 SCRIPT = r"""
 import json, sys
@@ -40,13 +46,13 @@ from benchmarks import memory
 from linattn_dsl.models import FAMILIES
 from linattn_dsl.runtime import host
 
-tiny = json.loads(sys.argv[1])
+tiny, with_grads = json.loads(sys.argv[1]), json.loads(sys.argv[2])
 torch.set_num_threads(1)
 out = {"bytes": {}, "grads_equal": {}}
 for family, config in tiny.items():
     saved = memory.run(family, 64, layers=2, vocab=64, config=config)
     out["bytes"][family] = sum(s.nbytes for s in saved if s.layer == 1) / 64
-    if family == "retnet":   # the additive form, as gla's
+    if family not in with_grads:
         continue
     grads = []
     for keep in (False, True):
@@ -64,11 +70,19 @@ print("RESULT " + json.dumps(out))
 @pytest.fixture(scope="module")
 def account():
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
-    r = subprocess.run([sys.executable, "-c", SCRIPT, json.dumps(TINY)], capture_output=True, text=True, env=env,
-                       cwd=ROOT, timeout=600)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    line = next(x for x in r.stdout.splitlines() if x.startswith("RESULT "))
-    return json.loads(line[len("RESULT "):])
+    procs = [subprocess.Popen([sys.executable, "-c", SCRIPT, json.dumps({f: TINY[f] for f in group}),
+                               json.dumps([f for f in group if f in GRADS])],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+             for group in GROUPS]
+    out = {"bytes": {}, "grads_equal": {}}
+    for p in procs:
+        stdout, stderr = p.communicate(timeout=600)
+        assert p.returncode == 0, stdout[-3000:] + stderr[-3000:]
+        line = next(x for x in stdout.splitlines() if x.startswith("RESULT "))
+        result = json.loads(line[len("RESULT "):])
+        for key in out:
+            out[key].update(result[key])
+    return out
 
 
 @pytest.mark.parametrize("family", list(TINY))
@@ -77,6 +91,6 @@ def test_saved_bytes_within_budget(account, family):
     assert got <= BUDGET[family], f"{family}: {got:.0f} bytes saved per token and layer, budget {BUDGET[family]}"
 
 
-@pytest.mark.parametrize("family", ["gla", "delta_net", "rwkv7"])   # the additive, delta and general forms
+@pytest.mark.parametrize("family", GRADS)
 def test_recomputed_intermediates_give_the_same_gradients(account, family):
     assert account["grads_equal"][family]

@@ -25,10 +25,14 @@ EXAMPLES = 6 if INTERPRET else 25
 ATOL, GRAD_ATOL = 1e-5, 2e-5
 
 
-def ref_norm(x, weight, eps, *, mean=True, residual=None, gate=None, activation="swish", group_size=None):
+def ref_norm(x, weight, eps, *, mean=True, residual=None, gate=None, activation="swish", group_size=None,
+             norm_before_gate=True):
     x = x.double()
     if residual is not None:
         x = x + residual.double()
+    if gate is not None and not norm_before_gate:
+        g = gate.double()
+        x = x * (torch.sigmoid(g) if activation == "sigmoid" else F.silu(g))
     shape = x.shape
     if group_size is not None:
         x = x.reshape(*shape[:-1], -1, group_size)
@@ -36,7 +40,7 @@ def ref_norm(x, weight, eps, *, mean=True, residual=None, gate=None, activation=
     y = (x / torch.sqrt(stat + eps)).reshape(shape)
     if weight is not None:
         y = y * weight.double()
-    if gate is not None:
+    if gate is not None and norm_before_gate:
         g = gate.double()
         y = y * (torch.sigmoid(g) if activation == "sigmoid" else F.silu(g))
     return y
@@ -144,6 +148,54 @@ def test_gated_rmsnorm_matches_reference(rows, groups, group_size, grouped, acti
 
 
 @settings(max_examples=EXAMPLES, deadline=None)
+@given(
+    rows=st.integers(1, 7),
+    groups=st.integers(1, 4),
+    group_size=st.integers(1, 70),
+    grouped=st.booleans(),
+    activation=st.sampled_from(["swish", "sigmoid"]),
+    affine=st.sampled_from(["own", "passed", "none"]),
+    seed=st.integers(0, 99),
+)
+def test_gate_before_norm_matches_reference(rows, groups, group_size, grouped, activation, affine, seed):
+    """norm_before_gate=False: rms_norm(x * act(g)) * weight, the weight the module's, passed in, or none."""
+    torch.manual_seed(seed)
+    hidden = groups * group_size
+    norm = FusedRMSNormGated(hidden, eps=1e-5, activation=activation, group_size=group_size if grouped else None,
+                             norm_before_gate=False, elementwise_affine=affine == "own")
+    weight = None
+    if affine == "own":
+        with torch.no_grad():
+            norm.weight.copy_(torch.randn(hidden))
+        weight = norm.weight
+    elif affine == "passed":
+        weight = leaf(hidden)
+    x, g = leaf(rows, hidden, scale=2.0), leaf(rows, hidden, scale=2.0)
+    y = norm(x, g, weight=weight if affine == "passed" else None)
+    assert y.dtype == x.dtype and y.shape == x.shape
+    inputs = [x, g] + ([weight] if weight is not None else [])
+    refs = [t.detach().double().requires_grad_() for t in inputs]
+    y_ref = ref_norm(refs[0], refs[2] if weight is not None else None, 1e-5, gate=refs[1], activation=activation,
+                     group_size=group_size if grouped else None, norm_before_gate=False)
+    torch.testing.assert_close(y.double(), y_ref, atol=ATOL, rtol=ATOL)
+    for a, b in zip(grads(y, inputs, seed), grads(y_ref, refs, seed)):
+        torch.testing.assert_close(a.double(), b, atol=GRAD_ATOL * max(1, rows), rtol=GRAD_ATOL)
+
+
+@pytest.mark.parametrize("rows,hidden,group_size", [(700, 64, 32), (37, 2048, None)])
+def test_gate_before_norm_many_rows(rows, hidden, group_size):
+    """Row tiles that end mid-tile and backward programs that split the rows, with the gate before the norm."""
+    torch.manual_seed(rows)
+    x, g, w = leaf(rows, hidden), leaf(rows, hidden), leaf(hidden)
+    norm = FusedRMSNormGated(hidden, group_size=group_size, norm_before_gate=False, elementwise_affine=False)
+    out = norm(x, g, weight=w)
+    want = ref_norm(x, w, norm.eps, gate=g, group_size=group_size, norm_before_gate=False)
+    torch.testing.assert_close(out.double(), want, rtol=2e-5, atol=2e-5)
+    for a, b in zip(grads(out, [x, g, w]), grads(want, [x, g, w])):
+        torch.testing.assert_close(a.double(), b.double(), rtol=2e-5, atol=2e-5 * rows)
+
+
+@settings(max_examples=EXAMPLES, deadline=None)
 @given(shape=st.lists(st.integers(1, 40), min_size=1, max_size=3), seed=st.integers(0, 99))
 def test_l2_norm_matches_reference(shape, seed):
     torch.manual_seed(seed)
@@ -187,6 +239,10 @@ def test_bad_inputs_raise_value_error():
         FusedRMSNormGated(8, group_size=3)
     with pytest.raises(ValueError, match="activation: expected one of"):
         FusedRMSNormGated(8, activation="relu")
+    with pytest.raises(ValueError, match="weight: this norm holds its own weight"):
+        FusedRMSNormGated(8)(torch.randn(2, 8), torch.randn(2, 8), weight=torch.ones(8))
+    with pytest.raises(ValueError, match=r"weight: expected shape \(8,\), got \(4,\)"):
+        FusedRMSNormGated(8, elementwise_affine=False)(torch.randn(2, 8), torch.randn(2, 8), weight=torch.ones(4))
     with pytest.raises(ValueError, match="0-d"):
         l2_norm(torch.tensor(1.0))
     if torch.cuda.is_available():
@@ -264,6 +320,7 @@ def test_gpu_compiled_kernels_match_cpu_path_at_odd_sizes(rows, hidden, group_si
         (RMSNorm(hidden, elementwise_affine=False), lambda m, x, g, r: m(x)),
         (FusedRMSNormGated(hidden, group_size=group_size), lambda m, x, g, r: m(x, g)),
         (FusedRMSNormGated(hidden, activation="sigmoid"), lambda m, x, g, r: m(x, g)),
+        (FusedRMSNormGated(hidden, group_size=group_size, norm_before_gate=False), lambda m, x, g, r: m(x, g)),
         (L2Norm(), lambda m, x, g, r: m(x)),
     ]
     inputs = [torch.randn(rows, hidden) for _ in range(3)]

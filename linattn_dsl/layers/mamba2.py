@@ -5,6 +5,10 @@
     delta      = softplus(dt + dt_bias),  A = -exp(A_log)
     S_t = exp(A delta_t) S_{t-1} + B_t (x_t delta_t)^T,   y_t = S_t^T C_t + D x_t   (the mamba2 op)
     out = W_out (rms_norm_G(y * silu(z)) * w)             (gate, then a norm per group of d_inner / G channels)
+
+The gate, the norm and ``* w`` run as one fused norm (FusedRMSNormGated, ``norm_before_gate=False``): its
+backward keeps only y and z (a copy of z, so in_proj's output is freed), not the gated, normed and weighted
+[tokens, d_inner] intermediates that separate eager steps keep.
 """
 
 from __future__ import annotations
@@ -12,10 +16,9 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from linattn_dsl.modules import RMSNorm, ShortConvolution
+from linattn_dsl.modules import FusedRMSNormGated, ShortConvolution
 
 from ._checks import POSITIVE, POSITIVE_INT, POSITIVE_INT_OR_NONE, check_all
 from ._utils import SequenceLayer, apply_padding_mask, check_mode, init_values, pick_op, run_conv, split_heads, state_of
@@ -87,8 +90,11 @@ class Mamba2(SequenceLayer):
         self.A_log = nn.Parameter(torch.empty(num_heads))
         self.D = nn.Parameter(torch.empty(num_heads))
         self.dt_bias = nn.Parameter(torch.empty(num_heads))
-        # Mamba2 gates before normalising (norm_before_gate=False): a plain per-group RMSNorm of y * silu(z)
-        self.norm = RMSNorm(self.d_inner // n_groups, eps=norm_eps, elementwise_affine=False)
+        # Mamba2 gates before normalising (norm_before_gate=False): a per-group RMSNorm of y * silu(z), times
+        # norm_weight; the weight stays the layer's parameter (state-dict key "norm_weight")
+        self.norm = FusedRMSNormGated(self.d_inner, eps=norm_eps, activation="silu",
+                                      group_size=self.d_inner // n_groups, norm_before_gate=False,
+                                      elementwise_affine=False)
         self.norm_weight = nn.Parameter(torch.empty(self.d_inner))
         self.out_proj = nn.Linear(self.d_inner, hidden_size, bias=use_bias)
         init_values(self)
@@ -124,7 +130,6 @@ class Mamba2(SequenceLayer):
             initial_state=state_of(cache, "recurrent_state"), output_final_state=use_cache,
             D=self.D, dt_bias=self.dt_bias, dt_softplus=True, cu_seqlens=cu_seqlens, cp_context=cp_context,
         )
-        gated = y.reshape(*y.shape[:-2], self.d_inner) * F.silu(z)
-        normed = self.norm(gated.unflatten(-1, (self.n_groups, -1))).flatten(-2) * self.norm_weight
+        normed = self.norm(y.reshape(*y.shape[:-2], self.d_inner), z, weight=self.norm_weight)
         out = self.out_proj(normed)
         return out, ({**new_state, "recurrent_state": recurrent_state} if use_cache else None)

@@ -4,6 +4,7 @@ For a row ``x`` of ``n`` channels (one group of ``group_size`` channels when gro
 
     rms_norm(x)      = x / sqrt(mean(x^2) + eps) * weight
     gated(x, g)      = rms_norm(x) * act(g),        act in {swish (= silu), sigmoid}
+    gated(x, g)      = rms_norm(x * act(g))         (norm_before_gate=False: the gate first, as Mamba2's)
     l2_norm(x)       = x / sqrt(sum(x^2) + eps)
 
 All statistics are computed in fp32; outputs have the input's dtype. CUDA tensors run one Triton kernel
@@ -29,15 +30,18 @@ def _gate_torch(g: torch.Tensor, activation: str) -> torch.Tensor:
 
 def _norm_torch(
     x: torch.Tensor, weight: torch.Tensor | None, eps: float, mean: bool, residual: torch.Tensor | None,
-    gate: torch.Tensor | None, activation: str, group_size: int | None,
+    gate: torch.Tensor | None, activation: str, group_size: int | None, norm_before_gate: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``(normed, x + residual or None)``; ``mean`` picks RMS (mean of squares) vs L2 (sum)."""
+    """``(normed, x + residual or None)``; ``mean`` picks RMS (mean of squares) vs L2 (sum); with a gate,
+    ``norm_before_gate`` multiplies ``act(gate)`` into the output (true) or into the normalised input."""
     out_dtype = x.dtype
     xf = x.float()
     new_residual = None
     if residual is not None:
         xf = xf + residual.float()
         new_residual = xf.to(residual.dtype)
+    if gate is not None and not norm_before_gate:
+        xf = xf * _gate_torch(gate.float(), activation)
     shape = xf.shape
     if group_size is not None:
         xf = xf.reshape(*shape[:-1], shape[-1] // group_size, group_size)
@@ -46,7 +50,7 @@ def _norm_torch(
     y = (xf * torch.rsqrt(stat + eps)).reshape(shape)
     if weight is not None:
         y = y * weight.float()
-    if gate is not None:
+    if gate is not None and norm_before_gate:
         y = y * _gate_torch(gate.float(), activation)
     return y.to(out_dtype), new_residual
 
@@ -64,13 +68,14 @@ def _norm(
     gate: torch.Tensor | None = None,
     activation: str = "swish",
     group_size: int | None = None,
+    norm_before_gate: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(normed, x + residual or None)``: the Triton kernels on CUDA, :func:`_norm_torch` elsewhere."""
     if use_triton(x):
         from ._norm_kernels import norm_triton
 
-        return norm_triton(x, weight, eps, mean, residual, gate, activation, group_size)
-    return _norm_torch(x, weight, eps, mean, residual, gate, activation, group_size)
+        return norm_triton(x, weight, eps, mean, residual, gate, activation, group_size, norm_before_gate)
+    return _norm_torch(x, weight, eps, mean, residual, gate, activation, group_size, norm_before_gate)
 
 
 def _check_like(name: str, t: torch.Tensor, x: torch.Tensor) -> None:
@@ -144,15 +149,21 @@ class RMSNorm(nn.Module):
 
 
 class FusedRMSNormGated(nn.Module):
-    """``rms_norm(x) * weight * act(g)``, with ``act`` swish/silu or sigmoid.
+    """``rms_norm(x) * weight * act(g)``, with ``act`` swish/silu or sigmoid; with ``norm_before_gate=False``
+    the gate comes first: ``rms_norm(x * act(g)) * weight`` (Mamba2's).
 
     ``group_size`` normalises each group of ``group_size`` consecutive channels separately (Mamba2's
     grouped norm); ``None`` normalises all ``hidden_size`` channels together. ``x`` and ``g`` are
-    ``[..., hidden_size]`` of one float dtype; the output has x's dtype.
+    ``[..., hidden_size]`` of one float dtype; the output has x's dtype. One fused kernel per direction on
+    CUDA: the backward keeps only ``x`` and ``g`` (the statistics are recomputed).
+
+    ``elementwise_affine=False`` holds no weight; ``forward``'s ``weight`` then passes one (``[hidden_size]``)
+    that the caller owns, e.g. a layer whose checkpoints name it differently, or none.
     """
 
     def __init__(
-        self, hidden_size: int, eps: float = 1e-6, activation: str = "swish", group_size: int | None = None
+        self, hidden_size: int, eps: float = 1e-6, activation: str = "swish", group_size: int | None = None,
+        norm_before_gate: bool = True, elementwise_affine: bool = True,
     ) -> None:
         super().__init__()
         if activation not in ACTIVATIONS:
@@ -165,18 +176,29 @@ class FusedRMSNormGated(nn.Module):
         self.eps = eps
         self.activation = activation
         self.group_size = None if group_size == hidden_size else group_size
-        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.norm_before_gate = norm_before_gate
+        self.elementwise_affine = elementwise_affine
+        self.weight = nn.Parameter(torch.ones(hidden_size)) if elementwise_affine else None
 
-    def forward(self, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, g: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
         _check_x(x, self.hidden_size)
         _check_like("g", g, x)
-        check_same_device(x=x, g=g, weight=self.weight)
+        if weight is not None:
+            if self.weight is not None:
+                raise ValueError("weight: this norm holds its own weight (elementwise_affine=True); expected None")
+            check_tensor("weight", weight)
+            if tuple(weight.shape) != (self.hidden_size,):
+                raise ValueError(f"weight: expected shape ({self.hidden_size},), got {tuple(weight.shape)}")
+        weight = self.weight if weight is None else weight
+        check_same_device(x=x, g=g, weight=weight)
         return _norm(
-            x, self.weight, self.eps, gate=g, activation=self.activation, group_size=self.group_size
+            x, weight, self.eps, gate=g, activation=self.activation, group_size=self.group_size,
+            norm_before_gate=self.norm_before_gate,
         )[0]
 
     def extra_repr(self) -> str:
         return (
             f"{self.hidden_size}, eps={self.eps}, activation={self.activation!r}, "
-            f"group_size={self.group_size}"
+            f"group_size={self.group_size}, norm_before_gate={self.norm_before_gate}, "
+            f"elementwise_affine={self.elementwise_affine}"
         )
