@@ -33,18 +33,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from benchmarks import models as bm
+
 FAMILIES = ("gla", "retnet", "delta_net", "kda", "rwkv7", "gated_deltanet", "mamba2")
 
-# the 340m family layouts of benchmarks/models.py (gated_deltanet: FLA's 340M config, heads of 256)
-FAMILY_KWARGS = {
-    "gla": dict(num_heads=4, expand_k=0.5, expand_v=1.0, hidden_ratio=4),
-    "retnet": dict(num_heads=8, expand_k=1.0, expand_v=2.0, hidden_ratio=2),
-    "mamba2": dict(head_dim=64, state_size=128, expand=2, n_groups=1),
-    "rwkv7": dict(head_dim=64),
-    "kda": dict(num_heads=8, head_dim=128),
-    "delta_net": dict(num_heads=8),
-    "gated_deltanet": dict(num_heads=4),
-}
+# the 340m family layouts of benchmarks/models.py, plus gated_deltanet (FLA's 340M config, heads of 256)
+FAMILY_KWARGS = {**bm.FAMILY_KWARGS["340m"], "gated_deltanet": dict(num_heads=4)}
 
 ORIGINS = ("block norms", "projection inputs", "conv", "gates/derived", "op inputs", "op internals", "output norm/gate",
            "mlp", "residual", "embedding", "loss", "other")
