@@ -9,7 +9,9 @@ hgrn2 against FLA's chunk_gla with k = 1 - exp(g) (its HGRN2 layer's call), mamb
 against mamba-ssm's selective scan. Each (implementation, op) runs in its own process with a timeout; FLA and
 mamba are compiled and autotuned first, in parallel processes, so that their timing runs hit Triton's
 disk cache. Times are triton.testing.do_bench medians in ms; memory is the peak of fwd+bwd above the
-inputs, in MiB. Results: a table on stdout, results.json and ops.png under --out.
+inputs, in MiB; under ``torch.no_grad`` (prefill) the forward's peak above the inputs, beside the output's size
+(nothing may be kept for a backward). ``--D 64`` / ``--D 256``: other head widths (16 heads). Results: a table on
+stdout, results.json and ops.png under --out.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from pathlib import Path
 TOKENS = 32768
 
 
-def make_inputs(op: str, T: int, device="cuda"):
+def make_inputs(op: str, T: int, device="cuda", D: int = 128):
     import torch
     import torch.nn.functional as F
 
@@ -49,7 +51,7 @@ def make_inputs(op: str, T: int, device="cuda"):
         Bm, C = torch.randn(B, T, 1, N, **bf), torch.randn(B, T, 1, N, **bf)
         return dict(x=x, dt=dt, A=A, B=Bm, C=C, D=torch.ones(Dn, device=device),
                     dt_bias=torch.randn(Dn, device=device) * 0.5)
-    H, D = 16, 128
+    H = 16
     q, k, v = (torch.randn(B, T, H, D, **bf) for _ in range(3))
     if op == "retention":
         return dict(q=q, k=k, v=v)
@@ -183,11 +185,11 @@ def time_fwd_bwd(fn, t: dict) -> dict:
     return dict(fwd=ms_f, fwd_bwd=do_bench(fwd_bwd, warmup=10, rep=80, return_mode="median"), first=first)
 
 
-def measure(impl: str, op: str, T: int) -> dict:
+def measure(impl: str, op: str, T: int, D: int = 128) -> dict:
     import torch
     from triton.testing import do_bench
 
-    t = make_inputs(op, T)
+    t = make_inputs(op, T, D=D)
     if impl == "sdpa" and op != "mamba2":
         t = {n: t[n] for n in ("q", "k", "v")}
     leaves = {n: x.requires_grad_() for n, x in t.items() if x.is_floating_point()}
@@ -218,23 +220,29 @@ def measure(impl: str, op: str, T: int) -> dict:
     fwd_bwd()
     torch.cuda.synchronize()
     peak = (torch.cuda.max_memory_allocated() - base) / 2**20
-    return dict(impl=impl, op=op, T=T, B=TOKENS // T, fwd_ms=fwd, fwdbwd_ms=both, peak_mib=peak,
-                first_call_s=first + first_bwd)
+    torch.cuda.reset_peak_memory_stats()
+    with torch.no_grad():   # prefill: the output, and nothing kept for a backward
+        out = fn(t)
+    torch.cuda.synchronize()
+    fwd_peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+    out_mib = out.numel() * out.element_size() / 2**20
+    return dict(impl=impl, op=op, T=T, B=TOKENS // T, D=D, fwd_ms=fwd, fwdbwd_ms=both, peak_mib=peak,
+                fwd_nograd_peak_mib=fwd_peak, out_mib=out_mib, first_call_s=first + first_bwd)
 
 
 def child(args) -> int:
     for T in args.T:
         try:
-            r = measure(args.impl, args.ops[0], T)
+            r = measure(args.impl, args.ops[0], T, args.D)
         except Exception as e:   # report and go on: one failing implementation must not hide the others
             r = dict(impl=args.impl, op=args.ops[0], T=T, error=f"{type(e).__name__}: {str(e)[:300]}")
         print("RESULT " + json.dumps(r), flush=True)
     return 0
 
 
-def spawn(impl, op, Ts, timeout):
+def spawn(impl, op, Ts, timeout, D=128):
     cmd = [sys.executable, "-m", "benchmarks.ops", "--child", "--impl", impl, "--ops", op,
-           "--T", ",".join(map(str, Ts))]
+           "--T", ",".join(map(str, Ts)), "--D", str(D)]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True), timeout
 
 
@@ -264,6 +272,7 @@ def main(argv=None) -> int:
     p.add_argument("--T", default="4096,16384", type=lambda s: [int(x) for x in s.split(",")])
     p.add_argument("--out", default=os.environ.get("OUT", "out"))
     p.add_argument("--impls", default=None, type=lambda s: s.split(","), help="restrict to these implementations")
+    p.add_argument("--D", type=int, default=128, help="head width of the q/k/v ops (16 heads; not Mamba/Mamba2)")
     p.add_argument("--timeout", type=int, default=420)
     p.add_argument("--child", action="store_true")
     p.add_argument("--impl", default="ours")
@@ -279,11 +288,12 @@ def main(argv=None) -> int:
     jobs.append(("sdpa", "retention"))
     start = time.time()
     # compile/autotune everything in parallel (each process also measures; Triton caches kernels on disk)
-    procs = [(impl, op, *spawn(impl, op, args.T, args.timeout)) for impl, op in jobs if impl not in ("ours", "sdpa")]
+    procs = [(impl, op, *spawn(impl, op, args.T, args.timeout, args.D)) for impl, op in jobs
+             if impl not in ("ours", "sdpa")]
     rows = []
     for impl, op in jobs:   # ours and SDPA: timed one at a time while the references tune
         if impl in ("ours", "sdpa"):
-            pr, to = spawn(impl, op, args.T, args.timeout)
+            pr, to = spawn(impl, op, args.T, args.timeout, args.D)
             rows += collect(pr, to, impl, op, args.T)[0]
     for impl, op, pr, to in procs:
         r, _ = collect(pr, to, impl, op, args.T)
@@ -291,7 +301,7 @@ def main(argv=None) -> int:
     # everything was timed while other processes were busy: time it again, one at a time, from the cache
     for impl, op in jobs:
         if all("error" not in r for r in rows if r["impl"] == impl and r["op"] == op):
-            pr, to = spawn(impl, op, args.T, 300)
+            pr, to = spawn(impl, op, args.T, 300, args.D)
             again, _ = collect(pr, to, impl, op, args.T)
             cold = {r["T"]: r.get("first_call_s") for r in rows if r["impl"] == impl and r["op"] == op}
             for r in again:
@@ -300,7 +310,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = dict(card=torch.cuda.get_device_name(), torch=torch.__version__, triton=__import__("triton").__version__,
-                date=time.strftime("%Y-%m-%d"), tokens=TOKENS, wall_s=time.time() - start)
+                date=time.strftime("%Y-%m-%d"), tokens=TOKENS, head_dim=args.D, wall_s=time.time() - start)
     (out / "results.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
     print(table(rows, meta))
     try:
@@ -312,13 +322,15 @@ def main(argv=None) -> int:
 
 def table(rows, meta) -> str:
     lines = [f"{meta['card']}, torch {meta['torch']}, triton {meta['triton']}, {meta['date']}, bf16, B*T={TOKENS}",
-             f"{'op':<11} {'impl':<6} {'T':>6} {'fwd ms':>8} {'fwd+bwd':>8} {'peak MiB':>9} {'first s':>8}"]
+             f"{'op':<11} {'impl':<6} {'T':>6} {'fwd ms':>8} {'fwd+bwd':>8} {'peak MiB':>9} {'no_grad':>8} "
+             f"{'first s':>8}"]
     for r in sorted(rows, key=lambda r: (r["op"], r["T"], r["impl"])):
         if "error" in r:
             lines.append(f"{r['op']:<11} {r['impl']:<6} {r['T']:>6}  ERROR {r['error'][:90]}")
         else:
             lines.append(f"{r['op']:<11} {r['impl']:<6} {r['T']:>6} {r['fwd_ms']:>8.3f} {r['fwdbwd_ms']:>8.3f} "
-                         f"{r['peak_mib']:>9.0f} {r.get('first_call_cold_s') or r['first_call_s']:>8.1f}")
+                         f"{r['peak_mib']:>9.0f} {r.get('fwd_nograd_peak_mib', float('nan')):>8.0f} "
+                         f"{r.get('first_call_cold_s') or r['first_call_s']:>8.1f}")
     return "\n".join(lines)
 
 
