@@ -205,6 +205,32 @@ def test_compiled_training_step_equals_eager(family):
         torch.testing.assert_close(compiled_grads[name], grad, atol=1e-4, rtol=1e-4, msg=name)
 
 
+@pytest.mark.parametrize("family", ["gated_deltanet", "rwkv7"])
+def test_compiled_packed_training_step_equals_eager(family):
+    """Packed documents (``cu_seqlens``; short convs and token shifts restart at each offset): the compiled step
+    equals eager. Traced, the offsets' values are asserted on the device (reading them would be a host sync): bad
+    offsets raise a RuntimeError naming cu_seqlens (on CUDA a device-side assert), before any layer reads them."""
+    model = make_model(family).train()
+    ids = prompt(1, 20)
+    cu = torch.tensor([0, 7, 20])
+    results = []
+    for fn in (lambda ids, cu: model(ids, labels=ids, cu_seqlens=cu).loss,
+               torch.compile(lambda ids, cu: model(ids, labels=ids, cu_seqlens=cu).loss, fullgraph=True,
+                             backend="aot_eager")):
+        model.zero_grad()
+        loss = fn(ids, cu)
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (eager, eager_grads), (compiled, compiled_grads) = results
+    torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
+    for name, grad in eager_grads.items():
+        torch.testing.assert_close(compiled_grads[name], grad, atol=1e-4, rtol=1e-4, msg=name)
+    step = torch.compile(lambda ids, cu: model(ids, labels=ids, cu_seqlens=cu).loss, fullgraph=True,
+                         backend="aot_eager")
+    with pytest.raises(RuntimeError, match="cu_seqlens: expected strictly increasing offsets"):
+        step(ids, torch.tensor([0, 9, 7, 20]))
+
+
 @pytest.mark.parametrize("family,masked", [("gla", False), ("rwkv7", False), ("gla_hybrid", True)])
 def test_compiled_decoding_step_equals_eager(family, masked):
     """The step of one new token with the cache of a prefill (use_cache=True), twice: logits and the cache the

@@ -174,7 +174,10 @@ class ShortConvolution(nn.Module):
                 raise ValueError(f"mask: expected shape [B, T] = {[batch, seqlen]}, got {list(mask.shape)}")
         check_same_device(x=x, weight=self.weight, cache=cache, cu_seqlens=cu_seqlens, mask=mask)
         varlen = cu_seqlens is not None
-        if varlen and (
+        if varlen and torch.compiler.is_compiling():   # reading the values would be a host sync: a device assert
+            torch._assert_async((cu_seqlens[0] == 0) & (cu_seqlens[-1] == seqlen) & (cu_seqlens.diff() >= 0).all(),
+                                f"cu_seqlens: expected non-decreasing offsets from 0 to T={seqlen}")
+        elif varlen and (
             cu_seqlens[0].item() != 0 or cu_seqlens[-1].item() != seqlen or (cu_seqlens.diff() < 0).any()
         ):
             raise ValueError(
