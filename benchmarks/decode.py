@@ -4,10 +4,10 @@ the CUDA-graphed step, a Llama of the same size through ``generate``, FLA's mode
     python -m benchmarks.decode --families gla,gated_deltanet --prompts 128,1024,8192 --new-tokens 128 --out DIR
 
 ~340M (hidden 1024, 24 layers, vocab 32000), bf16 weights, random prompts, greedy. Per row: ms per new token
-(``(t(n) - t(1)) / (n - 1)``: the prefill left out), and whether the tokens equal the reference path's (ours:
-graphed against eager; FLA's loop and Llama are not compared). ``step`` rows time the graphed step alone (one
-replay plus its input copies) at batch 1 and 64. FLA's ``generate`` gives wrong tokens under transformers 5.24
-(BENCHMARKS.md), so FLA runs the loop of ``benchmarks.models.greedy_loop``.
+(``(t(n) - t(n / 2)) / (n / 2)``: the prefill and the step's capture left out), and whether the tokens equal the
+reference path's (ours: graphed against eager; FLA's loop and Llama are not compared). ``step`` rows time the
+graphed step alone (one replay plus its input copies) at batch 1 and 64. FLA's ``generate`` gives wrong tokens
+under transformers 5.24 (BENCHMARKS.md), so FLA runs the loop of ``benchmarks.models.greedy_loop``.
 """
 
 from __future__ import annotations
