@@ -149,6 +149,7 @@ def _tensors(obj):
         yield obj
     elif isinstance(obj, StaticKV):
         yield obj.k
+        yield obj.v
     elif isinstance(obj, dict):
         for value in obj.values():
             yield from _tensors(value)

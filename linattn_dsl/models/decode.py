@@ -25,22 +25,10 @@ import torch
 
 from linattn_dsl.layers.attention import StaticKV
 
-from .cache import LinAttnCache
+from .cache import LinAttnCache, _tensors
 
 # attention buffers hold twice the tokens so far (at least this many more), rounded up to a multiple of it
 CAPACITY_STEP = 256
-
-
-def _tensors_of(state) -> list[torch.Tensor]:
-    if isinstance(state, torch.Tensor):
-        return [state]
-    if isinstance(state, StaticKV):
-        return [state.k, state.v]
-    if isinstance(state, dict):
-        return [t for value in state.values() for t in _tensors_of(value)]
-    if isinstance(state, (tuple, list)):
-        return [t for value in state for t in _tensors_of(value)]
-    return []
 
 
 def _copy_into(static, new, where: str) -> None:
@@ -151,7 +139,7 @@ class StaticStep:
             self._run()
 
     def _all_tensors(self) -> list[torch.Tensor]:
-        return [t for s in self.states for t in _tensors_of(s)] + [self.valid]
+        return [t for s in self.states for t in _tensors(s)] + [self.valid]
 
     def __call__(self, input_ids: torch.Tensor, seen: int, attention_mask: torch.Tensor | None,
                  position_ids: torch.Tensor | None) -> torch.Tensor:

@@ -111,7 +111,7 @@ class FusedLinearCrossEntropyLoss(nn.Module):
     """``loss_fn(hidden [N, D], labels [N], weight [V, D], bias=None [V]) -> loss`` (fp32 scalar).
 
     ``hidden`` may also be ``[..., D]`` with ``labels [...]``. ``chunk_size`` tokens (or ``N /
-    num_chunks``) go through the lm head at a time; by default a chunk's logits hold at most 2^29
+    num_chunks``) go through the lm head at a time; by default a chunk's logits hold at most 2^26
     elements (see :func:`default_chunk_size`). ``weight`` and ``bias`` are cast to hidden's dtype for the matmul.
     """
 

@@ -25,7 +25,7 @@ from .tuning import BC, BT, half_kind, pow2
 # is one more pass of those stages per backward; what it spares per token and layer, in the inputs' type: the states
 # (H * K * V / 64 values: 8 KiB at RetNet-340M's 8 heads of 128 x 256), the fp32 running sum of a vector decay
 # (H * K * 4 bytes) and for the delta rule its UT products (w, U, Tm, P). True keeps them (a faster backward).
-# Read at each call: LINATTN_KEEP_STATES=1 in the environment, or keep_states() around the forward.
+# Set from LINATTN_KEEP_STATES=1 at import; keep_states() changes it around a forward; each call reads it.
 KEEP_STATES = os.environ.get("LINATTN_KEEP_STATES", "0") == "1"
 
 
