@@ -25,6 +25,8 @@ processes on the card).
 same family (``benchmarks.train_scaling``), FLA warmed up beside the rest. ``--budget`` bounds everything:
 FLA items are timed when their warm-ups are done, highest priority first (the first family, the loop, the
 other families), and given up when they can no longer fit.
+``--snapshot DIR`` adds one step under the allocator's history after the timed ones and writes where its peak
+went, by the code that allocated it (``DIR/memory_<impl>_<family>.txt``, ``benchmarks/memsnap.py``).
 ``--tiny`` (with ``--device cpu``) runs the same code on tiny configs: a check of the script itself.
 Results: a table on stdout (last), ``results.json`` and per-job logs under ``--out``.
 """
@@ -230,9 +232,20 @@ def train_bench(model, args) -> dict:
         _sync(device)
         times.append(time.perf_counter() - start)
     median = statistics.median(times)
-    return dict(train_first_step_s=first, train_step_ms=median * 1e3, train_step_ms_min=min(times) * 1e3,
-                train_step_ms_max=max(times) * 1e3, train_tokens_per_s=args.batch * args.seq / median,
-                train_peak_gib=torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
+    snapshot = None
+    if cuda and args.snapshot:
+        from benchmarks import memsnap
+
+        breakdown = memsnap.peak_breakdown(memsnap.record(step))
+        snapshot = os.path.join(args.snapshot, f"memory_{args.impl}_{args.family}.txt")
+        os.makedirs(args.snapshot, exist_ok=True)
+        with open(snapshot, "w") as f:
+            f.write(memsnap.report(breakdown, f"{args.impl} {args.family}: one training step, batch {args.batch} x "
+                                              f"{args.seq}, {args.dtype}, loss {args.loss}"))
+    return dict(snapshot=snapshot, train_first_step_s=first, train_step_ms=median * 1e3,
+                train_step_ms_min=min(times) * 1e3, train_step_ms_max=max(times) * 1e3,
+                train_tokens_per_s=args.batch * args.seq / median, train_peak_gib=peak,
                 train_loss_first=loss, train_loss_last=float(last), train_steps=args.steps,
                 train_batch=args.batch, train_seq=args.seq, optimizer=args.optimizer)
 
@@ -501,6 +514,8 @@ def child_argv(args, mode: str, impl: str, family: str) -> list[str]:
         argv.append("--tiny")
     if args.no_decode:
         argv.append("--no-decode")
+    if args.snapshot and mode == "time":
+        argv += ["--snapshot", args.snapshot]
     return argv
 
 
@@ -555,6 +570,8 @@ def main(argv=None) -> int:
                         "(benchmarks.train_scaling), e.g. configs/gla_340m.toml")
     p.add_argument("--loop-steps", type=int, default=60)
     p.add_argument("--loop-args", default="", help="more --section.key=value overrides for the loop runs")
+    p.add_argument("--snapshot", default=None, help="folder: after timing, one more step under the allocator's "
+                   "history, and where its peak memory went (benchmarks/memsnap.py)")
     p.add_argument("--budget", type=float, default=0, help="seconds for everything (0: no limit)")
     p.add_argument("--timeout", type=float, default=300, help="per timing job")
     p.add_argument("--warm-timeout", type=float, default=900, help="per FLA warm-up job")

@@ -151,3 +151,30 @@ def test_fla_config_mapping(monkeypatch):
     assert "fuse_linear_cross_entropy (FLA's fuse_cross_entropy instead)" in dropped
     cfg, _ = bench.fla_config("mamba2", bench.model_kwargs("mamba2", "340m"))
     assert cfg.num_hidden_layers == 48
+
+
+def test_memsnap_peak_breakdown_replays_the_trace():
+    from benchmarks import memsnap
+
+    def fr(name, line):
+        return [{"filename": "/x/torch/_tensor.py", "line": 1, "name": "op"},
+                {"filename": f"/w/linattn_dsl/{name}.py", "line": line, "name": "f"}]
+
+    trace = [dict(action="alloc", addr=1, size=100, frames=fr("a", 1)),
+             dict(action="alloc", addr=2, size=200, frames=fr("b", 2)),
+             dict(action="free_requested", addr=1, size=100),
+             dict(action="free_completed", addr=1, size=100),
+             dict(action="alloc", addr=3, size=50, frames=fr("a", 1)),
+             dict(action="free_completed", addr=2, size=200),
+             dict(action="free_completed", addr=3, size=50)]
+    snap = {"device_traces": [trace],
+            "segments": [{"device": 0, "blocks": [{"address": 9, "size": 1000, "state": "active_allocated",
+                                                    "frames": fr("w", 7)},
+                                                   {"address": 3, "size": 50, "state": "inactive"}]}]}
+    b = memsnap.peak_breakdown(snap)
+    assert b["peak"] == 1300 and b["base"] == 1000 and b["live_at_peak"] == 300 and b["peak_event"] == 1
+    assert [(w.split(" ")[0], n, c) for w, n, c in b["at_peak"]] == [("linattn_dsl/b.py:2", 200, 1),
+                                                                      ("linattn_dsl/a.py:1", 100, 1)]
+    assert b["base_by"][0][1:] == (1000, 1)
+    text = memsnap.report(b, "t")
+    assert "linattn_dsl/b.py:2 f" in text and "GiB" in text
