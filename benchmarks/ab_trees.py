@@ -7,7 +7,8 @@ generated modules), not only generated files (that is ``benchmarks/ab.py``).
 Each round runs one process per side (old, new, then new, old in the next round), each timing every op at
 every T (``do_bench`` medians, inputs of ``benchmarks/ops.py`` from this tree for both sides, bf16, B*T =
 32768). Printed: per op and T, the median over rounds of each side's fwd and fwd+bwd times, their ratio, and
-the first call (compile) time of the first round. A tree from before ``specs``, ``generated`` and the
+the first call (compile) time of the first round. ``--mid`` adds a third tree to the same rounds (each side leads a
+round in turn). A tree from before ``specs``, ``generated`` and the
 templates moved into the package gets links to them from its ``linattn_dsl`` folder.
 """
 
@@ -98,18 +99,23 @@ def _cold(trees: dict, ops: list[str], T: int) -> dict:
 
 
 def _table(a, rows: dict, warm: dict | None, file=sys.stdout) -> None:
-    """Per op and T: each side's median fwd and fwd+bwd over the rounds so far, new / old, and the first call."""
-    lines = [f"{'op':>18} {'T':>6} | old fwd / fwd+bwd ms | new fwd / fwd+bwd ms | new/old fwd, fwd+bwd | "
-             "first s old/new"]
+    """Per op and T: each side's median fwd and fwd+bwd over the rounds so far, new / each other side, and the first
+    call."""
+    sides = list(rows)
+    others = [s for s in sides if s != "new"]
+    lines = [f"{'op':>18} {'T':>6} | " + " | ".join(f"{s} fwd / fwd+bwd ms" for s in sides) + " | "
+             + " | ".join(f"new/{s} fwd, fwd+bwd" for s in others) + " | first s " + "/".join(sides)]
     for op in a.ops:
         for T in a.T:
             med = {s: {m: statistics.median(rd[(op, T)][m] for rd in rows[s]) for m in ("fwd", "fwd_bwd")}
-                   for s in rows}
-            first = {s: (warm[(s, op)] if warm and T == a.T[0] else rows[s][0][(op, T)]["first"]) for s in rows}
-            old, new = med["old"], med["new"]
-            lines.append(f"{op:>18} {T:>6} | {old['fwd']:8.3f} / {old['fwd_bwd']:8.3f} | {new['fwd']:8.3f} / "
-                         f"{new['fwd_bwd']:8.3f} | {new['fwd'] / old['fwd']:.3f}, {new['fwd_bwd'] / old['fwd_bwd']:.3f}"
-                         f" | {first['old']:.1f} / {first['new']:.1f}")
+                   for s in sides}
+            first = {s: (warm[(s, op)] if warm and T == a.T[0] else rows[s][0][(op, T)]["first"]) for s in sides}
+            new = med["new"]
+            lines.append(f"{op:>18} {T:>6} | " + " | ".join(f"{med[s]['fwd']:8.3f} / {med[s]['fwd_bwd']:8.3f}"
+                                                           for s in sides) + " | "
+                         + " | ".join(f"{new['fwd'] / med[s]['fwd']:.3f}, {new['fwd_bwd'] / med[s]['fwd_bwd']:.3f}"
+                                      for s in others)
+                         + " | " + " / ".join(f"{first[s]:.1f}" for s in sides))
     print("\n".join(lines), file=file, flush=True)
 
 
@@ -117,6 +123,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--old", type=Path)
     p.add_argument("--new", type=Path)
+    p.add_argument("--mid", type=Path, help="a third tree, timed in the same rounds (ratios new/old and new/mid)")
     p.add_argument("--ops", nargs="+", default=["retention", "gla", "mamba2", "delta_rule", "gated_delta_rule",
                                                  "kda", "rwkv7"])
     p.add_argument("--T", type=int, nargs="+", default=[4096, 16384])
@@ -131,25 +138,27 @@ def main(argv=None) -> int:
     if a.child:
         _child(a.ops, a.T)
         return 0
+    trees = {"old": a.old, **({"mid": a.mid} if a.mid else {}), "new": a.new}
     if a.cold:
-        cold = _cold({"old": a.old, "new": a.new}, a.ops, a.T[0])
-        print(f"{'op':>18} | first call s, empty cache: old / new")
+        cold = _cold(trees, a.ops, a.T[0])
+        print(f"{'op':>18} | first call s, empty cache: " + " / ".join(trees))
         for op in a.ops:
-            print(f"{op:>18} | {cold[('old', op)]:6.1f} / {cold[('new', op)]:6.1f}")
+            print(f"{op:>18} | " + " / ".join(f"{cold[(s, op)]:6.1f}" for s in trees))
         return 0
-    warm = _warm({"old": a.old, "new": a.new}, a.ops, a.T[0]) if a.warm else None
+    warm = _warm(trees, a.ops, a.T[0]) if a.warm else None
     if warm:
         print("warmed:", {f"{s}/{op}": round(t, 1) for (s, op), t in warm.items()}, file=sys.stderr, flush=True)
-    rows: dict[str, list[dict]] = {"old": [], "new": []}
+    rows: dict[str, list[dict]] = {s: [] for s in trees}
+    order = list(trees)
     for r in range(a.rounds):
-        for side in (("old", "new") if r % 2 == 0 else ("new", "old")):
-            rows[side].append({(x["op"], x["T"]): x for x in _run_side(getattr(a, side), a.ops, a.T)})
+        for side in order[r % len(order):] + order[:r % len(order)]:   # each side leads a round in turn
+            rows[side].append({(x["op"], x["T"]): x for x in _run_side(trees[side], a.ops, a.T)})
             print(f"round {r + 1} {side} done", file=sys.stderr, flush=True)
+        if a.out:   # every round as it ends: a run cut short keeps its rounds
+            a.out.write_text(json.dumps({s: [{f"{k[0]}@{k[1]}": v for k, v in rd.items()} for rd in rs]
+                                         for s, rs in rows.items()}, indent=1))
         if r + 1 < a.rounds:   # the standing so far (a run cut short still leaves its medians)
             _table(a, rows, warm, file=sys.stderr)
-    if a.out:
-        a.out.write_text(json.dumps({s: [{f"{k[0]}@{k[1]}": v for k, v in rd.items()} for rd in rs]
-                                     for s, rs in rows.items()}, indent=1))
     _table(a, rows, warm)
     return 0
 
