@@ -234,7 +234,7 @@ def train_bench(model, args) -> dict:
     median = statistics.median(times)
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
     snapshot = None
-    if cuda and args.snapshot:
+    if cuda and getattr(args, "snapshot", None):
         from benchmarks import memsnap
 
         breakdown = memsnap.peak_breakdown(memsnap.record(step))
