@@ -6,7 +6,9 @@ stages into its autograd Function. Launch configurations come from tuning.py.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
+import contextvars
 import functools
 import os
 from dataclasses import dataclass
@@ -208,8 +210,82 @@ def vector_scores(mod, q, k, G, A, P, kg, L, scale, H, HQ, K, half, qg=None, ke=
 def launch(kernel, grid, dummy: torch.Tensor, **args) -> None:
     """One stage's launch, every argument named as in its kernel's signature: the stage's tensors, the layout's
     offsets (``Layout.chunks`` / ``Layout.seqs``), sizes, feature switches and the tuning table's options. A
-    pointer left None (a feature that is off, never read) is passed as ``dummy``."""
-    kernel[grid](**{n: dummy if a is None else a for n, a in args.items()})
+    pointer left None (a feature that is off, never read) is passed as ``dummy``. Within a compile-ahead pass
+    (:func:`compile_ahead`) the kernel is compiled for these arguments, not launched."""
+    args = {n: dummy if a is None else a for n, a in args.items()}
+    (_warm_launch if _WARMING.get() else _launch_now)(kernel, grid, args)
+
+
+def _launch_now(kernel, grid, args: dict) -> None:
+    kernel[grid](**args)
+
+
+def _warm_launch(kernel, grid, args: dict) -> None:
+    kernel.warmup(grid=grid, **args)
+
+
+# Compile ahead: a chunk op's first call of a kind (its module, variant, mode, dtypes, head dims, sequences, whether a
+# gradient will follow) first walks its forward and backward hosts without launching anything, each launch handing
+# its kernel to Triton's AsyncCompileMode, so the 8-20 kernels of a fwd+bwd compile in parallel threads (Triton
+# releases the GIL in its passes; ptxas runs as a process) instead of one after another at their first launch. The
+# walk allocates what the call would and runs the hosts' few torch ops on those buffers; no value is read. Off with
+# LINATTN_PARALLEL_COMPILE=0, on CPU (the interpreter compiles nothing), while a CUDA graph is captured, and where
+# the installed Triton has no AsyncCompileMode.
+PARALLEL_COMPILE = os.environ.get("LINATTN_PARALLEL_COMPILE", "1") != "0"
+_WARMING: contextvars.ContextVar = contextvars.ContextVar("linattn_compile_ahead", default=False)
+_WARMED: set = set()
+
+
+def _compile_ahead_applies(device: torch.device) -> bool:
+    if not PARALLEL_COMPILE or device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+        return False
+    mode = getattr(triton, "AsyncCompileMode", None)
+    if mode is None or torch.cuda.is_current_stream_capturing():
+        return False
+    from triton.runtime import _async_compile
+
+    return _async_compile.active_mode.get() is None
+
+
+@contextlib.contextmanager
+def _compile_pool():
+    """Triton's AsyncCompileMode over a thread pool; leaving it waits for every submitted compile."""
+    with concurrent.futures.ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1)) as pool:
+        with triton.AsyncCompileMode(pool):
+            yield
+
+
+def compile_ahead(form: Form, mod, gate, L: Layout, scale, store_final: bool, recurrent: bool, for_bwd: bool,
+                  args: tuple, n: int, grad: bool) -> None:
+    """The compile-ahead walk of a call (see above) of ChunkFunction's arguments, once per kind of call. ``grad``:
+    a backward will follow (its kernels are compiled too, for the ``dht`` that autograd will pass: a tensor exactly
+    when the final state is returned). A walk that raises is dropped: the call itself then compiles as it launches
+    and reports any real error."""
+    tensors, h0, gate_inputs = args[:n], args[n], list(args[n + 1:])
+    if not _compile_ahead_applies(tensors[0].device):
+        return
+    need_gate = grad and any(t.requires_grad for t in gate_inputs)
+    kind = (mod.key, gate.tag, recurrent, for_bwd, grad, need_gate, KEEP_STATES, store_final, h0 is not None, L.N,
+            tuple(None if t is None else (t.dtype, t.shape[1:]) for t in tensors), tuple(t.dtype for t in gate_inputs))
+    if kind in _WARMED:
+        return
+    _WARMED.add(kind)
+    token = _WARMING.set(True)
+    try:
+        with _compile_pool(), torch.no_grad():
+            if recurrent:
+                o, ht = form.recurrent(mod, gate, L, scale, store_final, tensors, h0, gate_inputs)
+                saved = None
+            else:
+                o, ht, saved = form.forward(mod, gate, L, scale, store_final, tensors, h0, gate_inputs, for_bwd)
+                saved = saved if KEEP_STATES else None
+            if grad:
+                form.backward(mod, gate, L, scale, tensors, h0, gate_inputs, saved, torch.empty_like(o),
+                              None if ht is None else torch.empty_like(ht), need_gate)
+    except Exception:   # the call itself compiles what is missing and raises what is real
+        pass
+    finally:
+        _WARMING.reset(token)
 
 
 def decays(mod) -> bool:
@@ -431,8 +507,12 @@ class ChunkFunction(torch.autograd.Function):
 def run_chunk(form: Form, mod, variant, bound: Bound, mode: str, tensors: tuple, x: Prepared):
     """A prepared call through ChunkFunction: (o, final state), rows-flattened."""
     args = (*tensors, x.h0, *x.gate_inputs)
-    # a gradient will be asked for and the forward's intermediates are kept for it (else a forward may skip what
-    # only the backward reads: a recomputing backward makes its own)
-    for_bwd = KEEP_STATES and torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args)
-    return ChunkFunction.apply(form, mod, variant.gate, x.L, bound.scale, bound.output_final_state,
-                               mode == "fused_recurrent", for_bwd, len(tensors), *args)
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args)
+    # the forward's intermediates are kept for the backward (else a forward may skip what only the backward reads:
+    # a recomputing backward makes its own)
+    for_bwd = KEEP_STATES and grad
+    recurrent = mode == "fused_recurrent"
+    compile_ahead(form, mod, variant.gate, x.L, bound.scale, bound.output_final_state, recurrent, for_bwd, args,
+                  len(tensors), grad)
+    return ChunkFunction.apply(form, mod, variant.gate, x.L, bound.scale, bound.output_final_state, recurrent,
+                               for_bwd, len(tensors), *args)
