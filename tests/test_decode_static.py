@@ -8,6 +8,8 @@ the summation order only).
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 import torch
 
@@ -94,6 +96,62 @@ def test_static_cache_continues_with_several_tokens(family):
         for t in range(14, 16):
             pieces.append(model(ids[:, t:t + 1], cache=cache, use_cache=True).logits)
     torch.testing.assert_close(torch.cat(pieces, 1), full, atol=1e-4, rtol=0)
+
+
+def _count_steps(monkeypatch) -> list:
+    built = []
+    init = decode.StaticStep.__init__
+    monkeypatch.setattr(decode.StaticStep, "__init__", lambda self, *a, **k: built.append(1) or init(self, *a, **k))
+    return built
+
+
+def _greedy(model, ids, mask, cache=None):
+    extra = {} if cache is None else {"cache": cache}
+    return model.generate(ids, attention_mask=mask, max_new_tokens=10, pad_token_id=0, do_sample=False, **extra)
+
+
+@pytest.mark.parametrize("family", ["gla", "rwkv7"])
+def test_next_cache_reuses_a_free_step(family, monkeypatch):
+    """Without attention layers a later cache of the same batch and shapes takes the step of a cache that is gone
+    (its states loaded into the buffers, on CUDA the graph replayed): same tokens as the dynamic cache for each
+    prompt. A step whose cache lives on, or whose buffers were handed out as dicts, is not taken."""
+    built = _count_steps(monkeypatch)
+    model = make_model(family).eval()
+    steps = []
+    for seed in (4, 5):
+        ids, mask = _prompt(seed=seed)
+        cache = _static(model)
+        assert torch.equal(_greedy(model, ids, mask, cache), _greedy(model, ids, mask))
+        steps.append(cache.step)
+        del cache
+        gc.collect()
+    assert len(built) == 1 and steps[0] is steps[1]
+    kept = _static(model)
+    _greedy(model, ids, mask, kept)
+    other = _static(model)
+    _greedy(model, ids, mask, other)
+    assert len(built) == 2 and other.step is not kept.step
+    released = other.step
+    other.release_step()
+    del kept, other
+    gc.collect()
+    again = _static(model)
+    _greedy(model, ids, mask, again)
+    assert again.step is not released and len(built) == 2   # the step kept alive above was free again
+    ids3, mask3 = _prompt(batch=3, seed=6)
+    third = _static(model)
+    assert torch.equal(_greedy(model, ids3, mask3, third), _greedy(model, ids3, mask3))
+    assert len(built) == 3   # another batch: another step
+
+
+def test_attention_models_build_a_step_per_cache(monkeypatch):
+    built = _count_steps(monkeypatch)
+    model = make_model("gla_hybrid").eval()
+    ids, mask = _prompt(seed=7)
+    for _ in range(2):
+        _greedy(model, ids, mask, _static(model))
+        gc.collect()
+    assert len(built) == 2
 
 
 def test_static_step_checks_its_inputs():

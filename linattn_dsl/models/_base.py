@@ -502,8 +502,9 @@ class LinAttnForCausalLM(LinAttnPreTrainedModel, GenerationMixin):
     def _static_step(self, cache: LinAttnCache, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                      position_ids: torch.Tensor | None) -> torch.Tensor:
         """Logits ``[B, 1, vocab]`` of one new token through the cache's static step (built, and on CUDA captured,
-        at the first such call, again when the batch or the attention buffers' capacity changes)."""
-        from .decode import StaticStep
+        at the first such call, again when the batch or the attention buffers' capacity changes; without attention
+        layers an earlier cache's step of the same shapes is reused: models.decode.step_for)."""
+        from .decode import step_for
 
         check_input_ids(input_ids)
         seen, batch = cache.seen_tokens, input_ids.shape[0]
@@ -514,7 +515,7 @@ class LinAttnForCausalLM(LinAttnPreTrainedModel, GenerationMixin):
         if cache.batch_size != batch:
             raise ValueError(f"input_ids: batch size {batch}, but the cache holds {cache.batch_size} rows")
         if cache.step is None:
-            cache.step = StaticStep(self, cache, graphs=input_ids.device.type == "cuda")
+            cache.step = step_for(self, cache, graphs=input_ids.device.type == "cuda")
         logits = cache.step(input_ids, seen, attention_mask, position_ids)
         cache.seen_tokens += 1
         return logits

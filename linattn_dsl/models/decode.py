@@ -15,11 +15,17 @@ The step's inputs are buffers too: the token ids, the RoPE positions, the column
 step itself is one graph replay (the model's layers, its final norm and ``lm_head``), so the per-token host work
 is that of transformers' ``generate`` loop (logits processors, stopping criteria). On the CPU the same step runs
 eagerly on the same buffers (what the tests compare against the dynamic cache).
+
+A step of a model without attention layers outlives its cache (:func:`step_for`): the next cache of the same batch
+and state shapes (the next ``generate`` call; lm-eval makes many) loads its prompt's states into that step's buffers
+and replays the graph already captured. A step is free once its cache is gone and it never handed its buffers out
+as per-layer dicts (``release_step``); the most recent :data:`POOL` steps of a model are kept.
 """
 
 from __future__ import annotations
 
 import warnings
+import weakref
 
 import torch
 
@@ -29,6 +35,9 @@ from .cache import LinAttnCache, _tensors
 
 # attention buffers hold twice the tokens so far (at least this many more), rounded up to a multiple of it
 CAPACITY_STEP = 256
+# steps kept per model for later caches of the same batch and state shapes (module docstring)
+POOL = 4
+_POOLS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()   # model -> [(layout, StaticStep)], oldest first
 
 
 def _copy_into(static, new, where: str) -> None:
@@ -64,6 +73,40 @@ def _buffers(state, seen: int, capacity: int, write: torch.Tensor, valid: torch.
     return state
 
 
+def _layout(state):
+    """What a layer's state must match for a pooled step's buffers to take it: its structure and every tensor's
+    shape, dtype and device (other leaves, such as a RoPE layer's token count, are not read by the step)."""
+    if isinstance(state, torch.Tensor):
+        return (tuple(state.shape), state.dtype, state.device)
+    if isinstance(state, dict):
+        return tuple((key, _layout(value)) for key, value in state.items())
+    if isinstance(state, (tuple, list)):
+        return tuple(_layout(v) for v in state)
+    return type(state).__name__
+
+
+def step_for(model, cache: LinAttnCache, graphs: bool) -> StaticStep:
+    """The static step for ``cache``'s first one-token call: a free pooled step of the same layout with the cache's
+    states loaded into its buffers, else a new one (pooled unless the model has attention layers, whose buffers'
+    capacity follows the prompt)."""
+    states = cache.states
+    if any(isinstance(s, dict) and "attn_state" in s for s in states):
+        return StaticStep(model, cache, graphs)
+    layout = (cache.batch_size, graphs, tuple(_layout(s) for s in states))
+    pool = _POOLS.setdefault(model, [])
+    for i, (lay, step) in enumerate(pool):
+        if lay == layout and step.free():
+            step.adopt(cache)
+            pool.append(pool.pop(i))
+            return step
+    step = StaticStep(model, cache, graphs)
+    pool.append((layout, step))
+    if len(pool) > POOL:
+        drop = next((i for i, (_, st) in enumerate(pool) if st.free()), 0)
+        pool.pop(drop)
+    return step
+
+
 def _dynamic(state, seen: int):
     """A layer's buffers as the dynamic cache holds them (what a multi-token call continues from)."""
     if isinstance(state, dict):
@@ -85,7 +128,9 @@ class StaticStep:
     """A model's one-token step over a batch of ``B`` rows on fixed buffers (module docstring)."""
 
     def __init__(self, model, cache: LinAttnCache, graphs: bool) -> None:
-        self.model = model
+        self._model = weakref.ref(model)   # a pooled step must not keep its model alive
+        self.owner = weakref.ref(cache)
+        self.released = False
         seen = cache.seen_tokens
         states = cache.states
         batch = cache.batch_size
@@ -109,6 +154,20 @@ class StaticStep:
                 torch.cuda.synchronize()
                 warnings.warn(f"decoding step not captured in a CUDA graph ({type(e).__name__}: {str(e)[:200]}); "
                               "it runs eagerly on the same buffers", stacklevel=4)
+
+    @property
+    def model(self):
+        return self._model()
+
+    def free(self) -> bool:
+        """Whether a new cache may take this step: its cache is gone and no caller holds its buffers as dicts."""
+        return not self.released and self.owner() is None
+
+    def adopt(self, cache: LinAttnCache) -> None:
+        """Take ``cache``'s states (of this step's layout) into the buffers; the captured graph reads them as is."""
+        for i, (static, new) in enumerate(zip(self.states, cache.states)):
+            _copy_into(static, new, f"layer {i}")
+        self.owner = weakref.ref(cache)
 
     # ------------------------------------------------------------------ the step
     def _run(self) -> None:
@@ -174,4 +233,6 @@ class StaticStep:
             t.copy_(t.index_select(0, index.to(t.device)))
 
     def dynamic_states(self, seen: int) -> list:
+        """The buffers as per-layer dicts (sharing their tensors: the step is not pooled for another cache again)."""
+        self.released = True
         return [_dynamic(s, seen) for s in self.states]
