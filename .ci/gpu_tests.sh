@@ -12,7 +12,7 @@ set -uo pipefail
 export PYTHONPATH=$PWD:$PWD/third_party/mamba:${PYTHONPATH:-}
 OUT=${OUT:-out}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name --format=csv,noheader
-SUITES=${SUITES:-tests/test_gpu_spikes.py tests/test_gpu_decode.py tests/test_gpu_delta.py tests/test_gpu_general.py tests/test_gpu_additive.py tests/test_gpu_random_specs.py tests/test_modules_conv.py tests/test_modules_cross_entropy.py tests/test_modules_norm.py tests/test_modules_rotary.py tests/test_modules_activations.py}
+SUITES=${SUITES:-tests/test_gpu_spikes.py tests/test_gpu_compile_ahead.py tests/test_gpu_decode.py tests/test_gpu_delta.py tests/test_gpu_general.py tests/test_gpu_additive.py tests/test_gpu_random_specs.py tests/test_modules_conv.py tests/test_modules_cross_entropy.py tests/test_modules_norm.py tests/test_modules_rotary.py tests/test_modules_activations.py}
 log="$OUT/gpu_tests.txt"
 # shellcheck disable=SC2086
 timeout -s INT "${LIMIT:-540}" python3 -m pytest -o addopts="-ra" -v --tb=short -p no:cacheprovider -n "${WORKERS:-6}" \

@@ -234,6 +234,7 @@ def _warm_launch(kernel, grid, args: dict) -> None:
 PARALLEL_COMPILE = os.environ.get("LINATTN_PARALLEL_COMPILE", "1") != "0"
 _WARMING: contextvars.ContextVar = contextvars.ContextVar("linattn_compile_ahead", default=False)
 _WARMED: set = set()
+AHEAD_FAILED: list = []   # walks that raised (kind, error): the calls compiled as they launched instead
 
 
 def _compile_ahead_applies(device: torch.device) -> bool:
@@ -282,8 +283,8 @@ def compile_ahead(form: Form, mod, gate, L: Layout, scale, store_final: bool, re
             if grad:
                 form.backward(mod, gate, L, scale, tensors, h0, gate_inputs, saved, torch.empty_like(o),
                               None if ht is None else torch.empty_like(ht), need_gate)
-    except Exception:   # the call itself compiles what is missing and raises what is real
-        pass
+    except Exception as e:   # the call itself compiles what is missing and raises what is real
+        AHEAD_FAILED.append((kind, f"{type(e).__name__}: {str(e)[:300]}"))
     finally:
         _WARMING.reset(token)
 
