@@ -25,6 +25,8 @@ processes on the card).
 same family (``benchmarks.train_scaling``), FLA warmed up beside the rest. ``--budget`` bounds everything:
 FLA items are timed when their warm-ups are done, highest priority first (the first family, the loop, the
 other families), and given up when they can no longer fit.
+``--families mamba2_fla`` times our Mamba2 in FLA's layout (mixer-only blocks, 48 layers) against FLA's model of
+the same parameter count (the default ``mamba2`` keeps our MLP blocks, 24 layers, against FLA's 48).
 ``--snapshot DIR`` adds one step under the allocator's history after the timed ones and writes where its peak
 went, by the code that allocated it (``DIR/memory_<impl>_<family>.txt``, ``benchmarks/memsnap.py``).
 ``--tiny`` (with ``--device cpu``) runs the same code on tiny configs: a check of the script itself.
@@ -48,7 +50,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 FAMILIES = ("gla", "retnet", "mamba2", "rwkv7", "kda", "delta_net")
-FAMILY_OPS = {"retnet": "retention", "gla": "gla", "mamba2": "mamba2", "rwkv7": "rwkv7", "kda": "kda",
+# a family in another layout: (our family, config changes, layer factor). mamba2_fla: FLA's Mamba2 blocks (mixer
+# only, no MLP) with FLA's doubled layer count, against FLA's model of the same parameter count
+VARIANTS = {"mamba2_fla": ("mamba2", dict(use_mlp=False), 2)}
+FAMILY_OPS = {"retnet": "retention", "gla": "gla", "mamba2": "mamba2", "mamba2_fla": "mamba2", "rwkv7": "rwkv7",
+              "kda": "kda",
               "delta_net": "delta_rule"}
 
 # ~340M: hidden 1024, 24 layers, vocab 32000 (FLA/flame's *_340M shapes); head counts as FLA's configs use
@@ -88,7 +94,8 @@ FAMILY_KWARGS = {
 # FLA 0.6.0's classes (fla.models); its Mamba2 blocks have no MLP, so it gets twice the layers (as FLA's
 # own Mamba2 configs do) to come near the parameter count of ours (mixer + SwiGLU MLP per block)
 FLA_CLASSES = {"gla": ("GLAConfig", "GLAForCausalLM"), "retnet": ("RetNetConfig", "RetNetForCausalLM"),
-               "mamba2": ("Mamba2Config", "Mamba2ForCausalLM"), "rwkv7": ("RWKV7Config", "RWKV7ForCausalLM"),
+               "mamba2": ("Mamba2Config", "Mamba2ForCausalLM"), "mamba2_fla": ("Mamba2Config", "Mamba2ForCausalLM"),
+               "rwkv7": ("RWKV7Config", "RWKV7ForCausalLM"),
                "kda": ("KDAConfig", "KDAForCausalLM"), "delta_net": ("DeltaNetConfig", "DeltaNetForCausalLM")}
 FLA_LAYER_FACTOR = {"mamba2": 2}
 # agreement tolerances (relative Frobenius error against the fp32 PyTorch backend on CPU)
@@ -99,18 +106,20 @@ TOLERANCE = {"fp32": (2e-3, 1e-2), "autocast": (3e-2, 1e-1), "bf16": (3e-2, 1e-1
 
 
 def model_kwargs(family: str, size: str, loss: str = "fused", layers: int | None = None) -> dict:
-    """Our config kwargs for ``family`` at ``size`` ("340m", "small", "tiny")."""
-    kw = dict(BASE[size], **FAMILY_KWARGS[size][family])
+    """Our config kwargs for ``family`` (or a layout of :data:`VARIANTS`) at ``size`` ("340m", "small", "tiny")."""
+    base, extra, factor = VARIANTS.get(family, (family, {}, 1))
+    kw = dict(BASE[size], **FAMILY_KWARGS[size][base], **extra)
     kw["fuse_linear_cross_entropy"] = loss == "fused"
     if layers:
         kw["num_hidden_layers"] = layers
+    kw["num_hidden_layers"] *= factor
     return kw
 
 
 def build_ours(family: str, kwargs: dict):
     from linattn_dsl.models import FAMILIES as OURS
 
-    config_class, _, lm_class = OURS[family]
+    config_class, _, lm_class = OURS[VARIANTS.get(family, (family,))[0]]
     return lm_class(config_class(**kwargs))
 
 
@@ -178,7 +187,7 @@ def build(impl: str, family: str, kwargs: dict, device, dtype):
         else:
             model, dropped = build_fla(family, kwargs)
             notes = [f"FLA config lacks {d}" for d in dropped]
-            if family == "mamba2":
+            if family.startswith("mamba2"):
                 note = fla_mamba2_unfused(model)
                 notes += [note] if note else []
     return model.to(dtype), notes
@@ -608,9 +617,9 @@ def orchestrate(args) -> int:
     if cuda and not torch.cuda.is_available():
         print("benchmarks.models: no CUDA device (use --device cpu --tiny to check the script)", file=sys.stderr)
         return 2
-    unknown = [f for f in args.families if f not in FAMILIES]
+    unknown = [f for f in args.families if f not in FAMILIES and f not in VARIANTS]
     if unknown:
-        print(f"--families: unknown {unknown}; expected some of {FAMILIES}", file=sys.stderr)
+        print(f"--families: unknown {unknown}; expected some of {FAMILIES + tuple(VARIANTS)}", file=sys.stderr)
         return 2
 
     def say(text: str) -> None:

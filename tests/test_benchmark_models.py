@@ -35,6 +35,12 @@ def test_340m_configs_have_the_advertised_shape():
         config = OURS[family][0](**kw)  # valid for our config classes (head dims, mamba2 heads...)
         assert config.fuse_linear_cross_entropy
     assert bench.model_kwargs("gla", "340m")["num_heads"] == 4
+    # Mamba2 in FLA's layout: mixer-only blocks, twice the layers, the parameter count of FLA's 48-layer model
+    kw = bench.model_kwargs("mamba2_fla", "340m")
+    assert kw["num_hidden_layers"] == 48 and kw["use_mlp"] is False
+    with torch.device("meta"):
+        model = bench.build_ours("mamba2_fla", kw)
+    assert 380e6 < sum(p.numel() for p in model.parameters()) < 385e6   # FLA's: 382.4M
     assert bench.model_kwargs("gla", "340m", loss="plain", layers=6)["num_hidden_layers"] == 6
     assert not bench.model_kwargs("gla", "340m", loss="plain")["fuse_linear_cross_entropy"]
 
