@@ -142,6 +142,13 @@ def test_next_cache_reuses_a_free_step(family, monkeypatch):
     third = _static(model)
     assert torch.equal(_greedy(model, ids3, mask3, third), _greedy(model, ids3, mask3))
     assert len(built) == 3   # another batch: another step
+    del again, third
+    gc.collect()
+    for p in model.parameters():   # the weights move (same dtype): a captured graph would read the old ones
+        p.data = p.data.clone()
+    ids, mask = _prompt(seed=8)
+    assert torch.equal(_greedy(model, ids, mask, _static(model)), _greedy(model, ids, mask))
+    assert len(built) == 4
 
 
 def test_attention_models_build_a_step_per_cache(monkeypatch):

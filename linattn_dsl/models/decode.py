@@ -92,7 +92,9 @@ def step_for(model, cache: LinAttnCache, graphs: bool) -> StaticStep:
     states = cache.states
     if any(isinstance(s, dict) and "attn_state" in s for s in states):
         return StaticStep(model, cache, graphs)
-    layout = (cache.batch_size, graphs, tuple(_layout(s) for s in states))
+    # a captured graph reads the weights where they were: a model moved or cast since gets a new step
+    weights = tuple((t.data_ptr(), t.dtype) for t in (*model.parameters(), *model.buffers()))
+    layout = (cache.batch_size, graphs, tuple(_layout(s) for s in states), weights)
     pool = _POOLS.setdefault(model, [])
     for i, (lay, step) in enumerate(pool):
         if lay == layout and step.free():
