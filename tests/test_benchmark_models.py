@@ -184,3 +184,21 @@ def test_memsnap_peak_breakdown_replays_the_trace():
     assert b["base_by"][0][1:] == (1000, 1)
     text = memsnap.report(b, "t")
     assert "linattn_dsl/b.py:2 f" in text and "GiB" in text
+
+
+def test_shelf_train_configs_and_a_tiny_run(tmp_path):
+    """benchmarks/shelf_train.py: every shelf family's ~340M [model] is valid and 330-420M parameters (meta device);
+    one family runs the whole script on the CPU (--tiny: train a few steps, export, generate)."""
+    from benchmarks import shelf_train
+    from linattn_dsl.train.config import model_classes, validate_model
+
+    for family in shelf_train.SHELF:
+        model = shelf_train.model_section(family)
+        validate_model(model)
+        config_class, _, lm_class = model_classes(model)
+        with torch.device("meta"):
+            lm = lm_class(config_class(**{k: v for k, v in model.items() if k not in ("family", "spec")}))
+        assert 330e6 < sum(p.numel() for p in lm.parameters()) < 420e6, family
+    assert shelf_train.main(["--tiny", "--steps", "3", "--families", "comba", "--out", str(tmp_path)]) == 0
+    (row,) = json.loads((tmp_path / "shelf_train.json").read_text())
+    assert row["last_step"] == 3 and row["generated"].startswith("ROMEO:")
