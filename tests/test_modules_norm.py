@@ -112,6 +112,11 @@ def test_rmsnorm_fused_residual(prenorm, residual_dtype):
         torch.testing.assert_close(a.double(), b, atol=GRAD_ATOL * 5, rtol=GRAD_ATOL)
 
 
+# rows of groups x group_size channels, normalised per group or over the whole row
+GROUPED_ROWS = dict(rows=st.integers(1, 7), groups=st.integers(1, 4), group_size=st.integers(1, 70),
+                    grouped=st.booleans())
+
+
 def test_rmsnorm_prenorm_without_residual_returns_x():
     norm = RMSNorm(8)
     x = torch.randn(3, 8)
@@ -122,10 +127,7 @@ def test_rmsnorm_prenorm_without_residual_returns_x():
 
 @settings(max_examples=EXAMPLES, deadline=None)
 @given(
-    rows=st.integers(1, 7),
-    groups=st.integers(1, 4),
-    group_size=st.integers(1, 70),
-    grouped=st.booleans(),
+    **GROUPED_ROWS,
     activation=st.sampled_from(["swish", "silu", "sigmoid"]),
     seed=st.integers(0, 99),
 )
@@ -149,10 +151,7 @@ def test_gated_rmsnorm_matches_reference(rows, groups, group_size, grouped, acti
 
 @settings(max_examples=EXAMPLES, deadline=None)
 @given(
-    rows=st.integers(1, 7),
-    groups=st.integers(1, 4),
-    group_size=st.integers(1, 70),
-    grouped=st.booleans(),
+    **GROUPED_ROWS,
     activation=st.sampled_from(["swish", "sigmoid"]),
     affine=st.sampled_from(["own", "passed", "none"]),
     seed=st.integers(0, 99),
