@@ -6,9 +6,10 @@ Settings of shared/GPU.md: bf16, B*T = 32768 tokens, H=16 heads of D=128 (Mamba2
 d_state 128, one group, D and dt_bias on, softplus in the kernel); log-decays from logsigmoid of a
 standard normal (GLA / 16). The shelf: comba, rwkv6 and linear_attn (elu + 1 features, normalised) against FLA's ops,
 hgrn2 against FLA's chunk_gla with k = 1 - exp(g) (its HGRN2 layer's call), mamba (2048 channels of d_state 16)
-against mamba-ssm's selective scan. Each (implementation, op) runs in its own process with a timeout; FLA and
-mamba are compiled and autotuned first, in parallel processes, so that their timing runs hit Triton's
-disk cache. Times are triton.testing.do_bench medians in ms; memory is the peak of fwd+bwd above the
+against mamba-ssm's selective scan (where its CUDA extension is installed), our step form (impl ``step``) and our
+Mamba2 at the same hidden size (op ``mamba2_h1024``: 32 heads of P=64). Each (implementation, op) runs in its own
+process with a timeout; FLA and mamba are compiled and autotuned first, in parallel processes, so that their timing
+runs hit Triton's disk cache. Times are triton.testing.do_bench medians in ms; memory is the peak of fwd+bwd above the
 inputs, in MiB; under ``torch.no_grad`` (prefill) the forward's peak above the inputs, beside the output's size
 (nothing may be kept for a backward). ``--D 64`` / ``--D 256``: other head widths (16 heads). Results: a table on
 stdout, results.json and ops.png under --out.
@@ -34,8 +35,8 @@ def make_inputs(op: str, T: int, device="cuda", D: int = 128):
     torch.manual_seed(0)
     B = TOKENS // T
     bf = dict(device=device, dtype=torch.bfloat16)
-    if op == "mamba2":
-        H, P, N = 64, 64, 128
+    if op in ("mamba2", "mamba2_h1024"):   # mamba2_h1024: Mamba2 at Mamba's hidden 1024 (2048 channels)
+        H, P, N = (64 if op == "mamba2" else 32), 64, 128
         x = torch.randn(B, T, H, P, **bf)
         dt = torch.randn(B, T, H, **bf) - 2.0   # per-token inputs share one dtype (per-head A, D, dt_bias fp32)
         A = -torch.exp(torch.rand(H, device=device) * 2.0)
@@ -79,6 +80,12 @@ def make_inputs(op: str, T: int, device="cuda", D: int = 128):
     if op == "kda":
         g = (F.logsigmoid(torch.randn(B, T, H, D, device=device)) / 4).to(torch.bfloat16)
         return dict(q=q, k=k, v=v, g=g, beta=beta)
+    if op == "gated_delta_product":   # two delta steps per token: k, v, beta carry T * 2 rows (FLA's layout)
+        n = 2
+        k2 = F.normalize(torch.randn(B, T * n, H, D, device=device), dim=-1).to(torch.bfloat16)
+        g = F.logsigmoid(torch.randn(B, T, H, device=device)).to(torch.bfloat16)
+        beta2 = torch.sigmoid(torch.randn(B, T * n, H, device=device)).to(torch.bfloat16)
+        return dict(q=q, k=k2, v=torch.randn(B, T * n, H, D, **bf), g=g, beta=beta2)
     if op == "comba":   # FLA's argument order (q, k, v, p, g, beta); p a second unit key
         p = F.normalize(torch.randn(B, T, H, D, device=device), dim=-1).to(torch.bfloat16)
         g = F.logsigmoid(torch.randn(B, T, H, device=device)).to(torch.bfloat16)
@@ -91,18 +98,30 @@ def make_inputs(op: str, T: int, device="cuda", D: int = 128):
     raise ValueError(op)
 
 
+def _householder(op: str, t: dict) -> dict:
+    """gated_delta_product's steps per token: the rows of k per row of q."""
+    return dict(num_householder=t["k"].shape[1] // t["q"].shape[1]) if op == "gated_delta_product" else {}
+
+
 def get_fn(impl: str, op: str):
     """A callable taking the input dict and returning the output tensor."""
     if impl == "ours":
         from linattn_dsl import ops
 
-        if op in ("mamba2", "mamba"):
-            f = getattr(ops, f"chunk_{op}")
+        if op in ("mamba2", "mamba", "mamba2_h1024"):
+            f = getattr(ops, f"chunk_{op.removesuffix('_h1024')}")
             return lambda t: f(t["x"], t["dt"], t["A"], t["B"], t["C"], D=t["D"], dt_bias=t["dt_bias"])[0]
         if op == "simple_gla":   # scalar-decay additive: mamba2's plan with unit value scaling is not the same op
             raise ValueError("no shipped spec is FLA's simple_gla")
         f = getattr(ops, f"chunk_{op}")
-        return lambda t: f(*t.values())[0]
+        return lambda t: f(*t.values(), **_householder(op, t))[0]
+    if impl == "step":   # our step form of the op (fused_recurrent_<op>)
+        from linattn_dsl import ops
+
+        f = getattr(ops, f"fused_recurrent_{op}")
+        if op == "mamba":
+            return lambda t: f(t["x"], t["dt"], t["A"], t["B"], t["C"], D=t["D"], dt_bias=t["dt_bias"])[0]
+        return lambda t: f(*t.values(), **_householder(op, t))[0]
     if impl == "fla":
         if op == "retention":
             from fla.ops.retention import chunk_retention as f
@@ -122,6 +141,10 @@ def get_fn(impl: str, op: str):
             return lambda t: f(*t.values(), scale=1.0)[0]
         elif op == "comba":
             from fla.ops.comba import chunk_comba as f
+        elif op == "gated_delta_product":
+            from fla.ops.gated_delta_product import chunk_gated_delta_product as f
+
+            return lambda t: f(*t.values(), **_householder(op, t))[0]
         elif op == "rwkv6":
             from fla.ops.rwkv6 import chunk_rwkv6 as f
         elif op == "hgrn2":   # FLA's HGRN2 layer: chunk_gla with k = 1 - exp(g)
@@ -263,7 +286,8 @@ def collect(proc, timeout, impl, op, Ts):
 PLAN = {"retention": ["ours", "fla"], "gla": ["ours", "fla"], "simple_gla": ["fla"], "mamba2": ["ours", "mamba"],
         "delta_rule": ["ours", "fla"], "gated_delta_rule": ["ours", "fla"], "kda": ["ours", "fla"],
         "rwkv7": ["ours", "fla"], "comba": ["ours", "fla"], "hgrn2": ["ours", "fla"],
-        "linear_attn": ["ours", "fla"], "mamba": ["ours", "mamba"], "rwkv6": ["ours", "fla"]}
+        "linear_attn": ["ours", "fla"], "mamba": ["ours", "step", "mamba"], "mamba2_h1024": ["ours"],
+        "rwkv6": ["ours", "fla"], "gated_delta_product": ["ours", "fla"]}
 
 
 def main(argv=None) -> int:
@@ -289,10 +313,10 @@ def main(argv=None) -> int:
     start = time.time()
     # compile/autotune everything in parallel (each process also measures; Triton caches kernels on disk)
     procs = [(impl, op, *spawn(impl, op, args.T, args.timeout, args.D)) for impl, op in jobs
-             if impl not in ("ours", "sdpa")]
+             if impl not in ("ours", "step", "sdpa")]
     rows = []
     for impl, op in jobs:   # ours and SDPA: timed one at a time while the references tune
-        if impl in ("ours", "sdpa"):
+        if impl in ("ours", "step", "sdpa"):
             pr, to = spawn(impl, op, args.T, args.timeout, args.D)
             rows += collect(pr, to, impl, op, args.T)[0]
     for impl, op, pr, to in procs:
