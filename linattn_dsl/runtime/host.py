@@ -232,6 +232,9 @@ def _warm_launch(kernel, grid, args: dict) -> None:
 # LINATTN_PARALLEL_COMPILE=0, on CPU (the interpreter compiles nothing), while a CUDA graph is captured, and where
 # the installed Triton has no AsyncCompileMode.
 PARALLEL_COMPILE = os.environ.get("LINATTN_PARALLEL_COMPILE", "1") != "0"
+# LINATTN_PARALLEL_COMPILE=fork: each compile first runs in a forked child, which fills Triton's disk cache; the
+# parent's own compile of that kernel then loads it from there (a compile that failed in the child runs in the parent)
+FORK_COMPILE = os.environ.get("LINATTN_PARALLEL_COMPILE") == "fork" and hasattr(os, "fork")
 _WARMING: contextvars.ContextVar = contextvars.ContextVar("linattn_compile_ahead", default=False)
 _WARMED: set = set()
 AHEAD_FAILED: list = []   # walks that raised (kind, error): the calls compiled as they launched instead
@@ -248,10 +251,61 @@ def _compile_ahead_applies(device: torch.device) -> bool:
     return _async_compile.active_mode.get() is None
 
 
+class _ForkPool:
+    """An executor for AsyncCompileMode whose every job runs first in a forked child (at most ``workers`` at once)
+    and then in the parent, where it finds the child's results in Triton's cache; a thread per child waits for it."""
+
+    def __init__(self, workers: int):
+        import threading
+
+        self.slots = threading.Semaphore(workers)
+        self.threads: list = []
+
+    def submit(self, fn):
+        import threading
+        import warnings
+
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self.slots.acquire()
+        with warnings.catch_warnings():   # forking a threaded process: the child only compiles, then exits
+            warnings.simplefilter("ignore", DeprecationWarning)
+            pid = os.fork()
+        if pid == 0:   # pragma: no cover (child)
+            code = 1
+            try:
+                fn()
+                code = 0
+            finally:
+                os._exit(code)
+
+        def finish():
+            os.waitpid(pid, 0)
+            self.slots.release()
+            try:
+                future.set_result(fn())
+            except BaseException as e:
+                future.set_exception(e)
+
+        t = threading.Thread(target=finish, daemon=True)
+        t.start()
+        self.threads.append(t)
+        return future
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for t in self.threads:
+            t.join()
+
+
 @contextlib.contextmanager
 def _compile_pool():
-    """Triton's AsyncCompileMode over a thread pool; leaving it waits for every submitted compile."""
-    with concurrent.futures.ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1)) as pool:
+    """Triton's AsyncCompileMode over a thread pool (or :class:`_ForkPool`); leaving it waits for every submitted
+    compile."""
+    workers = min(16, os.cpu_count() or 1)
+    pool = _ForkPool(workers) if FORK_COMPILE else concurrent.futures.ThreadPoolExecutor(max_workers=workers)
+    with pool:
         with triton.AsyncCompileMode(pool):
             yield
 
