@@ -81,9 +81,9 @@ def _warm(trees: dict, ops: list[str], T: int) -> dict:
     return out
 
 
-def _cold(trees: dict, ops: list[str], T: int) -> dict:
+def _cold(trees: dict, ops: list[str], T: int, env_of: dict | None = None) -> dict:
     """{(side, op): seconds of the first call with an empty Triton cache}, one process at a time (no contention),
-    sides alternating per op."""
+    sides alternating per op. ``env_of``: extra environment per side (a side is then a tree under a setting)."""
     import tempfile
 
     out = {}
@@ -91,8 +91,8 @@ def _cold(trees: dict, ops: list[str], T: int) -> dict:
         for side in (list(trees) if i % 2 == 0 else list(trees)[::-1]):
             cmd, env = _side_cmd(trees[side], [op], [T])
             with tempfile.TemporaryDirectory() as cache:
-                res = subprocess.run(cmd, env=dict(env, TRITON_CACHE_DIR=cache), cwd=str(trees[side]),
-                                     capture_output=True, text=True)
+                env = dict(env, TRITON_CACHE_DIR=cache, **(env_of or {}).get(side, {}))
+                res = subprocess.run(cmd, env=env, cwd=str(trees[side]), capture_output=True, text=True)
             out[(side, op)] = _parse(trees[side], res.returncode, res.stdout, res.stderr)[0]["first"]
             print(f"cold {side} {op}: {out[(side, op)]:.1f} s", file=sys.stderr, flush=True)
     return out
@@ -133,6 +133,8 @@ def main(argv=None) -> int:
                    "column is then of these parallel compiles)")
     p.add_argument("--cold", action="store_true", help="only the first call of every (side, op) with an empty Triton "
                    "cache, one process at a time, then exit")
+    p.add_argument("--new-env", nargs="*", default=[], metavar="NAME=VALUE",
+                   help="with --cold: also time the new tree under each of these environment settings")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.child:
@@ -140,7 +142,12 @@ def main(argv=None) -> int:
         return 0
     trees = {"old": a.old, **({"mid": a.mid} if a.mid else {}), "new": a.new}
     if a.cold:
-        cold = _cold(trees, a.ops, a.T[0])
+        env_of = {}
+        for setting in a.new_env:   # the new tree once more per setting, as its own side
+            name, _, value = setting.partition("=")
+            trees[f"new {setting}"] = a.new
+            env_of[f"new {setting}"] = {name: value}
+        cold = _cold(trees, a.ops, a.T[0], env_of)
         print(f"{'op':>18} | first call s, empty cache: " + " / ".join(trees))
         for op in a.ops:
             print(f"{op:>18} | " + " / ".join(f"{cold[(s, op)]:6.1f}" for s in trees))
