@@ -119,3 +119,12 @@ def test_fork_pool_runs_each_job_in_a_child_then_in_the_parent(tmp_path):
     with host._ForkPool(2) as pool:
         futures = [pool.submit(job(i)) for i in range(5)]
     assert [f.result() for f in futures] == [(True, os.getpid())] * 5
+
+
+def test_launcher_build_failure_keeps_the_compiled_kernel():
+    """A compile job builds its kernel's launcher too; where that cannot happen (here: no GPU driver, a result that
+    is no kernel) the job still returns the compile's result, and the first launch builds the launcher itself."""
+    from linattn_dsl.runtime import host
+
+    result = object()
+    assert host._with_launcher(lambda: result)() is result

@@ -251,6 +251,26 @@ def _compile_ahead_applies(device: torch.device) -> bool:
     return _async_compile.active_mode.get() is None
 
 
+def _with_launcher(compile_fn):
+    """A compile job that also builds the kernel's launcher. Triton 3.6 compiles a C launcher per kernel signature
+    with the system's C compiler (about 0.5 s each, cached on disk) at the kernel's first launch, one after another
+    in the launching thread; built here, in parallel, that first launch finds it in the cache. Newer Tritons' launcher
+    is generic and costs nothing here."""
+    def job():
+        kernel = compile_fn()
+        try:
+            triton.runtime.driver.active.launcher_cls(kernel.src, kernel.metadata)
+        except Exception:   # the first launch builds it again and reports any real error
+            pass
+        return kernel
+    return job
+
+
+class _ThreadPool(concurrent.futures.ThreadPoolExecutor):
+    def submit(self, fn, /, *args, **kwargs):
+        return super().submit(_with_launcher(fn), *args, **kwargs)
+
+
 class _ForkPool:
     """An executor for AsyncCompileMode whose every job runs first in a forked child (at most ``workers`` at once)
     and then in the parent, where it finds the child's results in Triton's cache; a thread per child waits for it."""
@@ -265,6 +285,7 @@ class _ForkPool:
         import threading
         import warnings
 
+        fn = _with_launcher(fn)
         future: concurrent.futures.Future = concurrent.futures.Future()
         self.slots.acquire()
         with warnings.catch_warnings():   # forking a threaded process: the child only compiles, then exits
@@ -301,11 +322,10 @@ class _ForkPool:
 
 @contextlib.contextmanager
 def _compile_pool():
-    """Triton's AsyncCompileMode over a thread pool (or :class:`_ForkPool`); leaving it waits for every submitted
-    compile."""
+    """Triton's AsyncCompileMode over a thread pool (or :class:`_ForkPool`), every job building its kernel's launcher
+    too; leaving it waits for every submitted compile."""
     workers = min(16, os.cpu_count() or 1)
-    pool = _ForkPool(workers) if FORK_COMPILE else concurrent.futures.ThreadPoolExecutor(max_workers=workers)
-    with pool:
+    with (_ForkPool if FORK_COMPILE else _ThreadPool)(workers) as pool:
         with triton.AsyncCompileMode(pool):
             yield
 
