@@ -1,5 +1,5 @@
 """Where the seconds of an op's first call go: for each op, one fresh process per mode (the values of
-LINATTN_PARALLEL_COMPILE: threads ``1``, ``fork``, serial ``0``) with an empty Triton cache runs the first fwd+bwd
+LINATTN_PARALLEL_COMPILE: the walk on ``1``, off ``0``) with an empty Triton cache runs the first fwd+bwd
 of ``benchmarks/ops.py``'s inputs and reports the call's seconds, the compile-ahead walk's seconds, and every kernel
 Triton compiled (its stage times from Triton's compilation listener, and the thread that compiled it).
 
@@ -93,7 +93,7 @@ def main(argv=None) -> int:
                                                  "kda", "rwkv7"])
     p.add_argument("--T", type=int, default=4096)
     p.add_argument("--out", type=Path)
-    p.add_argument("--modes", nargs="+", default=["1", "fork", "0"], help="LINATTN_PARALLEL_COMPILE values")
+    p.add_argument("--modes", nargs="+", default=["1", "0"], help="LINATTN_PARALLEL_COMPILE values")
     p.add_argument("--child", nargs=2)
     a = p.parse_args(argv)
     if a.child:
@@ -110,7 +110,7 @@ def main(argv=None) -> int:
                 print(f"{op} mode {mode}: exit {res.returncode}\n{res.stderr[-2000:]}", file=sys.stderr)
                 continue
             row = json.loads(res.stdout.strip().splitlines()[-1])
-            row["mode"] = {"1": "threads", "0": "serial"}.get(mode, mode)
+            row["mode"] = {"1": "walk", "0": "serial"}.get(mode, mode)
             rows.append(row)
             _report([row])
             sys.stdout.flush()

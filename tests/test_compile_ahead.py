@@ -99,28 +99,6 @@ def test_compile_ahead_walk_covers_every_launch():
     assert "compile-ahead ok" in r.stdout
 
 
-def test_fork_pool_runs_each_job_in_a_child_then_in_the_parent(tmp_path):
-    """LINATTN_PARALLEL_COMPILE=fork's executor: a job runs first in a forked child (here it leaves a marker, as a
-    compile leaves Triton's cache), then in the parent, whose run finds the marker; results come from the parent."""
-    if not hasattr(os, "fork"):
-        return
-    from linattn_dsl.runtime import host
-
-    def job(i):
-        def run():
-            marker = tmp_path / str(i)
-            found = marker.exists()
-            marker.touch()
-            if i == 3 and not found:
-                raise RuntimeError("fails in the child only")
-            return found, os.getpid()
-        return run
-
-    with host._ForkPool(2) as pool:
-        futures = [pool.submit(job(i)) for i in range(5)]
-    assert [f.result() for f in futures] == [(True, os.getpid())] * 5
-
-
 def test_launcher_build_failure_keeps_the_compiled_kernel():
     """A compile job builds its kernel's launcher too; where that cannot happen (here: no GPU driver, a result that
     is no kernel) the job still returns the compile's result, and the first launch builds the launcher itself."""

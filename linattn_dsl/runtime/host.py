@@ -226,15 +226,13 @@ def _warm_launch(kernel, grid, args: dict) -> None:
 
 # Compile ahead: a chunk op's first call of a kind (its module, variant, mode, dtypes, head dims, sequences, whether a
 # gradient will follow) first walks its forward and backward hosts without launching anything, each launch handing
-# its kernel to Triton's AsyncCompileMode, so the 8-20 kernels of a fwd+bwd compile in parallel threads (Triton
-# releases the GIL in its passes; ptxas runs as a process) instead of one after another at their first launch. The
-# walk allocates what the call would and runs the hosts' few torch ops on those buffers; no value is read. Off with
-# LINATTN_PARALLEL_COMPILE=0, on CPU (the interpreter compiles nothing), while a CUDA graph is captured, and where
-# the installed Triton has no AsyncCompileMode.
+# its kernel to Triton's AsyncCompileMode, so the 8-20 kernels of a fwd+bwd compile, and their launchers build, in
+# parallel threads (Triton releases the GIL in its passes; ptxas and the C compiler run as processes) instead of one
+# after another at their first launch. (Compiling in forked children instead gains little over the threads and
+# could hang: forking a process that has other threads.) The walk allocates what the call would and runs the hosts'
+# few torch ops on those buffers; no value is read. Off with LINATTN_PARALLEL_COMPILE=0, on CPU (the interpreter
+# compiles nothing), while a CUDA graph is captured, and where the installed Triton has no AsyncCompileMode.
 PARALLEL_COMPILE = os.environ.get("LINATTN_PARALLEL_COMPILE", "1") != "0"
-# LINATTN_PARALLEL_COMPILE=fork: each compile first runs in a forked child, which fills Triton's disk cache; the
-# parent's own compile of that kernel then loads it from there (a compile that failed in the child runs in the parent)
-FORK_COMPILE = os.environ.get("LINATTN_PARALLEL_COMPILE") == "fork" and hasattr(os, "fork")
 _WARMING: contextvars.ContextVar = contextvars.ContextVar("linattn_compile_ahead", default=False)
 _WARMED: set = set()
 AHEAD_FAILED: list = []   # walks that raised (kind, error): the calls compiled as they launched instead
@@ -271,61 +269,11 @@ class _ThreadPool(concurrent.futures.ThreadPoolExecutor):
         return super().submit(_with_launcher(fn), *args, **kwargs)
 
 
-class _ForkPool:
-    """An executor for AsyncCompileMode whose every job runs first in a forked child (at most ``workers`` at once)
-    and then in the parent, where it finds the child's results in Triton's cache; a thread per child waits for it."""
-
-    def __init__(self, workers: int):
-        import threading
-
-        self.slots = threading.Semaphore(workers)
-        self.threads: list = []
-
-    def submit(self, fn):
-        import threading
-        import warnings
-
-        fn = _with_launcher(fn)
-        future: concurrent.futures.Future = concurrent.futures.Future()
-        self.slots.acquire()
-        with warnings.catch_warnings():   # forking a threaded process: the child only compiles, then exits
-            warnings.simplefilter("ignore", DeprecationWarning)
-            pid = os.fork()
-        if pid == 0:   # pragma: no cover (child)
-            code = 1
-            try:
-                fn()
-                code = 0
-            finally:
-                os._exit(code)
-
-        def finish():
-            os.waitpid(pid, 0)
-            self.slots.release()
-            try:
-                future.set_result(fn())
-            except BaseException as e:
-                future.set_exception(e)
-
-        t = threading.Thread(target=finish, daemon=True)
-        t.start()
-        self.threads.append(t)
-        return future
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        for t in self.threads:
-            t.join()
-
-
 @contextlib.contextmanager
 def _compile_pool():
-    """Triton's AsyncCompileMode over a thread pool (or :class:`_ForkPool`), every job building its kernel's launcher
-    too; leaving it waits for every submitted compile."""
-    workers = min(16, os.cpu_count() or 1)
-    with (_ForkPool if FORK_COMPILE else _ThreadPool)(workers) as pool:
+    """Triton's AsyncCompileMode over a thread pool, every job building its kernel's launcher too; leaving it waits
+    for every submitted compile."""
+    with _ThreadPool(max_workers=min(16, os.cpu_count() or 1)) as pool:
         with triton.AsyncCompileMode(pool):
             yield
 
