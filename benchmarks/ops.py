@@ -346,13 +346,13 @@ def main(argv=None) -> int:
 
 def table(rows, meta) -> str:
     lines = [f"{meta['card']}, torch {meta['torch']}, triton {meta['triton']}, {meta['date']}, bf16, B*T={TOKENS}",
-             f"{'op':<11} {'impl':<6} {'T':>6} {'fwd ms':>8} {'fwd+bwd':>8} {'peak MiB':>9} {'no_grad':>8} "
+             f"{'op':<20} {'impl':<6} {'T':>6} {'fwd ms':>8} {'fwd+bwd':>8} {'peak MiB':>9} {'no_grad':>8} "
              f"{'first s':>8}"]
     for r in sorted(rows, key=lambda r: (r["op"], r["T"], r["impl"])):
         if "error" in r:
-            lines.append(f"{r['op']:<11} {r['impl']:<6} {r['T']:>6}  ERROR {r['error'][:90]}")
+            lines.append(f"{r['op']:<20} {r['impl']:<6} {r['T']:>6}  ERROR {r['error'][:90]}")
         else:
-            lines.append(f"{r['op']:<11} {r['impl']:<6} {r['T']:>6} {r['fwd_ms']:>8.3f} {r['fwdbwd_ms']:>8.3f} "
+            lines.append(f"{r['op']:<20} {r['impl']:<6} {r['T']:>6} {r['fwd_ms']:>8.3f} {r['fwdbwd_ms']:>8.3f} "
                          f"{r['peak_mib']:>9.0f} {r.get('fwd_nograd_peak_mib', float('nan')):>8.0f} "
                          f"{r.get('first_call_cold_s') or r['first_call_s']:>8.1f}")
     return "\n".join(lines)
