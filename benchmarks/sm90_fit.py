@@ -75,7 +75,7 @@ def record_launches(fn_call) -> list[dict]:
     return launches
 
 
-def _record(spec_names, dims, dtypes, modes=("chunk",), T=80) -> list[dict]:
+def _record(spec_names, dims, dtypes, modes=("chunk",), T=80, heads=1) -> list[dict]:
     import torch
 
     from linattn_dsl import ops
@@ -89,7 +89,7 @@ def _record(spec_names, dims, dtypes, modes=("chunk",), T=80) -> list[dict]:
         spec = registry.load(name)
         for D in dims:
             for dtype in dtypes:
-                case = testing.draw_case(spec, B=1, T=T, heads=1, K=D, V=D, seed=0)
+                case = testing.draw_case(spec, B=1, T=T, heads=heads, K=D, V=D, seed=0)
                 tensors = {k: (v.to(getattr(torch, dtype)) if v is not None and v.dim() >= 3 else v)
                            for k, v in case.tensors.items()}
                 for mode in modes:
@@ -145,15 +145,15 @@ def registers(launch: dict) -> str:
     return f"{regs.group(1) if regs else '?'} regs, {spill.group(1) if spill else '?'} B spilled"
 
 
-def fit(specs, dims, dtypes, modes=("chunk",)) -> list[tuple[dict, int]]:
+def fit(specs, dims, dtypes, modes=("chunk",), heads=1) -> list[tuple[dict, int]]:
     """Every distinct launch of the ops of ``specs`` (``modes``: chunk, fused_recurrent; head dims ``dims``,
     ``dtypes`` names) fwd+bwd, with the shared memory (bytes) it needs on sm_90; the launches are recorded in
-    a child process."""
+    a child process. ``heads``: of the recorded calls (the tuning table's choices depend on sequences x heads)."""
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "launches.json")
         env = dict(os.environ, TRITON_INTERPRET="1")
         cmd = [sys.executable, "-m", "benchmarks.sm90_fit", "--record", path, "--specs", *specs,
-               "--dims", *map(str, dims), "--dtypes", *dtypes, "--modes", *modes]
+               "--dims", *map(str, dims), "--dtypes", *dtypes, "--modes", *modes, "--heads", str(heads)]
         subprocess.run(cmd, env=env, check=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         with open(path) as f:
             launches = json.load(f)
@@ -167,13 +167,14 @@ def main(argv=None) -> int:
     p.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"])
     p.add_argument("--modes", nargs="+", default=["chunk", "fused_recurrent"], choices=["chunk", "fused_recurrent"])
     p.add_argument("--spills", action="store_true", help="also ptxas's registers and spill stores per launch")
+    p.add_argument("--heads", type=int, default=1, help="heads of the recorded calls (128: a benchmark's 8 x 16)")
     p.add_argument("--record", help=argparse.SUPPRESS)  # child: write the recorded launches to this file
     a = p.parse_args(argv)
     if a.record:
         with open(a.record, "w") as f:
-            json.dump(_record(a.specs, a.dims, a.dtypes, a.modes), f)
+            json.dump(_record(a.specs, a.dims, a.dtypes, a.modes, heads=a.heads), f)
         return 0
-    rows = fit(a.specs, a.dims, a.dtypes, a.modes)
+    rows = fit(a.specs, a.dims, a.dtypes, a.modes, a.heads)
     for launch, need in rows:
         print(f"{launch['spec']:18s} {launch['mode']:15s} D={launch['D']:<4d} {launch['dtype']:9s} "
               f"{launch['kernel']:20s} "
