@@ -17,20 +17,33 @@ import torch
 from .args import Bound, Signature
 
 NORMALIZER_EPS = 1e-10   # added to the normalised output's denominator (FLA's chunk_linear_attn adds the same)
+NORMALIZER_ALIGN = 8     # the widened value's columns, a multiple of this (16 bytes of bf16)
 
 
 def normalized(bound: Bound, run):
     """A call with the normalised output (``Signature.normalize``): ``run`` on the call with the value input
     widened by a column of ones, whose state column is z (the keys' running sum under the decay) and whose output
-    column is the denominator q^T z; then o = numerator / (denominator + NORMALIZER_EPS), in at least fp32."""
+    column is the denominator q^T z; then o = numerator / (denominator + NORMALIZER_EPS), in at least fp32. Zero
+    columns after the ones round the wide value up to a multiple of 8 (``NORMALIZER_ALIGN``), so that every row
+    of it, of the output and of the state starts 16-byte aligned and the kernels load and store whole vectors; the
+    kernels round their value tiles up to a power of two anyway, so these columns cost no more tiles. The state
+    stays [K, V + 1] outside (the initial state padded with zero columns, the final state cut back)."""
     spec = bound.spec
     name, V = spec.value_input, bound.size("V")
     v = bound.tensors[name]
-    wide = replace(bound, tensors={**bound.tensors, name: torch.cat([v, v.new_ones(*v.shape[:-1], 1)], -1)},
-                   sizes={**bound.sizes, spec.head_dims["V"]: V + 1})
+    W = -(-(V + 1) // NORMALIZER_ALIGN) * NORMALIZER_ALIGN
+    extra = torch.zeros(W - V, dtype=v.dtype, device=v.device)
+    extra[0] = 1
+    h0 = bound.initial_state
+    if h0 is not None and W > V + 1:
+        h0 = torch.nn.functional.pad(h0, (0, W - V - 1))
+    wide = replace(bound, tensors={**bound.tensors, name: torch.cat([v, extra.expand(*v.shape[:-1], -1)], -1)},
+                   sizes={**bound.sizes, spec.head_dims["V"]: W}, initial_state=h0)
     o, ht = run(wide)
+    if ht is not None and W > V + 1:
+        ht = ht[..., :V + 1].contiguous()
     at = torch.promote_types(o.dtype, torch.float32)
-    return (o[..., :V].to(at) / (o[..., V:].to(at) + NORMALIZER_EPS)).to(o.dtype), ht
+    return (o[..., :V].to(at) / (o[..., V:V + 1].to(at) + NORMALIZER_EPS)).to(o.dtype), ht
 
 
 def _spread(x: torch.Tensor, n: int, slot: int | None) -> torch.Tensor:
