@@ -2,9 +2,9 @@
 # On a GPU machine with no build backend: make the checkout importable, install the wheels of the ignored
 # .wheels/ folder (FLA and its dependencies) into /tmp/linattn_site, restore this card's autotuning results
 # (.wheels/triton_autotune_<card>.tar.gz), then run each argument as one command line, in order, each under its
-# own `timeout` of STEP_LIMIT seconds (default 300), printing elapsed seconds; at the end the autotuning results
-# so far go to $OUT/triton_autotune_<card>.tar.gz after every step (put it in .wheels: the next call's FLA skips
-# its tuning). From the repository root, with .wheels and third_party copied there:
+# own `timeout` of STEP_LIMIT seconds (default 300), printing elapsed seconds; after every step, the autotuning
+# results so far go to $OUT/triton_autotune_<card>.tar.gz (put it in .wheels: the next call's FLA skips its
+# tuning). From the repository root, with .wheels and third_party copied there:
 #
 #   bash benchmarks/gpu_run.sh 'python3 -m benchmarks.launch_sweep --ops delta_rule,kda --out out/sweep' \
 #       'python3 -m benchmarks.ops --ops delta_rule,kda --out out/ops'

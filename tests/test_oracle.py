@@ -2,6 +2,7 @@
 
 import tempfile
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -268,6 +269,38 @@ def test_normalized_output_is_the_ratio_with_the_keys_running_sum(name, seed):
         errs = testing.compare(case, op)
         assert all(e < 1e-5 for e in errs.values()), errs
 
+
+@pytest.mark.parametrize("V", [3, 7, 8])
+def test_normalized_call_widens_the_value_to_whole_vectors(V):
+    """The normalised call runs on a value of V + 1 columns rounded up to a multiple of 8 (every row 16-byte
+    aligned): the ones column at V, zero columns after it, the initial state padded with zero columns; the caller
+    still sees a [K, V + 1] final state and a [.., V] output."""
+    from linattn_dsl.generated import linear_attn
+    from linattn_dsl.runtime.args import bind
+    from linattn_dsl.runtime.rewrites import NORMALIZER_ALIGN, normalized
+
+    sig = linear_attn.SIGNATURE
+    B, T, H, K = 1, 5, 2, 4
+    q, k, v = torch.rand(B, T, H, K), torch.rand(B, T, H, K), torch.randn(B, T, H, V)
+    h0 = torch.rand(B, H, K, V + 1)
+    bound = bind(sig, dict(q=q, k=k, v=v), initial_state=h0, output_final_state=True)
+    seen = {}
+
+    def run(wide):
+        W = wide.tensors[sig.value_input].shape[-1]
+        seen.update(W=W, v=wide.tensors[sig.value_input], h0=wide.initial_state, size=wide.size("V"))
+        return torch.ones(B, T, H, W), torch.arange(B * H * K * W, dtype=torch.float32).reshape(B, H, K, W)
+
+    o, ht = normalized(bound, run)
+    W = seen["W"]
+    assert W % NORMALIZER_ALIGN == 0 and V + 1 <= W < V + 1 + NORMALIZER_ALIGN and seen["size"] == W
+    torch.testing.assert_close(seen["v"][..., :V], v)
+    assert (seen["v"][..., V] == 1).all() and (seen["v"][..., V + 1:] == 0).all()
+    torch.testing.assert_close(seen["h0"][..., :V + 1], h0)
+    assert (seen["h0"][..., V + 1:] == 0).all()
+    assert o.shape == (B, T, H, V) and ht.shape == (B, H, K, V + 1) and ht.is_contiguous()
+    torch.testing.assert_close(ht, torch.arange(B * H * K * W, dtype=torch.float32).reshape(B, H, K, W)[..., :V + 1])
+    assert bound.initial_state is h0 and bound.tensors["v"] is v   # the caller's call is left as it was
 
 
 @settings(max_examples=10, deadline=None)

@@ -251,9 +251,9 @@ def _compile_ahead_applies(device: torch.device) -> bool:
 
 def _with_launcher(compile_fn):
     """A compile job that also builds the kernel's launcher. Triton 3.6 compiles a C launcher per kernel signature
-    with the system's C compiler (about 0.5 s each, cached on disk) at the kernel's first launch, one after another
-    in the launching thread; built here, in parallel, that first launch finds it in the cache. Newer Tritons' launcher
-    is generic and costs nothing here."""
+    with the system's C compiler (cached on disk) at the kernel's first launch, one after another in the launching
+    thread; built here, in parallel, that first launch finds it in the cache. Newer Tritons' launcher is generic and
+    costs nothing here."""
     def job():
         kernel = compile_fn()
         try:
